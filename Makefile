@@ -1,0 +1,32 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+# Reinstall when the dependency list changes; constraints.txt pins torch/torchvision.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -c "import pipeline, torch, timm, onnxruntime, zarr, dask, distributed, xarray"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+demo: install
+	$(PY) -m pipeline.demo
+
+bench: install
+	$(PY) benchmarks/inference.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo_out
