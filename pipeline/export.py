@@ -1,0 +1,241 @@
+"""The attention-exposing wrapper and its ONNX export, cached on disk by fingerprint.
+
+The wrapper computes what users keep (CLS maps, rollout, top-k) inside the graph, so the
+full ``[B, L, H, T, T]`` matrices leave the runtime only when they are asked for.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import torch
+from torch import nn
+
+from .errors import ExportError
+from .model import LoadedModel, attention_modules
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "pixel_values"
+PRECISIONS = ("fp32", "mixed")
+EXPORT_FORMAT_VERSION = 1  # bump when the wrapper's graph changes for the same spec
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Which outputs the graph returns; `layers` are resolved, ascending block indices."""
+
+    layers: tuple[int, ...]
+    logits: bool = True
+    topk: int = 5
+    cls_attention: bool = True
+    attention: bool = False
+    rollout: bool = False
+
+    def names(self, has_classifier: bool) -> list[str]:
+        names = []
+        if has_classifier and self.logits:
+            names.append("logits")
+        if has_classifier and self.topk > 0:
+            names += ["topk_index", "topk_prob"]
+        if self.cls_attention:
+            names.append("cls_attention")
+        if self.attention:
+            names.append("attention")
+        if self.rollout:
+            names.append("rollout")
+        if not names:
+            raise ExportError("no outputs selected: enable cls_attention, attention, rollout or logits")
+        return names
+
+
+class AttentionGraph(nn.Module):
+    """Returns the selected outputs of a timm ViT; the same module serves export and the torch backend.
+
+    Forward hooks on each needed block's ``attn.attn_drop`` see its input, the softmax
+    probabilities (dropout is the identity in eval mode).
+    """
+
+    def __init__(self, loaded: LoadedModel, spec: OutputSpec) -> None:
+        super().__init__()
+        self.vit = loaded.model
+        self.layout = loaded.layout
+        self.spec = spec
+        self.output_names = spec.names(self.layout.num_classes > 0)
+        need_classifier = any(n in self.output_names for n in ("logits", "topk_index"))
+        self.captured_blocks = tuple(range(self.layout.depth)) if spec.rollout else spec.layers
+        # Without classifier outputs, blocks after the last needed one are skipped entirely.
+        self.stop_block = None if need_classifier else max(self.captured_blocks)
+        self._captures: dict[int, torch.Tensor] = {}
+        attns = attention_modules(self.vit)
+        for i in self.captured_blocks:
+            attns[i].attn_drop.register_forward_hook(self._hook(i))
+
+    def _hook(self, index: int):
+        def capture(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            self._captures[index] = args[0]
+
+        return capture
+
+    def _run_model(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.stop_block is None:
+            return self.vit(x)
+        if hasattr(self.vit, "forward_intermediates"):
+            self.vit.forward_intermediates(x, indices=[self.stop_block], stop_early=True, intermediates_only=True)
+        else:
+            self.vit.forward_features(x)
+        return None
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._captures.clear()
+        logits = self._run_model(pixel_values)
+        missing = [i for i in self.captured_blocks if i not in self._captures]
+        if missing:
+            raise ExportError(f"attention of blocks {missing} was not captured; is fused attention still on?")
+        lay = self.layout
+        p = lay.num_prefix_tokens
+        batch = pixel_values.shape[0]
+        out: dict[str, torch.Tensor] = {}
+        if logits is not None:
+            out["logits"] = logits
+            if "topk_index" in self.output_names:
+                k = min(self.spec.topk, lay.num_classes)
+                probs, index = torch.topk(logits.softmax(dim=-1), k, dim=-1)
+                out["topk_index"], out["topk_prob"] = index, probs
+        selected = torch.stack([self._captures[i] for i in self.spec.layers], dim=1)
+        if self.spec.cls_attention:
+            gh, gw = lay.grid
+            out["cls_attention"] = selected[:, :, :, 0, p:].reshape(batch, len(self.spec.layers), lay.num_heads, gh, gw)
+        if self.spec.attention:
+            out["attention"] = selected
+        if self.spec.rollout:
+            out["rollout"] = rollout_torch([self._captures[i] for i in range(lay.depth)], p, lay.grid)
+        self._captures.clear()
+        return tuple(out[n] for n in self.output_names)
+
+
+def rollout_torch(attentions: list[torch.Tensor], num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema): head mean, add identity, row-normalise, multiply up."""
+    joint = None
+    for attn in attentions:
+        a = attn.mean(dim=1)
+        a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        joint = a if joint is None else a @ joint
+    assert joint is not None
+    return joint[:, 0, num_prefix:].reshape(joint.shape[0], grid[0], grid[1])
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A hash of every parameter and buffer, so any change of weights makes a new graph."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def export_fingerprint(loaded: LoadedModel, spec: OutputSpec, precision: str) -> str:
+    """Digest of everything that changes the exported graph."""
+    import timm
+
+    payload = {
+        "format": EXPORT_FORMAT_VERSION,
+        "name": loaded.source.name,
+        "kwargs": dict(loaded.source.kwargs),
+        "weights": weights_digest(loaded.model),
+        "layout": loaded.layout.to_dict(),
+        "spec": asdict(spec),
+        "precision": precision,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """`$VIT_ATTN_CACHE`, else `~/.cache/vit-attn`: exports are reused across runs and stores."""
+    env = os.environ.get("VIT_ATTN_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "vit-attn"
+
+
+def export_onnx(
+    loaded: LoadedModel,
+    spec: OutputSpec,
+    precision: str = "fp32",
+    cache_dir: Path | None = None,
+) -> Path:
+    """Return the path of the ONNX graph for this model/spec/precision, exporting it if not cached."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"inference.precision must be one of {PRECISIONS}, got {precision!r}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digest = export_fingerprint(loaded, spec, precision)
+    path = cache_dir / "onnx" / f"{loaded.source.name}-{precision}-{digest[:20]}.onnx"
+    if path.is_file():
+        log.info("export cache hit: %s", path)
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the export cache folder {path.parent}: {exc.strerror}") from None
+    graph = AttentionGraph(loaded, spec).eval()
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _export(graph, tmp, loaded.layout.input_size)
+        if precision == "mixed":
+            _convert_mixed(tmp)
+        os.replace(tmp, path)  # atomic: concurrent exporters never see a partial file
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s", path)
+    return path
+
+
+def _export(graph: AttentionGraph, path: Path, input_size: tuple[int, int]) -> None:
+    example = torch.randn(2, 3, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    chatter = io.StringIO()  # the exporter prints progress lines; keep them for failures only
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=graph.output_names,
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                dynamo=True,
+                verbose=False,
+            )
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        log.debug("exporter output:\n%s", chatter.getvalue())
+        raise ExportError(f"ONNX export of {graph.layout} failed: {first}") from exc
+
+
+def _convert_mixed(path: Path) -> None:
+    import onnx
+
+    from .precision import scope_selector, to_mixed
+
+    model = onnx.load(str(path))
+    # The classifier head stays fp32 so logits and top-k keep full precision.
+    keep = scope_selector("vit", fp32_modules=("head", "fc_norm", "head_drop"))
+    onnx.save(to_mixed(model, keep), str(path))
+

@@ -1,0 +1,263 @@
+"""timm ViT models with their weights, and the token layout every later stage reads.
+
+The layout (prefix tokens, patch grid, heads) is recorded once here: nothing else in the
+package assumes CLS-only prefixes, index ``1:`` or a square grid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ModelError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to build: a timm name plus where its weights come from."""
+
+    name: str
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    seed: int = 0
+    img_size: tuple[int, int] | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pretrained and self.checkpoint is not None:
+            raise ModelError("model: give either `pretrained: true` or `checkpoint`, not both")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each token sits in the model's sequence: prefix tokens first, then patches row-major."""
+
+    num_prefix_tokens: int
+    patch_size: tuple[int, int]
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+    depth: int
+    num_heads: int
+    num_classes: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    def resolve_layers(self, layers: str | int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        """Turn `all`, one index or a list (negatives allowed) into sorted unique block indices."""
+        if isinstance(layers, str):
+            if layers != "all":
+                raise ModelError(f"attention.layers: expected a list of block indices or 'all', got {layers!r}")
+            return tuple(range(self.depth))
+        items = [layers] if isinstance(layers, int) else list(layers)
+        if not items:
+            raise ModelError("attention.layers: the list is empty; give block indices such as [-1] or 'all'")
+        out = set()
+        for i in items:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ModelError(f"attention.layers: {i!r} is not an integer block index")
+            if not -self.depth <= i < self.depth:
+                raise ModelError(
+                    f"attention.layers: block {i} is out of range; the model has {self.depth} blocks "
+                    f"(valid: {-self.depth}..{self.depth - 1})"
+                )
+            out.add(i % self.depth)
+        return tuple(sorted(out))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass
+class LoadedModel:
+    """An eval-mode timm model with unfused attention, its layout and a weights identifier."""
+
+    model: nn.Module
+    layout: TokenLayout
+    weights: str
+    source: ModelSource
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The per-block attention modules whose `attn_drop` receives the softmax probabilities."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return []
+    found = []
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
+            return []
+        found.append(attn)
+    return found
+
+
+def _disable_fused_attention(model: nn.Module) -> None:
+    # timm reads the fused flag at build time; SDPA never materialises the softmax, so each
+    # module is switched to the explicit path that computes it.
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+
+
+def _to_pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+def token_layout(model: nn.Module) -> TokenLayout:
+    """Read the layout from a built timm ViT; refuse models that are not plain token ViTs."""
+    attns = attention_modules(model)
+    name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+    if not attns:
+        raise ModelError(
+            f"model {name!r} has no transformer blocks with an attention softmax to capture "
+            "(expected `model.blocks[i].attn.attn_drop`, as in timm's vit_*, deit_*, eva*, *_reg* models); "
+            "choose a ViT-family model"
+        )
+    patch_embed = getattr(model, "patch_embed", None)
+    grid = getattr(patch_embed, "grid_size", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if grid is None or img_size is None or getattr(patch_embed, "dynamic_img_size", False):
+        raise ModelError(f"model {name!r} has no fixed patch grid (patch_embed.grid_size); use a fixed-size ViT")
+    return TokenLayout(
+        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
+        patch_size=_to_pair(patch_embed.patch_size),
+        grid=_to_pair(grid),
+        input_size=_to_pair(img_size),
+        depth=len(attns),
+        num_heads=int(attns[0].num_heads),
+        num_classes=int(getattr(model, "num_classes", 0) or 0),
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """Hash a weights file in 1 MiB reads (checkpoints can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint without running code from it (safetensors, or torch.load weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; fix model.checkpoint")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every reader raises its own type for a corrupt file
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
+            "is it truncated or not a weights file?"
+        ) from None
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _apply_checkpoint(model: nn.Module, path: Path) -> None:
+    state = read_state_dict(path)
+    # timm's own filter resamples position embeddings when img_size differs from training.
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {_first_line(exc)}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: {_first_line(exc)} "
+            "(check model.name and model.kwargs)"
+        ) from None
+
+
+def _create(source: ModelSource) -> nn.Module:
+    import timm
+
+    kwargs = dict(source.kwargs)
+    if source.img_size is not None:
+        kwargs["img_size"] = source.img_size
+    if not timm.is_model(source.name):
+        raise ModelError(f"model.name {source.name!r} is not a timm model; see timm.list_models('vit_*')")
+    try:
+        return timm.create_model(source.name, pretrained=source.pretrained, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"model {source.name!r} rejects the given arguments: {_first_line(exc)}") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        if source.pretrained:
+            raise ModelError(
+                f"pretrained weights for {source.name!r} could not be loaded ({_first_line(exc)}); "
+                "offline? put them in the Hugging Face cache (HF_HUB_OFFLINE=1) or use model.checkpoint"
+            ) from None
+        raise ModelError(f"model {source.name!r} cannot be built: {_first_line(exc)}") from None
+
+
+def load_model(source: ModelSource) -> LoadedModel:
+    """Build the model in eval mode with explicit (capturable) attention and load its weights."""
+    if source.pretrained:
+        weights = "pretrained"
+        model = _create(source)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(source.seed)
+            model = _create(source)
+        if source.checkpoint is not None:
+            _apply_checkpoint(model, Path(source.checkpoint))
+            weights = f"checkpoint:{file_sha256(Path(source.checkpoint))}"
+        else:
+            weights = f"random:{source.seed}"
+    _disable_fused_attention(model)
+    model.eval()
+    layout = token_layout(model)
+    return LoadedModel(model=model, layout=layout, weights=weights, source=source)
+
+
+def describe(loaded: LoadedModel) -> dict[str, Any]:
+    """The `model` attribute of a store: what a reader needs to interpret its arrays."""
+    lay = loaded.layout
+    return {
+        "name": loaded.source.name,
+        "weights": loaded.weights,
+        "kwargs": json.loads(json.dumps(dict(loaded.source.kwargs))),
+        "patch_size": list(lay.patch_size),
+        "depth": lay.depth,
+        "num_heads": lay.num_heads,
+        "num_prefix_tokens": lay.num_prefix_tokens,
+        "grid": list(lay.grid),
+        "input_size": [3, *lay.input_size],
+        "num_classes": lay.num_classes,
+    }
+
