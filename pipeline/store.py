@@ -1,0 +1,521 @@
+"""The Zarr v3 output store (DESIGN.md section 3): template, batch writes, status, resume.
+
+The layout is one fact kept in one place, `StoreSpec.layout()`: every array's name, dims,
+dtype, shape, chunks and shards. `create_store` builds the template from it, `write_batch`
+checks batch results against the arrays on disk, and the contract test reads it back.
+
+Concurrency model: a batch is one shard of every per-image data array and one chunk of
+`status` and `error`, so each task is the only writer of the files it touches, and can
+open the store by path in any process (Dask workers).
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.errors import ZarrUserWarning
+
+from pipeline.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+FORMAT = "vit-attention-store"
+FORMAT_VERSION = 1
+OVERLAY_MODES = ("none", "mean", "heads")
+COMPRESSIONS = ("default", "none", "zstd", "lz4")
+DEFAULT_COMPRESSION = "zstd"
+ATTENTION_DTYPES = ("float16", "float32")
+# Arrays with an `image` dim that are not batch outputs: written at creation or by write_batch
+# itself, never passed in BatchResult.arrays.
+BOOKKEEPING = ("image_path", "status", "error")
+STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+# image_path is written once, at creation: shards of many batches keep the file count low
+# (reading every path is one read per ~64k images), chunks of one batch keep dask aligned.
+_PATH_SHARD_TARGET = 65536
+_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part in the Zarr format 3"
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One array of the store: what `create_store` makes and the contract test checks."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None
+    per_batch: bool = True  # a data array written by write_batch from BatchResult.arrays
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What the store holds: sizes and switches derived from the model and the config.
+
+    Attributes:
+        n_images: images in the dataset (the `image` dim).
+        batch_size: images per task; fixes the shard boundaries.
+        layers: stored block indices, 0-based, ascending, unique.
+        num_heads, grid (gh, gw), input_size (H, W), num_tokens (prefix + gh*gw).
+        topk: classes kept per image, or None when the model has no classifier.
+        full_attention, rollout: optional outputs.
+        overlays: 'none', 'mean' (`overlay`) or 'heads' (`overlay` and `overlay_heads`).
+        stats: names of float32 per-(image, layer, head) statistic arrays.
+        compression: 'default' (= 'zstd'), 'zstd', 'lz4' or 'none'.
+        attention_dtype: dtype of `cls_attention` and `attention` ('float16' or 'float32').
+    """
+
+    n_images: int
+    batch_size: int
+    layers: tuple[int, ...]
+    num_heads: int
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+    num_tokens: int
+    topk: int | None
+    full_attention: bool
+    rollout: bool
+    overlays: str
+    stats: tuple[str, ...] = ()
+    compression: str = "default"
+    attention_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        # Sequences from YAML arrive as lists: store tuples so the spec stays hashable.
+        for name in ("layers", "grid", "input_size"):
+            object.__setattr__(self, name, tuple(operator.index(i) for i in getattr(self, name)))
+        object.__setattr__(self, "stats", tuple(self.stats))
+        _check(self.n_images >= 1, f"n_images must be >= 1, got {self.n_images}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(
+            len(self.layers) >= 1
+            and all(i >= 0 for i in self.layers)
+            and all(a < b for a, b in zip(self.layers, self.layers[1:])),
+            "layers must be non-negative block indices, ascending and unique, "
+            f"got {list(self.layers)}",
+        )
+        _check(self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}")
+        for name in ("grid", "input_size"):
+            value = getattr(self, name)
+            _check(len(value) == 2 and min(value) >= 1, f"{name} must be 2 positive ints: {value}")
+        gh, gw = self.grid
+        _check(self.num_tokens >= gh * gw, f"num_tokens {self.num_tokens} < {gh * gw} patches")
+        _check(self.topk is None or self.topk >= 1, f"topk must be None or >= 1, got {self.topk}")
+        for name, allowed in (
+            ("overlays", OVERLAY_MODES),
+            ("compression", COMPRESSIONS),
+            ("attention_dtype", ATTENTION_DTYPES),
+        ):
+            value = getattr(self, name)
+            _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
+        taken = {a.name for a in self._fixed_layout()}
+        for stat in self.stats:
+            _check(stat.isidentifier(), f"stat name {stat!r} is not an identifier")
+            _check(stat not in taken, f"stat name {stat!r} clashes with an array of the store")
+        _check(len(set(self.stats)) == len(self.stats), f"stat names repeat: {list(self.stats)}")
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n_images / self.batch_size)
+
+    def batch_bounds(self, batch_index: int) -> tuple[int, int]:
+        """[start, stop) of batch `batch_index`: the last batch may be shorter."""
+        if not 0 <= batch_index < self.n_batches:
+            raise IndexError(f"batch {batch_index} out of range 0..{self.n_batches - 1}")
+        start = batch_index * self.batch_size
+        return start, min(start + self.batch_size, self.n_images)
+
+    def layout(self) -> tuple[ArrayLayout, ...]:
+        """Every array of the store, in a stable order."""
+        stats = tuple(self._per_image(s, ("layer", "head"), "float32", False) for s in self.stats)
+        return self._fixed_layout() + stats
+
+    def data_arrays(self) -> tuple[str, ...]:
+        """Names a BatchResult must carry."""
+        return tuple(a.name for a in self.layout() if a.per_batch)
+
+    def dim_sizes(self) -> dict[str, int]:
+        """The length of every named dimension of the store."""
+        gh, gw = self.grid
+        h, w = self.input_size
+        sizes = {
+            "image": self.n_images, "layer": len(self.layers), "head": self.num_heads,
+            "y": gh, "x": gw, "query": self.num_tokens, "key": self.num_tokens,
+            "pixel_y": h, "pixel_x": w, "channel": 3,
+        }
+        if self.topk is not None:
+            sizes["k"] = self.topk
+        return sizes
+
+    def _per_image(self, name: str, dims: tuple[str, ...], dtype: str, shard: bool) -> ArrayLayout:
+        """A data array over (image, *dims): one shard per batch, one chunk per image inside.
+
+        Tiny per-image records (top-k, stats) are not sharded: one plain chunk per batch has
+        the same single writer and the same boundary, with one file instead of an index.
+        """
+        sizes = self.dim_sizes()
+        inner = tuple(sizes[d] for d in dims)
+        shape, batch = (self.n_images, *inner), (self.batch_size, *inner)
+        if shard:
+            return ArrayLayout(name, ("image", *dims), dtype, shape, (1, *inner), batch)
+        return ArrayLayout(name, ("image", *dims), dtype, shape, batch, None)
+
+    def _fixed_layout(self) -> tuple[ArrayLayout, ...]:
+        n, bs, nl, nh = self.n_images, self.batch_size, len(self.layers), self.num_heads
+        path_shard = bs * min(max(1, _PATH_SHARD_TARGET // bs), self.n_batches)
+        arrays = [
+            ArrayLayout("image_path", ("image",), "str", (n,), (bs,), (path_shard,), False),
+            # Written per batch by different processes: the chunk is exactly one batch.
+            ArrayLayout("status", ("image",), "int8", (n,), (bs,), None, False),
+            ArrayLayout("error", ("image",), "str", (n,), (bs,), None, False),
+            ArrayLayout("layer", ("layer",), "int32", (nl,), (nl,), None, False),
+            ArrayLayout("head", ("head",), "int32", (nh,), (nh,), None, False),
+        ]
+        per_image = [
+            (self.topk is not None, "topk_index", ("k",), "int32", False),
+            (self.topk is not None, "topk_prob", ("k",), "float32", False),
+            (True, "cls_attention", ("layer", "head", "y", "x"), self.attention_dtype, True),
+            (self.full_attention, "attention", ("layer", "head", "query", "key"),
+             self.attention_dtype, True),
+            (self.rollout, "rollout", ("y", "x"), "float32", True),
+            (self.overlays != "none", "overlay", ("pixel_y", "pixel_x", "channel"), "uint8", True),
+            (self.overlays == "heads", "overlay_heads", ("head", "pixel_y", "pixel_x", "channel"),
+             "uint8", True),
+        ]
+        arrays += [self._per_image(*rest) for wanted, *rest in per_image if wanted]
+        return tuple(arrays)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid store spec: {message}")
+
+
+@dataclass
+class BatchResult:
+    """One task's output: data for images [start, stop), already in store dtypes and dims.
+
+    `status` holds 1 (ok) or 2 (failed) per image; a failed image's data is zeros (write_batch
+    enforces it) and its `error` says why.
+    """
+
+    batch_index: int
+    start: int
+    stop: int
+    status: np.ndarray
+    error: list[str]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def empty_batch(spec: StoreSpec, batch_index: int) -> BatchResult:
+    """A zero-filled BatchResult for one batch, every image marked failed with no message.
+
+    Tasks fill it in place: the shapes and dtypes are the store's, so nothing is cast twice.
+    """
+    start, stop = spec.batch_bounds(batch_index)
+    n = stop - start
+    arrays = {
+        a.name: np.zeros((n, *a.shape[1:]), dtype=a.dtype) for a in spec.layout() if a.per_batch
+    }
+    return BatchResult(
+        batch_index, start, stop, np.full(n, STATUS_FAILED, np.int8), [""] * n, arrays
+    )
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+def _compressors(compression: str, dtype: str) -> list[Any] | None:
+    """The compressors of one array (inside the shard for sharded arrays).
+
+    zstd level 1 is the measured default (benchmarks/codecs.py, docs/STORE.md): ~1.3x smaller
+    than raw at ~60% of its write speed, and a core Zarr v3 codec that every reader has.
+    lz4 with bitshuffle (Blosc) is the faster, weaker alternative.
+    """
+    if compression == "default":
+        compression = DEFAULT_COMPRESSION
+    if compression == "none":
+        return None
+    if compression == "lz4" and dtype != "str":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    return [ZstdCodec(level=1)]
+
+
+# --------------------------------------------------------------------------- create / open
+
+
+def _read_root_metadata(path: Path) -> dict[str, Any] | None:
+    """The root zarr.json of `path` as a dict, or None when it is not a Zarr v3 group."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and meta.get("node_type") == "group" and meta.get("zarr_format") == 3:
+        return meta
+    return None
+
+
+def is_store(path: PathLike) -> bool:
+    """Whether `path` holds a store of this format (any version): only those may be deleted."""
+    meta = _read_root_metadata(Path(path))
+    return meta is not None and meta.get("attributes", {}).get("format") == FORMAT
+
+
+def create_store(
+    path: PathLike,
+    spec: StoreSpec,
+    image_paths: Sequence[str],
+    attrs: Mapping[str, Any],
+    overwrite: bool = False,
+) -> zarr.Group:
+    """Create the empty store template at `path` and return it open for writing.
+
+    Built in a hidden sibling folder and renamed into place, so an interrupted creation never
+    leaves a half-made store that looks like ours. Refuses to touch anything that is not a
+    store of this format, and an existing store unless `overwrite` (use
+    `open_store_for_resume` to continue one).
+    """
+    path = Path(path)
+    if len(image_paths) != spec.n_images:
+        raise ValueError(f"{len(image_paths)} image paths for a spec of {spec.n_images} images")
+    reserved = {"format", "format_version"} & set(attrs)
+    if reserved:
+        raise ValueError(f"attrs must not set {sorted(reserved)}: the store sets them")
+    replace = _check_target(path, overwrite)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        group = zarr.create_group(
+            str(tmp), attributes={"format": FORMAT, "format_version": FORMAT_VERSION, **attrs}
+        )
+        for a in spec.layout():
+            group.create_array(
+                a.name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards,
+                compressors=_compressors(spec.compression, a.dtype),
+                fill_value="" if a.dtype == "str" else 0, dimension_names=a.dims,
+            )
+        group["layer"][:] = np.asarray(spec.layers, dtype=np.int32)
+        group["head"][:] = np.arange(spec.num_heads, dtype=np.int32)
+        group["image_path"][:] = np.asarray([str(p) for p in image_paths], dtype=object)
+        if replace:
+            shutil.rmtree(path)
+        elif path.is_dir():
+            path.rmdir()  # an empty folder, checked above
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return zarr.open_group(str(path), mode="r+")
+
+
+def _check_target(path: Path, overwrite: bool) -> bool:
+    """Whether an existing store must be replaced; raises when `path` may not be used."""
+    if not path.exists():
+        return False
+    if is_store(path):
+        if overwrite:
+            return True
+        raise StoreError(
+            f"{path} already holds a {FORMAT}; resume it with the same config, "
+            "or pass overwrite to replace it"
+        )
+    if path.is_dir() and not any(path.iterdir()):
+        return False
+    raise StoreError(f"{path} exists and is not a {FORMAT}; refusing to overwrite what is not ours")
+
+
+def open_store_for_resume(
+    path: PathLike, fingerprint: str, config: Mapping[str, Any] | None = None
+) -> zarr.Group:
+    """Open an existing store to continue it: only with the fingerprint it was created with.
+
+    `config` (the new run's resolved config) lets the refusal name what changed, e.g.
+    "attention.layers: [11] -> [10, 11]", instead of two opaque digests.
+    """
+    path = Path(path)
+    meta = _read_root_metadata(path)
+    attrs = (meta or {}).get("attributes", {})
+    if meta is None or attrs.get("format") != FORMAT:
+        what = "does not exist" if not path.exists() else f"is not a {FORMAT}"
+        raise StoreError(f"cannot resume {path}: it {what}")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"cannot resume {path}: format_version {attrs.get('format_version')}, "
+            f"this version writes {FORMAT_VERSION}"
+        )
+    old = attrs.get("fingerprint")
+    if old != fingerprint:
+        changes = config_differences(attrs.get("config"), config) if config is not None else []
+        what = "; ".join(changes) if changes else f"fingerprint {old} -> {fingerprint}"
+        raise StoreError(
+            f"{path} was written with a different configuration ({what}); "
+            "use the same config to resume, or overwrite"
+        )
+    return zarr.open_group(str(path), mode="r+")
+
+
+def config_differences(old: Any, new: Any, limit: int = 3, _prefix: str = "") -> list[str]:
+    """The first `limit` differing keys of two nested config dicts, as 'a.b: old -> new'."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            if len(out) >= limit:
+                break
+            name = f"{_prefix}.{key}" if _prefix else str(key)
+            if key not in new:
+                out.append(f"{name}: {_show(old[key])} -> (absent)")
+            elif key not in old:
+                out.append(f"{name}: (absent) -> {_show(new[key])}")
+            else:
+                out += config_differences(old[key], new[key], limit - len(out), name)
+        return out
+    if _normalise(old) == _normalise(new):
+        return []
+    return [f"{_prefix or '(config)'}: {_show(old)} -> {_show(new)}"]
+
+
+def _normalise(value: Any) -> Any:
+    """Tuples and lists compare equal: the stored config went through JSON."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def pending_batches(group: zarr.Group, spec: StoreSpec) -> list[int]:
+    """Indices of the batches that still have an image with status 0 (not processed)."""
+    status = group["status"]
+    if status.shape != (spec.n_images,) or status.chunks != (spec.batch_size,):
+        raise StoreError(
+            f"store status has shape {status.shape} and chunks {status.chunks}; "
+            f"the spec expects ({spec.n_images},) in batches of {spec.batch_size}"
+        )
+    values = np.ones(spec.n_batches * spec.batch_size, dtype=np.int8)
+    values[: spec.n_images] = status[:]
+    pending = (values.reshape(spec.n_batches, spec.batch_size) == STATUS_PENDING).any(axis=1)
+    return np.flatnonzero(pending).tolist()
+
+
+def _write_region(array: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
+    """Write rows [start, stop) of one array (one whole shard or chunk)."""
+    array[start:stop] = data
+
+
+def write_batch(group_or_path: zarr.Group | PathLike, result: BatchResult) -> None:
+    """Write one batch: data arrays, then `error`, then `status` last.
+
+    A crash before the final status write leaves status 0, so the batch is redone on resume:
+    status 1 always means the data is there. Accepts a path so a worker process opens the
+    store itself (a Group does not travel between processes cheaply).
+    """
+    if isinstance(group_or_path, zarr.Group):
+        group = group_or_path
+    else:
+        group = zarr.open_group(str(group_or_path), mode="r+")
+    arrays = dict(group.arrays())
+    status, data = _checked_batch(arrays, result)  # everything checked before any write
+    for name, values in data.items():
+        _write_region(arrays[name], result.start, result.stop, values)
+    errors = np.asarray(result.error, dtype=object)
+    _write_region(arrays["error"], result.start, result.stop, errors)
+    _write_region(arrays["status"], result.start, result.stop, status)
+
+
+def _checked_batch(
+    arrays: Mapping[str, zarr.Array], result: BatchResult
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Status and data of `result` validated against the store; failed images zeroed."""
+    where = f"batch {result.batch_index}"
+    n_images, batch_size = arrays["status"].shape[0], arrays["status"].chunks[0]
+    start = result.batch_index * batch_size
+    stop = min(start + batch_size, n_images)
+    if (result.start, result.stop) != (start, stop) or start >= stop:
+        raise StoreError(
+            f"{where} must cover images [{start}, {stop}) to match the store's shards, "
+            f"got [{result.start}, {result.stop})"
+        )
+    n = stop - start
+    status = np.asarray(result.status, dtype=np.int8)
+    if status.shape != (n,) or len(result.error) != n:
+        raise StoreError(f"{where}: status and error need {n} entries each")
+    if not np.isin(status, (STATUS_OK, STATUS_FAILED)).all():
+        raise StoreError(f"{where}: status must be 1 (ok) or 2 (failed)")
+
+    names = sorted(k for k, a in arrays.items() if _is_data_array(k, a))
+    missing = sorted(set(names) - set(result.arrays))
+    unknown = sorted(set(result.arrays) - set(names))
+    if missing or unknown:
+        raise StoreError(f"{where} does not match the store: missing {missing}, unknown {unknown}")
+    failed = status == STATUS_FAILED
+    data = {}
+    for name in names:
+        values = np.asarray(result.arrays[name], dtype=arrays[name].dtype)
+        want = (n, *arrays[name].shape[1:])
+        if values.shape != want:
+            raise StoreError(f"{where}: {name} has shape {values.shape}, the store needs {want}")
+        if failed.any() and values[failed].any():
+            values = values.copy()  # the caller's buffer stays as it was
+            values[failed] = 0
+        data[name] = values
+    return status, data
+
+
+def _is_data_array(name: str, array: zarr.Array) -> bool:
+    dims = array.metadata.dimension_names
+    return bool(dims) and dims[0] == "image" and name not in BOOKKEEPING
+
+
+# --------------------------------------------------------------------------- finish / read
+
+
+def consolidate(path: PathLike) -> None:
+    """Write consolidated metadata, so readers open the store with one small read.
+
+    zarr warns that consolidated metadata is not (yet) in the v3 spec; zarr-python and xarray
+    read it, and readers without it fall back to the per-array metadata, which stays valid.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING, category=ZarrUserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+def is_consolidated(path: PathLike) -> bool:
+    """Whether the root metadata carries consolidated metadata."""
+    meta = _read_root_metadata(Path(path))
+    return bool(meta and meta.get("consolidated_metadata"))
+
+
+def open_dataset(path: PathLike, chunks: str | Mapping[str, int] | None = "batch") -> xr.Dataset:
+    """The store as a lazy xarray.Dataset with named dims and `layer`/`head` coordinates.
+
+    chunks="batch" gives one dask chunk per batch (= one shard): xarray's default would be
+    one task per image per array, too many for a large dataset. Other values go to xarray.
+    Consolidated metadata is asked for only where it exists: xarray's consolidated=None
+    falls back with a RuntimeWarning on a store that is not (yet) consolidated.
+    """
+    import xarray as xr  # only readers need it: workers that write never import it
+
+    if chunks == "batch":
+        status = zarr.open_array(str(path), path="status", mode="r")
+        chunks = {"image": status.chunks[0]}
+    return xr.open_zarr(str(path), consolidated=is_consolidated(path), zarr_format=3, chunks=chunks)
