@@ -1,1 +1,13 @@
+"""Exact Vision Transformer attention maps over whole image datasets."""
+from __future__ import annotations
 
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "open_store"]
+
+
+def open_store(path):  # noqa: ANN001,ANN201 - re-exported lazily to keep `import pipeline` light
+    """Open a store as a lazy xarray.Dataset (see `pipeline.store.open_dataset`)."""
+    from .store import open_dataset
+
+    return open_dataset(path)

@@ -1,0 +1,177 @@
+"""The `vit-attn` command: run, export, inspect, show.
+
+User mistakes end in one line on stderr and a non-zero exit; tracebacks are for bugs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import PipelineError
+
+EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vit-attn", description="ViT attention maps over whole image datasets.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a config into its Zarr store (resumes an existing one)")
+    run.add_argument("config", type=Path)
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set inference.batch_size=64 (repeatable)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing store of a different run")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    exp = sub.add_parser("export", help="export (or find in the cache) the ONNX graph; prints its path")
+    exp.add_argument("config", type=Path)
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    ins = sub.add_parser("inspect", help="model, layers, progress, failures and arrays of a store")
+    ins.add_argument("store", type=Path)
+    ins.add_argument("--errors", type=int, default=20, help="failed images to list (default 20)")
+
+    show = sub.add_parser("show", help="render one image's attention from a store to a PNG")
+    show.add_argument("store", type=Path)
+    show.add_argument("--image", required=True, help="index, or the image's path as listed in the store")
+    show.add_argument("--layer", type=int, default=None, help="block index (default: the last stored)")
+    show.add_argument("--head", default="mean", help="head index, or mean / max / min over heads, or grid")
+    show.add_argument("--alpha", type=float, default=0.5)
+    show.add_argument("--colormap", default="inferno")
+    show.add_argument("-o", "--output", type=Path, required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        return _show(args)
+    except PipelineError as exc:
+        print(f"vit-attn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vit-attn: interrupted; finished batches are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .job import prepare
+    from .orchestrate import execute
+    from .store import consolidate
+
+    cfg = load_config(args.config, args.overrides)
+    prepared = prepare(cfg, overwrite=args.overwrite)
+    plan, tasks = prepared.plan, prepared.tasks
+    todo = sum(len(t.paths) for t in tasks)
+    verb = "resuming" if prepared.resumed else "writing"
+    print(f"vit-attn: {verb} {plan.store_path}: {todo} of {prepared.n_images} images in {len(tasks)} batches to do "
+          f"({cfg.model.name}, layers {list(plan.outputs.layers)}, {cfg.inference.backend}/{cfg.inference.device}/"
+          f"{cfg.inference.precision}, cluster {cfg.cluster.kind})", file=sys.stderr)
+    summary = execute(plan, tasks, cfg.cluster, progress=not args.no_progress)
+    consolidate(plan.store_path)
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
+    print(f"vit-attn: done: {summary.images_ok} ok, {summary.images_failed} failed, "
+          f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'})",
+          file=sys.stderr)
+    print(f"vit-attn: store {plan.store_path}" + (f", PNGs in {plan.png_dir}" if plan.png_dir else ""), file=sys.stderr)
+    if summary.failed_batches:
+        first = next(iter(summary.failed_batches.items()))
+        print(f"vit-attn: {len(summary.failed_batches)} batches could not be done (batch {first[0]}: {first[1]}); "
+              "they stay pending: rerun the same command to retry them", file=sys.stderr)
+        return EXIT_FAILED_BATCHES
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .export import export_onnx
+    from .job import model_source, output_spec
+    from .model import load_model
+
+    cfg = load_config(args.config, args.overrides)
+    loaded = load_model(model_source(cfg))
+    path = export_onnx(loaded, output_spec(cfg, loaded), cfg.inference.precision, cfg.inference.cache_dir)
+    print(path)
+    return EXIT_OK
+
+
+def _open_readonly(path: Path) -> Any:
+    import zarr
+
+    from .store import is_store
+
+    if not is_store(path):
+        raise PipelineError(f"{path} is not a vit-attention store (no such folder, or not made by vit-attn run)")
+    return zarr.open_group(str(path), mode="r")
+
+
+def _disk_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    group = _open_readonly(args.store)
+    attrs = dict(group.attrs)
+    model = attrs.get("model", {})
+    status = group["status"][:]
+    counts = {name: int((status == code).sum()) for code, name in ((1, "ok"), (2, "failed"), (0, "pending"))}
+    print(f"store      {args.store}  (format_version {attrs.get('format_version')})")
+    print(f"model      {model.get('name')}  weights {model.get('weights')}  depth {model.get('depth')}  "
+          f"heads {model.get('num_heads')}  prefix tokens {model.get('num_prefix_tokens')}  grid {model.get('grid')}  "
+          f"input {model.get('input_size')}")
+    print(f"layers     {group['layer'][:].tolist()}")
+    print(f"images     {status.size}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
+    failed = np.flatnonzero(status == 2)
+    if failed.size:
+        paths, errors = group["image_path"], group["error"]
+        print(f"failed     (first {min(args.errors, failed.size)} of {failed.size})")
+        for i in failed[: args.errors]:
+            print(f"  [{i}] {paths[int(i)]}: {errors[int(i)]}")
+    print("arrays")
+    for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+        dims = arr.metadata.dimension_names or ()
+        shape = " x ".join(f"{d}={s}" for d, s in zip(dims, arr.shape))
+        print(f"  {name:<14} {str(arr.dtype):<8} {shape:<60} {_human(_disk_size(args.store / name)):>10}")
+    print(f"total      {_human(_disk_size(args.store))}")
+    return EXIT_OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .render import render_image
+
+    group = _open_readonly(args.store)
+    out = render_image(group, args.store, args.image, layer=args.layer, head=args.head, alpha=args.alpha, cmap=args.colormap)
+    from .overlay import save_png
+
+    save_png(out, args.output)
+    print(args.output)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

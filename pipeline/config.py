@@ -1,0 +1,223 @@
+"""The YAML config: validated pydantic models, `--set` overrides, and path resolution.
+
+Unknown keys and wrong types are errors that name the key and the file, so a typo never
+silently falls back to a default on a cluster job.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    seed: int = 0
+    img_size: int | tuple[int, int] | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> ModelConfig:
+        if self.pretrained and self.checkpoint is not None:
+            raise ValueError("give either `pretrained: true` or `checkpoint`, not both")
+        return self
+
+    @property
+    def img_size_pair(self) -> tuple[int, int] | None:
+        if self.img_size is None:
+            return None
+        if isinstance(self.img_size, int):
+            return (self.img_size, self.img_size)
+        return tuple(self.img_size)  # type: ignore[return-value]
+
+
+class DataConfig(_Section):
+    source: str
+    decode_threads: int = Field(1, ge=1, le=64)
+
+
+class AttentionConfig(_Section):
+    layers: Literal["all"] | int | list[int] = Field(default_factory=lambda: [-1])
+    full: bool = False
+    rollout: bool = False
+    topk: int = Field(5, ge=0, le=100)
+
+
+class InferenceConfig(_Section):
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "mixed"] = "fp32"
+    batch_size: int = Field(32, ge=1, le=4096)
+    threads: int = Field(0, ge=0, description="threads per inference session; 0 = the worker's share of cores")
+    allow_cpu_fallback: bool = False
+    tensorrt: bool = False
+    cache_dir: Path | None = None
+
+
+class OutputConfig(_Section):
+    store: Path
+    overlays: Literal["none", "mean", "heads"] = "mean"
+    overlay_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    colormap: str = "inferno"
+    png_dir: Path | None = None
+    png_heads: bool = False
+    compression: Literal["default", "none", "zstd", "lz4"] = "default"
+    overwrite: bool = False
+
+
+class SlurmConfig(_Section):
+    queue: str | None = None
+    account: str | None = None
+    cores: int = Field(4, ge=1)
+    processes: int = Field(1, ge=1)
+    memory: str = "16GB"
+    walltime: str = "01:00:00"
+    gpus: int = Field(0, ge=0)
+    jobs: int = Field(1, ge=1, description="jobs to start; with `adapt`, the maximum")
+    adapt: bool = False
+    minimum_jobs: int = Field(0, ge=0)
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(default_factory=list)
+    worker_lifetime: str | None = None
+    worker_lifetime_stagger: str = "5m"
+    interface: str | None = None
+    local_directory: str | None = None
+    log_directory: str | None = None
+    python: str | None = None
+
+
+class ClusterConfig(_Section):
+    kind: Literal["local", "address", "slurm", "none"] = "local"
+    n_workers: int = Field(1, ge=1)
+    address: str | None = None
+    scheduler_file: Path | None = None
+    max_in_flight: int = Field(0, ge=0, description="batches submitted at once; 0 = 2 per worker")
+    retries: int = Field(2, ge=0)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _address_given(self) -> ClusterConfig:
+        if self.kind == "address" and not (self.address or self.scheduler_file):
+            raise ValueError("cluster.kind 'address' needs cluster.address or cluster.scheduler_file")
+        return self
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    output: OutputConfig
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("attention")
+    @classmethod
+    def _layers_not_empty(cls, v: AttentionConfig) -> AttentionConfig:
+        if isinstance(v.layers, list) and not v.layers:
+            raise ValueError("attention.layers is empty; give block indices such as [-1] or 'all'")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` with the value read as YAML (so `[1, 2]`, `true`, `3` keep their types)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set inference.batch_size=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parts.append(f"{loc}: unknown key")
+        elif kind == "missing":
+            parts.append(f"{loc}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = f" (got {err['input']!r})" if kind != "value_error" and "input" in err else ""
+            parts.append(f"{loc}: {msg}{got}")
+    return f"{origin}: " + "; ".join(parts[:5]) + (f" (and {len(parts) - 5} more)" if len(parts) > 5 else "")
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    """Relative paths in a config are relative to the config file, not to the shell's folder."""
+
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else base / p
+
+    updates = {
+        "model": cfg.model.model_copy(update={"checkpoint": rel(cfg.model.checkpoint) or cfg.model.checkpoint}),
+        "output": cfg.output.model_copy(
+            update={"store": rel(cfg.output.store) or cfg.output.store, "png_dir": rel(cfg.output.png_dir) or cfg.output.png_dir}
+        ),
+        "inference": cfg.inference.model_copy(update={"cache_dir": rel(cfg.inference.cache_dir) or cfg.inference.cache_dir}),
+        "cluster": cfg.cluster.model_copy(
+            update={"scheduler_file": rel(cfg.cluster.scheduler_file) or cfg.cluster.scheduler_file}
+        ),
+    }
+    source = cfg.data.source
+    if not Path(source).is_absolute():
+        source = str(base / source)
+    updates["data"] = cfg.data.model_copy(update={"source": source})
+    return cfg.model_copy(update=updates)
+
+
+def parse_config(data: Any, origin: str = "<config>", base: Path | None = None) -> Config:
+    """Validate a config mapping; `base` is the folder relative paths refer to."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping with sections model, data, output, ...")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None
+    return _resolve_paths(cfg, base or Path.cwd())
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    data = apply_overrides(data or {}, overrides or [])
+    return parse_config(data, origin=str(path), base=path.resolve().parent)

@@ -1,0 +1,196 @@
+"""Executing a plan: in-process, or on a Dask cluster (local, an address, or SLURM).
+
+The executors only move `BatchTask`s and `BatchSummary`s; `task.run_batch` does the work,
+so every executor produces the same store.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .config import ClusterConfig
+from .errors import ConfigError, PipelineError
+from .task import BatchSummary, BatchTask, RunPlan, run_batch
+
+log = logging.getLogger(__name__)
+
+# Replaces the nanny's pre-spawn environment. Its default MALLOC_TRIM_THRESHOLD_=65536 also
+# switches off glibc's dynamic mmap threshold, so every multi-MB batch array is mmapped and
+# faulted in afresh; leaving it out gives the glibc defaults back (docs/PERFORMANCE.md).
+WORKER_ENV: dict[str, str] = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@dataclass
+class RunSummary:
+    """How a run ended: counts, time, and the batches that could not be done."""
+
+    batches_done: int = 0
+    images_ok: int = 0
+    images_failed: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    failed_batches: dict[int, str] = field(default_factory=dict)
+
+    def add(self, s: BatchSummary) -> None:
+        self.batches_done += 1
+        self.images_ok += s.ok
+        self.images_failed += s.failed
+        for k, v in s.seconds.items():
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.images_ok + self.images_failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+class Progress:
+    """A one-line progress bar on a terminal; a line every few seconds in a log file."""
+
+    def __init__(self, total_images: int, total_batches: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.total_images, self.total_batches = total_images, total_batches
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and total_batches > 0
+        self.tty = self.enabled and self.stream.isatty()
+        self.start = time.perf_counter()
+        self.last_print = 0.0
+        self.images = self.batches = 0
+
+    def update(self, summary: BatchSummary) -> None:
+        self.images += summary.ok + summary.failed
+        self.batches += 1
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        done = self.batches == self.total_batches
+        if not self.tty and not done and now - self.last_print < 10:
+            return
+        self.last_print = now
+        elapsed = now - self.start
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        left = (self.total_images - self.images) / rate if rate > 0 else 0.0
+        line = (
+            f"batches {self.batches}/{self.total_batches}  images {self.images}/{self.total_images}  "
+            f"{rate:.1f} img/s  ETA {int(left) // 60}:{int(left) % 60:02d}"
+        )
+        self.stream.write(("\r" + line + ("\n" if done else "")) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def run_in_process(plan: RunPlan, tasks: list[BatchTask], on_done: Callable[[BatchSummary], None]) -> dict[int, str]:
+    """Run batches one after another in this process (debugging, tests, tiny jobs)."""
+    failed: dict[int, str] = {}
+    for task in tasks:
+        try:
+            on_done(run_batch(plan, task))
+        except PipelineError as exc:
+            failed[task.batch_index] = str(exc)
+    return failed
+
+
+def run_on_dask(
+    client: Any,
+    plan: RunPlan,
+    tasks: list[BatchTask],
+    on_done: Callable[[BatchSummary], None],
+    max_in_flight: int,
+    retries: int,
+) -> dict[int, str]:
+    """Submit batches with at most `max_in_flight` outstanding, so memory stays flat.
+
+    Tasks carry paths and indices only; each worker process keeps its own session.
+    """
+    from distributed import as_completed
+
+    failed: dict[int, str] = {}
+    pending = iter(tasks)
+    plan_future = client.scatter(plan, broadcast=True, hash=False)
+
+    def submit(task: BatchTask):
+        return client.submit(
+            run_batch, plan_future, task, key=f"vit-attn-batch-{task.batch_index}-{id(plan)}", pure=False, retries=retries
+        )
+
+    futures = {}
+    for task in pending:
+        futures[submit(task)] = task
+        if len(futures) >= max_in_flight:
+            break
+    queue = as_completed(list(futures))
+    for future in queue:
+        task = futures.pop(future)
+        try:
+            on_done(future.result())
+        except Exception as exc:  # a batch that failed after its retries: left pending for a rerun
+            failed[task.batch_index] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        future.release()
+        nxt = next(pending, None)
+        if nxt is not None:
+            f = submit(nxt)
+            futures[f] = nxt
+            queue.add(f)
+    return failed
+
+
+@contextlib.contextmanager
+def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
+    """A distributed Client for the configured cluster; closes what it started."""
+    import dask
+    from distributed import Client
+
+    env = dict(WORKER_ENV)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        if cluster.kind == "local":
+            from distributed import LocalCluster
+
+            with LocalCluster(
+                n_workers=cluster.n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as lc, Client(lc) as client:
+                yield client
+        elif cluster.kind == "address":
+            kwargs = {"scheduler_file": str(cluster.scheduler_file)} if cluster.scheduler_file else {"address": cluster.address}
+            try:
+                client = Client(timeout="30s", **kwargs)
+            except (OSError, TimeoutError) as exc:
+                where = cluster.scheduler_file or cluster.address
+                raise PipelineError(f"cannot reach the Dask scheduler at {where}: {exc}") from None
+            with client:
+                yield client
+        elif cluster.kind == "slurm":
+            from .slurm import slurm_cluster
+
+            with slurm_cluster(cluster) as sc, Client(sc) as client:
+                yield client
+        else:
+            raise ConfigError(f"cluster.kind {cluster.kind!r} has no Dask client")
+
+
+def execute(plan: RunPlan, tasks: list[BatchTask], cluster: ClusterConfig, progress: bool = True) -> RunSummary:
+    """Run every task on the configured executor and summarise the outcome."""
+    summary = RunSummary()
+    bar = Progress(sum(len(t.paths) for t in tasks), len(tasks), enabled=progress)
+
+    def on_done(s: BatchSummary) -> None:
+        summary.add(s)
+        bar.update(s)
+
+    start = time.perf_counter()
+    if not tasks:
+        return summary
+    if cluster.kind == "none":
+        summary.failed_batches = run_in_process(plan, tasks, on_done)
+    else:
+        with dask_client(cluster, plan.runtime.device) as client:
+            workers = len(client.scheduler_info().get("workers", {})) or cluster.n_workers
+            in_flight = cluster.max_in_flight or 2 * workers
+            summary.failed_batches = run_on_dask(client, plan, tasks, on_done, in_flight, cluster.retries)
+    summary.seconds = time.perf_counter() - start
+    return summary
