@@ -13,47 +13,21 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
 import torch
 from torch import nn
 
 from .errors import ExportError
 from .model import LoadedModel, attention_modules
+from .specs import OutputSpec
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "pixel_values"
 PRECISIONS = ("fp32", "mixed")
 EXPORT_FORMAT_VERSION = 1  # bump when the wrapper's graph changes for the same spec
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """Which outputs the graph returns; `layers` are resolved, ascending block indices."""
-
-    layers: tuple[int, ...]
-    logits: bool = True
-    topk: int = 5
-    cls_attention: bool = True
-    attention: bool = False
-    rollout: bool = False
-
-    def names(self, has_classifier: bool) -> list[str]:
-        names = []
-        if has_classifier and self.logits:
-            names.append("logits")
-        if has_classifier and self.topk > 0:
-            names += ["topk_index", "topk_prob"]
-        if self.cls_attention:
-            names.append("cls_attention")
-        if self.attention:
-            names.append("attention")
-        if self.rollout:
-            names.append("rollout")
-        if not names:
-            raise ExportError("no outputs selected: enable cls_attention, attention, rollout or logits")
-        return names
 
 
 class AttentionGraph(nn.Module):

@@ -8,32 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelError
+from .specs import ModelSource
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """What to build: a timm name plus where its weights come from."""
-
-    name: str
-    pretrained: bool = False
-    checkpoint: Path | None = None
-    seed: int = 0
-    img_size: tuple[int, int] | None = None
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.pretrained and self.checkpoint is not None:
-            raise ModelError("model: give either `pretrained: true` or `checkpoint`, not both")
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ import numpy as np
 
 from .data import Preprocess, load_batch, normalize
 from .errors import PipelineError
-from .export import OutputSpec
-from .model import ModelSource
 from .overlay import blend, head_grid, save_png
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
+from .specs import ModelSource, OutputSpec
 from .store import STATUS_OK, BatchResult, StoreSpec, empty_batch, write_batch
 
 

@@ -44,7 +44,7 @@ def _paths(spec: StoreSpec) -> list[str]:
 
 def _contract(spec: StoreSpec) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
     """Name -> (dims, dtype, shape) written out from DESIGN.md, independent of store.py."""
-    n, bs = spec.n_images, spec.batch_size
+    n = spec.n_images
     nl, nh, (gh, gw), (h, w), t = len(spec.layers), spec.num_heads, spec.grid, spec.input_size, spec.num_tokens
     out = {
         "image_path": (("image",), "str", (n,)),

@@ -1,0 +1,55 @@
+"""Values that travel to workers: what model to build and which outputs its graph returns.
+
+Kept free of torch so that onnxruntime workers unpickle their plan without importing it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ExportError, ModelError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to build: a timm name plus where its weights come from."""
+
+    name: str
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    seed: int = 0
+    img_size: tuple[int, int] | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pretrained and self.checkpoint is not None:
+            raise ModelError("model: give either `pretrained: true` or `checkpoint`, not both")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Which outputs the graph returns; `layers` are resolved, ascending block indices."""
+
+    layers: tuple[int, ...]
+    logits: bool = True
+    topk: int = 5
+    cls_attention: bool = True
+    attention: bool = False
+    rollout: bool = False
+
+    def names(self, has_classifier: bool) -> list[str]:
+        names = []
+        if has_classifier and self.logits:
+            names.append("logits")
+        if has_classifier and self.topk > 0:
+            names += ["topk_index", "topk_prob"]
+        if self.cls_attention:
+            names.append("cls_attention")
+        if self.attention:
+            names.append("attention")
+        if self.rollout:
+            names.append("rollout")
+        if not names:
+            raise ExportError("no outputs selected: enable cls_attention, attention, rollout or logits")
+        return names
