@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "open_store"]
+__all__ = ["__version__", "open_store", "select_image"]
 
 
 def open_store(path):  # noqa: ANN001,ANN201 - re-exported lazily to keep `import pipeline` light
@@ -11,3 +11,10 @@ def open_store(path):  # noqa: ANN001,ANN201 - re-exported lazily to keep `impor
     from .store import open_dataset
 
     return open_dataset(path)
+
+
+def select_image(ds, image):  # noqa: ANN001,ANN201 - re-exported lazily, like open_store
+    """One image of an opened store, by index or by its listed path (see `pipeline.analysis.select_image`)."""
+    from .analysis import select_image as _select
+
+    return _select(ds, image)

@@ -1,4 +1,4 @@
-"""The `vit-attn` command: run, export, inspect, show.
+"""The `vit-attn` command: run, export, inspect, show, stats.
 
 User mistakes end in one line on stderr and a non-zero exit; tracebacks are for bugs.
 """
@@ -43,7 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--head", default="mean", help="head index, or mean / max / min over heads, or grid")
     show.add_argument("--alpha", type=float, default=0.5)
     show.add_argument("--colormap", default="inferno")
+    show.add_argument("--normalize", default="per_map", choices=("per_map", "per_image", "dataset"),
+                      help="colour scale: each map's own range, one range for all heads of the image, "
+                           "or a dataset-wide range per (layer, head) so images compare (default per_map)")
+    show.add_argument("--mask", type=float, default=None, metavar="T",
+                      help="outline the smallest set of patches holding a fraction T of each map's mass (DINO)")
     show.add_argument("-o", "--output", type=Path, required=True)
+
+    st = sub.add_parser("stats", help="per-(layer, head) attention statistics over the dataset; optional plots")
+    st.add_argument("store", type=Path)
+    st.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots, summary.csv and per_layer.md here")
+    st.add_argument("--write", action="store_true",
+                    help="store statistics computed from full attention in the store (when it has none)")
     return p
 
 
@@ -59,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "stats":
+            return _stats(args)
         return _show(args)
     except PipelineError as exc:
         print(f"vit-attn: error: {exc}", file=sys.stderr)
@@ -165,11 +178,45 @@ def _show(args: argparse.Namespace) -> int:
     from .render import render_image
 
     group = _open_readonly(args.store)
-    out = render_image(group, args.store, args.image, layer=args.layer, head=args.head, alpha=args.alpha, cmap=args.colormap)
+    out = render_image(group, args.store, args.image, layer=args.layer, head=args.head, alpha=args.alpha,
+                       cmap=args.colormap, normalize=args.normalize, mask=args.mask)
     from .overlay import save_png
 
     save_png(out, args.output)
     print(args.output)
+    return EXIT_OK
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .analysis import (
+        compute_stats_from_attention,
+        format_table,
+        markdown_layer_means,
+        stat_names,
+        summarise,
+        write_plots,
+    )
+    from .store import open_dataset
+
+    _open_readonly(args.store)
+    ds = open_dataset(args.store)
+    if not stat_names(ds):
+        if "attention" not in ds.data_vars:
+            raise PipelineError(f"{args.store} holds no statistics and no full attention to compute them from; "
+                                "run with attention.stats: true (or attention.full: true)")
+        print("vit-attn: computing statistics from the stored full attention"
+              + (" and writing them into the store" if args.write else ""), file=sys.stderr)
+        stats = compute_stats_from_attention(args.store, write=args.write)
+        ds = ds.assign({name: stats[name] for name in stats.data_vars})
+    table = summarise(ds)
+    print(format_table(table))
+    if args.plots:
+        args.plots.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.plots / "summary.csv")
+        (args.plots / "per_layer.md").write_text(markdown_layer_means(table) + "\n")
+        for path in write_plots(table, ds, args.plots):
+            print(path, file=sys.stderr)
+        print(f"{args.plots / 'summary.csv'}\n{args.plots / 'per_layer.md'}", file=sys.stderr)
     return EXIT_OK
 
 

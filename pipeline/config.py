@@ -51,6 +51,7 @@ class AttentionConfig(_Section):
     layers: Literal["all"] | int | list[int] = Field(default_factory=lambda: [-1])
     full: bool = False
     rollout: bool = False
+    stats: bool = False  # per-(image, layer, head) statistics computed in the graph (pipeline.stats)
     topk: int = Field(5, ge=0, le=100)
 
 
@@ -104,6 +105,7 @@ class ClusterConfig(_Section):
     scheduler_file: Path | None = None
     max_in_flight: int = Field(0, ge=0, description="batches submitted at once; 0 = 2 per worker")
     retries: int = Field(2, ge=0)
+    worker_env: dict[str, str] = Field(default_factory=dict, description="environment of local/SLURM worker processes")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")

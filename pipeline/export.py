@@ -22,6 +22,7 @@ from torch import nn
 from .errors import ExportError
 from .model import LoadedModel, attention_modules
 from .specs import OutputSpec
+from .stats import STAT_NAMES, graph_stats
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,11 @@ class AttentionGraph(nn.Module):
             out["attention"] = selected
         if self.spec.rollout:
             out["rollout"] = rollout_torch([self._captures[i] for i in range(lay.depth)], p, lay.grid)
+        if self.spec.stats:
+            # Per block, then stacked: the [B, H, T, T] temporaries stay one layer large.
+            per_block = [graph_stats(self._captures[i], p, lay.grid, lay.patch_size) for i in self.spec.layers]
+            for name in STAT_NAMES:
+                out[name] = torch.stack([s[name] for s in per_block], dim=1)
         self._captures.clear()
         return tuple(out[n] for n in self.output_names)
 

@@ -19,6 +19,7 @@ from .errors import StoreError
 from .export import OutputSpec, export_onnx, weights_digest
 from .model import LoadedModel, ModelSource, describe, load_model
 from .runtime import RuntimeOptions, available_threads
+from .stats import STAT_NAMES, STAT_UNITS
 from .store import (
     FORMAT_VERSION,
     StoreSpec,
@@ -70,6 +71,7 @@ def output_spec(cfg: Config, loaded: LoadedModel) -> OutputSpec:
         cls_attention=True,
         attention=cfg.attention.full,
         rollout=cfg.attention.rollout,
+        stats=cfg.attention.stats,
     )
 
 
@@ -87,6 +89,7 @@ def store_spec(cfg: Config, loaded: LoadedModel, outputs: OutputSpec, n_images: 
         full_attention=outputs.attention,
         rollout=outputs.rollout,
         overlays=cfg.output.overlays,
+        stats=STAT_NAMES if outputs.stats else (),
         compression=cfg.output.compression,
     )
 
@@ -118,6 +121,8 @@ def fingerprint_inputs(cfg: Config, loaded: LoadedModel, outputs: OutputSpec, pr
             "overlays": cfg.output.overlays,
             "overlay_alpha": cfg.output.overlay_alpha,
             "colormap": cfg.output.colormap,
+            # Only when on, so the fingerprints of stores made without statistics stay valid.
+            **({"stats": list(STAT_NAMES)} if outputs.stats else {}),
         },
         "inference": {
             "backend": cfg.inference.backend,
@@ -178,6 +183,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
             "preprocess": prep.to_dict(),
             "image_root": str(images.root),
             "attention_dtype": spec.attention_dtype,
+            **({"stat_units": dict(STAT_UNITS)} if outputs.stats else {}),
             "versions": versions(),
         }
         group = create_store(store_path, spec, images.paths, attrs, overwrite=overwrite)

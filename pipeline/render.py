@@ -1,6 +1,7 @@
 """Pictures of one image's attention, read back from a store (for `vit-attn show`)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -8,9 +9,15 @@ import numpy as np
 
 from .data import Preprocess, load_image
 from .errors import ImageDecodeError, PipelineError
+from .maps import HEAD_FUSIONS, fuse_heads, mass_threshold_mask
 from .overlay import blend, head_grid
 
-HEAD_FUSIONS = {"mean": np.mean, "max": np.max, "min": np.min}
+# per_map: each map's own min..max. per_image: 0..the largest value of any head of this image
+# and layer, so heads compare. dataset: 0..a per-(layer, head) scale over the whole store
+# (analysis.dataset_scale), so images compare.
+NORMALIZE_MODES = ("per_map", "per_image", "dataset")
+OUTLINE_RGB = (0, 255, 255)
+GRID_BORDER = 2
 
 
 def image_index(group: Any, image: str | int) -> int:
@@ -49,8 +56,18 @@ def render_image(
     head: str = "mean",
     alpha: float = 0.5,
     cmap: str = "inferno",
+    normalize: str = "per_map",
+    mask: float | None = None,
 ) -> np.ndarray:
-    """One layer's CLS map of one image over the model input: a head, a fusion, or a grid of all."""
+    """One layer's CLS map of one image over the model input: a head, a fusion, or a grid of all.
+
+    `normalize` picks the colour scale (NORMALIZE_MODES); `mask`, a mass fraction t, draws the
+    outline of each shown map's `maps.mass_threshold_mask(map, t)` (computed on the raw map).
+    """
+    if normalize not in NORMALIZE_MODES:
+        raise PipelineError(f"--normalize {normalize!r}: give one of {', '.join(NORMALIZE_MODES)}")
+    if mask is not None and not 0.0 < mask <= 1.0:
+        raise PipelineError(f"--mask {mask}: give a mass fraction in (0, 1], e.g. 0.6")
     i = image_index(group, image)
     status = int(group["status"][i])
     if status != 1:
@@ -66,12 +83,66 @@ def render_image(
         li = layers.index(block)
     maps = group["cls_attention"][i, li].astype(np.float32)  # [heads, gh, gw]
     base = model_input_image(group, i)
+    top = _scale_tops(store_path, maps, li, normalize)  # [heads] top of the colour scale, or None
+    mode = "per_map" if top is None else "none"
     if head == "grid":
-        return head_grid(base, maps, alpha=alpha, cmap=cmap)
+        shown = maps if top is None else maps / top[:, None, None]
+        ncols = math.ceil(math.sqrt(maps.shape[0] + 1))  # head_grid's own default, made explicit
+        out = head_grid(base, shown, alpha=alpha, cmap=cmap, ncols=ncols, border=GRID_BORDER, normalize=mode)
+        if mask is not None:
+            masks = mass_threshold_mask(np.concatenate([maps.mean(axis=0, keepdims=True), maps]), mask)
+            h, w = base.shape[:2]
+            for k, m in enumerate(masks):
+                r, c = divmod(k, ncols)
+                y0, x0 = GRID_BORDER + r * (h + GRID_BORDER), GRID_BORDER + c * (w + GRID_BORDER)
+                _draw_outline(out[y0 : y0 + h, x0 : x0 + w], m)
+        return out
     if head in HEAD_FUSIONS:
-        chosen = HEAD_FUSIONS[head](maps, axis=0)
+        chosen = fuse_heads(maps, head, axis=0)
+        chosen_top = None if top is None else fuse_heads(top, head, axis=0)
     elif head.isdigit() and int(head) < maps.shape[0]:
         chosen = maps[int(head)]
+        chosen_top = None if top is None else top[int(head)]
     else:
         raise PipelineError(f"--head {head!r}: give 0..{maps.shape[0] - 1}, mean, max, min or grid")
-    return blend(base[None], chosen[None], alpha=alpha, cmap=cmap)[0]
+    shown = chosen if chosen_top is None else chosen / chosen_top
+    out = blend(base[None], shown[None], alpha=alpha, cmap=cmap, normalize=mode)[0]
+    if mask is not None:
+        _draw_outline(out, mass_threshold_mask(chosen, mask))
+    return out
+
+
+def _scale_tops(store_path: Path, maps: np.ndarray, layer_index: int, normalize: str) -> np.ndarray | None:
+    """Per head, the value drawn in the colormap's top colour (the bottom is 0); None for per_map."""
+    if normalize == "per_map":
+        return None
+    if normalize == "per_image":
+        top = np.full(maps.shape[0], float(maps.max()))
+    else:
+        from .analysis import dataset_scale
+        from .store import open_dataset
+
+        top = dataset_scale(open_dataset(store_path), layer_index)
+    return np.maximum(top, np.finfo(np.float32).tiny)
+
+
+def _draw_outline(canvas: np.ndarray, mask: np.ndarray) -> None:
+    """Draw the outline of a patch-grid mask [gh, gw] onto an RGB canvas [H, W, 3] in place.
+
+    Patches map onto pixels as in the overlay (patch r covers rows r*H/gh ..); the line runs on
+    both sides of every mask edge (2 px) and along the image border where the mask touches it.
+    """
+    h, w = canvas.shape[:2]
+    gh, gw = mask.shape
+    rows = np.minimum(np.arange(h) * gh // h, gh - 1)
+    cols = np.minimum(np.arange(w) * gw // w, gw - 1)
+    px = mask[rows][:, cols]
+    edge = np.zeros_like(px)
+    dy, dx = px[1:] != px[:-1], px[:, 1:] != px[:, :-1]
+    edge[1:] |= dy
+    edge[:-1] |= dy
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge[[0, -1]] |= px[[0, -1]]
+    edge[:, [0, -1]] |= px[:, [0, -1]]
+    canvas[edge] = OUTLINE_RGB

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ExportError, ModelError
+from .stats import STAT_NAMES
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class OutputSpec:
     cls_attention: bool = True
     attention: bool = False
     rollout: bool = False
+    stats: bool = False  # the per-(layer, head) statistics of pipeline.stats, for `layers`
 
     def names(self, has_classifier: bool) -> list[str]:
         names = []
@@ -50,6 +52,8 @@ class OutputSpec:
             names.append("attention")
         if self.rollout:
             names.append("rollout")
+        if self.stats:
+            names += list(STAT_NAMES)
         if not names:
             raise ExportError("no outputs selected: enable cls_attention, attention, rollout or logits")
         return names

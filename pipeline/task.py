@@ -18,6 +18,7 @@ from .errors import PipelineError
 from .overlay import blend, head_grid, save_png
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
 from .specs import ModelSource, OutputSpec
+from .stats import STAT_NAMES
 from .store import STATUS_OK, BatchResult, StoreSpec, empty_batch, write_batch
 
 
@@ -122,7 +123,7 @@ def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
 
 def _fill(result: BatchResult, outputs: dict[str, np.ndarray], ok: np.ndarray) -> None:
     """Copy graph outputs into the batch's store arrays (store dtypes; failed rows stay 0)."""
-    for name in ("cls_attention", "attention", "rollout", "topk_index", "topk_prob"):
+    for name in ("cls_attention", "attention", "rollout", "topk_index", "topk_prob", *STAT_NAMES):
         if name in result.arrays and name in outputs:
             target = result.arrays[name]
             target[ok] = outputs[name].astype(target.dtype, copy=False)
