@@ -142,7 +142,7 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
     import dask
     from distributed import Client
 
-    env = dict(WORKER_ENV)
+    env = {**WORKER_ENV, **cluster.worker_env}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         if cluster.kind == "local":
             from distributed import LocalCluster
@@ -167,7 +167,7 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
         elif cluster.kind == "slurm":
             from .slurm import slurm_cluster
 
-            with slurm_cluster(cluster) as sc, Client(sc) as client:
+            with slurm_cluster(cluster, env) as sc, Client(sc) as client:
                 yield client
         else:
             raise ConfigError(f"cluster.kind {cluster.kind!r} has no Dask client")
@@ -191,6 +191,8 @@ def execute(plan: RunPlan, tasks: list[BatchTask], cluster: ClusterConfig, progr
     else:
         with dask_client(cluster, plan.runtime.device) as client:
             workers = len(client.scheduler_info().get("workers", {})) or cluster.n_workers
+            if cluster.kind == "slurm":  # workers arrive as their jobs start: size for all of them
+                workers = max(workers, cluster.slurm.jobs * cluster.slurm.processes)
             in_flight = cluster.max_in_flight or 2 * workers
             start = bar.start = time.perf_counter()
             summary.failed_batches = run_on_dask(client, plan, tasks, on_done, in_flight, cluster.retries)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,8 @@ def available_threads() -> int:
 class OrtRunner:
     """An onnxruntime session with explicit threads and, on CUDA, IO binding."""
 
-    def __init__(self, onnx_path: Path, options: RuntimeOptions) -> None:
+    def __init__(self, onnx_path: Path, options: RuntimeOptions, io_binding: bool | None = None) -> None:
+        """`io_binding`: None binds on GPUs only; True also on the CPU EP (tests the GPU code path)."""
         import onnxruntime as ort
 
         self.options = options
@@ -83,6 +85,9 @@ class OrtRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_name = self.session.get_inputs()[0].name
         self.on_gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.io_binding = self.on_gpu if io_binding is None else io_binding
+        self._ort = ort
+        self._local = threading.local()  # bindings per thread: a Dask worker may run tasks in several
 
     def _providers(self, ort) -> list:
         if self.options.device == "cpu":
@@ -98,15 +103,20 @@ class OrtRunner:
         )
         providers: list = [cuda, "CPUExecutionProvider"]
         if self.options.tensorrt:
-            trt_cache = str(self.options.trt_cache_dir or Path.home() / ".cache" / "vit-attn" / "trt")
+            trt_cache = str(self.options.trt_cache_dir or _default_trt_cache())
             providers.insert(
                 0,
                 (
                     "TensorrtExecutionProvider",
                     {
                         "device_id": self.options.device_id,
+                        # Engines take minutes to build for ViT-B: keep them (keyed by graph and shapes).
                         "trt_engine_cache_enable": True,
                         "trt_engine_cache_path": trt_cache,
+                        "trt_timing_cache_enable": True,
+                        "trt_timing_cache_path": trt_cache,
+                        # The mixed graph is fp16 already; TensorRT's own fp16 would also lower
+                        # the softmax and layer norms the mixed graph keeps in fp32.
                         "trt_fp16_enable": False,
                     },
                 ),
@@ -114,7 +124,13 @@ class OrtRunner:
         return providers
 
     def _check_device(self) -> None:
-        # onnxruntime falls back to the CPU silently when the CUDA EP cannot load.
+        # onnxruntime falls back silently: TensorRT to CUDA, CUDA to the CPU.
+        if self.options.tensorrt and self.options.device == "cuda" and "TensorrtExecutionProvider" not in self.providers:
+            warnings.warn(
+                "inference.tensorrt is true but onnxruntime's TensorRT execution provider did not load "
+                "(TensorRT libraries not found?); running on the CUDA execution provider",
+                stacklevel=2,
+            )
         if self.options.device != "cuda" or "CUDAExecutionProvider" in self.providers:
             return
         msg = (
@@ -127,17 +143,78 @@ class OrtRunner:
         warnings.warn(msg + "; running on the CPU because inference.allow_cpu_fallback is true", stacklevel=2)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Named outputs of one batch. With IO binding (GPUs), the arrays are buffers that this
+        thread's next batch of the same shape overwrites: copy what must outlive that."""
         batch = _check_batch(batch)
-        if not self.on_gpu:
+        if not self.io_binding:
             outs = self.session.run(self.output_names, {self.input_name: batch})
             return dict(zip(self.output_names, outs))
-        # IO binding: one host-to-device copy for the batch, outputs copied back once each.
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self.input_name, batch)
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+        bindings = self._bindings
+        binding = bindings.get(batch.shape)
+        if binding is None:
+            if len(bindings) >= 2:  # full batches and the last, shorter one
+                bindings.pop(next(iter(bindings)))
+            binding = bindings[batch.shape] = _BatchBinding(self, batch.shape)
+        return binding.run(batch)
+
+    @property
+    def _bindings(self) -> dict[tuple[int, ...], _BatchBinding]:
+        """This thread's bindings: its output buffers are overwritten only by its own next batch."""
+        return self._local.__dict__.setdefault("bindings", {})
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+class _BatchBinding:
+    """IO binding made once per batch shape: an input buffer on the device, host output buffers.
+
+    A batch is one host-to-device copy into the same device buffer, and each output one copy
+    back into the same host array, so nothing is allocated or re-bound per batch. Outputs whose
+    shape the graph does not fix beyond the batch axis are bound by device and copied out.
+    """
+
+    def __init__(self, runner: OrtRunner, shape: tuple[int, ...]) -> None:
+        ort, session = runner._ort, runner.session
+        device = "cuda" if runner.on_gpu else "cpu"
+        device_id = runner.options.device_id if runner.on_gpu else 0
+        self.session = session
+        self.binding = session.io_binding()
+        self.input = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, device, device_id)
+        self.binding.bind_ortvalue_input(runner.input_name, self.input)
+        self.buffers: dict[str, np.ndarray] = {}
+        self.dynamic: list[str] = []
+        for out in session.get_outputs():
+            dims, dtype = out.shape, _ORT_TYPES.get(out.type)
+            if dtype is None or not dims or isinstance(dims[0], int) or not all(isinstance(d, int) for d in dims[1:]):
+                self.binding.bind_output(out.name, "cpu")
+                self.dynamic.append(out.name)
+                continue
+            buf = np.empty((shape[0], *dims[1:]), dtype)
+            self.binding.bind_output(out.name, "cpu", 0, dtype, list(buf.shape), buf.ctypes.data)
+            self.buffers[out.name] = buf
+        self.names = [o.name for o in session.get_outputs()]
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.input.update_inplace(batch)
+        self.session.run_with_iobinding(self.binding)
+        if not self.dynamic:
+            return {n: self.buffers[n] for n in self.names}
+        values = dict(zip(self.names, self.binding.get_outputs()))
+        return {n: self.buffers[n] if n in self.buffers else values[n].numpy() for n in self.names}
+
+
+def _default_trt_cache() -> Path:
+    """TensorRT engines beside the ONNX exports: `$VIT_ATTN_CACHE/trt`, else ~/.cache/vit-attn/trt."""
+    env = os.environ.get("VIT_ATTN_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "vit-attn") / "trt"
 
 
 class TorchRunner:

@@ -2,14 +2,28 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import json
+import shlex
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .config import ClusterConfig
 from .errors import ConfigError
 
 
-def slurm_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
+def worker_env_prologue(env: Mapping[str, str]) -> list[str]:
+    """Job-script lines that give the workers `env` and drop the nanny's MALLOC_TRIM_THRESHOLD_.
+
+    The client's dask config does not reach SLURM jobs, so the nanny's pre-spawn environment is
+    set through dask's environment-variable config; None unsets a default (docs/PERFORMANCE.md).
+    """
+    spawn: dict[str, str | None] = {"MALLOC_TRIM_THRESHOLD_": None, **env}
+    # A Python dict literal (dask reads it with ast.literal_eval); JSON strings are valid ones.
+    literal = "{" + ", ".join(f"{json.dumps(k)}: {'None' if v is None else json.dumps(v)}" for k, v in spawn.items()) + "}"
+    return [f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON={shlex.quote(literal)}"]
+
+
+def slurm_kwargs(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """SLURMCluster arguments; GPUs go through `--gres`, walltime kills are survived via lifetime."""
     s = cluster.slurm
     extra = list(s.job_extra_directives)
@@ -20,6 +34,7 @@ def slurm_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
         # Workers retire before the walltime kill, staggered so they do not all leave at once;
         # the scheduler moves their work and adapt() starts replacements.
         worker_extra += ["--lifetime", s.worker_lifetime, "--lifetime-stagger", s.worker_lifetime_stagger]
+    prologue = worker_env_prologue(env) if env is not None else []
     kwargs: dict[str, Any] = {
         "queue": s.queue,
         "account": s.account,
@@ -30,7 +45,7 @@ def slurm_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
         "memory": s.memory,
         "walltime": s.walltime,
         "job_extra_directives": extra,
-        "job_script_prologue": list(s.job_script_prologue),
+        "job_script_prologue": prologue + list(s.job_script_prologue),
         "worker_extra_args": worker_extra,
         "job_cpu": s.cores,
     }
@@ -41,19 +56,32 @@ def slurm_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-@contextlib.contextmanager
-def slurm_cluster(cluster: ClusterConfig) -> Iterator[Any]:
-    """Start SLURM jobs for workers (scaled or adaptive) and cancel them on exit."""
+def _slurm_cluster_class() -> Any:
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise ConfigError(
             "cluster.kind is slurm but dask-jobqueue is not installed: pip install 'vit-attention-pipeline[slurm]'"
         ) from None
+    return SLURMCluster
+
+
+def job_script(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -> str:
+    """The batch script every worker job would run; submits nothing (for review and tests)."""
+    with _slurm_cluster_class()(**slurm_kwargs(cluster, env), scheduler_options={"dashboard_address": None}) as sc:
+        return sc.job_script()
+
+
+@contextlib.contextmanager
+def slurm_cluster(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Start SLURM jobs for workers (scaled or adaptive) and cancel them on exit."""
     s = cluster.slurm
-    with SLURMCluster(**slurm_kwargs(cluster)) as sc:
+    with _slurm_cluster_class()(**slurm_kwargs(cluster, env)) as sc:
         if s.adapt:
             sc.adapt(minimum_jobs=s.minimum_jobs, maximum_jobs=s.jobs)
+        elif s.worker_lifetime:
+            # Only adaptive scaling replaces workers that retired at their lifetime.
+            sc.adapt(minimum_jobs=s.jobs, maximum_jobs=s.jobs)
         else:
             sc.scale(jobs=s.jobs)
         yield sc
