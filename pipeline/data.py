@@ -494,9 +494,10 @@ def load_batch(
     """Decode a batch: uint8 [B, H, W, 3] and one error reason per image (None when ok).
 
     A failed image stays zeros, so the batch keeps its shape and order. Pillow releases the
-    GIL while decoding and resampling, so ``threads > 1`` can use idle cores (one process
-    feeding a GPU); on busy 2-core machines it gained nothing (122 vs 121 img/s for
-    640 x 480 JPEGs), so the default is 1 and Dask worker processes give the parallelism.
+    GIL while decoding and resampling, so ``threads > 1`` uses idle cores (one process
+    feeding a GPU): 2 threads gave 1.6-1.8x on 2 idle cores (docs/PERFORMANCE.md, "Decode
+    throughput"). The default is 1 because on CPU runs the other cores already run inference
+    in other Dask worker processes.
     """
     h, w = prep.input_size
     batch = np.zeros((len(paths), h, w, 3), np.uint8)
