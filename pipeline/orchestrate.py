@@ -142,6 +142,12 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
     import dask
     from distributed import Client
 
+    # distributed sets its own loggers to INFO when imported; in this process (scheduler,
+    # nannies, jobqueue) they follow the CLI's level, so a plain run prints only our lines.
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        for name in ("distributed", "dask_jobqueue"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
     env = {**WORKER_ENV, **cluster.worker_env}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         if cluster.kind == "local":
