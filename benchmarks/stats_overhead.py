@@ -38,17 +38,13 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make `pipeline` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+from inference import loadavg  # noqa: E402  (benchmarks/inference.py)
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _loadavg() -> str | None:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,14 +103,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for key in specs:  # warm-up: one batch each
         runners[key].run(images[: args.batch])
-    load_before = _loadavg()
+    load_before = loadavg()
     seconds: dict[str, list[float]] = {k: [] for k in specs}
     for r in range(args.repeats):
         order = ("base", "stats") if r % 2 == 0 else ("stats", "base")
         for key in order:
             seconds[key].append(one_pass(key))
         _log(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {args.images / seconds[k][-1]:.2f}" for k in specs) + " img/s")
-    load_after = _loadavg()
+    load_after = loadavg()
 
     ips = {k: [args.images / s for s in v] for k, v in seconds.items()}
     median = {k: statistics.median(v) for k, v in ips.items()}

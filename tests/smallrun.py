@@ -13,7 +13,7 @@ import pytest
 from pipeline.cli import main as cli_main
 
 from . import imagefactory
-from .test_pipeline import MODEL, assert_stores_equal, write_config  # noqa: F401 (re-exported)
+from .test_pipeline import MODEL, assert_stores_equal, save_sharpened_checkpoint, write_config  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,7 @@ def small_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
-
-    from .conftest import sharpened_model
-
-    loaded = sharpened_model(MODEL["name"], factor=16.0, seed=0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"])
-    path = tmp_path_factory.mktemp("small-weights") / "sharp.safetensors"
-    save_file(loaded.model.state_dict(), str(path))
-    return path
+    return save_sharpened_checkpoint(tmp_path_factory.mktemp("small-weights"))
 
 
 @pytest.fixture(scope="module")

@@ -56,8 +56,13 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
+    return save_sharpened_checkpoint(tmp_path_factory.mktemp("weights"))
+
+
+def save_sharpened_checkpoint(folder: Path) -> Path:
+    """MODEL with attention sharpened 16x, saved as `folder/sharp.safetensors`."""
     loaded = sharpened_model(MODEL["name"], factor=16.0, seed=0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"])
-    path = tmp_path_factory.mktemp("weights") / "sharp.safetensors"
+    path = folder / "sharp.safetensors"
     save_file(loaded.model.state_dict(), str(path))
     return path
 
