@@ -2,9 +2,13 @@
 
 The bare session runs the very graph the pipeline exports, on batches preprocessed
 beforehand, so the ratio says what decoding, maps, overlays, compression and Dask cost.
-Also measures the nanny's MALLOC_TRIM_THRESHOLD_ effect and peak memory against image count.
+Variants: in-process and one local Dask worker, each holding one batch at a time or two
+(the default: one batch's decoding and writing overlap the other's inference), and one
+single-thread session per core. `--malloc-trim` adds workers with the nanny's
+MALLOC_TRIM_THRESHOLD_; `--memory` compares the peak memory of processing N and 10N images.
 
-    python benchmarks/pipeline.py --images 1024 --model vit_small_patch16_224
+    python benchmarks/pipeline.py --images 1024 --repeats 2 --model vit_small_patch16_224 --memory
+    python benchmarks/pipeline.py --memory-only  # the peak-memory check alone (~3 min)
     python benchmarks/pipeline.py --quick        # smoke run, < 1 min
 """
 from __future__ import annotations
@@ -112,21 +116,34 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vit-attn-bench")
     p.add_argument("--quick", action="store_true", help="vit_tiny, 64 images: a smoke run")
     p.add_argument("--memory", action="store_true", help="also compare peak memory at N and 10N images (vit_tiny)")
+    p.add_argument("--malloc-trim", action="store_true", help="also run workers with the nanny's MALLOC_TRIM_THRESHOLD_")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory check")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.images, args.batch = "vit_tiny_patch16_224", 64, 16
     cores = os.cpu_count() or 1
     work = args.workdir
+    if args.memory_only:
+        out = {"memory": memory_check(work, work / "cache")}
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return out
     images = make_images(work / f"images_{args.images}", args.images)
     cache = work / "cache"
+    # batches_per_worker 1: decode, infer, maps and write in turn; 2 (the default): one batch's
+    # CPU stages overlap the other's inference (one inference at a time per process).
     variants = {
-        "in-process, ORT threads=cores": ({"kind": "none"}, cores, None),
-        "local 1 worker x cores threads": ({"kind": "local", "n_workers": 1}, cores, None),
-        f"local {cores} workers x 1 thread": ({"kind": "local", "n_workers": cores}, 1, None),
-        f"local {cores} workers x 1 thread, nanny MALLOC_TRIM_THRESHOLD_=65536": (
-            {"kind": "local", "n_workers": cores, "worker_env": {"MALLOC_TRIM_THRESHOLD_": "65536"}}, 1, None),
+        "in-process, 1 batch at a time": ({"kind": "none", "batches_per_worker": 1}, cores, None),
+        "in-process, 2 batches (default)": ({"kind": "none"}, cores, None),
+        "local 1 worker, 1 batch at a time": ({"kind": "local", "n_workers": 1, "batches_per_worker": 1}, cores, None),
+        "local 1 worker, 2 batches (default)": ({"kind": "local", "n_workers": 1}, cores, None),
+        f"local {cores} workers x 1 ORT thread, 1 batch each": (
+            {"kind": "local", "n_workers": cores, "batches_per_worker": 1}, 1, None),
     }
+    if args.malloc_trim:
+        variants[f"local {cores} workers x 1 ORT thread, nanny MALLOC_TRIM_THRESHOLD_=65536"] = (
+            {"kind": "local", "n_workers": cores, "batches_per_worker": 1, "worker_env": {"MALLOC_TRIM_THRESHOLD_": "65536"}}, 1, None)
     results: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     bare: list[float] = []
     configs = {}
@@ -150,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         wall = statistics.median(r["wall"] for r in runs)
         table[name] = img_s
         print(f"| {name} | {img_s:.1f} | {wall:.1f} | {img_s / bare_img_s:.2f} |")
-    out = {"model": args.model, "images": args.images, "table": table}
+    out = {"model": args.model, "images": args.images, "table": table, "bare_runs": bare,
+           "runs": {name: [r["img_s"] for r in runs] for name, runs in results.items()}}
     if args.memory:
         out["memory"] = memory_check(work, cache)
     if args.json:
@@ -158,22 +176,47 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
-def memory_check(work: Path, cache: Path, small: int = 128) -> dict[str, float]:
-    """Peak RSS of an in-process run at N and 10N images: batches in flight are bounded."""
+_PEAK_CODE = """
+import sys
+from pipeline.config import load_config
+from pipeline.job import prepare
+from pipeline.orchestrate import execute
+
+def hwm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+cfg = load_config(sys.argv[1])
+prepared = prepare(cfg, overwrite=True)
+planning = hwm_mb()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak: measure processing alone
+summary = execute(prepared.plan, prepared.tasks, cfg.cluster, progress=False)
+assert summary.images_ok == len(prepared.images.paths), summary
+print("PEAK", planning, hwm_mb())
+"""
+
+
+def memory_check(work: Path, cache: Path, small: int = 128) -> dict[str, dict[str, float]]:
+    """Peak RSS of an in-process run at N and 10N images, processing phase apart from planning.
+
+    Planning (torch, timm, the export check) sets a high-water mark that would hide any growth
+    during processing, so the peak is reset (/proc/self/clear_refs) once the plan is made.
+    """
     peaks = {}
     for n in (small, small * 10):
         images = make_images(work / f"images_{n}", n)
         folder = work / f"mem{n}"
         folder.mkdir(parents=True, exist_ok=True)
         config = write_config(folder, images, "vit_tiny_patch16_224", 32, {"kind": "none"}, 0, cache)
-        code = (
-            "import resource, sys; from pipeline.cli import main; rc = main(['run', sys.argv[1], '--no-progress']);"
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-        )
         shutil.rmtree(folder / "run.zarr", ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-c", code, str(config)], cwd=REPO, capture_output=True, text=True)
-        peaks[n] = int(re.search(r"MAXRSS (\d+)", proc.stdout).group(1)) / 1024
-        print(f"peak RSS, in-process, vit_tiny, {n} images: {peaks[n]:.0f} MB")
+        proc = subprocess.run([sys.executable, "-c", _PEAK_CODE, str(config)], cwd=REPO, capture_output=True, text=True)
+        m = re.search(r"PEAK ([\d.]+) ([\d.]+)", proc.stdout)
+        if proc.returncode != 0 or not m:
+            raise SystemExit(f"memory run failed:\n{proc.stderr}")
+        peaks[str(n)] = {"planning_mb": float(m.group(1)), "processing_mb": float(m.group(2))}
+        print(f"peak RSS, in-process, vit_tiny, {n} images: planning {peaks[str(n)]['planning_mb']:.0f} MB, "
+              f"processing {peaks[str(n)]['processing_mb']:.0f} MB")
     return peaks
 
 

@@ -103,7 +103,11 @@ class ClusterConfig(_Section):
     n_workers: int = Field(1, ge=1)
     address: str | None = None
     scheduler_file: Path | None = None
-    max_in_flight: int = Field(0, ge=0, description="batches submitted at once; 0 = 2 per worker")
+    batches_per_worker: int = Field(
+        2, ge=1, description="batches a worker holds at once (Dask threads per worker); inference runs one at a "
+        "time per worker, so 2 overlaps decoding, maps and writing of one batch with inference of another"
+    )
+    max_in_flight: int = Field(0, ge=0, description="batches submitted at once; 0 = batches_per_worker + 1 per worker")
     retries: int = Field(2, ge=0)
     worker_env: dict[str, str] = Field(default_factory=dict, description="environment of local/SLURM worker processes")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -81,14 +82,31 @@ class Progress:
         self.stream.flush()
 
 
-def run_in_process(plan: RunPlan, tasks: list[BatchTask], on_done: Callable[[BatchSummary], None]) -> dict[int, str]:
-    """Run batches one after another in this process (debugging, tests, tiny jobs)."""
+def run_in_process(
+    plan: RunPlan, tasks: list[BatchTask], on_done: Callable[[BatchSummary], None], concurrency: int = 1
+) -> dict[int, str]:
+    """Run batches in this process (debugging, tests, tiny jobs), `concurrency` at a time.
+
+    With 2, one batch decodes and writes while the other infers, as on a Dask worker.
+    """
     failed: dict[int, str] = {}
-    for task in tasks:
+
+    def finish(task: BatchTask, future: Future) -> None:
         try:
-            on_done(run_batch(plan, task))
+            on_done(future.result())
         except PipelineError as exc:
             failed[task.batch_index] = str(exc)
+
+    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vit-attn-batch") as pool:
+        running: dict[Future, BatchTask] = {}
+        for task in tasks:
+            running[pool.submit(run_batch, plan, task)] = task
+            if len(running) >= concurrency:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(running.pop(future), future)
+        for future in list(running):
+            finish(running.pop(future), future)
     return failed
 
 
@@ -155,7 +173,7 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
 
             with LocalCluster(
                 n_workers=cluster.n_workers,
-                threads_per_worker=1,
+                threads_per_worker=cluster.batches_per_worker,
                 processes=True,
                 dashboard_address=None,
                 silence_logs=logging.ERROR,
@@ -193,13 +211,13 @@ def execute(plan: RunPlan, tasks: list[BatchTask], cluster: ClusterConfig, progr
     # Throughput counts from the first submission: cluster start-up is reported apart by callers.
     if cluster.kind == "none":
         start = time.perf_counter()
-        summary.failed_batches = run_in_process(plan, tasks, on_done)
+        summary.failed_batches = run_in_process(plan, tasks, on_done, cluster.batches_per_worker)
     else:
         with dask_client(cluster, plan.runtime.device) as client:
             workers = len(client.scheduler_info().get("workers", {})) or cluster.n_workers
             if cluster.kind == "slurm":  # workers arrive as their jobs start: size for all of them
                 workers = max(workers, cluster.slurm.jobs * cluster.slurm.processes)
-            in_flight = cluster.max_in_flight or 2 * workers
+            in_flight = cluster.max_in_flight or (cluster.batches_per_worker + 1) * workers
             start = bar.start = time.perf_counter()
             summary.failed_batches = run_on_dask(client, plan, tasks, on_done, in_flight, cluster.retries)
     summary.seconds = time.perf_counter() - start

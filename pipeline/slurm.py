@@ -38,9 +38,10 @@ def slurm_kwargs(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -
     kwargs: dict[str, Any] = {
         "queue": s.queue,
         "account": s.account,
-        # jobqueue gives each worker cores/processes Dask threads; one thread per worker
-        # process (one session each) while SLURM still allocates all cores via job_cpu.
-        "cores": s.processes,
+        # jobqueue gives each worker cores/processes Dask threads: batches_per_worker threads
+        # per worker process (one session each, inference one batch at a time), while SLURM
+        # still allocates all cores via job_cpu.
+        "cores": s.processes * cluster.batches_per_worker,
         "processes": s.processes,
         "memory": s.memory,
         "walltime": s.walltime,

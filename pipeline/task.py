@@ -64,6 +64,10 @@ class BatchSummary:
 
 _runners: dict[tuple, Runner] = {}
 _runner_lock = threading.Lock()
+# One inference at a time per process. A worker that holds two batches (Dask threads, or the
+# in-process pool) then overlaps one batch's decoding, maps and writing with the other's
+# inference, and inference still has all its threads (docs/PERFORMANCE.md, "Pipelining").
+_infer_lock = threading.Lock()
 
 
 def get_runner(plan: RunPlan) -> Runner:
@@ -106,8 +110,13 @@ def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
     for i, err in enumerate(errors):
         result.error[i] = err or ""
     if ok.any():
-        outputs = get_runner(plan).run(normalize(images[ok], plan.preprocess))
-        clock.lap("infer")
+        batch = normalize(images[ok], plan.preprocess)
+        runner = get_runner(plan)
+        clock.lap("decode")
+        with _infer_lock:
+            clock.lap("wait")
+            outputs = runner.run(batch)
+            clock.lap("infer")
         _fill(result, outputs, ok)
         _add_overlays(plan, result, images, ok)
         clock.lap("maps")

@@ -52,7 +52,7 @@ def scheduler_address(tmp_path):
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", host_port.split(":")[1],
                                "--no-dashboard"], **quiet)]
     try:
-        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--nworkers", "1",
+        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "2", "--nworkers", "1",
                                        "--host", "127.0.0.1", "--no-dashboard"], **quiet))
         from distributed import Client
 

@@ -54,7 +54,8 @@ def test_job_script_has_queue_account_resources_gpus_and_lifetime(tmp_path):
     assert any(re.fullmatch(r"--mem=\d+G", x) for x in d), d
     assert any(x.startswith("-e ") and str(tmp_path / "logs") in x for x in d), d
     worker = next(line for line in script.splitlines() if "distributed.cli.dask_worker" in line)
-    assert "--nthreads 1" in worker and "--nworkers 2" in worker  # ... but one thread per worker process
+    # ... but one session per worker process, holding batches_per_worker (2) batches at once
+    assert "--nthreads 2" in worker and "--nworkers 2" in worker
     assert "--lifetime 55m --lifetime-stagger 4m" in worker
     assert worker.startswith(sys.executable)
     path = tmp_path / "job.sh"
@@ -117,7 +118,8 @@ def test_example_slurm_config_is_valid():
     cfg = load_config(REPO / "configs" / "slurm.yaml")
     assert cfg.cluster.kind == "slurm"
     kwargs = slurm_kwargs(cfg.cluster, WORKER_ENV)
-    assert kwargs["job_cpu"] == cfg.cluster.slurm.cores and kwargs["cores"] == cfg.cluster.slurm.processes
+    assert kwargs["job_cpu"] == cfg.cluster.slurm.cores
+    assert kwargs["cores"] == cfg.cluster.slurm.processes * cfg.cluster.batches_per_worker
 
 
 # --- a real one-node SLURM ---------------------------------------------------------------------
