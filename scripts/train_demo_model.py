@@ -3,8 +3,12 @@
 ``make demo`` has to show believable attention offline, where pretrained timm weights cannot be
 downloaded and a random-init ViT attends uniformly. This script trains a small timm ViT on the
 images of :mod:`pipeline.demo_data` (one disc/square/triangle/cross on a cluttered background)
-with plain cross-entropy on the CLS token, then measures, with an independent eager model, how
-much of the last block's head-mean CLS attention lands on the object.
+with cross-entropy on the CLS token plus an auxiliary per-patch class probe on the final patch
+tokens (``--seg-weight``; the probe is discarded and attention is never supervised), then
+measures, with an independent eager model, how much of the last block's head-mean CLS
+attention lands on the object. ``--init`` continues from an earlier checkpoint (a warm
+restart), so the shipped model can be the last of a chain of runs; each json records its
+parent's command and history.
 
 Writes ``models/demo_vit.safetensors`` (fp32 state dict) and ``models/demo_vit.json`` (recipe,
 metrics, versions, the command to reproduce). The recipe is deterministic for a given torch
@@ -24,7 +28,9 @@ ratio is ``mean(attn_on_object) / mean(area_fraction)`` over the held-out set. T
 holds the mean of per-image ratios, the raw (not renormalised) variant, and the binary variant
 (a patch is object when >= 50% of its pixels are).
 
-Usage: ``.venv/bin/python scripts/train_demo_model.py`` (defaults are the shipped recipe).
+Usage: ``.venv/bin/python scripts/train_demo_model.py`` (the defaults are the first stage of the
+shipped recipe); ``models/demo_vit.json`` holds the exact commands of every stage
+(``command``, then ``init.parent.command`` and so on).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import timm  # noqa: E402
 import timm.layers  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.demo_data import CLASSES, DEFAULT_SIZES, render_index  # noqa: E402
+from pipeline.demo_data import CLASSES, DEFAULT_SIZES, RADIUS_FRAC, render_index  # noqa: E402
 
 MODEL_NAME = "vit_tiny_patch16_224"
 
@@ -62,21 +68,33 @@ def parse_args(argv=None):
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--num-heads", type=int, default=3)
-    p.add_argument("--n-train", type=int, default=16000, help="distinct training images")
+    p.add_argument("--radius-frac", type=float, nargs=2, default=RADIUS_FRAC, metavar=("LO", "HI"),
+                   help="object size range of the generated images (pipeline.demo_data.RADIUS_FRAC)")
+    p.add_argument("--n-train", type=int, default=32000, help="distinct training images")
     p.add_argument("--n-val", type=int, default=1000, help="held-out images (another seed)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--seg-weight", type=float, default=0.0,
+    p.add_argument("--seg-weight", type=float, default=1.0,
                    help="weight of an auxiliary per-patch loss on the final patch tokens: a linear "
                         "probe (used only in training, not shipped) predicts background or the "
                         "object's class for each patch; 0 = off")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this checkpoint (a .safetensors written by this script, with its "
+                        ".json beside it) instead of random init: a warm restart with a new warmup and "
+                        "cosine schedule; the json records the chain of commands")
     p.add_argument("--seed", type=int, default=0, help="training seed (data stream seed*2+1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "models" / "demo_vit")
     return p.parse_args(argv)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def model_kwargs(a) -> dict:
@@ -104,8 +122,9 @@ def eval_transform(model, img_size: int):
 _WORKER = {}
 
 
-def _init_worker(img_size: int, patch: int):
+def _init_worker(img_size: int, patch: int, radius_frac=RADIUS_FRAC):
     torch.set_num_threads(1)
+    _WORKER["radius_frac"] = tuple(radius_frac)
     m = timm.create_model(MODEL_NAME, pretrained=False, num_classes=len(CLASSES),
                           img_size=img_size, patch_size=patch, embed_dim=48, depth=1, num_heads=1)
     cfg, tf = eval_transform(m, img_size)
@@ -115,7 +134,7 @@ def _init_worker(img_size: int, patch: int):
 
 def _make(args):
     seed, idx = args
-    s = render_index(seed, idx, DEFAULT_SIZES)
+    s = render_index(seed, idx, DEFAULT_SIZES, radius_frac=_WORKER["radius_frac"])
     img = s.image
     mimg = Image.fromarray(s.mask.astype(np.uint8) * 255, "L")
     for t in _WORKER["geo"]:
@@ -129,9 +148,9 @@ def _make(args):
     return x, w.astype(np.float32), s.label
 
 
-def make_set(seed: int, n: int, img_size: int, patch: int, workers: int):
+def make_set(seed: int, n: int, img_size: int, patch: int, workers: int, radius_frac=RADIUS_FRAC):
     jobs = [(seed, i) for i in range(n)]
-    with mp.get_context("fork").Pool(workers, _init_worker, (img_size, patch)) as pool:
+    with mp.get_context("fork").Pool(workers, _init_worker, (img_size, patch, radius_frac)) as pool:
         out = pool.map(_make, jobs, chunksize=64)
     x = torch.from_numpy(np.stack([o[0] for o in out]))  # (n, S, S, 3) uint8
     w = torch.from_numpy(np.stack([o[1] for o in out]))  # (n, gh, gw) object weight per patch
@@ -206,6 +225,15 @@ def main(argv=None):
     train_seed, val_seed = 2 * a.seed + 1, 2 * a.seed + 2
 
     model = build_model(a, fused=True)
+    init_info = None
+    if a.init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(a.init)))
+        parent = json.loads(a.init.with_suffix(".json").read_text())
+        init_info = {"checkpoint": a.init.name, "sha256": _sha256(a.init), "parent": {
+            k: parent.get(k) for k in ("command", "init", "data", "epochs", "steps", "heldout_accuracy", "heldout_history")}}
+        print(f"initialised from {a.init} (held-out accuracy {parent.get('heldout_accuracy')})")
     cfg, tf = eval_transform(model, a.img_size)
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
@@ -214,16 +242,16 @@ def main(argv=None):
     print(f"data config {cfg}")
 
     # The cached uint8 + per-batch normalisation must equal timm's full eval transform.
-    _init_worker(a.img_size, a.patch_size)
+    _init_worker(a.img_size, a.patch_size, a.radius_frac)
     for i in range(4):
-        s = render_index(train_seed, i, DEFAULT_SIZES)
+        s = render_index(train_seed, i, DEFAULT_SIZES, radius_frac=a.radius_frac)
         ref = tf(s.image)
         ours = to_input(torch.from_numpy(_make((train_seed, i))[0].copy())[None], mean, std)[0]
         assert torch.allclose(ref, ours, atol=1e-6), "preprocessing differs from timm's eval transform"
 
     t0 = time.time()
-    xtr, wtr, ytr = make_set(train_seed, a.n_train, a.img_size, a.patch_size, a.threads)
-    xva, wva, yva = make_set(val_seed, a.n_val, a.img_size, a.patch_size, a.threads)
+    xtr, wtr, ytr = make_set(train_seed, a.n_train, a.img_size, a.patch_size, a.threads, a.radius_frac)
+    xva, wva, yva = make_set(val_seed, a.n_val, a.img_size, a.patch_size, a.threads, a.radius_frac)
     t_data = time.time() - t0
     print(f"generated {len(xtr)} train + {len(xva)} held-out images in {t_data:.1f}s; "
           f"train class counts {torch.bincount(ytr).tolist()}")
@@ -253,6 +281,7 @@ def main(argv=None):
 
     g = torch.Generator().manual_seed(a.seed)
     step = 0
+    history = []
     t0 = time.time()
     for ep in range(a.epochs):
         model.train()
@@ -300,6 +329,7 @@ def main(argv=None):
             acc = sum((model(to_input(xva[i:i + 500], mean, std)).argmax(1) == yva[i:i + 500]).sum().item()
                       for i in range(0, len(xva), 500)) / len(xva)
         msg += f" held-out acc {acc:.4f}"
+        history.append(round(acc, 4))
         print(msg, flush=True)
     t_train = time.time() - t0
 
@@ -337,6 +367,7 @@ def main(argv=None):
         "seed": a.seed,
         "data": {"generator": "pipeline.demo_data.render_index", "train_seed": train_seed,
                  "heldout_seed": val_seed, "sizes": [list(s) for s in DEFAULT_SIZES],
+                 "radius_frac": list(a.radius_frac),
                  "augmentation": "random 90-degree rotation (per batch) and horizontal flip (per image) of the model input"},
         "train_images": len(xtr),
         "heldout_images": len(xva),
@@ -353,6 +384,8 @@ def main(argv=None):
                                               "fraction); the probe is discarded, attention is "
                                               "not supervised")},
         "heldout_accuracy": metrics["accuracy"],
+        "heldout_history": history,
+        "init": init_info,
         "attention": {
             "definition": ("last block, head-mean softmax(q k^T * scale) row of CLS over patch tokens, "
                            "renormalised over patches; patch object weight = fraction of its pixels "
