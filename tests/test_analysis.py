@@ -311,17 +311,26 @@ def _model_input_mask(mask_path: Path, prep: Preprocess) -> np.ndarray:
     return rgb[..., 0] > 127
 
 
-def mask_on_object(ds, mask_root: Path, t: float = 0.6) -> np.ndarray:
+# The same maps put where a wrong grid order, flip or one-patch offset would put them.
+MISPLACED = {
+    "transposed": lambda m: m.transpose(0, 2, 1),
+    "flipped": lambda m: m[:, ::-1],
+    "shifted": lambda m: np.roll(m, 1, axis=2),
+}
+
+
+def mask_on_object(ds, mask_root: Path, t: float = 0.6, move=lambda m: m) -> np.ndarray:
     """Per image: the share of the last layer's head-mean mass-threshold mask that is object.
 
     Pixel level: the patch mask is expanded to its patches' pixels and intersected with the
     object mask put through the model's resize and crop ("intersection over the mask").
+    `move` rearranges the [image, gh, gw] maps first (see MISPLACED).
     """
     prep = Preprocess.from_dict(ds.attrs["preprocess"])
     h, w = prep.input_size
     gh, gw = ds.sizes["y"], ds.sizes["x"]
     cls = ds["cls_attention"].isel(layer=-1).values.astype(np.float64)  # [image, head, gh, gw]
-    masks = mass_threshold_mask(fuse_heads(cls, "mean", axis=1), t)  # [image, gh, gw]
+    masks = mass_threshold_mask(move(fuse_heads(cls, "mean", axis=1)), t)  # [image, gh, gw]
     out = []
     for i, rel in enumerate(ds["image_path"].values.tolist()):
         obj = _model_input_mask(mask_root / rel, prep)
@@ -344,7 +353,7 @@ def test_mask_overlap_measure_on_oracle_attention(tmp_path):
     spec = StoreSpec(n_images=12, batch_size=12, layers=(0,), num_heads=2, grid=grid, input_size=(64, 64),
                      num_tokens=65, topk=None, full_attention=False, rollout=False, overlays="none")
     scores = {}
-    wrong = {"transposed": share.transpose(0, 2, 1), "flipped": share[:, ::-1], "shifted": np.roll(share, 1, axis=2)}
+    wrong = {name: move(share) for name, move in MISPLACED.items()}
     for name, maps in (("oracle", share), *wrong.items()):
         path = tmp_path / f"{name}.zarr"
         create_store(path, spec, [it.name for it in items], {"preprocess": prep.to_dict()})
@@ -353,15 +362,21 @@ def test_mask_overlap_measure_on_oracle_attention(tmp_path):
         result.status[:] = STATUS_OK
         write_batch(path, result)
         scores[name] = mask_on_object(open_dataset(path), tmp_path / "shapes" / "masks").mean()
-    # ~0.8, not 1: boundary patches are partly background. The demo threshold, 0.5, separates
-    # the oracle from a transposed, flipped or one-patch-shifted map.
+    # ~0.9, not 1: boundary patches are partly background. A misplaced map still overlaps an
+    # object that spans 2-4 patches (~0.3-0.55), but clearly less than the right one.
     assert scores["oracle"] > 0.75, scores
-    assert all(scores[name] < 0.5 for name in wrong), scores
+    assert all(scores[name] < 0.7 * scores["oracle"] for name in wrong), scores
 
 
 def test_demo_last_layer_masks_lie_on_the_objects(demo_run):
-    on_object = mask_on_object(open_dataset(demo_run / "run.zarr"), demo_run / "shapes" / "masks")
-    assert on_object.mean() >= 0.5, on_object.mean()
+    """The 60% mass mask of the last layer is mostly object (objects cover ~12% of the input),
+    and more so than the same masks transposed, flipped or shifted by one patch."""
+    ds, masks = open_dataset(demo_run / "run.zarr"), demo_run / "shapes" / "masks"
+    on_object = mask_on_object(ds, masks).mean()
+    assert on_object >= 0.4, on_object
+    for name, move in MISPLACED.items():
+        misplaced = mask_on_object(ds, masks, move=move).mean()
+        assert on_object > 1.15 * misplaced, (name, on_object, misplaced)
 
 
 def test_stats_are_part_of_the_fingerprint(sharpened_run, capsys):
