@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
-	$(PY) -c "import pipeline, torch, timm, onnxruntime, zarr, dask, distributed, xarray"
+	$(PY) -c "import vit_attn, torch, timm, onnxruntime, zarr, dask, distributed, xarray"
 	touch $(STAMP)
 
 test: install
@@ -23,7 +23,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install
-	$(PY) -m pipeline.demo
+	$(VENV)/bin/vit-attn demo
 
 bench: install
 	$(PY) benchmarks/inference.py

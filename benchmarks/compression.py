@@ -6,8 +6,9 @@ Writes one batch (one shard) of each payload the store holds per image, with the
 layout (shard = the batch, one inner chunk per image), through every codec, and prints write
 MB/s, read MB/s and compression ratio (raw bytes / bytes on disk). MB/s count raw
 (uncompressed) bytes; reads come from the page cache, so they measure decoding, not the disk.
-The results and the choice of `pipeline.store`'s default codec are in docs/STORE.md.
+The results and the choice of `vit_attn.store`'s default codec are in docs/STORE.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,7 @@ def make_overlays(cls: np.ndarray, size: tuple[int, int] = (224, 224)) -> np.nda
     """uint8 [image, H, W, 3]: photographs (skimage.data, offline) blended with the head mean."""
     from PIL import Image
 
-    from pipeline.overlay import blend
+    from vit_attn.overlay import blend
 
     try:
         from skimage import data
@@ -119,8 +120,14 @@ def bench_one(path: Path, data: np.ndarray, compressors) -> tuple[float, float, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr = zarr.create_array(
-            str(path), shape=data.shape, dtype=data.dtype, chunks=chunks, shards=data.shape,
-            compressors=compressors, fill_value=0, overwrite=True,
+            str(path),
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            shards=data.shape,
+            compressors=compressors,
+            fill_value=0,
+            overwrite=True,
         )
     t0 = time.perf_counter()
     arr[:] = data
@@ -142,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="scratch folder (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
 
     attention = make_attention(args.images, args.heads)
@@ -172,9 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    header = "| codec | " + " | ".join(
-        f"{p} write MB/s | {p} read MB/s | {p} ratio" for p in payloads
-    ) + " | batch write MB/s | batch read MB/s | batch ratio |"
+    header = (
+        "| codec | "
+        + " | ".join(f"{p} write MB/s | {p} read MB/s | {p} ratio" for p in payloads)
+        + " | batch write MB/s | batch read MB/s | batch ratio |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for codec_name in variants:

@@ -20,12 +20,12 @@ Three sections, each printed as a Markdown table:
    on random float32 inputs already in host memory (outputs copied back to the host, as the
    pipeline needs them). One untimed warm-up pass, then --repeats timed passes of --images
    images; the median is shown. A cell that fails (e.g. out of GPU memory) says why.
-2. decode: decode + resize + crop + normalise (pipeline.data.load_batch, then normalize) of
+2. decode: decode + resize + crop + normalise (vit_attn.decode.load_batch, then normalize) of
    generated 640x480 JPEGs and 500x375 PNGs, with 1..N threads in one process and with 1..N
    local Dask worker processes; median images/s of --repeats passes over --decode-images
    images, images/s per core (how many cores feed the GPU), and how many of the machine's cores
    were busy meanwhile (ours and everyone else's).
-3. pipeline: `vit-attn run` (pipeline.job.prepare + pipeline.orchestrate.execute) on generated
+3. pipeline: `vit-attn run` (vit_attn.plan.prepare + vit_attn.orchestrate.execute) on generated
    500x375 JPEGs, one local worker with --decode-threads threads, the grid's model and largest
    batch, `mixed` on cuda; images/s from the first submission to the last write.
 
@@ -34,6 +34,7 @@ downloaded. `--quick` (meant for `--device cpu`) cuts the model to 2 blocks and 
 few images so the code path runs in about a minute; its numbers mean nothing. `main(argv)`
 returns everything as a dict (tests call it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +72,7 @@ def _log(msg: str) -> None:
 
 
 def output_spec(kind: str, depth: int):
-    from pipeline.specs import OutputSpec
+    from vit_attn.specs import OutputSpec
 
     last = (depth - 1,)
     if kind == "logits":
@@ -79,11 +81,18 @@ def output_spec(kind: str, depth: int):
         return OutputSpec(layers=last, logits=True, topk=0, cls_attention=True)
     if kind == "full":
         return OutputSpec(layers=last, logits=True, topk=0, cls_attention=True, attention=True)
-    return OutputSpec(layers=tuple(range(depth)), logits=True, topk=0, cls_attention=True, attention=True)
+    return OutputSpec(
+        layers=tuple(range(depth)), logits=True, topk=0, cls_attention=True, attention=True
+    )
 
 
-def _timed_passes(run: Callable[[np.ndarray], Any], images: np.ndarray, batch: int, repeats: int,
-                  sync: Callable[[], None]) -> dict[str, Any]:
+def _timed_passes(
+    run: Callable[[np.ndarray], Any],
+    images: np.ndarray,
+    batch: int,
+    repeats: int,
+    sync: Callable[[], None],
+) -> dict[str, Any]:
     def one_pass() -> None:
         for start in range(0, len(images), batch):
             run(images[start : start + batch])
@@ -105,9 +114,9 @@ def bench_inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Section 1: every (outputs, precision, backend, batch) cell on random host inputs."""
     import torch
 
-    from pipeline.export import AttentionGraph, export_onnx
-    from pipeline.model import ModelSource, load_model
-    from pipeline.runtime import OrtRunner, RuntimeOptions, TorchRunner
+    from vit_attn.export import AttentionGraph, export_onnx
+    from vit_attn.model import ModelSource, load_model
+    from vit_attn.runtime import OrtRunner, RuntimeOptions, TorchRunner
 
     source = ModelSource(args.model, seed=0, kwargs={"depth": args.depth} if args.depth else {})
     loaded = load_model(source)
@@ -115,8 +124,12 @@ def bench_inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     h, w = loaded.layout.input_size
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.images, 3, h, w), dtype=np.float32)
-    options = RuntimeOptions(device=args.device, threads=args.threads, tensorrt=args.tensorrt,
-                             trt_cache_dir=args.cache_dir / "trt")
+    options = RuntimeOptions(
+        device=args.device,
+        threads=args.threads,
+        tensorrt=args.tensorrt,
+        trt_cache_dir=args.cache_dir / "trt",
+    )
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     rows = []
     for kind in args.outputs:
@@ -127,20 +140,31 @@ def bench_inference(args: argparse.Namespace) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 path = export_onnx(loaded, spec, precision, args.cache_dir)
                 runners["ort"] = OrtRunner(path, options)
-                _log(f"  {kind}/{precision}: {path.name} ready in {time.perf_counter() - t0:.1f} s; "
-                     f"providers {runners['ort'].providers[:1]}")
+                _log(
+                    f"  {kind}/{precision}: {path.name} ready in {time.perf_counter() - t0:.1f} s; "
+                    f"providers {runners['ort'].providers[:1]}"
+                )
             if "torch" in args.backends and not (args.device == "cpu" and precision == "mixed"):
                 # TorchRunner autocasts to fp16 on CUDA only: torch `mixed` on the CPU would be fp32 again.
                 # A fresh model: the wrapper hooks the blocks it captures and moves the model to the device.
-                runners["torch"] = TorchRunner(AttentionGraph(load_model(source), spec), options, precision)
+                runners["torch"] = TorchRunner(
+                    AttentionGraph(load_model(source), spec), options, precision
+                )
             for backend, runner in runners.items():
                 for batch in args.batches:
-                    row = {"outputs": kind, "precision": precision, "backend": backend, "batch": batch}
+                    row = {
+                        "outputs": kind,
+                        "precision": precision,
+                        "backend": backend,
+                        "batch": batch,
+                    }
                     try:
                         row.update(_timed_passes(runner.run, images, batch, args.repeats, sync))
                         _log(f"    {backend} batch {batch}: {row['median']:.1f} img/s")
                     except Exception as exc:  # out of memory and the like: report, go on
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                        row["error"] = (
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                        )
                         _log(f"    {backend} batch {batch}: failed: {row['error']}")
                         if args.device == "cuda":
                             torch.cuda.empty_cache()
@@ -164,7 +188,11 @@ def make_images(folder: Path, n: int, size: tuple[int, int], ext: str) -> list[P
         path = folder / f"img_{i:05d}.{ext}"
         if not path.exists():
             fx, fy, phase = rng.uniform(0.005, 0.05), rng.uniform(0.005, 0.05), rng.uniform(0, 6.28)
-            base = np.sin(xx * fx + phase)[..., None] * np.cos(yy * fy)[..., None] * rng.uniform(40, 120, 3)
+            base = (
+                np.sin(xx * fx + phase)[..., None]
+                * np.cos(yy * fy)[..., None]
+                * rng.uniform(40, 120, 3)
+            )
             img = np.clip(base + 128 + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(path, **({"quality": 90} if ext == "jpg" else {}))
         paths.append(path)
@@ -172,7 +200,7 @@ def make_images(folder: Path, n: int, size: tuple[int, int], ext: str) -> list[P
 
 
 def _decode_chunk(paths: list[str], prep, threads: int, batch: int) -> int:
-    from pipeline.data import load_batch, normalize
+    from vit_attn.decode import load_batch, normalize
 
     done = 0
     for start in range(0, len(paths), batch):
@@ -184,7 +212,7 @@ def _decode_chunk(paths: list[str], prep, threads: int, batch: int) -> int:
 
 def bench_decode(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Section 2: decode + preprocess throughput, threads in one process vs Dask worker processes."""
-    from pipeline.data import Preprocess
+    from vit_attn.decode import Preprocess
 
     prep = Preprocess(input_size=(224, 224))
     sets = {
@@ -196,9 +224,21 @@ def bench_decode(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         paths = [str(p) for p in files]
         _decode_chunk(paths[: args.decode_batch], prep, 1, args.decode_batch)  # warm the page cache
         for threads in args.decode_threads:
-            row = _measure(lambda: _decode_chunk(paths, prep, threads, args.decode_batch), args.repeats)
-            rows.append({"images": name, "mode": f"{threads} thread(s), 1 process", "cores": threads, **row,
-                         "per_core": row["images_per_s"] / threads})
+            row = _measure(
+                lambda paths=paths, threads=threads: _decode_chunk(
+                    paths, prep, threads, args.decode_batch
+                ),
+                args.repeats,
+            )
+            rows.append(
+                {
+                    "images": name,
+                    "mode": f"{threads} thread(s), 1 process",
+                    "cores": threads,
+                    **row,
+                    "per_core": row["images_per_s"] / threads,
+                }
+            )
             _log(f"  decode {name}, {threads} thread(s): {row['images_per_s']:.1f} img/s")
     if args.decode_workers:
         rows += _bench_decode_dask(args, sets, prep)
@@ -222,34 +262,69 @@ def _measure(count: Callable[[], int], repeats: int) -> dict[str, Any]:
         ips.append(n / (time.perf_counter() - t0))
         busy.append(_machine_busy(snap, cpu_snapshot()))
     known = [b for b in busy if b is not None]
-    return {"images_per_s": statistics.median(ips), "runs": ips,
-            "machine_busy_cores": statistics.median(known) if known else None}
+    return {
+        "images_per_s": statistics.median(ips),
+        "runs": ips,
+        "machine_busy_cores": statistics.median(known) if known else None,
+    }
 
 
-def _bench_decode_dask(args: argparse.Namespace, sets: dict[str, list[Path]], prep) -> list[dict[str, Any]]:
+def _bench_decode_dask(
+    args: argparse.Namespace, sets: dict[str, list[Path]], prep
+) -> list[dict[str, Any]]:
     import dask
     from distributed import Client, LocalCluster, wait
 
-    from pipeline.orchestrate import WORKER_ENV
+    from vit_attn.orchestrate import WORKER_ENV
 
     rows = []
     for workers in args.decode_workers:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENV)}), \
-                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
-                Client(lc) as client:
+        with (
+            dask.config.set({"distributed.nanny.pre-spawn-environ": dict(WORKER_ENV)}),
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as lc,
+            Client(lc) as client,
+        ):
             client.wait_for_workers(workers)
             for name, files in sets.items():
                 paths = [str(p) for p in files]
-                chunks = [paths[i : i + args.decode_batch] for i in range(0, len(paths), args.decode_batch)]
-                wait(client.map(_decode_chunk, chunks[:workers], prep=prep, threads=1, batch=args.decode_batch, pure=False))
+                chunks = [
+                    paths[i : i + args.decode_batch]
+                    for i in range(0, len(paths), args.decode_batch)
+                ]
+                wait(
+                    client.map(
+                        _decode_chunk,
+                        chunks[:workers],
+                        prep=prep,
+                        threads=1,
+                        batch=args.decode_batch,
+                        pure=False,
+                    )
+                )
 
-                def run_all() -> int:
-                    futures = client.map(_decode_chunk, chunks, prep=prep, threads=1, batch=args.decode_batch, pure=False)
+                def run_all(chunks: list = chunks) -> int:
+                    futures = client.map(
+                        _decode_chunk,
+                        chunks,
+                        prep=prep,
+                        threads=1,
+                        batch=args.decode_batch,
+                        pure=False,
+                    )
                     return sum(client.gather(futures))
 
                 row = _measure(run_all, args.repeats)
-                rows.append({"images": name, "mode": f"{workers} Dask worker(s) x 1 thread", "cores": workers, **row,
-                             "per_core": row["images_per_s"] / workers})
+                rows.append(
+                    {
+                        "images": name,
+                        "mode": f"{workers} Dask worker(s) x 1 thread",
+                        "cores": workers,
+                        **row,
+                        "per_core": row["images_per_s"] / workers,
+                    }
+                )
                 _log(f"  decode {name}, {workers} Dask worker(s): {row['images_per_s']:.1f} img/s")
     return rows
 
@@ -258,19 +333,29 @@ def bench_pipeline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Section 3: a whole `vit-attn run` (export cached beforehand, store written from scratch)."""
     import yaml
 
-    from pipeline.config import load_config
-    from pipeline.job import prepare
-    from pipeline.orchestrate import execute
+    from vit_attn.config import load_config
+    from vit_attn.orchestrate import execute
+    from vit_attn.plan import prepare
 
     images = make_images(work / "pipeline_jpg", args.pipeline_images, (500, 375), "jpg")
     batch = max(args.batches)
     precision = "mixed" if args.device == "cuda" else "fp32"
     cfg = {
-        "model": {"name": args.model, "seed": 0, **({"kwargs": {"depth": args.depth}} if args.depth else {})},
+        "model": {
+            "name": args.model,
+            "seed": 0,
+            **({"kwargs": {"depth": args.depth}} if args.depth else {}),
+        },
         "data": {"source": str(images[0].parent), "decode_threads": args.pipeline_decode_threads},
         "attention": {"layers": [-1]},
-        "inference": {"device": args.device, "precision": precision, "batch_size": batch,
-                      "threads": args.threads, "cache_dir": str(args.cache_dir), "tensorrt": args.tensorrt},
+        "inference": {
+            "device": args.device,
+            "precision": precision,
+            "batch_size": batch,
+            "threads": args.threads,
+            "cache_dir": str(args.cache_dir),
+            "tensorrt": args.tensorrt,
+        },
         "output": {"store": str(work / "pipeline.zarr"), "overlays": "mean"},
         "cluster": {"kind": "local", "n_workers": 1},
     }
@@ -282,9 +367,14 @@ def bench_pipeline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     prepare_s = time.perf_counter() - t0
     summary = execute(prepared.plan, prepared.tasks, config.cluster, progress=False)
     result = {
-        "images": len(images), "batch": batch, "precision": precision,
-        "decode_threads": args.pipeline_decode_threads, "images_per_s": summary.images_per_second,
-        "seconds": summary.seconds, "prepare_s": prepare_s, "stage_seconds": summary.stage_seconds,
+        "images": len(images),
+        "batch": batch,
+        "precision": precision,
+        "decode_threads": args.pipeline_decode_threads,
+        "images_per_s": summary.images_per_second,
+        "seconds": summary.seconds,
+        "prepare_s": prepare_s,
+        "stage_seconds": summary.stage_seconds,
         "failed_batches": summary.failed_batches,
     }
     _log(f"  pipeline: {summary.images_per_second:.1f} img/s over {summary.seconds:.1f} s")
@@ -293,60 +383,145 @@ def bench_pipeline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def inference_table(rows: list[dict[str, Any]]) -> str:
     batches = sorted({r["batch"] for r in rows})
-    lines = ["| outputs | precision | backend | " + " | ".join(f"batch {b}" for b in batches) + " |",
-             "|---|---|---|" + "---|" * len(batches)]
+    lines = [
+        "| outputs | precision | backend | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|---|---|" + "---|" * len(batches),
+    ]
     keys = list(dict.fromkeys((r["outputs"], r["precision"], r["backend"]) for r in rows))
     for key in keys:
         cells = []
         for b in batches:
-            r = next((r for r in rows if (r["outputs"], r["precision"], r["backend"]) == key and r["batch"] == b), None)
+            r = next(
+                (
+                    r
+                    for r in rows
+                    if (r["outputs"], r["precision"], r["backend"]) == key and r["batch"] == b
+                ),
+                None,
+            )
             if r is None:
                 cells.append("")
             elif "error" in r:
                 cells.append("failed")
             else:
                 ips = r["images_per_s"]
-                cells.append(f"{r['median']:.1f}" + (f" ({min(ips):.1f}-{max(ips):.1f})" if len(ips) > 1 else ""))
+                cells.append(
+                    f"{r['median']:.1f}"
+                    + (f" ({min(ips):.1f}-{max(ips):.1f})" if len(ips) > 1 else "")
+                )
         kind, precision, backend = key
-        lines.append(f"| {kind}: {OUTPUTS[kind]} | {precision} | {BACKENDS[backend]} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {kind}: {OUTPUTS[kind]} | {precision} | {BACKENDS[backend]} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def decode_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| images | mode | img/s (median) | img/s per core | machine cores busy |", "|---|---|---|---|---|"]
+    lines = [
+        "| images | mode | img/s (median) | img/s per core | machine cores busy |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         busy = "?" if r["machine_busy_cores"] is None else f"{r['machine_busy_cores']:.2f}"
         runs = f" ({min(r['runs']):.1f}-{max(r['runs']):.1f})" if len(r["runs"]) > 1 else ""
-        lines.append(f"| {r['images']} | {r['mode']} | {r['images_per_s']:.1f}{runs} | {r['per_core']:.1f} | {busy} |")
+        lines.append(
+            f"| {r['images']} | {r['mode']} | {r['images_per_s']:.1f}{runs} | {r['per_core']:.1f} | {busy} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from pipeline.export import default_cache_dir
-    from pipeline.runtime import available_threads
+    from vit_attn.export import default_cache_dir
+    from vit_attn.runtime import available_threads
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--model", default=None, help="timm ViT (default vit_base_patch16_224; --quick: vit_tiny_patch16_224)")
-    ap.add_argument("--depth", type=int, default=None, help="cut the model to this many blocks (--quick: 2)")
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 64 128 256; --quick: 2 4)")
-    ap.add_argument("--images", type=int, default=None, help="images per timed pass (default 1024; --quick: 8)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed passes per cell (default 3; --quick: 1)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="timm ViT (default vit_base_patch16_224; --quick: vit_tiny_patch16_224)",
+    )
+    ap.add_argument(
+        "--depth", type=int, default=None, help="cut the model to this many blocks (--quick: 2)"
+    )
+    ap.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default 64 128 256; --quick: 2 4)",
+    )
+    ap.add_argument(
+        "--images", type=int, default=None, help="images per timed pass (default 1024; --quick: 8)"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="timed passes per cell (default 3; --quick: 1)"
+    )
     ap.add_argument("--outputs", nargs="+", choices=list(OUTPUTS), default=list(OUTPUTS))
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
-    ap.add_argument("--tensorrt", action="store_true", help="onnxruntime's TensorRT EP first (engines cached)")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads for onnxruntime/torch (default: all cores)")
-    ap.add_argument("--decode-images", type=int, default=None, help="images per decode measurement (default 256; --quick: 16)")
+    ap.add_argument(
+        "--tensorrt", action="store_true", help="onnxruntime's TensorRT EP first (engines cached)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for onnxruntime/torch (default: all cores)",
+    )
+    ap.add_argument(
+        "--decode-images",
+        type=int,
+        default=None,
+        help="images per decode measurement (default 256; --quick: 16)",
+    )
     ap.add_argument("--decode-batch", type=int, default=32)
-    ap.add_argument("--decode-threads", type=int, nargs="*", default=None, help="thread counts (default 1 2 4 .. cores)")
-    ap.add_argument("--decode-workers", type=int, nargs="*", default=None, help="Dask worker counts (default 1 2)")
-    ap.add_argument("--pipeline-images", type=int, default=None, help="images of the end-to-end run (default 2048; --quick: 12)")
-    ap.add_argument("--pipeline-decode-threads", type=int, default=None, help="decode threads of its worker (default: cores)")
+    ap.add_argument(
+        "--decode-threads",
+        type=int,
+        nargs="*",
+        default=None,
+        help="thread counts (default 1 2 4 .. cores)",
+    )
+    ap.add_argument(
+        "--decode-workers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="Dask worker counts (default 1 2)",
+    )
+    ap.add_argument(
+        "--pipeline-images",
+        type=int,
+        default=None,
+        help="images of the end-to-end run (default 2048; --quick: 12)",
+    )
+    ap.add_argument(
+        "--pipeline-decode-threads",
+        type=int,
+        default=None,
+        help="decode threads of its worker (default: cores)",
+    )
     ap.add_argument("--skip", nargs="*", choices=("inference", "decode", "pipeline"), default=[])
-    ap.add_argument("--cache-dir", type=Path, default=None, help="export cache (default $VIT_ATTN_CACHE or ~/.cache/vit-attn)")
-    ap.add_argument("--workdir", type=Path, default=None, help="generated images and stores (default: a temp folder)")
-    ap.add_argument("--quick", action="store_true", help="smoke run with a 2-block vit_tiny and a few images")
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="export cache (default $VIT_ATTN_CACHE or ~/.cache/vit-attn)",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="generated images and stores (default: a temp folder)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run with a 2-block vit_tiny and a few images"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     q = args.quick
@@ -379,9 +554,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     env = environment(args.device)
     if args.device == "cuda" and "gpu" not in env:
-        raise SystemExit("--device cuda but torch sees no CUDA device; use --device cpu for a CPU smoke run")
-    _log(f"{args.model}{f' (depth {args.depth})' if args.depth else ''} on {args.device} "
-         f"({env.get('gpu', env['cpu'])}), batches {args.batches}; loadavg {loadavg()}")
+        raise SystemExit(
+            "--device cuda but torch sees no CUDA device; use --device cpu for a CPU smoke run"
+        )
+    _log(
+        f"{args.model}{f' (depth {args.depth})' if args.depth else ''} on {args.device} "
+        f"({env.get('gpu', env['cpu'])}), batches {args.batches}; loadavg {loadavg()}"
+    )
     report: dict[str, Any] = {
         "command": "python benchmarks/gpu.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "environment": env,
@@ -405,8 +584,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print()
     if report.get("inference"):
-        print(f"## Inference, {args.model} at 224 px, {args.device} ({env.get('gpu', env['cpu'])}), images/s, "
-              f"median of {args.repeats} pass(es) of {args.images} images\n")
+        print(
+            f"## Inference, {args.model} at 224 px, {args.device} ({env.get('gpu', env['cpu'])}), images/s, "
+            f"median of {args.repeats} pass(es) of {args.images} images\n"
+        )
         print(inference_table(report["inference"]) + "\n")
     if report.get("decode"):
         print("## Decode + preprocess to 224 px (load_batch + normalize)\n")
@@ -414,11 +595,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if report.get("pipeline"):
         p = report["pipeline"]
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in p["stage_seconds"].items())
-        print(f"## Pipeline end to end: {p['images_per_s']:.1f} img/s ({p['images']} JPEGs 500x375, batch {p['batch']}, "
-              f"{p['precision']}, 1 local worker with {p['decode_threads']} decode threads; worker time: {stages})\n")
-    print(f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpu']}, nproc {env['nproc']}; "
-          f"loadavg before {report['loadavg_before']}, after {report['loadavg_after']}"
-          + ("  [--quick: smoke run, numbers not meaningful]" if args.quick else ""))
+        print(
+            f"## Pipeline end to end: {p['images_per_s']:.1f} img/s ({p['images']} JPEGs 500x375, batch {p['batch']}, "
+            f"{p['precision']}, 1 local worker with {p['decode_threads']} decode threads; worker time: {stages})\n"
+        )
+    print(
+        f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpu']}, nproc {env['nproc']}; "
+        f"loadavg before {report['loadavg_before']}, after {report['loadavg_after']}"
+        + ("  [--quick: smoke run, numbers not meaningful]" if args.quick else "")
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str))

@@ -16,8 +16,8 @@ For each model (224 px, random init with seed 0) it times four ways of getting t
   (c) as (b), plus the full last-layer ``attention`` matrices;
   (d) as (b), logits only (the cost of the model alone, the floor for (b)).
 
-(b)-(d) use ``pipeline.export.export_onnx`` (cached on disk; export time is reported but never
-timed) and ``pipeline.runtime.OrtRunner`` with ``--threads`` intra-op threads. Each variant
+(b)-(d) use ``vit_attn.export.export_onnx`` (cached on disk; export time is reported but never
+timed) and ``vit_attn.runtime.OrtRunner`` with ``--threads`` intra-op threads. Each variant
 gets one untimed warm-up batch (for (a): as many images, one at a time). The variants are
 interleaved across repeats (a b c d a b c d ...) so machine noise hits all of them alike; one
 repeat is one pass over all ``--images`` images, and the table shows the median images/s
@@ -28,6 +28,7 @@ decoding and preprocessing are not part of any variant.
 exports take seconds): it checks the code path, its numbers mean nothing. ``main(argv)``
 returns the results as a dict, so tests can call it. The results are in docs/PERFORMANCE.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,14 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make `pipeline` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: make `vit_attn` importable from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
 
 VARIANTS: dict[str, str] = {
     "a": "PyTorch per-image loop, last-layer attention (DINO visualize_attention)",
@@ -128,7 +130,7 @@ class TorchPerImage:
     def __init__(self, loaded, device: str) -> None:
         import torch
 
-        from pipeline.model import attention_modules
+        from vit_attn.model import attention_modules
 
         self.torch = torch
         self.device = torch.device(device)
@@ -137,7 +139,9 @@ class TorchPerImage:
         self._captured: list = []
         last = attention_modules(self.model)[-1]
         # attn_drop is the identity in eval mode: its input is the softmax probabilities.
-        self._handle = last.attn_drop.register_forward_hook(lambda mod, args, out: self._captured.append(args[0]))
+        self._handle = last.attn_drop.register_forward_hook(
+            lambda mod, args, out: self._captured.append(args[0])
+        )
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """CLS-row maps [N, heads, gh, gw] for the images, one forward each."""
@@ -171,9 +175,9 @@ def _ort_pass(runner, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
 def bench_model(name: str, args: argparse.Namespace, images: np.ndarray) -> dict[str, Any]:
     import torch
 
-    from pipeline.export import OutputSpec, export_onnx
-    from pipeline.model import ModelSource, load_model
-    from pipeline.runtime import OrtRunner, RuntimeOptions
+    from vit_attn.export import OutputSpec, export_onnx
+    from vit_attn.model import ModelSource, load_model
+    from vit_attn.runtime import OrtRunner, RuntimeOptions
 
     kwargs = {"depth": args.depth} if args.depth else {}
     source = ModelSource(name, seed=0, kwargs=kwargs)
@@ -195,7 +199,10 @@ def bench_model(name: str, args: argparse.Namespace, images: np.ndarray) -> dict
         path = export_onnx(exported, spec, "fp32", args.cache_dir)
         export_s[key] = round(time.perf_counter() - t0, 2)
         runners[key] = OrtRunner(path, options)
-        _log(f"  {name} ({key}): {path.name} exported or found in {export_s[key]:.1f} s; providers {runners[key].providers[:1]}")
+        _log(
+            f"  {name} ({key}): {path.name} exported or found in {export_s[key]:.1f} s; "
+            f"providers {runners[key].providers[:1]}"
+        )
     del exported
 
     torch_runner = TorchPerImage(load_model(source), args.device)
@@ -214,7 +221,9 @@ def bench_model(name: str, args: argparse.Namespace, images: np.ndarray) -> dict
     passes["c"](warm)
     passes["d"](warm)
     if max_diff > 1e-3:
-        raise RuntimeError(f"{name}: (a) and (b) disagree on the CLS maps (max |diff| {max_diff:.2e})")
+        raise RuntimeError(
+            f"{name}: (a) and (b) disagree on the CLS maps (max |diff| {max_diff:.2e})"
+        )
 
     times: dict[str, list[float]] = {k: [] for k in passes}
     others: dict[str, list[float | None]] = {k: [] for k in passes}
@@ -280,20 +289,54 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from pipeline.export import default_cache_dir
-    from pipeline.runtime import available_threads
+    from vit_attn.export import default_cache_dir
+    from vit_attn.runtime import available_threads
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm ViT names (224 px)")
-    ap.add_argument("--images", type=int, default=None, help="images per pass (default 256; --quick: 8)")
-    ap.add_argument("--batch", type=int, default=None, help="onnxruntime batch size (default 32; --quick: 4)")
-    ap.add_argument("--threads", type=int, default=None, help="torch and onnxruntime intra-op threads (default: all cores)")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved passes per variant (default 3; --quick: 1)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--models", nargs="+", default=list(DEFAULT_MODELS), help="timm ViT names (224 px)"
+    )
+    ap.add_argument(
+        "--images", type=int, default=None, help="images per pass (default 256; --quick: 8)"
+    )
+    ap.add_argument(
+        "--batch", type=int, default=None, help="onnxruntime batch size (default 32; --quick: 4)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch and onnxruntime intra-op threads (default: all cores)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved passes per variant (default 3; --quick: 1)",
+    )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--cache-dir", type=Path, default=None, help="export cache (default: $VIT_ATTN_CACHE or ~/.cache/vit-attn)")
-    ap.add_argument("--depth", type=int, default=None, help="override the models' block count (default: as built; --quick: 2)")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 60 s on 2 cores); numbers are not meaningful")
-    ap.add_argument("--json", type=Path, default=None, help="write all results and the environment to this file")
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="export cache (default: $VIT_ATTN_CACHE or ~/.cache/vit-attn)",
+    )
+    ap.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="override the models' block count (default: as built; --quick: 2)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke run (< 60 s on 2 cores); numbers are not meaningful",
+    )
+    ap.add_argument(
+        "--json", type=Path, default=None, help="write all results and the environment to this file"
+    )
     args = ap.parse_args(argv)
     quick = args.quick
     args.images = args.images or (8 if quick else 256)
@@ -340,7 +383,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + (f", models cut to {args.depth} blocks" if args.depth else "")
         + (" [--quick: smoke run, numbers not meaningful]" if args.quick else "")
     )
-    print("export + session (s; a cache hit costs only hashing the weights): " + "; ".join(f"{r['model']} {r['export_s']}" for r in results))
+    print(
+        "export + session (s; a cache hit costs only hashing the weights): "
+        + "; ".join(f"{r['model']} {r['export_s']}" for r in results)
+    )
     busy = [o for r in results for v in r["others_cores"].values() for o in v if o is not None]
     if busy:
         print(
@@ -348,7 +394,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"(max {max(busy):.2f} of {env['nproc']})"
         )
     print(f"loadavg before: {load_before}; after: {load_after}")
-    print(f"{env['cpu']}, nproc {env['nproc']}; torch {env['torch']}, onnxruntime {env['onnxruntime']}, timm {env['timm']}")
+    print(
+        f"{env['cpu']}, nproc {env['nproc']}; torch {env['torch']}, "
+        f"onnxruntime {env['onnxruntime']}, timm {env['timm']}"
+    )
 
     report = {
         "command": command,

@@ -11,6 +11,7 @@ MALLOC_TRIM_THRESHOLD_; `--memory` compares the peak memory of processing N and 
     python benchmarks/pipeline.py --memory-only  # the peak-memory check alone (~3 min)
     python benchmarks/pipeline.py --quick        # smoke run, < 1 min
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,13 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "pipeline"))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import list_images, load_batch, normalize  # noqa: E402
-from pipeline.job import prepare  # noqa: E402
-from pipeline.runtime import OrtRunner, RuntimeOptions  # noqa: E402
+from vit_attn.config import load_config  # noqa: E402
+from vit_attn.decode import load_batch, normalize  # noqa: E402
+from vit_attn.plan import prepare  # noqa: E402
+from vit_attn.runtime import OrtRunner, RuntimeOptions  # noqa: E402
+from vit_attn.sources import list_images  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int] = (500, 375)) -> Path:
@@ -48,13 +50,19 @@ def make_images(folder: Path, n: int, size: tuple[int, int] = (500, 375)) -> Pat
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for i in range(existing, n):
         fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6.28)]
-        base = np.sin(xx * fx + phase)[..., None] * np.cos(yy * fy)[..., None] * rng.uniform(40, 120, 3)
+        base = (
+            np.sin(xx * fx + phase)[..., None]
+            * np.cos(yy * fy)[..., None]
+            * rng.uniform(40, 120, 3)
+        )
         img = np.clip(base + 128 + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(folder / f"img_{i:06d}.jpg", quality=90)
     return folder
 
 
-def write_config(folder: Path, images: Path, model: str, batch: int, cluster: dict, threads: int, cache: Path) -> Path:
+def write_config(
+    folder: Path, images: Path, model: str, batch: int, cluster: dict, threads: int, cache: Path
+) -> Path:
     cfg = {
         "model": {"name": model, "seed": 0},
         "data": {"source": str(images)},
@@ -78,7 +86,10 @@ def bare_session(config: Path, n_batches_max: int) -> float:
     bs = cfg.inference.batch_size
     batches = []
     for start in range(0, min(len(images.paths), bs * n_batches_max), bs):
-        u8, _ = load_batch([images.absolute(i) for i in range(start, min(start + bs, len(images.paths)))], plan.preprocess)
+        u8, _ = load_batch(
+            [images.absolute(i) for i in range(start, min(start + bs, len(images.paths)))],
+            plan.preprocess,
+        )
         batches.append(normalize(u8, plan.preprocess))
     runner.run(batches[0])  # warm-up
     t = time.perf_counter()
@@ -94,7 +105,7 @@ def pipeline_run(config: Path, extra_env: dict[str, str] | None = None) -> dict[
     store = yaml.safe_load(config.read_text())["output"]["store"]
     shutil.rmtree(store, ignore_errors=True)
     env = {**os.environ, **(extra_env or {})}
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress"]
+    cmd = [sys.executable, "-m", "vit_attn.cli", "run", str(config), "--no-progress"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -104,19 +115,34 @@ def pipeline_run(config: Path, extra_env: dict[str, str] | None = None) -> dict[
     m = re.search(r"done: (\d+) ok, (\d+) failed, ([\d.]+) img/s over ([\d.]+)s", proc.stderr)
     assert m, proc.stderr
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"img_s": float(m.group(3)), "seconds": float(m.group(4)), "wall": wall, "maxrss_mb": max(maxrss, before) / 1024}
+    return {
+        "img_s": float(m.group(3)),
+        "seconds": float(m.group(4)),
+        "wall": wall,
+        "maxrss_mb": max(maxrss, before) / 1024,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="vit_small_patch16_224")
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vit-attn-bench")
     p.add_argument("--quick", action="store_true", help="vit_tiny, 64 images: a smoke run")
-    p.add_argument("--memory", action="store_true", help="also compare peak memory at N and 10N images (vit_tiny)")
-    p.add_argument("--malloc-trim", action="store_true", help="also run workers with the nanny's MALLOC_TRIM_THRESHOLD_")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also compare peak memory at N and 10N images (vit_tiny)",
+    )
+    p.add_argument(
+        "--malloc-trim",
+        action="store_true",
+        help="also run workers with the nanny's MALLOC_TRIM_THRESHOLD_",
+    )
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory check")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -136,29 +162,54 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {
         "in-process, 1 batch at a time": ({"kind": "none", "batches_per_worker": 1}, cores, None),
         "in-process, 2 batches (default)": ({"kind": "none"}, cores, None),
-        "local 1 worker, 1 batch at a time": ({"kind": "local", "n_workers": 1, "batches_per_worker": 1}, cores, None),
+        "local 1 worker, 1 batch at a time": (
+            {"kind": "local", "n_workers": 1, "batches_per_worker": 1},
+            cores,
+            None,
+        ),
         "local 1 worker, 2 batches (default)": ({"kind": "local", "n_workers": 1}, cores, None),
         f"local {cores} workers x 1 ORT thread, 1 batch each": (
-            {"kind": "local", "n_workers": cores, "batches_per_worker": 1}, 1, None),
+            {"kind": "local", "n_workers": cores, "batches_per_worker": 1},
+            1,
+            None,
+        ),
     }
     if args.malloc_trim:
         variants[f"local {cores} workers x 1 ORT thread, nanny MALLOC_TRIM_THRESHOLD_=65536"] = (
-            {"kind": "local", "n_workers": cores, "batches_per_worker": 1, "worker_env": {"MALLOC_TRIM_THRESHOLD_": "65536"}}, 1, None)
+            {
+                "kind": "local",
+                "n_workers": cores,
+                "batches_per_worker": 1,
+                "worker_env": {"MALLOC_TRIM_THRESHOLD_": "65536"},
+            },
+            1,
+            None,
+        )
     results: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     bare: list[float] = []
     configs = {}
     for i, (name, (cluster, threads, _)) in enumerate(variants.items()):
         folder = work / f"variant{i}"
         folder.mkdir(parents=True, exist_ok=True)
-        configs[name] = write_config(folder, images, args.model, args.batch, cluster, threads, cache)
+        configs[name] = write_config(
+            folder, images, args.model, args.batch, cluster, threads, cache
+        )
     for _ in range(args.repeats):
-        bare.append(bare_session(configs[next(iter(configs))], n_batches_max=max(4, args.images // args.batch // 2)))
+        bare.append(
+            bare_session(
+                configs[next(iter(configs))], n_batches_max=max(4, args.images // args.batch // 2)
+            )
+        )
         for name, (_, _, env) in variants.items():
             results[name].append(pipeline_run(configs[name], env))
     bare_img_s = statistics.median(bare)
-    print(f"\n{args.model}, {args.images} JPEG images 500x375, batch {args.batch}, {cores} cores, "
-          f"load before/after: {open('/proc/loadavg').read().split()[:3]}")
-    print("| variant | img/s (processing) | wall s (incl. start-up, export cached) | vs bare session |")
+    print(
+        f"\n{args.model}, {args.images} JPEG images 500x375, batch {args.batch}, {cores} cores, "
+        f"load before/after: {open('/proc/loadavg').read().split()[:3]}"
+    )
+    print(
+        "| variant | img/s (processing) | wall s (incl. start-up, export cached) | vs bare session |"
+    )
     print("|---|---|---|---|")
     print(f"| bare onnxruntime session, pre-decoded batches | {bare_img_s:.1f} | | 1.00 |")
     table = {"bare": bare_img_s}
@@ -167,8 +218,13 @@ def main(argv: list[str] | None = None) -> dict:
         wall = statistics.median(r["wall"] for r in runs)
         table[name] = img_s
         print(f"| {name} | {img_s:.1f} | {wall:.1f} | {img_s / bare_img_s:.2f} |")
-    out = {"model": args.model, "images": args.images, "table": table, "bare_runs": bare,
-           "runs": {name: [r["img_s"] for r in runs] for name, runs in results.items()}}
+    out = {
+        "model": args.model,
+        "images": args.images,
+        "table": table,
+        "bare_runs": bare,
+        "runs": {name: [r["img_s"] for r in runs] for name, runs in results.items()},
+    }
     if args.memory:
         out["memory"] = memory_check(work, cache)
     if args.json:
@@ -178,9 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 _PEAK_CODE = """
 import sys
-from pipeline.config import load_config
-from pipeline.job import prepare
-from pipeline.orchestrate import execute
+from vit_attn.config import load_config
+from vit_attn.plan import prepare
+from vit_attn.orchestrate import execute
 
 def hwm_mb():
     for line in open("/proc/self/status"):
@@ -208,15 +264,24 @@ def memory_check(work: Path, cache: Path, small: int = 128) -> dict[str, dict[st
         images = make_images(work / f"images_{n}", n)
         folder = work / f"mem{n}"
         folder.mkdir(parents=True, exist_ok=True)
-        config = write_config(folder, images, "vit_tiny_patch16_224", 32, {"kind": "none"}, 0, cache)
+        config = write_config(
+            folder, images, "vit_tiny_patch16_224", 32, {"kind": "none"}, 0, cache
+        )
         shutil.rmtree(folder / "run.zarr", ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-c", _PEAK_CODE, str(config)], cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK_CODE, str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         m = re.search(r"PEAK ([\d.]+) ([\d.]+)", proc.stdout)
         if proc.returncode != 0 or not m:
             raise SystemExit(f"memory run failed:\n{proc.stderr}")
         peaks[str(n)] = {"planning_mb": float(m.group(1)), "processing_mb": float(m.group(2))}
-        print(f"peak RSS, in-process, vit_tiny, {n} images: planning {peaks[str(n)]['planning_mb']:.0f} MB, "
-              f"processing {peaks[str(n)]['processing_mb']:.0f} MB")
+        print(
+            f"peak RSS, in-process, vit_tiny, {n} images: planning {peaks[str(n)]['planning_mb']:.0f} MB, "
+            f"processing {peaks[str(n)]['processing_mb']:.0f} MB"
+        )
     return peaks
 
 

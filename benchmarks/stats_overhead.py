@@ -9,7 +9,7 @@ Two graphs of the same model (224 px, random init with seed 0), exported as a ru
 them (`job.output_spec`: top-5 classes, no logits), for the same stored layers:
 
   base:  cls_attention of the layers;
-  stats: the same plus every statistic of `pipeline.stats` for those layers
+  stats: the same plus every statistic of `vit_attn.stats` for those layers
          (`attention.stats: true`).
 
 Each runs in onnxruntime with ``--threads`` intra-op threads, ``--batch`` images per run, on
@@ -21,6 +21,7 @@ and the overhead ``1 - stats/base`` of the medians and of each adjacent pair.
 ``--quick`` is a smoke run (2 blocks, 8 images, batch 4, 2 repeats): its numbers mean nothing.
 Results are in docs/PERFORMANCE.md, section "Statistics overhead (issue 5)".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make `pipeline` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: make `vit_attn` importable from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from inference import loadavg  # noqa: E402  (benchmarks/inference.py)
@@ -48,16 +49,29 @@ def _log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from pipeline.export import default_cache_dir
-    from pipeline.runtime import available_threads
+    from vit_attn.export import default_cache_dir
+    from vit_attn.runtime import available_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vit_small_patch16_224")
-    ap.add_argument("--images", type=int, default=None, help="images per pass (default 128; --quick: 8)")
-    ap.add_argument("--batch", type=int, default=None, help="images per session.run (default 32; --quick: 4)")
-    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
-    ap.add_argument("--repeats", type=int, default=None, help="passes per graph (default 6; --quick: 2)")
-    ap.add_argument("--layers", choices=("all", "last"), default="all", help="stored layers (default all)")
+    ap.add_argument(
+        "--images", type=int, default=None, help="images per pass (default 128; --quick: 8)"
+    )
+    ap.add_argument(
+        "--batch", type=int, default=None, help="images per session.run (default 32; --quick: 4)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime intra-op threads (default: all cores)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="passes per graph (default 6; --quick: 2)"
+    )
+    ap.add_argument(
+        "--layers", choices=("all", "last"), default="all", help="stored layers (default all)"
+    )
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="smoke run; numbers are not meaningful")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -71,10 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from pipeline.export import export_onnx
-    from pipeline.model import ModelSource, load_model
-    from pipeline.runtime import OrtRunner, RuntimeOptions
-    from pipeline.specs import OutputSpec
+    from vit_attn.export import export_onnx
+    from vit_attn.model import ModelSource, load_model
+    from vit_attn.runtime import OrtRunner, RuntimeOptions
+    from vit_attn.specs import OutputSpec
 
     args = parse_args(argv)
     kwargs = {"depth": 2} if args.quick else {}
@@ -93,7 +107,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runners[key] = OrtRunner(path, RuntimeOptions(threads=args.threads))
         _log(f"{key}: {path.name} exported or found in {time.perf_counter() - t0:.1f} s")
 
-    images = np.random.default_rng(0).standard_normal((args.images, 3, *lay.input_size), dtype=np.float32)
+    images = np.random.default_rng(0).standard_normal(
+        (args.images, 3, *lay.input_size), dtype=np.float32
+    )
 
     def one_pass(key: str) -> float:
         t0 = time.perf_counter()
@@ -109,21 +125,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         order = ("base", "stats") if r % 2 == 0 else ("stats", "base")
         for key in order:
             seconds[key].append(one_pass(key))
-        _log(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {args.images / seconds[k][-1]:.2f}" for k in specs) + " img/s")
+        _log(
+            f"repeat {r + 1}/{args.repeats}: "
+            + ", ".join(f"{k} {args.images / seconds[k][-1]:.2f}" for k in specs)
+            + " img/s"
+        )
     load_after = loadavg()
 
     ips = {k: [args.images / s for s in v] for k, v in seconds.items()}
     median = {k: statistics.median(v) for k, v in ips.items()}
     pair_overheads = [1 - s / b for b, s in zip(ips["base"], ips["stats"])]
     overhead = 1 - median["stats"] / median["base"]
-    command = "python benchmarks/stats_overhead.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    print(f"| graph ({args.model}, {len(layers)} layers, batch {args.batch}, {args.threads} threads) | img/s median (min-max) |")
+    command = "python benchmarks/stats_overhead.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    print(
+        f"| graph ({args.model}, {len(layers)} layers, batch {args.batch}, {args.threads} threads) "
+        "| img/s median (min-max) |"
+    )
     print("|---|---|")
-    for key, label in (("base", "top-5 + cls_attention"), ("stats", "top-5 + cls_attention + statistics")):
+    for key, label in (
+        ("base", "top-5 + cls_attention"),
+        ("stats", "top-5 + cls_attention + statistics"),
+    ):
         print(f"| {label} | {median[key]:.2f} ({min(ips[key]):.2f}-{max(ips[key]):.2f}) |")
-    print(f"\noverhead of the statistics: {100 * overhead:.1f}% (medians); per adjacent pair: "
-          + ", ".join(f"{100 * o:.1f}%" for o in pair_overheads))
-    print(f"{args.repeats} interleaved passes of {args.images} images each; loadavg before {load_before}, after {load_after}")
+    print(
+        f"\noverhead of the statistics: {100 * overhead:.1f}% (medians); per adjacent pair: "
+        + ", ".join(f"{100 * o:.1f}%" for o in pair_overheads)
+    )
+    print(
+        f"{args.repeats} interleaved passes of {args.images} images each; "
+        f"loadavg before {load_before}, after {load_after}"
+    )
     print(f"command: {command}")
     report = {
         "command": command,
@@ -135,7 +168,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "overhead": overhead,
         "pair_overheads": pair_overheads,
         "loadavg": [load_before, load_after],
-        "host": {"node": platform.node(), "nproc": os.cpu_count(), "python": platform.python_version()},
+        "host": {
+            "node": platform.node(),
+            "nproc": os.cpu_count(),
+            "python": platform.python_version(),
+        },
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny seeded timm models with sharpened attention, and a shared export cache."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model import LoadedModel, ModelSource, attention_modules, load_model
+from vit_attn.model import LoadedModel, ModelSource, attention_modules, load_model
 
 
 def sharpen(model: torch.nn.Module, factor: float) -> None:

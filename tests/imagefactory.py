@@ -3,23 +3,32 @@
 Every writer takes a folder, writes one or more files into it and returns their paths;
 content is deterministic (seeded), so tests can compare against known pixels.
 """
+
 from __future__ import annotations
 
 import math
 import struct
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
 
 # The stored pixels of `write_exif_rotated`: quadrant colours of a 64 x 32 (w x h) image.
-QUADRANTS = {"top_left": (255, 0, 0), "top_right": (0, 255, 0),
-             "bottom_left": (0, 0, 255), "bottom_right": (255, 255, 255)}
+QUADRANTS = {
+    "top_left": (255, 0, 0),
+    "top_right": (0, 255, 0),
+    "bottom_left": (0, 0, 255),
+    "bottom_right": (255, 255, 255),
+}
 # The CMYK quadrants of `write_cmyk_jpeg` and the RGB Pillow turns them into.
-CMYK_QUADRANTS = {"cyan": ((255, 0, 0, 0), (0, 255, 255)), "magenta": ((0, 255, 0, 0), (255, 0, 255)),
-                  "yellow": ((0, 0, 255, 0), (255, 255, 0)), "black": ((0, 0, 0, 255), (0, 0, 0))}
+CMYK_QUADRANTS = {
+    "cyan": ((255, 0, 0, 0), (0, 255, 255)),
+    "magenta": ((0, 255, 0, 0), (255, 0, 255)),
+    "yellow": ((0, 0, 255, 0), (255, 255, 0)),
+    "black": ((0, 0, 0, 255), (0, 0, 0)),
+}
 # Palette of `write_palette_png`: colour i, with alpha TRANSPARENCY[i].
 PALETTE = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))
 TRANSPARENCY = bytes([0, 128, 255, 255])
@@ -35,7 +44,9 @@ def synthetic_pixels(width: int, height: int, seed: int = 0, channels: int = 3) 
     return img[..., 0] if channels == 1 else img
 
 
-def write_rgb(folder: Path, name: str, size: tuple[int, int], seed: int = 0, **save: object) -> Path:
+def write_rgb(
+    folder: Path, name: str, size: tuple[int, int], seed: int = 0, **save: object
+) -> Path:
     """One synthetic RGB image of ``size`` (w, h); the format follows the name's extension."""
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +56,9 @@ def write_rgb(folder: Path, name: str, size: tuple[int, int], seed: int = 0, **s
 
 def write_rgb_set(folder: Path, sizes: Iterable[tuple[int, int]], ext: str = "png") -> list[Path]:
     """Synthetic RGB images, one a size, named ``img_<w>x<h>.<ext>``."""
-    return [write_rgb(folder, f"img_{w}x{h}.{ext}", (w, h), seed=i) for i, (w, h) in enumerate(sizes)]
+    return [
+        write_rgb(folder, f"img_{w}x{h}.{ext}", (w, h), seed=i) for i, (w, h) in enumerate(sizes)
+    ]
 
 
 def write_gray(folder: Path, name: str = "gray.png", size: tuple[int, int] = (90, 70)) -> Path:
@@ -124,7 +137,9 @@ def write_rgba_png(folder: Path, name: str = "rgba.png", size: tuple[int, int] =
     return path
 
 
-def write_tiny(folder: Path, name: str = "tiny.png", colour: tuple[int, int, int] = (200, 30, 90)) -> Path:
+def write_tiny(
+    folder: Path, name: str = "tiny.png", colour: tuple[int, int, int] = (200, 30, 90)
+) -> Path:
     """A 1 x 1 image."""
     path = Path(folder) / name
     Image.new("RGB", (1, 1), colour).save(path)
@@ -166,7 +181,9 @@ def write_bomb(folder: Path, factor: float = 3.0, name: str | None = None) -> Pa
     path = Path(folder) / (name or f"bomb_{factor:g}x.png")
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", b"".join(parts))
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", b"".join(parts))
         + _chunk(b"IEND", b"")
     )
     return path
@@ -175,18 +192,25 @@ def write_bomb(folder: Path, factor: float = 3.0, name: str | None = None) -> Pa
 def write_odd_valid(folder: Path) -> dict[str, Path]:
     """Every odd but valid input, by kind."""
     return {
-        "cmyk": write_cmyk_jpeg(folder), "png16": write_png16(folder),
-        "palette": write_palette_png(folder), "rgba": write_rgba_png(folder),
-        "gray": write_gray(folder), "tiny": write_tiny(folder), "wide": write_wide(folder),
-        "exif6": write_exif_rotated(folder, 6), "exif8": write_exif_rotated(folder, 8),
+        "cmyk": write_cmyk_jpeg(folder),
+        "png16": write_png16(folder),
+        "palette": write_palette_png(folder),
+        "rgba": write_rgba_png(folder),
+        "gray": write_gray(folder),
+        "tiny": write_tiny(folder),
+        "wide": write_wide(folder),
+        "exif6": write_exif_rotated(folder, 6),
+        "exif8": write_exif_rotated(folder, 8),
     }
 
 
 def write_broken(folder: Path) -> dict[str, Path]:
     """Every input that must fail to decode, by kind (nothing over the bomb limit here)."""
     return {
-        "truncated_jpeg": write_truncated_jpeg(folder), "truncated_png": write_truncated_png(folder),
-        "empty": write_empty(folder), "text": write_text_as_image(folder),
+        "truncated_jpeg": write_truncated_jpeg(folder),
+        "truncated_png": write_truncated_png(folder),
+        "empty": write_empty(folder),
+        "text": write_text_as_image(folder),
         "missing": Path(folder) / "missing.png",
     }
 
@@ -198,18 +222,35 @@ def copy_skimage_photos(folder: Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, ext in (("astronaut", "png"), ("chelsea", "jpg"), ("coffee", "png"),
-                      ("rocket", "jpg"), ("camera", "png")):
+    for name, ext in (
+        ("astronaut", "png"),
+        ("chelsea", "jpg"),
+        ("coffee", "png"),
+        ("rocket", "jpg"),
+        ("camera", "png"),
+    ):
         path = folder / f"{name}.{ext}"
-        Image.fromarray(getattr(data, name)()).save(path, **({"quality": 92} if ext == "jpg" else {}))
+        Image.fromarray(getattr(data, name)()).save(
+            path, **({"quality": 92} if ext == "jpg" else {})
+        )
         out.append(path)
     return out
 
 
 def _quadrant_slices(h: int, w: int) -> list[tuple[slice, slice]]:
-    top, bottom, left, right = slice(0, h // 2), slice(h // 2, h), slice(0, w // 2), slice(w // 2, w)
+    top, bottom, left, right = (
+        slice(0, h // 2),
+        slice(h // 2, h),
+        slice(0, w // 2),
+        slice(w // 2, w),
+    )
     return [(top, left), (top, right), (bottom, left), (bottom, right)]
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload))
+    )

@@ -6,6 +6,7 @@ logs and pid files; the daemons run in the foreground as children of the test pr
 are stopped, with every job they ran, when the context ends. The system's own munge and
 SLURM setup (if any) is never touched: `SLURM_CONF` and the munge socket point into the folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -109,12 +110,18 @@ class LocalSlurm:
     env: dict[str, str]
     procs: list[subprocess.Popen] = field(default_factory=list)
 
-    def run(self, *cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self, *cmd: str, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """A SLURM client command (sinfo, squeue, sbatch, ...) against this cluster."""
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout, check=check)
+        return subprocess.run(
+            list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout, check=check
+        )
 
     def node_state(self) -> str:
-        proc = self.run("sinfo", "--noheader", "--format=%T", "--nodes", self.node, check=False, timeout=10)
+        proc = self.run(
+            "sinfo", "--noheader", "--format=%T", "--nodes", self.node, check=False, timeout=10
+        )
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     def jobs(self) -> list[str]:
@@ -127,7 +134,9 @@ class LocalSlurm:
         for name in ("munged.log", "slurmctld.log", "slurmd.log"):
             path = self.folder / name
             if path.exists():
-                out.append(f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+                out.append(
+                    f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:])
+                )
         return "\n".join(out)
 
 
@@ -166,26 +175,55 @@ def local_slurm(folder: Path, cpus: int | None = None, timeout: float = 30) -> I
     for path in (folder, folder / "munge"):
         path.chmod(0o755)
     key = folder / "munge" / "munge.key"
-    subprocess.run([_which("mungekey"), "--create", f"--keyfile={key}", "--force"], check=True, capture_output=True)
+    subprocess.run(
+        [_which("mungekey"), "--create", f"--keyfile={key}", "--force"],
+        check=True,
+        capture_output=True,
+    )
     key.chmod(0o600)
 
     node = socket.gethostname().split(".")[0]
     cpus = cpus or max(2, os.cpu_count() or 1)
     conf = folder / "slurm.conf"
-    conf.write_text(slurm_conf(folder, node, cpus, max(512, _memory_mb() - 512), (_free_port(), _free_port())))
+    conf.write_text(
+        slurm_conf(folder, node, cpus, max(512, _memory_mb() - 512), (_free_port(), _free_port()))
+    )
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = LocalSlurm(folder=folder, conf=conf, node=node, cpus=cpus, env=env)
     try:
         munge = folder / "munge"
-        cluster.procs.append(_start([
-            _which("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={munge / 'munge.socket.2'}",
-            f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}",
-            f"--log-file={folder / 'munged.log'}",
-        ], folder, "munged"))
-        _wait_for(lambda: (munge / "munge.socket.2").exists(), timeout, "munged did not create its socket", cluster)
-        cluster.procs.append(_start([_which("slurmctld"), "-D", "-i", "-f", str(conf)], folder, "slurmctld"))
+        cluster.procs.append(
+            _start(
+                [
+                    _which("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--key-file={key}",
+                    f"--socket={munge / 'munge.socket.2'}",
+                    f"--pid-file={munge / 'munged.pid'}",
+                    f"--seed-file={munge / 'munged.seed'}",
+                    f"--log-file={folder / 'munged.log'}",
+                ],
+                folder,
+                "munged",
+            )
+        )
+        _wait_for(
+            lambda: (munge / "munge.socket.2").exists(),
+            timeout,
+            "munged did not create its socket",
+            cluster,
+        )
+        cluster.procs.append(
+            _start([_which("slurmctld"), "-D", "-i", "-f", str(conf)], folder, "slurmctld")
+        )
         cluster.procs.append(_start([_which("slurmd"), "-D", "-f", str(conf)], folder, "slurmd"))
-        _wait_for(lambda: cluster.node_state() == "idle", timeout, "the SLURM node did not become idle", cluster)
+        _wait_for(
+            lambda: cluster.node_state() == "idle",
+            timeout,
+            "the SLURM node did not become idle",
+            cluster,
+        )
         yield cluster
     finally:
         _shutdown(cluster)

@@ -4,13 +4,14 @@
 as tests/test_pipeline.py, so the ONNX export is a cache hit when both run in one session.
 Import the fixtures into a test module to use them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main as cli_main
+from vit_attn.cli import main as cli_main
 
 from . import imagefactory
 from .test_pipeline import MODEL, assert_stores_equal, save_sharpened_checkpoint, write_config  # noqa: F401 (re-exported)
@@ -20,7 +21,9 @@ from .test_pipeline import MODEL, assert_stores_equal, save_sharpened_checkpoint
 def small_dataset(tmp_path_factory) -> Path:
     """24 synthetic images and one broken file: two batches of 16."""
     root = tmp_path_factory.mktemp("small-data")
-    imagefactory.write_rgb_set(root / "images", [(50 + 9 * i, 40 + 11 * (i % 7)) for i in range(24)])
+    imagefactory.write_rgb_set(
+        root / "images", [(50 + 9 * i, 40 + 11 * (i % 7)) for i in range(24)]
+    )
     imagefactory.write_truncated_jpeg(root / "images")
     return root
 

@@ -1,6 +1,7 @@
-"""Analysis on a store (pipeline.analysis, `vit-attn stats`, `vit-attn show` options): statistics
+"""Analysis on a store (vit_attn.analysis, `vit-attn stats`, `vit-attn show` options): statistics
 from stored full attention, dataset summaries, image selection, plots, normalisation and masks;
 and the invariants on the demo model over generated demo images."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ import yaml
 import zarr
 from PIL import Image
 
-import pipeline
-from pipeline.analysis import (
+import vit_attn
+from vit_attn.analysis import (
     compute_stats_from_attention,
     dataset_scale,
     image_index,
@@ -23,20 +24,37 @@ from pipeline.analysis import (
     select_image,
     summarise,
 )
-from pipeline.cli import main as cli_main
-from pipeline.data import Preprocess, load_image
-from pipeline.errors import StoreError
-from pipeline.maps import fuse_heads, mass_threshold_mask
-from pipeline.stats import STAT_NAMES, attention_stats, max_distance
-from pipeline.store import STATUS_FAILED, STATUS_OK, StoreSpec, create_store, empty_batch, open_dataset, write_batch
+from vit_attn.cli import main as cli_main
+from vit_attn.decode import Preprocess, load_image
+from vit_attn.demo import ASSETS
+from vit_attn.errors import StoreError
+from vit_attn.maps import fuse_heads, mass_threshold_mask
+from vit_attn.stats import STAT_NAMES, attention_stats, max_distance
+from vit_attn.store import (
+    STATUS_FAILED,
+    STATUS_OK,
+    StoreSpec,
+    create_store,
+    empty_batch,
+    open_dataset,
+    write_batch,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 P, GRID, PATCH = 2, (3, 4), (14, 16)
 SIZE = (GRID[0] * PATCH[0], GRID[1] * PATCH[1])
 T = P + GRID[0] * GRID[1]
 SPEC = StoreSpec(
-    n_images=10, batch_size=4, layers=(1, 3), num_heads=3, grid=GRID, input_size=SIZE, num_tokens=T,
-    topk=None, full_attention=True, rollout=False, overlays="none",
+    n_images=10,
+    batch_size=4,
+    layers=(1, 3),
+    num_heads=3,
+    grid=GRID,
+    input_size=SIZE,
+    num_tokens=T,
+    topk=None,
+    full_attention=True,
+    rollout=False,
+    overlays="none",
 )
 FAILED = 5
 
@@ -64,8 +82,14 @@ def store(tmp_path) -> Path:
     """10 images in batches of 4: image 5 failed, the last batch (8, 9) still pending."""
     path = tmp_path / "s.zarr"
     attrs = {
-        "model": {"name": "hand-made", "num_prefix_tokens": P, "grid": list(GRID), "patch_size": list(PATCH),
-                  "depth": 4, "num_heads": 3},
+        "model": {
+            "name": "hand-made",
+            "num_prefix_tokens": P,
+            "grid": list(GRID),
+            "patch_size": list(PATCH),
+            "depth": 4,
+            "num_heads": 3,
+        },
         "preprocess": Preprocess(input_size=SIZE).to_dict(),
         "image_root": str(tmp_path / "images"),  # absent: `show` draws on a grey canvas
     }
@@ -88,7 +112,9 @@ def test_stats_from_attention_equal_numpy_stats_of_stored_matrices(store):
     for name in STAT_NAMES:
         got = stats[name].values
         assert stats[name].dims == ("image", "layer", "head") and got.dtype == np.float32
-        np.testing.assert_allclose(got[status == STATUS_OK], want[name][status == STATUS_OK], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            got[status == STATUS_OK], want[name][status == STATUS_OK], rtol=1e-6, atol=1e-6
+        )
         assert not got[status != STATUS_OK].any(), name  # failed and pending images hold 0
 
 
@@ -102,7 +128,9 @@ def test_writing_stats_waits_for_a_finished_store_and_happens_once(store):
         arr = group[name]
         assert arr.metadata.dimension_names == ("image", "layer", "head")
         assert arr.chunks == (SPEC.batch_size, 2, 3) and arr.dtype == np.float32
-    np.testing.assert_array_equal(written["cls_entropy"].values, compute_stats_from_attention(store)["cls_entropy"].values)
+    np.testing.assert_array_equal(
+        written["cls_entropy"].values, compute_stats_from_attention(store)["cls_entropy"].values
+    )
     with pytest.raises(StoreError, match="already"):
         compute_stats_from_attention(store, write=True)
 
@@ -136,11 +164,13 @@ def test_summarise_without_stats_says_how_to_get_them(store):
 
 
 def test_select_image_by_path_and_index(store):
-    ds = pipeline.open_store(store)
-    one = pipeline.select_image(ds, "img/7.png")
+    ds = vit_attn.open_store(store)
+    one = vit_attn.select_image(ds, "img/7.png")
     assert str(one["image_path"].values) == "img/7.png" and "image" not in one.dims
     assert image_index(ds, -1) == 9 and image_index(ds, "img/0.png") == 0
-    np.testing.assert_array_equal(select_image(ds, 6)["cls_attention"].values, ds["cls_attention"].values[6])
+    np.testing.assert_array_equal(
+        select_image(ds, 6)["cls_attention"].values, ds["cls_attention"].values[6]
+    )
     with pytest.raises(KeyError, match="not in the store"):
         image_index(ds, "img/none.png")
     with pytest.raises(IndexError):
@@ -150,7 +180,9 @@ def test_select_image_by_path_and_index(store):
 def test_dataset_scale_is_a_percentile_of_map_peaks(store):
     ds = open_dataset(store)
     ok = ds["status"].values == STATUS_OK
-    peaks = ds["cls_attention"].values[ok, 1].astype(np.float64).max(axis=(-2, -1))  # [images, heads]
+    peaks = (
+        ds["cls_attention"].values[ok, 1].astype(np.float64).max(axis=(-2, -1))
+    )  # [images, heads]
     np.testing.assert_allclose(dataset_scale(ds, 1), np.percentile(peaks, 99, axis=0), rtol=1e-6)
 
 
@@ -160,7 +192,9 @@ def test_stats_cli_prints_the_table_and_writes_plots(store, tmp_path, capsys):
     assert cli_main(["stats", str(store), "--plots", str(plots)]) == 0
     out = capsys.readouterr().out
     assert "over 9 ok images" in out and "cls_entropy" in out and "attention_distance" in out
-    assert len([l for l in out.splitlines() if l.strip()]) == 2 + 2 * 3  # title, header, layers x heads
+    assert (
+        len([line for line in out.splitlines() if line.strip()]) == 2 + 2 * 3
+    )  # title, header, layers x heads
     assert (plots / "per_layer.md").read_text().startswith("| block | cls_entropy [nats]")
     for name in ("attention_distance.png", "heatmap_cls_entropy.png", "summary.csv"):
         assert (plots / name).stat().st_size > 1000, name
@@ -191,7 +225,23 @@ def test_show_draws_the_mass_threshold_outline(store, tmp_path):
     maps[:, :, 1, 2] = 0.9  # one hot patch: the 60% mask is exactly that patch
     group["cls_attention"][0] = maps
     png = tmp_path / "mask.png"
-    assert cli_main(["show", str(store), "--image", "img/0.png", "--head", "0", "--mask", "0.6", "-o", str(png)]) == 0
+    assert (
+        cli_main(
+            [
+                "show",
+                str(store),
+                "--image",
+                "img/0.png",
+                "--head",
+                "0",
+                "--mask",
+                "0.6",
+                "-o",
+                str(png),
+            ]
+        )
+        == 0
+    )
     out = np.asarray(Image.open(png))
     cyan = (out == (0, 255, 255)).all(-1)
     mask = np.zeros(GRID, bool)
@@ -203,29 +253,64 @@ def test_show_normalisations_differ_and_grids_render(store, tmp_path):
     shown = {}
     for mode in ("per_map", "per_image", "dataset"):
         png = tmp_path / f"{mode}.png"
-        assert cli_main(["show", str(store), "--image", "2", "--head", "1", "--normalize", mode, "-o", str(png)]) == 0
+        assert (
+            cli_main(
+                [
+                    "show",
+                    str(store),
+                    "--image",
+                    "2",
+                    "--head",
+                    "1",
+                    "--normalize",
+                    mode,
+                    "-o",
+                    str(png),
+                ]
+            )
+            == 0
+        )
         shown[mode] = np.asarray(Image.open(png)).astype(int)
     assert np.abs(shown["per_map"] - shown["per_image"]).max() > 10
     assert np.abs(shown["per_image"] - shown["dataset"]).max() > 10
     grid = tmp_path / "grid.png"
-    assert cli_main(["show", str(store), "--image", "2", "--head", "grid", "--normalize", "dataset", "--mask", "0.6",
-                     "-o", str(grid)]) == 0
+    assert (
+        cli_main(
+            [
+                "show",
+                str(store),
+                "--image",
+                "2",
+                "--head",
+                "grid",
+                "--normalize",
+                "dataset",
+                "--mask",
+                "0.6",
+                "-o",
+                str(grid),
+            ]
+        )
+        == 0
+    )
     assert np.asarray(Image.open(grid)).shape[0] > 2 * SIZE[0]
     assert cli_main(["show", str(store), "--image", "2", "--mask", "1.5", "-o", str(grid)]) == 2
 
 
 # ----------------------------------------------------------------------------- whole runs
 
-# Overridable to check a candidate model before it ships in models/.
-DEMO_JSON = Path(os.environ.get("VIT_ATTN_DEMO_JSON", REPO / "models" / "demo_vit.json"))
+# Overridable to check a candidate model before it ships in vit_attn/demo/assets/.
+DEMO_JSON = Path(os.environ.get("VIT_ATTN_DEMO_JSON", ASSETS / "demo_vit.json"))
 DEMO_IMAGES = 40
 
 
 def _run(root: Path, model: dict, n_images: int, cache: Path) -> Path:
     """Generate demo images and run the pipeline on them with statistics and full attention."""
-    from pipeline.demo_data import generate
+    from vit_attn.demo.shapes import generate
 
-    generate(root / "shapes", n_images, seed=2027)  # not a training or held-out seed of the demo model
+    generate(
+        root / "shapes", n_images, seed=2027
+    )  # not a training or held-out seed of the demo model
     cfg = {
         "model": model,
         "data": {"source": str(root / "shapes" / "images")},
@@ -251,17 +336,28 @@ def sharpened_run(tmp_path_factory, export_cache) -> Path:
     loaded = sharpened_model(name, factor=16.0, seed=0, img_size=(48, 80), **kwargs)
     root = tmp_path_factory.mktemp("sharpened")
     save_file(loaded.model.state_dict(), str(root / "w.safetensors"))
-    model = {"name": name, "checkpoint": str(root / "w.safetensors"), "img_size": [48, 80], "kwargs": kwargs}
+    model = {
+        "name": name,
+        "checkpoint": str(root / "w.safetensors"),
+        "img_size": [48, 80],
+        "kwargs": kwargs,
+    }
     return _run(root, model, 20, export_cache)
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, export_cache) -> Path:
     if not DEMO_JSON.is_file():
-        pytest.skip(f"the demo model is not there yet ({DEMO_JSON}; scripts/train_demo_model.py makes it)")
+        pytest.skip(
+            f"the demo model is not there yet ({DEMO_JSON}; scripts/train_demo_model.py makes it)"
+        )
     info = json.loads(DEMO_JSON.read_text())
-    model = {"name": info["timm_name"], "checkpoint": str(DEMO_JSON.with_name(info["weights_file"])),
-             "img_size": info["img_size"], "kwargs": {**info["kwargs"], "num_classes": info["num_classes"]}}
+    model = {
+        "name": info["timm_name"],
+        "checkpoint": str(DEMO_JSON.with_name(info["weights_file"])),
+        "img_size": info["img_size"],
+        "kwargs": {**info["kwargs"], "num_classes": info["num_classes"]},
+    }
     return _run(tmp_path_factory.mktemp("demo"), model, DEMO_IMAGES, export_cache)
 
 
@@ -342,16 +438,30 @@ def mask_on_object(ds, mask_root: Path, t: float = 0.6, move=lambda m: m) -> np.
 def test_mask_overlap_measure_on_oracle_attention(tmp_path):
     """The overlap measure itself: attention equal to each patch's object share scores high, the
     same maps with a wrong axis or offset score low."""
-    from pipeline.demo_data import generate
+    from vit_attn.demo.shapes import generate
 
     items = generate(tmp_path / "shapes", 12, seed=11)
     prep = Preprocess(input_size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.9)
     grid = (8, 8)
-    share = np.stack([
-        _model_input_mask(it.mask_path, prep).reshape(8, 8, 8, 8).mean(axis=(1, 3)) for it in items
-    ])  # [image, gh, gw]: object fraction of each 8 x 8 patch
-    spec = StoreSpec(n_images=12, batch_size=12, layers=(0,), num_heads=2, grid=grid, input_size=(64, 64),
-                     num_tokens=65, topk=None, full_attention=False, rollout=False, overlays="none")
+    share = np.stack(
+        [
+            _model_input_mask(it.mask_path, prep).reshape(8, 8, 8, 8).mean(axis=(1, 3))
+            for it in items
+        ]
+    )  # [image, gh, gw]: object fraction of each 8 x 8 patch
+    spec = StoreSpec(
+        n_images=12,
+        batch_size=12,
+        layers=(0,),
+        num_heads=2,
+        grid=grid,
+        input_size=(64, 64),
+        num_tokens=65,
+        topk=None,
+        full_attention=False,
+        rollout=False,
+        overlays="none",
+    )
     scores = {}
     wrong = {name: move(share) for name, move in MISPLACED.items()}
     for name, maps in (("oracle", share), *wrong.items()):

@@ -1,4 +1,5 @@
 """benchmarks/gpu.py runs its whole path on the CPU (`--device cpu --quick`), as CI can."""
+
 from __future__ import annotations
 
 import json
@@ -19,25 +20,52 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path, export_cache):
     out = tmp_path / "gpu.json"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(GPU_BENCH), "--device", "cpu", "--quick", "--cache-dir", str(export_cache),
-         "--workdir", str(tmp_path / "work"), "--json", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            str(GPU_BENCH),
+            "--device",
+            "cpu",
+            "--quick",
+            "--cache-dir",
+            str(export_cache),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     cells = report["inference"]
     assert {c["outputs"] for c in cells} == {"logits", "cls", "full", "all"}
-    assert {(c["precision"], c["backend"]) for c in cells} == {("fp32", "ort"), ("mixed", "ort"), ("fp32", "torch")}
-    assert all("error" not in c and c["median"] > 0 for c in cells), [c for c in cells if "error" in c]
+    assert {(c["precision"], c["backend"]) for c in cells} == {
+        ("fp32", "ort"),
+        ("mixed", "ort"),
+        ("fp32", "torch"),
+    }
+    assert all("error" not in c and c["median"] > 0 for c in cells), [
+        c for c in cells if "error" in c
+    ]
     assert {c["batch"] for c in cells} == {2, 4}
     modes = {(r["images"], r["mode"]) for r in report["decode"]}
     for kind in ("JPEG 640x480", "PNG 500x375"):
-        assert (kind, "1 thread(s), 1 process") in modes and (kind, "2 Dask worker(s) x 1 thread") in modes
+        assert (kind, "1 thread(s), 1 process") in modes and (
+            kind,
+            "2 Dask worker(s) x 1 thread",
+        ) in modes
     assert all(r["images_per_s"] > 0 for r in report["decode"])
     pipe = report["pipeline"]
     assert pipe["images_per_s"] > 0 and not pipe["failed_batches"] and pipe["images"] == 12
-    assert "## Inference" in proc.stdout and "| all: " in proc.stdout and "## Pipeline end to end" in proc.stdout
+    assert (
+        "## Inference" in proc.stdout
+        and "| all: " in proc.stdout
+        and "## Pipeline end to end" in proc.stdout
+    )
     print(f"gpu.py --device cpu --quick: {seconds:.1f} s")
 
 
@@ -47,7 +75,21 @@ def test_gpu_benchmark_without_a_gpu_says_so(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = subprocess.run([sys.executable, str(GPU_BENCH), "--device", "cuda", "--skip", "inference", "decode", "pipeline"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(GPU_BENCH),
+            "--device",
+            "cuda",
+            "--skip",
+            "inference",
+            "decode",
+            "pipeline",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "torch sees no CUDA device" in proc.stderr and "--device cpu" in proc.stderr

@@ -1,4 +1,5 @@
 """Config validation: errors name the key and the file; overrides keep YAML types."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config, parse_config
-from pipeline.errors import ConfigError
+from vit_attn.config import load_config, parse_config
+from vit_attn.errors import ConfigError
 
 BASE = {
     "model": {"name": "vit_tiny_patch16_224", "seed": 0},
@@ -48,9 +49,18 @@ def test_wrong_type_and_missing_section(tmp_path):
 def test_overrides_keep_yaml_types(tmp_path):
     cfg = load_config(
         write(tmp_path, BASE),
-        ["attention.layers=[0, -1]", "inference.batch_size=8", "attention.full=true", "model.img_size=[96, 128]"],
+        [
+            "attention.layers=[0, -1]",
+            "inference.batch_size=8",
+            "attention.full=true",
+            "model.img_size=[96, 128]",
+        ],
     )
-    assert cfg.attention.layers == [0, -1] and cfg.inference.batch_size == 8 and cfg.attention.full is True
+    assert (
+        cfg.attention.layers == [0, -1]
+        and cfg.inference.batch_size == 8
+        and cfg.attention.full is True
+    )
     assert cfg.model.img_size_pair == (96, 128)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(write(tmp_path, BASE), ["attention.full"])
@@ -71,6 +81,8 @@ def test_conflicts_and_bad_yaml(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_configs_are_valid(path):
     load_config(path)

@@ -5,6 +5,7 @@ own eval transform objects (resize + centre crop) and is averaged per patch; the
 inverted with matplotlib's colormap table. A transposed grid, a wrong prefix offset or a
 flipped overlay moves the attention off the objects and fails these tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,11 @@ import timm
 import timm.data
 from PIL import Image
 
-from pipeline import open_store
-from pipeline.demo import main as demo_main
+from vit_attn import open_store
+from vit_attn.demo import ASSETS
+from vit_attn.demo import main as demo_main
 
-REPO = Path(__file__).resolve().parents[1]
-INFO = json.loads((REPO / "models" / "demo_vit.json").read_text())
+INFO = json.loads((ASSETS / "demo_vit.json").read_text())
 N_IMAGES = 24
 SEED = 4242  # neither the training (1) nor the held-out (2) stream of the demo model
 
@@ -29,7 +30,13 @@ SEED = 4242  # neither the training (1) nor the held-out (2) stream of the demo 
 def _geometric_transforms():
     """timm's eval resize + centre crop for the demo model's input size (no ToTensor/Normalize)."""
     cfg = timm.data.resolve_data_config(
-        args={"input_size": (3, INFO["img_size"], INFO["img_size"]), **{k: INFO["preprocessing"][k] for k in ("interpolation", "crop_pct", "crop_mode", "mean", "std")}}
+        args={
+            "input_size": (3, INFO["img_size"], INFO["img_size"]),
+            **{
+                k: INFO["preprocessing"][k]
+                for k in ("interpolation", "crop_pct", "crop_mode", "mean", "std")
+            },
+        }
     )
     return timm.data.create_transform(**cfg).transforms[:-2]
 
@@ -42,13 +49,23 @@ def _through(transforms, img: Image.Image) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, export_cache) -> Path:
-    """`python -m pipeline.demo` (LocalCluster, 2 workers) with the hub unreachable."""
+    """`python -m vit_attn.demo` (LocalCluster, 2 workers) with the hub unreachable."""
     out = tmp_path_factory.mktemp("demo")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
     try:
-        rc = demo_main(["--out", str(out), "--n", str(N_IMAGES), "--seed", str(SEED),
-                        "--set", f"inference.cache_dir={export_cache}"])
+        rc = demo_main(
+            [
+                "--out",
+                str(out),
+                "--n",
+                str(N_IMAGES),
+                "--seed",
+                str(SEED),
+                "--set",
+                f"inference.cache_dir={export_cache}",
+            ]
+        )
     finally:
         mp.undo()
     assert rc == 0
@@ -72,7 +89,10 @@ def test_demo_store_is_complete_and_includes_non_square_images_and_photographs(d
     assert sum(p.startswith("photos/") for p in paths) >= 3
     sizes = {Image.open(demo / "shapes" / "images" / p).size for p in paths if p.startswith("img_")}
     assert any(w != h for w, h in sizes) and any(w == h for w, h in sizes)
-    assert ds.sizes["layer"] == INFO["kwargs"]["depth"] and ds.sizes["head"] == INFO["kwargs"]["num_heads"]
+    assert (
+        ds.sizes["layer"] == INFO["kwargs"]["depth"]
+        and ds.sizes["head"] == INFO["kwargs"]["num_heads"]
+    )
     for p in paths:
         assert (demo / "png" / f"{p}.png").is_file() and (demo / "png" / f"{p}.heads.png").is_file()
 
@@ -116,7 +136,9 @@ def test_last_layer_cls_attention_lands_on_the_objects(demo, masks):
             misplaced.setdefault(name, []).append((a * _object_share_per_patch(m, grid)).sum())
     assert len(on) == N_IMAGES
     ratio = np.mean(on) / np.mean(area)
-    assert ratio >= 3.0, f"attention on objects {np.mean(on):.3f} vs area {np.mean(area):.3f}: {ratio:.2f}x"
+    assert ratio >= 3.0, (
+        f"attention on objects {np.mean(on):.3f} vs area {np.mean(area):.3f}: {ratio:.2f}x"
+    )
     for name, values in misplaced.items():
         assert np.mean(on) > 1.2 * np.mean(values), (name, np.mean(on), np.mean(values))
 
@@ -141,13 +163,23 @@ def test_overlays_are_brightest_on_the_objects(demo, masks):
         if p not in masks:
             continue
         image = _through(tf, Image.open(demo / "shapes" / "images" / p).convert("RGB"))
-        levels = _overlay_levels(ds["overlay"].isel(image=i).values, image, cfg["overlay_alpha"], cfg["colormap"])
+        levels = _overlay_levels(
+            ds["overlay"].isel(image=i).values, image, cfg["overlay_alpha"], cfg["colormap"]
+        )
         # the PNG file is the stored overlay
-        np.testing.assert_array_equal(np.asarray(Image.open(demo / "png" / f"{p}.png").convert("RGB")), ds["overlay"].isel(image=i).values)
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(demo / "png" / f"{p}.png").convert("RGB")),
+            ds["overlay"].isel(image=i).values,
+        )
         hot.append(levels[masks[p]].mean())
         cold.append(levels[~masks[p]].mean())
         wrong = _misplaced(masks[p], INFO["kwargs"]["patch_size"])
-        flipped.append(max(levels[wrong[k]].mean() for k in ("transposed", "flipped left-right", "flipped up-down")))
+        flipped.append(
+            max(
+                levels[wrong[k]].mean()
+                for k in ("transposed", "flipped left-right", "flipped up-down")
+            )
+        )
     assert np.mean(hot) >= 1.5 * np.mean(cold), (np.mean(hot), np.mean(cold))
     assert np.mean(hot) > 1.2 * np.mean(flipped), (np.mean(hot), np.mean(flipped))
 
@@ -156,12 +188,14 @@ def test_demo_model_card_matches_the_shipped_weights():
     """The recorded recipe, accuracy and attention ratio belong to the committed file."""
     from safetensors import safe_open
 
-    weights = REPO / "models" / INFO["weights_file"]
+    weights = ASSETS / INFO["weights_file"]
     assert weights.stat().st_size < 5e6
     with safe_open(str(weights), "pt") as f:
-        assert f.get_tensor("pos_embed").shape[1] == INFO["num_prefix_tokens"] + math.prod(INFO["grid"])
+        assert f.get_tensor("pos_embed").shape[1] == INFO["num_prefix_tokens"] + math.prod(
+            INFO["grid"]
+        )
         assert f.get_tensor("head.weight").shape[0] == INFO["num_classes"]
-    assert INFO["heldout_accuracy"] >= 0.85  # 4 classes; see models/demo_vit.json
+    assert INFO["heldout_accuracy"] >= 0.85  # 4 classes; see vit_attn/demo/assets/demo_vit.json
     assert INFO["attention"]["ratio"] >= 3.0
 
 
@@ -169,9 +203,14 @@ def _timm_demo_model():
     """The shipped weights in a plain timm model, built from the model card (not the pipeline)."""
     from safetensors.torch import load_file
 
-    model = timm.create_model(INFO["timm_name"], pretrained=False, num_classes=INFO["num_classes"],
-                              img_size=INFO["img_size"], **INFO["kwargs"])
-    model.load_state_dict(load_file(str(REPO / "models" / INFO["weights_file"])))
+    model = timm.create_model(
+        INFO["timm_name"],
+        pretrained=False,
+        num_classes=INFO["num_classes"],
+        img_size=INFO["img_size"],
+        **INFO["kwargs"],
+    )
+    model.load_state_dict(load_file(str(ASSETS / INFO["weights_file"])))
     return model.eval()
 
 
@@ -179,10 +218,12 @@ def test_demo_model_is_accurate_on_fresh_images():
     """Accuracy on 400 images of an unseen stream, through timm alone, matches the model card."""
     import torch
 
-    from pipeline.demo_data import render_index
+    from vit_attn.demo.shapes import render_index
 
     model = _timm_demo_model()
-    cfg = timm.data.resolve_data_config(args={"input_size": (3, INFO["img_size"], INFO["img_size"])}, model=model)
+    cfg = timm.data.resolve_data_config(
+        args={"input_size": (3, INFO["img_size"], INFO["img_size"])}, model=model
+    )
     tf = timm.data.create_transform(**cfg)
     samples = [render_index(SEED + 1, i) for i in range(400)]
     with torch.no_grad():
@@ -198,7 +239,9 @@ def test_store_predictions_are_the_timm_model_predictions(demo):
 
     ds = open_store(demo / "demo.zarr")
     model = _timm_demo_model()
-    cfg = timm.data.resolve_data_config(args={"input_size": (3, INFO["img_size"], INFO["img_size"])}, model=model)
+    cfg = timm.data.resolve_data_config(
+        args={"input_size": (3, INFO["img_size"], INFO["img_size"])}, model=model
+    )
     tf = timm.data.create_transform(**cfg)
     root = demo / "shapes" / "images"
     paths = ds["image_path"].values.tolist()

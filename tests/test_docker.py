@@ -3,6 +3,7 @@
 Docker cannot build here, so the Dockerfiles are read with a real parser (dockerfile-parse)
 and their install commands with shlex and `packaging`; nothing is matched with regexes alone.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -19,7 +20,9 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse is a dev dependency: pip install -e '.[dev]'")
+dockerfile_parse = pytest.importorskip(
+    "dockerfile_parse", reason="dockerfile-parse is a dev dependency: pip install -e '.[dev]'"
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GPU, CPU = REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cpu"
@@ -47,7 +50,7 @@ class Image:
     @property
     def final_stage(self) -> list[dict]:
         froms = [n for n, i in enumerate(self.structure) if i["instruction"] == "FROM"]
-        return self.structure[froms[-1]:]
+        return self.structure[froms[-1] :]
 
     def final(self, name: str) -> list[str]:
         return [i["value"] for i in self.final_stage if i["instruction"] == name]
@@ -70,7 +73,7 @@ class Image:
                     current.append(t)
             commands.append(current)
             for cmd in commands:
-                if "pip" in cmd and "install" in cmd[cmd.index("pip"):]:
+                if "pip" in cmd and "install" in cmd[cmd.index("pip") :]:
                     found.append(cmd)
         assert len(found) == 1, f"{self.path.name}: expected one pip install command, found {found}"
         return found[0]
@@ -110,7 +113,9 @@ def test_both_images_use_the_minimum_supported_python():
     versions = {p.name: image_python(load(p)) for p in (GPU, CPU)}
     for name, v in versions.items():
         assert v in spec, f"{name}: Python {v} outside requires-python {spec}"
-        assert v.release[:2] == floor.release[:2], f"{name}: Python {v}, but the project is tested on {floor}"
+        assert v.release[:2] == floor.release[:2], (
+            f"{name}: Python {v}, but the project is tested on {floor}"
+        )
     assert len({v.release[:2] for v in versions.values()}) == 1, versions
 
 
@@ -133,18 +138,27 @@ def test_install_uses_the_project_constraints_and_package(image):
             continue
         *sources, dest = parts
         for src in sources:
-            assert (REPO / src).exists(), f"{image.path.name} copies {src}, which is not in the repository"
+            assert (REPO / src).exists(), (
+                f"{image.path.name} copies {src}, which is not in the repository"
+            )
             copied[src] = dest
-    assert copied.get("constraints.txt") and constraints[0] == copied["constraints.txt"].rstrip("/") + "/constraints.txt"
+    assert (
+        copied.get("constraints.txt")
+        and constraints[0] == copied["constraints.txt"].rstrip("/") + "/constraints.txt"
+    )
     assert "pyproject.toml" in copied and "pipeline" in copied
     src = copied["pyproject.toml"].rstrip("/")
     package = [t for t in cmd if t == src or t.startswith(src + "[")]  # the folder, with extras
     assert len(package) == 1, cmd
-    extras = Requirement("pkg" + package[0][len(src):]).extras
+    extras = Requirement("pkg" + package[0][len(src) :]).extras
     assert extras <= set(PYPROJECT["project"]["optional-dependencies"]), extras
     # onnxruntime pinned to the ARG, with pyproject's own platform markers (when given).
     project = project_requirements()
-    ort = [Requirement(image.substitute(t)) for t in cmd if t.split("=")[0].split(";")[0].strip() in ORT_NAMES]
+    ort = [
+        Requirement(image.substitute(t))
+        for t in cmd
+        if t.split("=")[0].split(";")[0].strip() in ORT_NAMES
+    ]
     assert ort, cmd
     for req in ort:
         assert str(req.specifier) == f"=={image.args['ONNXRUNTIME_VERSION']}", req
@@ -154,12 +168,17 @@ def test_install_uses_the_project_constraints_and_package(image):
 
 def test_constraints_pins_reach_the_image():
     """torch/torchvision are pinned only in constraints.txt, which both images install with."""
-    pins = [Requirement(line) for line in (REPO / "constraints.txt").read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    pins = [
+        Requirement(line)
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert {p.name for p in pins} >= {"torch", "torchvision"}
     for path in (GPU, CPU):
         for p in pins:
-            assert p.name not in " ".join(load(path).install_command()), f"{path.name} pins {p.name} apart from constraints.txt"
+            assert p.name not in " ".join(load(path).install_command()), (
+                f"{path.name} pins {p.name} apart from constraints.txt"
+            )
 
 
 def test_gpu_base_matches_onnxruntime_cuda_and_cudnn():
@@ -169,10 +188,14 @@ def test_gpu_base_matches_onnxruntime_cuda_and_cudnn():
     assert name == "nvidia/cuda", base
     cuda = Version(tag.split("-")[0])
     flavours = tag.split("-")[1:]
-    assert "cudnn" in flavours or any(f.startswith("cudnn9") for f in flavours), f"{base} has no cuDNN"
+    assert "cudnn" in flavours or any(f.startswith("cudnn9") for f in flavours), (
+        f"{base} has no cuDNN"
+    )
     assert "runtime" in flavours, f"{base}: use a runtime image"
     ort = Version(img.args["ONNXRUNTIME_VERSION"])
-    assert cuda.major == cuda_major_for(ort), f"onnxruntime-gpu {ort} needs CUDA {cuda_major_for(ort)}, base has {cuda}"
+    assert cuda.major == cuda_major_for(ort), (
+        f"onnxruntime-gpu {ort} needs CUDA {cuda_major_for(ort)}, base has {cuda}"
+    )
     # Where the pinned wheel is the one installed here, its own metadata says the same.
     try:
         installed = Version(importlib.metadata.version("onnxruntime-gpu"))
@@ -201,14 +224,22 @@ def test_entry_point_user_and_volumes(image):
 def test_dockerignore_admits_what_the_image_copies(image):
     """BuildKit reads <Dockerfile>.dockerignore; everything COPY names must pass it."""
     ignore = image.path.with_name(image.path.name + ".dockerignore")
-    patterns = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in ignore.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
     def included(path: str) -> bool:
         keep = True
         for pat in patterns:
             neg = pat.startswith("!")
             pat = pat.lstrip("!").rstrip("/")
-            if fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(path, pat + "/*") or path.startswith(pat + "/"):
+            if (
+                fnmatch.fnmatch(path, pat)
+                or fnmatch.fnmatch(path, pat + "/*")
+                or path.startswith(pat + "/")
+            ):
                 keep = neg
         return keep
 
@@ -217,8 +248,17 @@ def test_dockerignore_admits_what_the_image_copies(image):
         if any(p.startswith("--from") for p in parts):
             continue
         for src in parts[:-1]:
-            files = [src] if (REPO / src).is_file() else [
-                str(p.relative_to(REPO)) for p in (REPO / src).rglob("*.py") if "__pycache__" not in p.parts
-            ]
-            assert files and all(included(f) for f in files), (src, [f for f in files if not included(f)])
+            files = (
+                [src]
+                if (REPO / src).is_file()
+                else [
+                    str(p.relative_to(REPO))
+                    for p in (REPO / src).rglob("*.py")
+                    if "__pycache__" not in p.parts
+                ]
+            )
+            assert files and all(included(f) for f in files), (
+                src,
+                [f for f in files if not included(f)],
+            )
     assert not included(".venv/bin/python") and not included("tests/test_docker.py")

@@ -1,4 +1,5 @@
 """The exported graph's attention against timm's AttentionExtract and float64 references."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 import torch
 from timm.utils import AttentionExtract
 
-from pipeline.export import AttentionGraph, OutputSpec, export_onnx
-from pipeline.runtime import OrtRunner, RuntimeOptions, TorchRunner
+from vit_attn.export import AttentionGraph, OutputSpec, export_onnx
+from vit_attn.runtime import OrtRunner, RuntimeOptions, TorchRunner
 
 from .conftest import sharpened_model
 
@@ -24,11 +25,15 @@ CASES = {
 def reference_attention(loaded, x: torch.Tensor) -> list[np.ndarray]:
     """Per-block softmax probabilities from timm's own extractor, on a separate model copy."""
     name, kwargs = loaded.source.name, dict(loaded.source.kwargs)
-    twin = sharpened_model(name, factor=SHARPEN, seed=loaded.source.seed, img_size=loaded.source.img_size, **kwargs)
+    twin = sharpened_model(
+        name, factor=SHARPEN, seed=loaded.source.seed, img_size=loaded.source.img_size, **kwargs
+    )
     extractor = AttentionExtract(twin.model, method="hook")
     with torch.no_grad():
         maps = extractor(x)
-    assert len(maps) == loaded.layout.depth, "AttentionExtract found no attention: fused attention on?"
+    assert len(maps) == loaded.layout.depth, (
+        "AttentionExtract found no attention: fused attention on?"
+    )
     return [m.double().numpy() for m in maps.values()]
 
 
@@ -82,7 +87,9 @@ def test_cls_attention_is_cls_row_over_patches(case):
         np.testing.assert_allclose(cls[:, j], expected, atol=1e-5, rtol=0)
 
 
-def rollout_reference(attentions: list[np.ndarray], prefix: int, grid: tuple[int, int]) -> np.ndarray:
+def rollout_reference(
+    attentions: list[np.ndarray], prefix: int, grid: tuple[int, int]
+) -> np.ndarray:
     """Abnar & Zuidema rollout in float64, written independently of the graph."""
     batch, _, tokens, _ = attentions[0].shape
     result = np.zeros((batch, *grid))
@@ -127,7 +134,9 @@ def test_torch_backend_equals_onnxruntime(case):
 
 def test_mixed_precision_within_2e3_on_16x_sharpened_attention(export_cache):
     loaded = sharpened_model("vit_tiny_patch16_224", factor=16.0, seed=3)
-    spec = OutputSpec(layers=tuple(range(loaded.layout.depth)), attention=True, topk=0, logits=False)
+    spec = OutputSpec(
+        layers=tuple(range(loaded.layout.depth)), attention=True, topk=0, logits=False
+    )
     x = np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)
     fp32 = OrtRunner(export_onnx(loaded, spec, "fp32", export_cache), RuntimeOptions()).run(x)
     mixed = OrtRunner(export_onnx(loaded, spec, "mixed", export_cache), RuntimeOptions()).run(x)

@@ -1,14 +1,15 @@
-"""Head fusion, mass-threshold masks and rollout (pipeline.maps) against float64 references."""
+"""Head fusion, mass-threshold masks and rollout (vit_attn.maps) against float64 references."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.export import export_onnx
-from pipeline.maps import fuse_heads, mass_threshold_mask, rollout
-from pipeline.runtime import OrtRunner, RuntimeOptions
-from pipeline.specs import OutputSpec
-from pipeline.stats import attention_stats
+from vit_attn.export import export_onnx
+from vit_attn.maps import fuse_heads, mass_threshold_mask, rollout
+from vit_attn.runtime import OrtRunner, RuntimeOptions
+from vit_attn.specs import OutputSpec
+from vit_attn.stats import attention_stats
 
 from .conftest import sharpened_model
 
@@ -42,10 +43,14 @@ def test_mass_threshold_known_answers():
     np.testing.assert_array_equal(mass_threshold_mask(m, 0.6), [[True, False], [True, False]])
     np.testing.assert_array_equal(mass_threshold_mask(m, 0.35), [[True, False], [False, False]])
     np.testing.assert_array_equal(mass_threshold_mask(m, 0.71), [[True, False], [True, True]])
-    np.testing.assert_array_equal(mass_threshold_mask(m * 7.0, 0.6), mass_threshold_mask(m, 0.6))  # scale-free
+    np.testing.assert_array_equal(
+        mass_threshold_mask(m * 7.0, 0.6), mass_threshold_mask(m, 0.6)
+    )  # scale-free
     assert mass_threshold_mask(np.full((3, 4), 0.5), 0.6).all()  # ties are never split
     assert not mass_threshold_mask(np.zeros((3, 4)), 0.6).any()
-    assert mass_threshold_mask(np.array([[0.0, 1.0], [0.0, 0.0]]), 1.0).sum() == 1  # zeros never kept
+    assert (
+        mass_threshold_mask(np.array([[0.0, 1.0], [0.0, 0.0]]), 1.0).sum() == 1
+    )  # zeros never kept
 
 
 def test_mass_threshold_equals_loop_reference_per_head():
@@ -55,7 +60,9 @@ def test_mass_threshold_equals_loop_reference_per_head():
         got = mass_threshold_mask(maps, t)
         assert got.shape == maps.shape and got.dtype == bool
         for b, h in np.ndindex(3, 4):
-            np.testing.assert_array_equal(got[b, h], mask_reference(maps[b, h], t), err_msg=f"{t} {b} {h}")
+            np.testing.assert_array_equal(
+                got[b, h], mask_reference(maps[b, h], t), err_msg=f"{t} {b} {h}"
+            )
 
 
 def test_concentration_stat_is_the_mask_size():
@@ -75,7 +82,9 @@ def rollout_reference(attentions, prefix, grid, discard_ratio=0.0, fusion="mean"
     for b in range(batch):
         joint = np.eye(tokens)
         for a in attentions:
-            fused = {"mean": np.mean, "max": np.max, "min": np.min}[fusion](a[b], axis=0).astype(np.float64)
+            fused = {"mean": np.mean, "max": np.max, "min": np.min}[fusion](a[b], axis=0).astype(
+                np.float64
+            )
             if discard_ratio:
                 k = int(discard_ratio * (tokens * tokens - 1))
                 candidates = sorted(range(1, tokens * tokens), key=lambda j: (fused.flat[j], j))[:k]
@@ -95,10 +104,14 @@ def test_rollout_equals_float64_reference(fusion, discard):
     rng = np.random.default_rng(3)
     prefix, grid = 2, (2, 3)
     tokens = prefix + 6
-    atts = [rng.dirichlet(np.full(tokens, 0.4), size=(3, 4, tokens)) for _ in range(3)]  # [B, H, T, T]
+    atts = [
+        rng.dirichlet(np.full(tokens, 0.4), size=(3, 4, tokens)) for _ in range(3)
+    ]  # [B, H, T, T]
     got = rollout(atts, prefix, grid, discard_ratio=discard, head_fusion=fusion)
     assert got.shape == (3, *grid) and got.dtype == np.float64
-    np.testing.assert_allclose(got, rollout_reference(atts, prefix, grid, discard, fusion), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        got, rollout_reference(atts, prefix, grid, discard, fusion), rtol=1e-12, atol=1e-14
+    )
 
 
 def test_rollout_is_per_sample():
@@ -108,7 +121,9 @@ def test_rollout_is_per_sample():
     atts = [rng.dirichlet(np.full(tokens, 0.4), size=(4, 2, tokens)) for _ in range(2)]
     batch = rollout(atts, 1, (3, 3), discard_ratio=0.6, head_fusion="max")
     for b in range(4):
-        alone = rollout([a[b : b + 1] for a in atts], 1, (3, 3), discard_ratio=0.6, head_fusion="max")
+        alone = rollout(
+            [a[b : b + 1] for a in atts], 1, (3, 3), discard_ratio=0.6, head_fusion="max"
+        )
         np.testing.assert_array_equal(batch[b], alone[0])
     # each normalised factor keeps rows summing to 1, so the CLS row is a distribution
     assert (batch >= 0).all() and (batch.sum(axis=(1, 2)) <= 1 + 1e-12).all()
@@ -138,7 +153,9 @@ def test_rollout_rejects_bad_arguments():
 
 def test_in_graph_rollout_equals_maps_rollout(export_cache):
     """The exported graph's rollout (discard 0, mean) against maps.rollout on its own attention."""
-    loaded = sharpened_model("deit_tiny_distilled_patch16_224", factor=16.0, seed=2, depth=2, img_size=(64, 96))
+    loaded = sharpened_model(
+        "deit_tiny_distilled_patch16_224", factor=16.0, seed=2, depth=2, img_size=(64, 96)
+    )
     spec = OutputSpec(layers=(0, 1), logits=False, topk=0, attention=True, rollout=True, stats=True)
     runner = OrtRunner(export_onnx(loaded, spec, "fp32", export_cache), RuntimeOptions(threads=2))
     x = np.random.default_rng(5).standard_normal((3, 3, 64, 96)).astype(np.float32)

@@ -1,4 +1,5 @@
 """Model loading, checkpoints, the export cache and backend selection."""
+
 from __future__ import annotations
 
 import warnings
@@ -8,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline import export as export_mod
-from pipeline.errors import BackendError, CheckpointError, ModelError
-from pipeline.export import OutputSpec, export_onnx
-from pipeline.model import ModelSource, load_model
-from pipeline.runtime import OrtRunner, RuntimeOptions
+from vit_attn import export as export_mod
+from vit_attn.errors import BackendError, CheckpointError, ModelError
+from vit_attn.export import OutputSpec, export_onnx
+from vit_attn.model import ModelSource, load_model
+from vit_attn.runtime import OrtRunner, RuntimeOptions
 
 TINY = {"depth": 2}
 
@@ -22,8 +23,8 @@ def small(seed: int = 0, **kw) -> ModelSource:
 
 
 def cls_map(loaded, x: torch.Tensor) -> np.ndarray:
-    from pipeline.export import AttentionGraph
-    from pipeline.runtime import TorchRunner
+    from vit_attn.export import AttentionGraph
+    from vit_attn.runtime import TorchRunner
 
     runner = TorchRunner(AttentionGraph(loaded, OutputSpec(layers=(1,))), RuntimeOptions())
     return runner.run(x.numpy())["cls_attention"]
@@ -43,7 +44,9 @@ def test_checkpoint_round_trip(tmp_path, fmt):
         path = tmp_path / "w.pt"
         torch.save(state, path)
     loaded = load_model(ModelSource("vit_tiny_patch16_224", checkpoint=path, seed=99, kwargs=TINY))
-    assert loaded.weights.startswith("checkpoint:") and len(loaded.weights) == len("checkpoint:") + 64
+    assert (
+        loaded.weights.startswith("checkpoint:") and len(loaded.weights) == len("checkpoint:") + 64
+    )
     x = torch.randn(2, 3, 224, 224)
     np.testing.assert_array_equal(cls_map(loaded, x), cls_map(source, x))
     with torch.no_grad():
@@ -166,11 +169,16 @@ def test_pretrained_weights_offline_is_a_clear_error():
     import sys
 
     code = (
-        "from pipeline.model import ModelSource, load_model\n"
-        "from pipeline.errors import ModelError\n"
+        "from vit_attn.model import ModelSource, load_model\n"
+        "from vit_attn.errors import ModelError\n"
         "try:\n    load_model(ModelSource('vit_tiny_patch16_224', pretrained=True))\n"
         "except ModelError as e:\n    print('ModelError:', e)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": os.devnull + "-none"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert "ModelError: pretrained weights for 'vit_tiny_patch16_224' could not be loaded" in out.stdout, out.stderr
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (
+        "ModelError: pretrained weights for 'vit_tiny_patch16_224' could not be loaded"
+        in out.stdout
+    ), out.stderr

@@ -1,12 +1,13 @@
 """Overlays: upsampling against torch's bilinear, orientation on non-square grids, blending."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import ConfigError
-from pipeline.overlay import (
+from vit_attn.errors import ConfigError
+from vit_attn.overlay import (
     blend,
     colormap_lut,
     head_grid,

@@ -4,6 +4,7 @@ Every run writes the same ~100 images (synthetic, bundled photographs and every 
 with a seeded tiny ViT whose attention is sharpened and saved as a checkpoint, so the stored
 maps are far from uniform and comparable with an eager timm reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,9 @@ import zarr
 from safetensors.torch import save_file
 from timm.utils import AttentionExtract
 
-from pipeline.cli import main as cli_main
-from pipeline.data import Preprocess, load_image, normalize
-from pipeline.store import open_dataset
+from vit_attn.cli import main as cli_main
+from vit_attn.decode import Preprocess, load_image, normalize
+from vit_attn.store import open_dataset
 
 from . import imagefactory
 from .conftest import sharpened_model
@@ -61,7 +62,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def save_sharpened_checkpoint(folder: Path) -> Path:
     """MODEL with attention sharpened 16x, saved as `folder/sharp.safetensors`."""
-    loaded = sharpened_model(MODEL["name"], factor=16.0, seed=0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"])
+    loaded = sharpened_model(
+        MODEL["name"], factor=16.0, seed=0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"]
+    )
     path = folder / "sharp.safetensors"
     save_file(loaded.model.state_dict(), str(path))
     return path
@@ -95,7 +98,9 @@ def assert_stores_equal(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, dataset, checkpoint, export_cache) -> Path:
     folder = tmp_path_factory.mktemp("inprocess")
-    config = write_config(folder, dataset, checkpoint, export_cache, output={"png_dir": "png", "png_heads": True})
+    config = write_config(
+        folder, dataset, checkpoint, export_cache, output={"png_dir": "png", "png_heads": True}
+    )
     assert cli_main(["run", str(config), "--no-progress"]) == 0
     return folder / "run.zarr"
 
@@ -129,12 +134,18 @@ def test_cls_attention_equals_eager_timm_reference(local_run, checkpoint):
     paths = group["image_path"][:]
     ok = np.flatnonzero(group["status"][:] == 1)[::7]
     images = np.stack([load_image(root / paths[i], prep) for i in ok])
-    model = sharpened_model(MODEL["name"], factor=1.0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"])
+    model = sharpened_model(
+        MODEL["name"], factor=1.0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"]
+    )
     from safetensors.torch import load_file
 
     model.model.load_state_dict(load_file(str(checkpoint)))
     with torch.no_grad():
-        maps = list(AttentionExtract(model.model, method="hook")(torch.from_numpy(normalize(images, prep))).values())
+        maps = list(
+            AttentionExtract(model.model, method="hook")(
+                torch.from_numpy(normalize(images, prep))
+            ).values()
+        )
     gh, gw = model.layout.grid
     stored = group["cls_attention"][:][ok].astype(np.float64)
     for j, block in enumerate((0, 2)):
@@ -155,8 +166,12 @@ def test_overlays_and_pngs_written(local_run):
     assert len(pngs) == 2 * len(ok)
 
 
-def test_local_cluster_gives_identical_store(tmp_path, dataset, checkpoint, export_cache, local_run):
-    config = write_config(tmp_path, dataset, checkpoint, export_cache, cluster={"kind": "local", "n_workers": 2})
+def test_local_cluster_gives_identical_store(
+    tmp_path, dataset, checkpoint, export_cache, local_run
+):
+    config = write_config(
+        tmp_path, dataset, checkpoint, export_cache, cluster={"kind": "local", "n_workers": 2}
+    )
     assert cli_main(["run", str(config), "--no-progress"]) == 0
     assert_stores_equal(local_run, tmp_path / "run.zarr")
 
@@ -165,12 +180,25 @@ def test_local_cluster_gives_identical_store(tmp_path, dataset, checkpoint, expo
 def external_cluster(tmp_path):
     """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
     sched_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "pipeline")}
     dask = str(VENV_BIN / "dask")
     procs = [
         subprocess.Popen(
-            [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
     ]
     try:
@@ -178,11 +206,28 @@ def external_cluster(tmp_path):
         while not sched_file.exists() and time.time() < deadline:
             time.sleep(0.2)
         for _ in range(2):
-            procs.append(subprocess.Popen(
-                [dask, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1", "--nworkers", "1",
-                 "--host", "127.0.0.1", "--no-dashboard"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        dask,
+                        "worker",
+                        "--scheduler-file",
+                        str(sched_file),
+                        "--nthreads",
+                        "1",
+                        "--nworkers",
+                        "1",
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd=tmp_path,
+                )
+            )
         from distributed import Client
 
         with Client(scheduler_file=str(sched_file), timeout="60s") as client:
@@ -204,9 +249,14 @@ def with_suppress_kill(proc: subprocess.Popen) -> None:
             pass
 
 
-def test_external_dask_cluster_gives_identical_store(tmp_path, dataset, checkpoint, export_cache, local_run, external_cluster):
+def test_external_dask_cluster_gives_identical_store(
+    tmp_path, dataset, checkpoint, export_cache, local_run, external_cluster
+):
     config = write_config(
-        tmp_path / "run", dataset, checkpoint, export_cache,
+        tmp_path / "run",
+        dataset,
+        checkpoint,
+        export_cache,
         cluster={"kind": "address", "scheduler_file": str(external_cluster)},
     )
     assert cli_main(["run", str(config), "--no-progress"]) == 0
@@ -215,14 +265,23 @@ def test_external_dask_cluster_gives_identical_store(tmp_path, dataset, checkpoi
 
 def _vit_attn(*args: str, cwd: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(VENV_BIN / "vit-attn"), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, **kw,
+        [str(VENV_BIN / "vit-attn"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
     )
 
 
-def test_sigkill_then_resume_gives_identical_store(tmp_path, dataset, checkpoint, export_cache, local_run):
+def test_sigkill_then_resume_gives_identical_store(
+    tmp_path, dataset, checkpoint, export_cache, local_run
+):
     # PNG output slows each batch down enough to kill the run in the middle.
-    config = write_config(tmp_path, dataset, checkpoint, export_cache, output={"png_dir": "png", "png_heads": True})
+    config = write_config(
+        tmp_path, dataset, checkpoint, export_cache, output={"png_dir": "png", "png_heads": True}
+    )
     store = tmp_path / "run.zarr"
     proc = _vit_attn("run", str(config), "--no-progress", cwd=tmp_path)
     n_batches = -(-zarr_len(local_run) // BATCH)
@@ -254,12 +313,16 @@ def zarr_len(path: Path) -> int:
 
 def test_rerun_of_a_finished_store_does_nothing(local_run, tmp_path):
     config = local_run.parent / "config.yaml"
-    before = {p: p.stat().st_mtime_ns for p in (local_run / "cls_attention").rglob("*") if p.is_file()}
+    before = {
+        p: p.stat().st_mtime_ns for p in (local_run / "cls_attention").rglob("*") if p.is_file()
+    }
     proc = _vit_attn("run", str(config), cwd=local_run.parent)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "0 of" in err and "in 0 batches" in err
-    after = {p: p.stat().st_mtime_ns for p in (local_run / "cls_attention").rglob("*") if p.is_file()}
+    after = {
+        p: p.stat().st_mtime_ns for p in (local_run / "cls_attention").rglob("*") if p.is_file()
+    }
     assert before == after
 
 
@@ -269,8 +332,14 @@ def test_rerun_of_a_finished_store_does_nothing(local_run, tmp_path):
         (lambda c: c["attention"].update(layerz=[1]), r"attention\.layerz: unknown key"),
         (lambda c: c["inference"].update(batch_size="many"), r"inference\.batch_size: .*integer"),
         (lambda c: c["data"].update(source="/no/such/folder"), r"/no/such/folder"),
-        (lambda c: c["attention"].update(layers=[0]), r"holds a different run \(outputs\.layers: \[0, 2\] -> \[0\]"),
-        (lambda c: c["model"].update(name="resnet18", checkpoint=None, img_size=None, kwargs={}), r"no transformer blocks"),
+        (
+            lambda c: c["attention"].update(layers=[0]),
+            r"holds a different run \(outputs\.layers: \[0, 2\] -> \[0\]",
+        ),
+        (
+            lambda c: c["model"].update(name="resnet18", checkpoint=None, img_size=None, kwargs={}),
+            r"no transformer blocks",
+        ),
     ],
     ids=["unknown-key", "wrong-type", "missing-data", "fingerprint-mismatch", "no-attention"],
 )
@@ -284,24 +353,34 @@ def test_user_errors_are_one_line_and_nonzero(local_run, tmp_path, mutate, messa
     proc = _vit_attn("run", str(config), cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("vit-attn: error: "), err
     assert re.search(message, lines[0]), lines[0]
     np.testing.assert_array_equal(zarr.open_group(str(local_run), mode="r")["status"][:], before)
 
 
-def test_overwrite_replaces_a_store_of_another_run(local_run, tmp_path, dataset, checkpoint, export_cache):
+def test_overwrite_replaces_a_store_of_another_run(
+    local_run, tmp_path, dataset, checkpoint, export_cache
+):
     folder = tmp_path / "over"
     shutil.copytree(local_run, folder / "run.zarr")
-    config = write_config(folder, dataset, checkpoint, export_cache, attention={"layers": [1], "full": False, "rollout": False},
-                          output={"overlays": "none"})
+    config = write_config(
+        folder,
+        dataset,
+        checkpoint,
+        export_cache,
+        attention={"layers": [1], "full": False, "rollout": False},
+        output={"overlays": "none"},
+    )
     assert cli_main(["run", str(config), "--no-progress"]) == 2
     assert cli_main(["run", str(config), "--no-progress", "--overwrite"]) == 0
     group = zarr.open_group(str(folder / "run.zarr"), mode="r")
     assert group["layer"][:].tolist() == [1] and "attention" not in dict(group.arrays())
 
 
-def test_refuses_to_write_into_a_folder_that_is_not_a_store(tmp_path, dataset, checkpoint, export_cache):
+def test_refuses_to_write_into_a_folder_that_is_not_a_store(
+    tmp_path, dataset, checkpoint, export_cache
+):
     config = write_config(tmp_path, dataset, checkpoint, export_cache, output={"store": "precious"})
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("keep me")
@@ -316,7 +395,28 @@ def test_inspect_and_show(local_run, tmp_path, capsys):
     assert "broken/empty.jpg" in out and "cls_attention" in out
     for head in ("mean", "0", "max", "grid"):
         png = tmp_path / f"show-{head}.png"
-        assert cli_main(["show", str(local_run), "--image", "photos/astronaut.png", "--layer", "0", "--head", head, "-o", str(png)]) == 0
+        assert (
+            cli_main(
+                [
+                    "show",
+                    str(local_run),
+                    "--image",
+                    "photos/astronaut.png",
+                    "--layer",
+                    "0",
+                    "--head",
+                    head,
+                    "-o",
+                    str(png),
+                ]
+            )
+            == 0
+        )
         assert png.stat().st_size > 1000
-    assert cli_main(["show", str(local_run), "--image", "broken/empty.jpg", "-o", str(tmp_path / "x.png")]) == 2
+    assert (
+        cli_main(
+            ["show", str(local_run), "--image", "broken/empty.jpg", "-o", str(tmp_path / "x.png")]
+        )
+        == 2
+    )
     assert "failed" in capsys.readouterr().err

@@ -1,25 +1,30 @@
-"""pipeline.runtime: the IO-binding path (used on GPUs) gives exactly the plain session's outputs.
+"""vit_attn.runtime: the IO-binding path (used on GPUs) gives exactly the plain session's outputs.
 
 No GPU here: onnxruntime's CPU EP binds OrtValues too, so `io_binding=True` runs the very code
 the CUDA EP runs (one binding per batch shape, host output buffers reused), minus the device.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import runtime
-from pipeline.export import export_onnx
-from pipeline.model import ModelSource, load_model
-from pipeline.runtime import OrtRunner, RuntimeOptions
-from pipeline.specs import OutputSpec
+from vit_attn import runtime
+from vit_attn.export import export_onnx
+from vit_attn.model import ModelSource, load_model
+from vit_attn.runtime import OrtRunner, RuntimeOptions
+from vit_attn.specs import OutputSpec
 
-SPEC = OutputSpec(layers=(0, 1), logits=True, topk=3, cls_attention=True, attention=True, rollout=True)
+SPEC = OutputSpec(
+    layers=(0, 1), logits=True, topk=3, cls_attention=True, attention=True, rollout=True
+)
 
 
 @pytest.fixture(scope="module")
 def graphs(export_cache):
-    loaded = load_model(ModelSource("vit_tiny_patch16_224", seed=0, img_size=(32, 48), kwargs={"depth": 2}))
+    loaded = load_model(
+        ModelSource("vit_tiny_patch16_224", seed=0, img_size=(32, 48), kwargs={"depth": 2})
+    )
     return {p: export_onnx(loaded, SPEC, p, export_cache) for p in ("fp32", "mixed")}
 
 
@@ -37,7 +42,9 @@ def test_io_binding_equals_plain_run(graphs, precision):
         expected, got = plain.run(x), bound.run(x)
         assert list(got) == list(expected)
         for name in expected:
-            assert got[name].dtype == expected[name].dtype and got[name].shape == expected[name].shape, name
+            assert (
+                got[name].dtype == expected[name].dtype and got[name].shape == expected[name].shape
+            ), name
             np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     assert len(bound._bindings) == 2  # at most two shapes are kept bound
 
@@ -73,7 +80,9 @@ def test_bound_outputs_are_reused_buffers(graphs):
 
 def test_outputs_without_fixed_shape_are_copied_out(graphs, monkeypatch):
     """Outputs the binding cannot preallocate (here: pretend float32 is unknown) still arrive."""
-    monkeypatch.setattr(runtime, "_ORT_TYPES", {k: v for k, v in runtime._ORT_TYPES.items() if k != "tensor(float)"})
+    monkeypatch.setattr(
+        runtime, "_ORT_TYPES", {k: v for k, v in runtime._ORT_TYPES.items() if k != "tensor(float)"}
+    )
     plain = OrtRunner(graphs["fp32"], RuntimeOptions(threads=1))
     bound = OrtRunner(graphs["fp32"], RuntimeOptions(threads=1), io_binding=True)
     (x,) = batches([3])
@@ -92,9 +101,13 @@ def test_tensorrt_cache_defaults_beside_the_export_cache(monkeypatch, tmp_path):
 def test_example_gpu_config_is_valid():
     from pathlib import Path
 
-    from pipeline.config import load_config
+    from vit_attn.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "imagenet_gpu.yaml")
     assert (cfg.model.name, cfg.model.pretrained) == ("vit_base_patch16_224", True)
-    assert (cfg.inference.device, cfg.inference.precision, cfg.inference.batch_size) == ("cuda", "mixed", 128)
+    assert (cfg.inference.device, cfg.inference.precision, cfg.inference.batch_size) == (
+        "cuda",
+        "mixed",
+        128,
+    )
     assert (cfg.cluster.kind, cfg.cluster.n_workers) == ("local", 1)

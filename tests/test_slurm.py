@@ -4,6 +4,7 @@ The job-script tests need only dask-jobqueue. The rest start munged, slurmctld a
 localhost (tests/slurm_cluster.py) and skip, saying why, where that cannot run (not root, or
 Debian's slurm-wlm/munge packages missing; `.ci/run` installs them).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,19 +17,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main as cli_main
-from pipeline.config import ClusterConfig, load_config
-from pipeline.orchestrate import WORKER_ENV
-from pipeline.slurm import job_script, slurm_kwargs, worker_env_prologue
+from vit_attn.cli import main as cli_main
+from vit_attn.config import ClusterConfig, load_config
+from vit_attn.orchestrate import WORKER_ENV
+from vit_attn.slurm import job_script, slurm_kwargs, worker_env_prologue
 
 from . import slurm_cluster
-from .smallrun import assert_stores_equal, reference_store, small_checkpoint, small_dataset, write_config  # noqa: F401
+from .smallrun import (
+    assert_stores_equal,
+    write_config,
+)  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SBATCH_SCRIPT = REPO / "scripts" / "slurm" / "run.sbatch"
 
-pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed (pip install '.[slurm]')")
+pytest.importorskip(
+    "dask_jobqueue", reason="dask-jobqueue is not installed (pip install '.[slurm]')"
+)
 
 
 def _cluster(**slurm) -> ClusterConfig:
@@ -36,13 +42,25 @@ def _cluster(**slurm) -> ClusterConfig:
 
 
 def directives(script: str) -> list[str]:
-    return [line.removeprefix("#SBATCH").strip() for line in script.splitlines() if line.startswith("#SBATCH")]
+    return [
+        line.removeprefix("#SBATCH").strip()
+        for line in script.splitlines()
+        if line.startswith("#SBATCH")
+    ]
 
 
 def test_job_script_has_queue_account_resources_gpus_and_lifetime(tmp_path):
     cluster = _cluster(
-        queue="gpu", account="proj42", cores=8, processes=2, memory="32GB", walltime="02:30:00", gpus=2,
-        worker_lifetime="55m", worker_lifetime_stagger="4m", job_extra_directives=["--constraint=a100"],
+        queue="gpu",
+        account="proj42",
+        cores=8,
+        processes=2,
+        memory="32GB",
+        walltime="02:30:00",
+        gpus=2,
+        worker_lifetime="55m",
+        worker_lifetime_stagger="4m",
+        job_extra_directives=["--constraint=a100"],
         log_directory=str(tmp_path / "logs"),
     )
     script = job_script(cluster, WORKER_ENV)
@@ -73,13 +91,23 @@ def test_job_script_without_gpus_or_lifetime_has_neither():
 def test_worker_env_prologue_reaches_the_nanny_config(tmp_path):
     """The exported variable makes the nanny spawn workers with our env and without MALLOC_TRIM_THRESHOLD_."""
     env = {**WORKER_ENV, "VIT_ATTN_TEST": "a b'c"}
-    script = "\n".join([*worker_env_prologue(env), f"exec {sys.executable} -c \"$PROBE\""])
+    script = "\n".join([*worker_env_prologue(env), f'exec {sys.executable} -c "$PROBE"'])
     probe = (
         "from distributed.nanny import _get_env_variables as g; "
         "print(repr(g('distributed.nanny.pre-spawn-environ')))"
     )
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DASK_") and k != "MALLOC_TRIM_THRESHOLD_"}
-    out = subprocess.run(["bash", "-c", script], env={**clean, "PROBE": probe}, capture_output=True, text=True, check=True)
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DASK_") and k != "MALLOC_TRIM_THRESHOLD_"
+    }
+    out = subprocess.run(
+        ["bash", "-c", script],
+        env={**clean, "PROBE": probe},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     spawned = eval(out.stdout)  # a dict literal printed by the probe
     assert "MALLOC_TRIM_THRESHOLD_" not in spawned
     for key, value in env.items():
@@ -96,20 +124,35 @@ def test_sbatch_script_is_valid_bash():
 @pytest.mark.parametrize(
     "env, expected",
     [
-        ({"SLURM_CPUS_PER_TASK": "16", "SLURM_GPUS_ON_NODE": "1"},
-         "--set cluster.n_workers=1 --set data.decode_threads=16"),
-        ({"SLURM_CPUS_PER_TASK": "16"}, "--set cluster.n_workers=8 --set data.decode_threads=2 --set inference.threads=2"),
-        ({"SLURM_CPUS_PER_TASK": "1"}, "--set cluster.n_workers=1 --set data.decode_threads=1 --set inference.threads=1"),
-        ({"SLURM_CPUS_PER_TASK": "8", "VIT_ATTN_WORKERS": "2", "VIT_ATTN_THREADS": "4"},
-         "--set cluster.n_workers=2 --set data.decode_threads=4 --set inference.threads=4"),
+        (
+            {"SLURM_CPUS_PER_TASK": "16", "SLURM_GPUS_ON_NODE": "1"},
+            "--set cluster.n_workers=1 --set data.decode_threads=16",
+        ),
+        (
+            {"SLURM_CPUS_PER_TASK": "16"},
+            "--set cluster.n_workers=8 --set data.decode_threads=2 --set inference.threads=2",
+        ),
+        (
+            {"SLURM_CPUS_PER_TASK": "1"},
+            "--set cluster.n_workers=1 --set data.decode_threads=1 --set inference.threads=1",
+        ),
+        (
+            {"SLURM_CPUS_PER_TASK": "8", "VIT_ATTN_WORKERS": "2", "VIT_ATTN_THREADS": "4"},
+            "--set cluster.n_workers=2 --set data.decode_threads=4 --set inference.threads=4",
+        ),
     ],
     ids=["gpu", "cpu-16", "cpu-1", "explicit"],
 )
 def test_sbatch_script_sizes_the_local_cluster_from_the_allocation(env, expected):
     """The script's arithmetic, with `echo` standing in for vit-attn (no SLURM needed)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "VIT_ATTN"))}
-    proc = subprocess.run(["bash", str(SBATCH_SCRIPT), "my.yaml", "--set", "a.b=1"], env={**clean, **env, "VIT_ATTN": "echo"},
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        ["bash", str(SBATCH_SCRIPT), "my.yaml", "--set", "a.b=1"],
+        env={**clean, **env, "VIT_ATTN": "echo"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     command = proc.stdout.strip().splitlines()[-1]
     assert command == f"run my.yaml --set cluster.kind=local {expected} --set a.b=1"
 
@@ -151,22 +194,37 @@ def wait_for_job(slurm, job_id: str, timeout: float) -> tuple[str, str]:
         if fields.get("JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
             return fields["JobState"], fields.get("ExitCode", "")
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} still {fields.get('JobState')} after {timeout:.0f} s\n{slurm.logs()}")
+    raise AssertionError(
+        f"job {job_id} still {fields.get('JobState')} after {timeout:.0f} s\n{slurm.logs()}"
+    )
 
 
 def slurm_section(logs: Path, **extra) -> dict:
     # One core and one worker per job: two jobs fit the 2-core test node side by side.
-    return {"queue": "debug", "cores": 1, "processes": 1, "memory": "1GB", "walltime": "00:10:00",
-            "interface": "lo", "log_directory": str(logs), "local_directory": str(logs), **extra}
+    return {
+        "queue": "debug",
+        "cores": 1,
+        "processes": 1,
+        "memory": "1GB",
+        "walltime": "00:10:00",
+        "interface": "lo",
+        "log_directory": str(logs),
+        "local_directory": str(logs),
+        **extra,
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_slurm_run_gives_the_in_process_store(tmp_path, slurm_env, small_dataset, small_checkpoint, export_cache,
-                                              reference_store):
+def test_slurm_run_gives_the_in_process_store(
+    tmp_path, slurm_env, small_dataset, small_checkpoint, export_cache, reference_store
+):
     logs = tmp_path / "logs"
     config = write_config(
-        tmp_path / "run", small_dataset, small_checkpoint, export_cache,
+        tmp_path / "run",
+        small_dataset,
+        small_checkpoint,
+        export_cache,
         cluster={"kind": "slurm", "slurm": slurm_section(logs, jobs=2)},
     )
     t0 = time.perf_counter()
@@ -181,15 +239,21 @@ def test_slurm_run_gives_the_in_process_store(tmp_path, slurm_env, small_dataset
 @pytest.mark.timeout(240)
 def test_slurm_workers_retire_at_lifetime_and_are_replaced(tmp_path, slurm_env):
     """--lifetime retires a worker (as before a walltime kill) and a new SLURM job replaces it."""
-    from pipeline.orchestrate import dask_client
+    from vit_attn.orchestrate import dask_client
 
-    cluster = ClusterConfig(kind="slurm", slurm=slurm_section(tmp_path, jobs=1, worker_lifetime="6s",
-                                                               worker_lifetime_stagger="1s"))
+    cluster = ClusterConfig(
+        kind="slurm",
+        slurm=slurm_section(tmp_path, jobs=1, worker_lifetime="6s", worker_lifetime_stagger="1s"),
+    )
     with dask_client(cluster) as client:
         client.wait_for_workers(1, timeout=120)
         first = set(client.scheduler_info()["workers"])
-        env = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
-        assert all(e == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"} for e in env.values()), env
+        env = client.run(
+            lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+        )
+        assert all(
+            e == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"} for e in env.values()
+        ), env
         deadline = time.monotonic() + 120
         replaced = set()
         while time.monotonic() < deadline and not replaced:
@@ -201,15 +265,30 @@ def test_slurm_workers_retire_at_lifetime_and_are_replaced(tmp_path, slurm_env):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_sbatch_script_runs_a_config_in_one_allocation(tmp_path, slurm, small_dataset, small_checkpoint, export_cache,
-                                                       reference_store):
+def test_sbatch_script_runs_a_config_in_one_allocation(
+    tmp_path, slurm, small_dataset, small_checkpoint, export_cache, reference_store
+):
     config = write_config(tmp_path, small_dataset, small_checkpoint, export_cache)
     log = tmp_path / "job.out"
     env = {**slurm.env, "VIT_ATTN": str(VENV_BIN / "vit-attn"), "VIT_ATTN_WORKERS": "1"}
     proc = subprocess.run(
-        ["sbatch", "--parsable", "--cpus-per-task=1", "--mem=1G", "--time=10", f"--output={log}",
-         str(SBATCH_SCRIPT), str(config), "--no-progress"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True,
+        [
+            "sbatch",
+            "--parsable",
+            "--cpus-per-task=1",
+            "--mem=1G",
+            "--time=10",
+            f"--output={log}",
+            str(SBATCH_SCRIPT),
+            str(config),
+            "--no-progress",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     # `sbatch --wait` does the same but polls at growing intervals (tens of seconds here).
     state, exit_code = wait_for_job(slurm, proc.stdout.strip().split(";")[0], timeout=200)

@@ -1,5 +1,6 @@
-"""Per-head statistics (pipeline.stats): hand-made matrices with known answers, an independent
+"""Per-head statistics (vit_attn.stats): hand-made matrices with known answers, an independent
 float64 loop reference, the torch twin, and the exported graph's in-graph outputs."""
+
 from __future__ import annotations
 
 import math
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.export import AttentionGraph, export_onnx
-from pipeline.runtime import OrtRunner, RuntimeOptions, TorchRunner
-from pipeline.specs import OutputSpec
-from pipeline.stats import STAT_NAMES, attention_stats, graph_stats, max_distance
+from vit_attn.export import AttentionGraph, export_onnx
+from vit_attn.runtime import OrtRunner, RuntimeOptions, TorchRunner
+from vit_attn.specs import OutputSpec
+from vit_attn.stats import STAT_NAMES, attention_stats, graph_stats, max_distance
 
 from .conftest import sharpened_model
 
@@ -22,7 +23,9 @@ N = GRID[0] * GRID[1]
 T = P + N
 
 
-def reference(a: np.ndarray, p: int, grid: tuple[int, int], patch: tuple[int, int]) -> dict[str, float]:
+def reference(
+    a: np.ndarray, p: int, grid: tuple[int, int], patch: tuple[int, int]
+) -> dict[str, float]:
     """One head's statistics with plain loops, written from the definitions in docs/ANALYSIS.md."""
     gh, gw = grid
     ph, pw = patch
@@ -123,7 +126,9 @@ def test_concentration_known_answers():
     assert s["cls_entropy"] == pytest.approx(-sum(v * math.log(v) for v in cls[cls > 0]))
 
 
-def random_attention(rng: np.random.Generator, shape: tuple[int, ...], sharp: float = 0.2) -> np.ndarray:
+def random_attention(
+    rng: np.random.Generator, shape: tuple[int, ...], sharp: float = 0.2
+) -> np.ndarray:
     return rng.dirichlet(np.full(T, sharp), size=(*shape, T))
 
 
@@ -146,8 +151,14 @@ def test_torch_stats_equal_numpy_in_float64_and_float32():
     got32 = graph_stats(torch.from_numpy(a.astype(np.float32)), P, GRID, PATCH)
     assert list(got64) == list(STAT_NAMES)
     for name in STAT_NAMES:
-        np.testing.assert_allclose(got64[name].numpy(), want[name], rtol=1e-12, atol=1e-12, err_msg=name)
-        tol = 1.0 / N if name == "concentration_60" else 1e-5 * max(1.0, float(np.abs(want[name]).max()))
+        np.testing.assert_allclose(
+            got64[name].numpy(), want[name], rtol=1e-12, atol=1e-12, err_msg=name
+        )
+        tol = (
+            1.0 / N
+            if name == "concentration_60"
+            else 1e-5 * max(1.0, float(np.abs(want[name]).max()))
+        )
         np.testing.assert_allclose(got32[name].numpy(), want[name], atol=tol, rtol=0, err_msg=name)
 
 
@@ -196,11 +207,17 @@ def test_graph_stats_equal_numpy_stats_of_the_graphs_own_attention(graph_run):
     for name in STAT_NAMES:
         got = outs[name]
         assert got.shape == (4, 2, lay.num_heads) and got.dtype == np.float32, name
-        tol = 1.0 / (lay.grid[0] * lay.grid[1]) if name == "concentration_60" else 2e-5 * max(1.0, float(np.abs(want[name]).max()))
+        tol = (
+            1.0 / (lay.grid[0] * lay.grid[1])
+            if name == "concentration_60"
+            else 2e-5 * max(1.0, float(np.abs(want[name]).max()))
+        )
         np.testing.assert_allclose(got, want[name], atol=tol, rtol=0, err_msg=name)
     # invariants that hold for any model
     n = lay.grid[0] * lay.grid[1]
-    assert (outs["cls_entropy"] >= -1e-6).all() and (outs["cls_entropy"] <= math.log(n) + 1e-5).all()
+    assert (outs["cls_entropy"] >= -1e-6).all() and (
+        outs["cls_entropy"] <= math.log(n) + 1e-5
+    ).all()
     assert (outs["attention_distance"] <= max_distance(lay.grid, lay.patch_size) + 1e-3).all()
 
 
@@ -208,13 +225,20 @@ def test_torch_backend_stats_equal_onnxruntime(graph_run):
     loaded, spec, x, outs = graph_run
     torch_outs = TorchRunner(AttentionGraph(loaded, spec), RuntimeOptions()).run(x)
     for name in STAT_NAMES:
-        np.testing.assert_allclose(torch_outs[name], outs[name], atol=2e-5 * max(1.0, float(np.abs(outs[name]).max())), err_msg=name)
+        np.testing.assert_allclose(
+            torch_outs[name],
+            outs[name],
+            atol=2e-5 * max(1.0, float(np.abs(outs[name]).max())),
+            err_msg=name,
+        )
 
 
 def test_stats_change_the_export_cache_key(export_cache):
-    from pipeline.export import export_fingerprint
+    from vit_attn.export import export_fingerprint
 
     loaded = sharpened_model("vit_tiny_patch16_224", factor=1.0, seed=0, depth=1)
     base = OutputSpec(layers=(0,))
-    assert export_fingerprint(loaded, base, "fp32") != export_fingerprint(loaded, OutputSpec(layers=(0,), stats=True), "fp32")
-    assert OutputSpec(layers=(0,), stats=True).names(True)[-len(STAT_NAMES):] == list(STAT_NAMES)
+    assert export_fingerprint(loaded, base, "fp32") != export_fingerprint(
+        loaded, OutputSpec(layers=(0,), stats=True), "fp32"
+    )
+    assert OutputSpec(layers=(0,), stats=True).names(True)[-len(STAT_NAMES) :] == list(STAT_NAMES)

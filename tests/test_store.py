@@ -1,4 +1,5 @@
 """The store contract (DESIGN.md section 3): layout, batch writes, status, resume, xarray."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import zarr
 
-import pipeline.store as store_mod
-from pipeline.errors import ConfigError, StoreError
-from pipeline.store import (
+import vit_attn.store as store_mod
+from vit_attn.errors import ConfigError, StoreError
+from vit_attn.store import (
     BatchResult,
     StoreSpec,
     consolidate,
@@ -26,13 +27,31 @@ from pipeline.store import (
 )
 
 FULL = StoreSpec(
-    n_images=10, batch_size=4, layers=(2, 5), num_heads=3, grid=(2, 3), input_size=(8, 12),
-    num_tokens=7, topk=5, full_attention=True, rollout=True, overlays="heads",
+    n_images=10,
+    batch_size=4,
+    layers=(2, 5),
+    num_heads=3,
+    grid=(2, 3),
+    input_size=(8, 12),
+    num_tokens=7,
+    topk=5,
+    full_attention=True,
+    rollout=True,
+    overlays="heads",
     stats=("entropy",),
 )
 MINIMAL = StoreSpec(
-    n_images=3, batch_size=8, layers=(11,), num_heads=2, grid=(3, 2), input_size=(6, 4),
-    num_tokens=8, topk=None, full_attention=False, rollout=False, overlays="none",
+    n_images=3,
+    batch_size=8,
+    layers=(11,),
+    num_heads=2,
+    grid=(3, 2),
+    input_size=(6, 4),
+    num_tokens=8,
+    topk=None,
+    full_attention=False,
+    rollout=False,
+    overlays="none",
 )
 CONFIG = {"model": {"name": "vit_tiny"}, "attention": {"layers": [11], "full": False}}
 ATTRS = {"model": {"name": "vit_tiny", "grid": [2, 3]}, "config": CONFIG, "fingerprint": "abc123"}
@@ -45,7 +64,13 @@ def _paths(spec: StoreSpec) -> list[str]:
 def _contract(spec: StoreSpec) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
     """Name -> (dims, dtype, shape) written out from DESIGN.md, independent of store.py."""
     n = spec.n_images
-    nl, nh, (gh, gw), (h, w), t = len(spec.layers), spec.num_heads, spec.grid, spec.input_size, spec.num_tokens
+    nl, nh, (gh, gw), (h, w), t = (
+        len(spec.layers),
+        spec.num_heads,
+        spec.grid,
+        spec.input_size,
+        spec.num_tokens,
+    )
     out = {
         "image_path": (("image",), "str", (n,)),
         "status": (("image",), "int8", (n,)),
@@ -58,13 +83,21 @@ def _contract(spec: StoreSpec) -> dict[str, tuple[tuple[str, ...], str, tuple[in
         out["topk_index"] = (("image", "k"), "int32", (n, spec.topk))
         out["topk_prob"] = (("image", "k"), "float32", (n, spec.topk))
     if spec.full_attention:
-        out["attention"] = (("image", "layer", "head", "query", "key"), "float16", (n, nl, nh, t, t))
+        out["attention"] = (
+            ("image", "layer", "head", "query", "key"),
+            "float16",
+            (n, nl, nh, t, t),
+        )
     if spec.rollout:
         out["rollout"] = (("image", "y", "x"), "float32", (n, gh, gw))
     if spec.overlays != "none":
         out["overlay"] = (("image", "pixel_y", "pixel_x", "channel"), "uint8", (n, h, w, 3))
     if spec.overlays == "heads":
-        out["overlay_heads"] = (("image", "head", "pixel_y", "pixel_x", "channel"), "uint8", (n, nh, h, w, 3))
+        out["overlay_heads"] = (
+            ("image", "head", "pixel_y", "pixel_x", "channel"),
+            "uint8",
+            (n, nh, h, w, 3),
+        )
     for s in spec.stats:
         out[s] = (("image", "layer", "head"), "float32", (n, nl, nh))
     return out
@@ -74,7 +107,7 @@ def _batch(spec: StoreSpec, index: int, seed: int = 0, failed: tuple[int, ...] =
     """Deterministic non-zero data for one batch (recomputable in any process)."""
     result = empty_batch(spec, index)
     rng = np.random.default_rng(seed * 1000 + index)
-    for name, values in result.arrays.items():
+    for values in result.arrays.values():
         values[...] = rng.integers(1, 100, size=values.shape).astype(values.dtype)
     result.status[:] = 1
     for i in failed:
@@ -90,7 +123,16 @@ def test_contract_layout(tmp_path: Path, spec: StoreSpec) -> None:
     assert sorted(name for name, _ in group.arrays()) == sorted(contract)
     assert group.attrs["format"] == "vit-attention-store" and group.attrs["format_version"] == 1
     assert group.attrs["fingerprint"] == "abc123" and group.attrs["config"] == CONFIG
-    small = {"image_path", "status", "error", "layer", "head", "topk_index", "topk_prob", *spec.stats}
+    small = {
+        "image_path",
+        "status",
+        "error",
+        "layer",
+        "head",
+        "topk_index",
+        "topk_prob",
+        *spec.stats,
+    }
     for name, (dims, dtype, shape) in contract.items():
         arr = group[name]
         assert arr.metadata.dimension_names == dims, name
@@ -121,14 +163,31 @@ def test_contract_layout(tmp_path: Path, spec: StoreSpec) -> None:
 
 def test_spec_validation() -> None:
     base = dict(
-        n_images=4, batch_size=2, layers=(1,), num_heads=2, grid=(2, 2), input_size=(4, 4),
-        num_tokens=5, topk=None, full_attention=False, rollout=False, overlays="none",
+        n_images=4,
+        batch_size=2,
+        layers=(1,),
+        num_heads=2,
+        grid=(2, 2),
+        input_size=(4, 4),
+        num_tokens=5,
+        topk=None,
+        full_attention=False,
+        rollout=False,
+        overlays="none",
     )
     assert StoreSpec(**{**base, "layers": [0, 3]}).layers == (0, 3)  # lists from YAML
     for bad in (
-        {"layers": (3, 1)}, {"layers": (1, 1)}, {"layers": (-1,)}, {"layers": ()},
-        {"overlays": "all"}, {"compression": "gzip"}, {"num_tokens": 3}, {"topk": 0},
-        {"stats": ("status",)}, {"stats": ("a b",)}, {"batch_size": 0},
+        {"layers": (3, 1)},
+        {"layers": (1, 1)},
+        {"layers": (-1,)},
+        {"layers": ()},
+        {"overlays": "all"},
+        {"compression": "gzip"},
+        {"num_tokens": 3},
+        {"topk": 0},
+        {"stats": ("status",)},
+        {"stats": ("a b",)},
+        {"batch_size": 0},
     ):
         with pytest.raises(ConfigError):
             StoreSpec(**{**base, **bad})
@@ -155,7 +214,9 @@ def test_xarray_reads_named_dims_and_coordinates(tmp_path: Path) -> None:
     cls = ds["cls_attention"].values
     assert cls.dtype == np.float16 and not np.isnan(cls).any()
     assert not cls[:4].any() and cls[4:8].all()
-    np.testing.assert_array_equal(ds["cls_attention"].sel(layer=5).values[4:8], _batch(FULL, 1).arrays["cls_attention"][:, 1])
+    np.testing.assert_array_equal(
+        ds["cls_attention"].sel(layer=5).values[4:8], _batch(FULL, 1).arrays["cls_attention"][:, 1]
+    )
 
 
 def _spawned_write(path: str, index: int) -> None:
@@ -300,7 +361,9 @@ def test_existing_store_overwrite_and_resume(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="fingerprint abc123 -> def456"):
         open_store_for_resume(path, "def456")
 
-    group = create_store(path, MINIMAL, _paths(MINIMAL), {**ATTRS, "fingerprint": "def456"}, overwrite=True)
+    group = create_store(
+        path, MINIMAL, _paths(MINIMAL), {**ATTRS, "fingerprint": "def456"}, overwrite=True
+    )
     assert not group["status"][:].any() and not group["cls_attention"][:].any()
     assert open_store_for_resume(path, "def456").attrs["fingerprint"] == "def456"
 
@@ -309,7 +372,9 @@ def test_config_differences() -> None:
     old = {"a": {"b": 1, "c": [1, 2]}, "d": "x", "gone": 1}
     new = {"a": {"b": 1, "c": (1, 3)}, "d": "x", "added": {"e": True}}
     assert store_mod.config_differences(old, new) == [
-        "a.c: [1, 2] -> [1, 3]", "gone: 1 -> (absent)", 'added: (absent) -> {"e": true}',
+        "a.c: [1, 2] -> [1, 3]",
+        "gone: 1 -> (absent)",
+        'added: (absent) -> {"e": true}',
     ]
     assert store_mod.config_differences(old, new, limit=1) == ["a.c: [1, 2] -> [1, 3]"]
     assert store_mod.config_differences({"a": (1, 2)}, {"a": [1, 2]}) == []

@@ -3,6 +3,7 @@
 Unknown keys and wrong types are errors that name the key and the file, so a typo never
 silently falls back to a default on a cluster job.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,9 @@ class AttentionConfig(_Section):
     layers: Literal["all"] | int | list[int] = Field(default_factory=lambda: [-1])
     full: bool = False
     rollout: bool = False
-    stats: bool = False  # per-(image, layer, head) statistics computed in the graph (pipeline.stats)
+    stats: bool = (
+        False  # per-(image, layer, head) statistics computed in the graph (vit_attn.stats)
+    )
     topk: int = Field(5, ge=0, le=100)
 
 
@@ -60,7 +63,9 @@ class InferenceConfig(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "mixed"] = "fp32"
     batch_size: int = Field(32, ge=1, le=4096)
-    threads: int = Field(0, ge=0, description="threads per inference session; 0 = the worker's share of cores")
+    threads: int = Field(
+        0, ge=0, description="threads per inference session; 0 = the worker's share of cores"
+    )
     allow_cpu_fallback: bool = False
     tensorrt: bool = False
     cache_dir: Path | None = None
@@ -104,18 +109,26 @@ class ClusterConfig(_Section):
     address: str | None = None
     scheduler_file: Path | None = None
     batches_per_worker: int = Field(
-        2, ge=1, description="batches a worker holds at once (Dask threads per worker); inference runs one at a "
-        "time per worker, so 2 overlaps decoding, maps and writing of one batch with inference of another"
+        2,
+        ge=1,
+        description="batches a worker holds at once (Dask threads per worker); inference runs one at a "
+        "time per worker, so 2 overlaps decoding, maps and writing of one batch with inference of another",
     )
-    max_in_flight: int = Field(0, ge=0, description="batches submitted at once; 0 = batches_per_worker + 1 per worker")
+    max_in_flight: int = Field(
+        0, ge=0, description="batches submitted at once; 0 = batches_per_worker + 1 per worker"
+    )
     retries: int = Field(2, ge=0)
-    worker_env: dict[str, str] = Field(default_factory=dict, description="environment of local/SLURM worker processes")
+    worker_env: dict[str, str] = Field(
+        default_factory=dict, description="environment of local/SLURM worker processes"
+    )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")
     def _address_given(self) -> ClusterConfig:
         if self.kind == "address" and not (self.address or self.scheduler_file):
-            raise ValueError("cluster.kind 'address' needs cluster.address or cluster.scheduler_file")
+            raise ValueError(
+                "cluster.kind 'address' needs cluster.address or cluster.scheduler_file"
+            )
         return self
 
 
@@ -177,7 +190,11 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             got = f" (got {err['input']!r})" if kind != "value_error" and "input" in err else ""
             parts.append(f"{loc}: {msg}{got}")
-    return f"{origin}: " + "; ".join(parts[:5]) + (f" (and {len(parts) - 5} more)" if len(parts) > 5 else "")
+    return (
+        f"{origin}: "
+        + "; ".join(parts[:5])
+        + (f" (and {len(parts) - 5} more)" if len(parts) > 5 else "")
+    )
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -187,11 +204,18 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         return None if p is None or p.is_absolute() else base / p
 
     updates = {
-        "model": cfg.model.model_copy(update={"checkpoint": rel(cfg.model.checkpoint) or cfg.model.checkpoint}),
-        "output": cfg.output.model_copy(
-            update={"store": rel(cfg.output.store) or cfg.output.store, "png_dir": rel(cfg.output.png_dir) or cfg.output.png_dir}
+        "model": cfg.model.model_copy(
+            update={"checkpoint": rel(cfg.model.checkpoint) or cfg.model.checkpoint}
         ),
-        "inference": cfg.inference.model_copy(update={"cache_dir": rel(cfg.inference.cache_dir) or cfg.inference.cache_dir}),
+        "output": cfg.output.model_copy(
+            update={
+                "store": rel(cfg.output.store) or cfg.output.store,
+                "png_dir": rel(cfg.output.png_dir) or cfg.output.png_dir,
+            }
+        ),
+        "inference": cfg.inference.model_copy(
+            update={"cache_dir": rel(cfg.inference.cache_dir) or cfg.inference.cache_dir}
+        ),
         "cluster": cfg.cluster.model_copy(
             update={"scheduler_file": rel(cfg.cluster.scheduler_file) or cfg.cluster.scheduler_file}
         ),

@@ -2,6 +2,7 @@
 
 Each subclass also derives from the builtin that fits, so callers can catch either.
 """
+
 from __future__ import annotations
 
 

@@ -13,6 +13,7 @@ this version avoids (docs/ANALYSIS.md has the details):
 3. it reads ``result[0, 0, 1:]`` and ``sqrt`` of its length: sample 0 only, one prefix
    token (distillation or register tokens end up in the map), square grids only.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -102,13 +103,17 @@ def rollout(
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     batch, _, tokens, _ = np.shape(attentions[0])
     if tokens != num_prefix + grid[0] * grid[1]:
-        raise ValueError(f"{tokens} tokens do not match {num_prefix} prefix + {grid[0]}x{grid[1]} patches")
+        raise ValueError(
+            f"{tokens} tokens do not match {num_prefix} prefix + {grid[0]}x{grid[1]} patches"
+        )
     eye = np.eye(tokens)
     joint = np.broadcast_to(eye, (batch, tokens, tokens))
     for attn in attentions:
         a = np.asarray(attn, dtype=np.float64)
         if a.shape != (batch, a.shape[1], tokens, tokens):
-            raise ValueError(f"every block's attention must be [{batch}, H, {tokens}, {tokens}], got {a.shape}")
+            raise ValueError(
+                f"every block's attention must be [{batch}, H, {tokens}, {tokens}], got {a.shape}"
+            )
         fused = fuse_heads(a, head_fusion, axis=1)
         if discard_ratio > 0:
             fused = _discard_lowest(fused, discard_ratio)

@@ -8,6 +8,7 @@ Concurrency model: a batch is one shard of every per-image data array and one ch
 `status` and `error`, so each task is the only writer of the files it touches, and can
 open the store by path in any process (Dask workers).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ZarrUserWarning
 
-from pipeline.errors import ConfigError, StoreError
+from vit_attn.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -154,9 +155,16 @@ class StoreSpec:
         gh, gw = self.grid
         h, w = self.input_size
         sizes = {
-            "image": self.n_images, "layer": len(self.layers), "head": self.num_heads,
-            "y": gh, "x": gw, "query": self.num_tokens, "key": self.num_tokens,
-            "pixel_y": h, "pixel_x": w, "channel": 3,
+            "image": self.n_images,
+            "layer": len(self.layers),
+            "head": self.num_heads,
+            "y": gh,
+            "x": gw,
+            "query": self.num_tokens,
+            "key": self.num_tokens,
+            "pixel_y": h,
+            "pixel_x": w,
+            "channel": 3,
         }
         if self.topk is not None:
             sizes["k"] = self.topk
@@ -190,12 +198,22 @@ class StoreSpec:
             (self.topk is not None, "topk_index", ("k",), "int32", False),
             (self.topk is not None, "topk_prob", ("k",), "float32", False),
             (True, "cls_attention", ("layer", "head", "y", "x"), self.attention_dtype, True),
-            (self.full_attention, "attention", ("layer", "head", "query", "key"),
-             self.attention_dtype, True),
+            (
+                self.full_attention,
+                "attention",
+                ("layer", "head", "query", "key"),
+                self.attention_dtype,
+                True,
+            ),
             (self.rollout, "rollout", ("y", "x"), "float32", True),
             (self.overlays != "none", "overlay", ("pixel_y", "pixel_x", "channel"), "uint8", True),
-            (self.overlays == "heads", "overlay_heads", ("head", "pixel_y", "pixel_x", "channel"),
-             "uint8", True),
+            (
+                self.overlays == "heads",
+                "overlay_heads",
+                ("head", "pixel_y", "pixel_x", "channel"),
+                "uint8",
+                True,
+            ),
         ]
         arrays += [self._per_image(*rest) for wanted, *rest in per_image if wanted]
         return tuple(arrays)
@@ -306,9 +324,14 @@ def create_store(
         )
         for a in spec.layout():
             group.create_array(
-                a.name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards,
+                a.name,
+                shape=a.shape,
+                dtype=a.dtype,
+                chunks=a.chunks,
+                shards=a.shards,
                 compressors=_compressors(spec.compression, a.dtype),
-                fill_value="" if a.dtype == "str" else 0, dimension_names=a.dims,
+                fill_value="" if a.dtype == "str" else 0,
+                dimension_names=a.dims,
             )
         group["layer"][:] = np.asarray(spec.layers, dtype=np.int32)
         group["head"][:] = np.arange(spec.num_heads, dtype=np.int32)

@@ -2,9 +2,10 @@
 
 Everything reads the store lazily through xarray/dask (`store.open_dataset`), one dask chunk
 per batch, so summaries of a million-image store stream through memory. The statistics are
-defined in `pipeline.stats`; this module only moves them around. Plots use matplotlib's
+defined in `vit_attn.stats`; this module only moves them around. Plots use matplotlib's
 Agg backend, imported when a plot is asked for.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,9 @@ def image_index(ds: xr.Dataset, image: str | int) -> int:
         return int(image) % n
     hits = np.flatnonzero(ds["image_path"].values == str(image))
     if hits.size == 0:
-        raise KeyError(f"image {image!r} is not in the store (paths are as the data source listed them)")
+        raise KeyError(
+            f"image {image!r} is not in the store (paths are as the data source listed them)"
+        )
     return int(hits[0])
 
 
@@ -64,7 +67,9 @@ def _layout(ds: xr.Dataset) -> tuple[int, tuple[int, int], tuple[int, int]]:
     try:
         return int(model["num_prefix_tokens"]), tuple(model["grid"]), tuple(model["patch_size"])  # type: ignore[return-value]
     except KeyError as exc:
-        raise StoreError(f"the store's `model` attribute lacks {exc}; is it a vit-attention-store?") from None
+        raise StoreError(
+            f"the store's `model` attribute lacks {exc}; is it a vit-attention-store?"
+        ) from None
 
 
 def stat_names(ds: xr.Dataset) -> list[str]:
@@ -93,7 +98,9 @@ def compute_stats_from_attention(store: PathLike, write: bool = False) -> xr.Dat
 
     ds = open_dataset(store)
     if "attention" not in ds.data_vars:
-        raise StoreError(f"{store} holds no full `attention`: run with attention.full: true, or attention.stats: true")
+        raise StoreError(
+            f"{store} holds no full `attention`: run with attention.full: true, or attention.stats: true"
+        )
     num_prefix, grid, patch_size = _layout(ds)
     att = ds["attention"].data
     status = ds["status"].data.rechunk((att.chunks[0],))
@@ -101,14 +108,21 @@ def compute_stats_from_attention(store: PathLike, write: bool = False) -> xr.Dat
 
     def block(a: np.ndarray, s: np.ndarray) -> np.ndarray:
         out = np.zeros((a.shape[0], n_layers, n_heads, len(STAT_NAMES)), np.float32)
-        for i in np.flatnonzero(s[:, 0, 0, 0, 0] == STATUS_OK):  # one image at a time: float64 copies stay small
+        for i in np.flatnonzero(
+            s[:, 0, 0, 0, 0] == STATUS_OK
+        ):  # one image at a time: float64 copies stay small
             values = attention_stats(a[i], num_prefix, grid, patch_size)
             out[i] = np.stack([values[k] for k in STAT_NAMES], axis=-1)
         return out
 
     stacked = da.map_blocks(
-        block, att, status[:, None, None, None, None], drop_axis=[3, 4], new_axis=[3],
-        chunks=(att.chunks[0], (n_layers,), (n_heads,), (len(STAT_NAMES),)), dtype=np.float32,
+        block,
+        att,
+        status[:, None, None, None, None],
+        drop_axis=[3, 4],
+        new_axis=[3],
+        chunks=(att.chunks[0], (n_layers,), (n_heads,), (len(STAT_NAMES),)),
+        dtype=np.float32,
     )
     dims = ("image", "layer", "head")
     result = xr.Dataset(
@@ -126,7 +140,9 @@ def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
     import zarr
 
     if (np.asarray(ds["status"].values) == STATUS_PENDING).any():
-        raise StoreError(f"{store} still has pending images; finish the run before writing statistics into it")
+        raise StoreError(
+            f"{store} still has pending images; finish the run before writing statistics into it"
+        )
     present = stat_names(ds)
     if present:
         raise StoreError(f"{store} already holds statistics {present}")
@@ -134,10 +150,16 @@ def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
     batch = group["status"].chunks[0]
     targets = []
     for name in STAT_NAMES:
-        targets.append(group.create_array(
-            name, shape=result[name].shape, dtype="float32", chunks=(batch, *result[name].shape[1:]),
-            fill_value=0, dimension_names=("image", "layer", "head"),
-        ))
+        targets.append(
+            group.create_array(
+                name,
+                shape=result[name].shape,
+                dtype="float32",
+                chunks=(batch, *result[name].shape[1:]),
+                fill_value=0,
+                dimension_names=("image", "layer", "head"),
+            )
+        )
     # Dask chunks are batches, so every chunk has one writer and needs no lock.
     da.store([result[n].data.rechunk({0: batch}) for n in STAT_NAMES], targets, lock=False)
     group.attrs["stat_units"] = dict(STAT_UNITS)
@@ -176,12 +198,19 @@ def summarise(
     if sub.chunks:  # dask-backed: exact quantiles need the image dim in one chunk
         sub = sub.chunk({"image": -1, "layer": 1, "head": -1})
     q = [p / 100.0 for p in percentiles]
-    mean, std, quant = dask.compute(sub.mean("image"), sub.std("image"), sub.quantile(q, dim="image"))
+    mean, std, quant = dask.compute(
+        sub.mean("image"), sub.std("image"), sub.quantile(q, dim="image")
+    )
     rows = []
     for name in names:
         for li, layer in enumerate(ds["layer"].values.tolist()):
             for hi, head in enumerate(ds["head"].values.tolist()):
-                row: dict[str, Any] = {"stat": name, "layer": layer, "head": head, "n": int(ok.size)}
+                row: dict[str, Any] = {
+                    "stat": name,
+                    "layer": layer,
+                    "head": head,
+                    "n": int(ok.size),
+                }
                 row["mean"] = float(mean[name].values[li, hi])
                 row["std"] = float(std[name].values[li, hi])
                 for k, p in enumerate(percentiles):
@@ -233,7 +262,9 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-def dataset_scale(ds: xr.Dataset, layer_index: int, percentile: float = DATASET_SCALE_PERCENTILE) -> np.ndarray:
+def dataset_scale(
+    ds: xr.Dataset, layer_index: int, percentile: float = DATASET_SCALE_PERCENTILE
+) -> np.ndarray:
     """[heads] top of a dataset-wide colour scale for one stored layer (position in `layer`).
 
     The `percentile` over ok images of each head's CLS-map peak: read from the stored
@@ -276,7 +307,9 @@ def plot_attention_distance(table: pd.DataFrame, ds: xr.Dataset, path: PathLike)
     cmap = plt.get_cmap("tab20", max(d.shape[1], 1))
     for k, head in enumerate(d.columns):
         ax.scatter(layers, d[head].to_numpy(), s=16, color=cmap(k), label=f"head {head}", zorder=3)
-    ax.plot(layers, d.mean(axis=1).to_numpy(), color="black", lw=1.2, label="mean over heads", zorder=2)
+    ax.plot(
+        layers, d.mean(axis=1).to_numpy(), color="black", lw=1.2, label="mean over heads", zorder=2
+    )
     uniform = float(patch_distances(grid, patch_size).mean())
     ax.axhline(uniform, color="grey", ls="--", lw=1, label=f"uniform attention ({uniform:.0f} px)")
     ax.axhline(max_distance(grid, patch_size), color="grey", ls=":", lw=1, label="largest possible")
@@ -292,11 +325,15 @@ def plot_attention_distance(table: pd.DataFrame, ds: xr.Dataset, path: PathLike)
     return _save(fig, plt, path)
 
 
-def plot_stat_heatmap(table: pd.DataFrame, stat: str, path: PathLike, ds: xr.Dataset | None = None) -> Path:
+def plot_stat_heatmap(
+    table: pd.DataFrame, stat: str, path: PathLike, ds: xr.Dataset | None = None
+) -> Path:
     """A layer x head heatmap of one statistic's dataset mean (cls_entropy: against ln N)."""
     plt = _pyplot()
     m = table.loc[stat, "mean"].unstack("head")
-    fig, ax = plt.subplots(figsize=(max(3.6, 1.6 + 0.45 * m.shape[1]), 1.4 + 0.4 * m.shape[0]), dpi=120)
+    fig, ax = plt.subplots(
+        figsize=(max(3.6, 1.6 + 0.45 * m.shape[1]), 1.4 + 0.4 * m.shape[0]), dpi=120
+    )
     vmax = None
     title = f"{stat} [{STAT_UNITS.get(stat, '')}], dataset mean"
     if stat == "cls_entropy" and ds is not None:

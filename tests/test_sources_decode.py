@@ -1,5 +1,6 @@
 """pipeline.data: sources and their order, decoding of odd and broken files, and
 preprocessing checked against timm's own eval transform."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from pipeline import data
-from pipeline.data import CROP_MODES, ImageList, Preprocess, list_images, load_batch, load_image, normalize
-from pipeline.errors import ConfigError, DataSourceError, ImageDecodeError
+from vit_attn import decode
+from vit_attn.decode import CROP_MODES, Preprocess, load_batch, load_image, normalize
+from vit_attn.errors import ConfigError, DataSourceError, ImageDecodeError
+from vit_attn.sources import ImageList, list_images
 
 from . import imagefactory as factory
 
@@ -30,8 +32,20 @@ def _touch(root: Path, *names: str) -> None:
 
 
 def test_folder_is_recursive_sorted_and_skips_hidden_and_non_images(tmp_path):
-    _touch(tmp_path, "b.png", "a10.jpg", "a2.JPEG", "sub/z.webp", "sub/deep/c.TIF",
-           ".hidden.png", ".cache/x.png", "sub/.git/y.jpg", "notes.txt", "labels.csv", "d.pgm")
+    _touch(
+        tmp_path,
+        "b.png",
+        "a10.jpg",
+        "a2.JPEG",
+        "sub/z.webp",
+        "sub/deep/c.TIF",
+        ".hidden.png",
+        ".cache/x.png",
+        "sub/.git/y.jpg",
+        "notes.txt",
+        "labels.csv",
+        "d.pgm",
+    )
     listed = list_images(tmp_path)
     assert listed.paths == ("a10.jpg", "a2.JPEG", "b.png", "d.pgm", "sub/deep/c.TIF", "sub/z.webp")
     assert listed.root == tmp_path and listed.root.is_absolute()
@@ -49,8 +63,12 @@ def test_relative_source_gets_an_absolute_root(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["missing", "empty_folder", "no_images", "unknown_file"])
 def test_unusable_sources_raise_one_line_errors(tmp_path, kind):
-    source = {"missing": tmp_path / "nope", "empty_folder": tmp_path / "empty",
-              "no_images": tmp_path / "docs", "unknown_file": tmp_path / "a.json"}[kind]
+    source = {
+        "missing": tmp_path / "nope",
+        "empty_folder": tmp_path / "empty",
+        "no_images": tmp_path / "docs",
+        "unknown_file": tmp_path / "a.json",
+    }[kind]
     (tmp_path / "empty").mkdir()
     _touch(tmp_path, "docs/readme.md", "a.json")
     with pytest.raises(DataSourceError) as err:
@@ -61,8 +79,15 @@ def test_unusable_sources_raise_one_line_errors(tmp_path, kind):
 
 
 def test_glob_matches_files_relative_to_its_fixed_prefix(tmp_path):
-    _touch(tmp_path, "data/x/b.png", "data/x/a.png", "data/x/n.jpg", "data/x/sub/c.png",
-           "data/x/.h.png", "data/x/dir.png/inner.png")
+    _touch(
+        tmp_path,
+        "data/x/b.png",
+        "data/x/a.png",
+        "data/x/n.jpg",
+        "data/x/sub/c.png",
+        "data/x/.h.png",
+        "data/x/dir.png/inner.png",
+    )
     flat = list_images(str(tmp_path / "data/x/*.png"))
     assert flat.root == tmp_path / "data/x"
     assert flat.paths == ("a.png", "b.png")  # the folder dir.png is no file; hidden skipped
@@ -104,7 +129,9 @@ def test_list_duplicates_name_the_line(tmp_path):
         list_images(tmp_path / "list.txt")
 
 
-@pytest.mark.parametrize("name, text", [("list.txt", "# only a comment\n\n"), ("list.csv", "path\n")])
+@pytest.mark.parametrize(
+    "name, text", [("list.txt", "# only a comment\n\n"), ("list.csv", "path\n")]
+)
 def test_list_without_entries_fails(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     with pytest.raises(DataSourceError, match="names no images"):
@@ -112,7 +139,7 @@ def test_list_without_entries_fails(tmp_path, name, text):
 
 
 def test_csv_uses_the_path_column(tmp_path):
-    (tmp_path / "l.csv").write_text("\ufefflabel,Path\ncat,z.png\ndog,\"sub/a,b.png\"\n\n")
+    (tmp_path / "l.csv").write_text('\ufefflabel,Path\ncat,z.png\ndog,"sub/a,b.png"\n\n')
     assert list_images(tmp_path / "l.csv").paths == ("z.png", "sub/a,b.png")
 
 
@@ -156,26 +183,46 @@ def one_torch_thread():
 
 
 def test_preprocess_round_trips_through_json():
-    prep = Preprocess((160, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                      interpolation="bilinear", crop_pct=0.95, crop_mode="border")
+    prep = Preprocess(
+        (160, 224),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        interpolation="bilinear",
+        crop_pct=0.95,
+        crop_mode="border",
+    )
     back = Preprocess.from_dict(json.loads(json.dumps(prep.to_dict())))
     assert back == prep and hash(back) == hash(prep)
     assert prep.to_dict()["input_size"] == [160, 224]
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"input_size": (0, 224)}, {"input_size": (224,)}, {"interpolation": "cubic"},
-    {"crop_mode": "pad"}, {"crop_pct": 0}, {"std": (0.5, 0.0, 0.5)}, {"mean": (0.5,)},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"input_size": (0, 224)},
+        {"input_size": (224,)},
+        {"interpolation": "cubic"},
+        {"crop_mode": "pad"},
+        {"crop_pct": 0},
+        {"std": (0.5, 0.0, 0.5)},
+        {"mean": (0.5,)},
+    ],
+)
 def test_preprocess_rejects_invalid_values(kwargs):
     with pytest.raises(ConfigError):
         Preprocess(**{"input_size": (224, 224), **kwargs})
 
 
 def test_preprocess_for_model_uses_the_real_input_size(vit_tiny):
-    prep = data.preprocess_for_model(vit_tiny, (160, 224))
-    assert prep == Preprocess((160, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                              interpolation="bicubic", crop_pct=0.9, crop_mode="center")
+    prep = decode.preprocess_for_model(vit_tiny, (160, 224))
+    assert prep == Preprocess(
+        (160, 224),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        interpolation="bicubic",
+        crop_pct=0.9,
+        crop_mode="center",
+    )
 
 
 # --------------------------------------------------------------------------- equality with timm
@@ -197,10 +244,16 @@ CONFIGS = {
 def photo_dir(tmp_path_factory):
     """Non-JPEG inputs of many aspect ratios and modes, plus a small JPEG (no draft)."""
     folder = tmp_path_factory.mktemp("photos")
-    paths = factory.write_rgb_set(folder, [(300, 200), (200, 300), (224, 224), (1000, 120),
-                                           (120, 1000), (17, 33), (249, 251)])
-    paths += [factory.write_gray(folder), factory.write_tiny(folder), factory.write_rgba_png(folder),
-              factory.write_palette_png(folder), factory.write_rgb(folder, "small.jpg", (320, 240))]
+    paths = factory.write_rgb_set(
+        folder, [(300, 200), (200, 300), (224, 224), (1000, 120), (120, 1000), (17, 33), (249, 251)]
+    )
+    paths += [
+        factory.write_gray(folder),
+        factory.write_tiny(folder),
+        factory.write_rgba_png(folder),
+        factory.write_palette_png(folder),
+        factory.write_rgb(folder, "small.jpg", (320, 240)),
+    ]
     paths += [p for p in factory.copy_skimage_photos(folder / "sk") if p.suffix == ".png"]
     return paths
 
@@ -212,8 +265,14 @@ def test_matches_timm_eval_transform(vit_tiny, photo_dir, config):
     (h, w), extra = CONFIGS[config]
     cfg = resolve_data_config(args={"input_size": (3, h, w), **extra}, model=vit_tiny)
     reference = create_transform(**cfg)
-    prep = Preprocess((h, w), mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"],
-                      crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
+    prep = Preprocess(
+        (h, w),
+        mean=cfg["mean"],
+        std=cfg["std"],
+        interpolation=cfg["interpolation"],
+        crop_pct=cfg["crop_pct"],
+        crop_mode=cfg["crop_mode"],
+    )
     for path in photo_dir:
         with Image.open(path) as img, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # palette transparency in bytes
@@ -226,8 +285,10 @@ def test_matches_timm_eval_transform(vit_tiny, photo_dir, config):
 def test_preprocess_for_model_matches_timm_for_a_resized_model(vit_tiny, photo_dir):
     from timm.data import create_transform, resolve_data_config
 
-    prep = data.preprocess_for_model(vit_tiny, (160, 224))
-    reference = create_transform(**resolve_data_config(args={"input_size": (3, 160, 224)}, model=vit_tiny))
+    prep = decode.preprocess_for_model(vit_tiny, (160, 224))
+    reference = create_transform(
+        **resolve_data_config(args={"input_size": (3, 160, 224)}, model=vit_tiny)
+    )
     for path in photo_dir[:3]:
         with Image.open(path) as img:
             expected = reference(img.convert("RGB")).numpy()
@@ -243,9 +304,9 @@ def test_extreme_aspect_ratios_resample_only_the_kept_part(tmp_path, monkeypatch
     Image.fromarray(skdata.astronaut()).resize(size, Image.Resampling.BILINEAR).save(path)
     for mode in CROP_MODES:
         prep = Preprocess((224, 224), crop_pct=0.9, crop_mode=mode)
-        monkeypatch.setattr(data, "_BOX_RESIZE_AREA", 0)  # always the kept part only
+        monkeypatch.setattr(decode, "_BOX_RESIZE_AREA", 0)  # always the kept part only
         part = load_image(path, prep).astype(int)
-        monkeypatch.setattr(data, "_BOX_RESIZE_AREA", 10**9)  # always all, then crop
+        monkeypatch.setattr(decode, "_BOX_RESIZE_AREA", 10**9)  # always all, then crop
         full = load_image(path, prep)
         diff = np.abs(part - full)
         assert diff.mean() < 0.3 and np.percentile(diff, 99) <= 2, mode
@@ -272,10 +333,16 @@ def _identity(h: int, w: int) -> Preprocess:
     return Preprocess((h, w), crop_pct=1.0, crop_mode="squash")
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("truncated_jpeg", "truncated"), ("truncated_png", "truncated"), ("empty", "empty"),
-    ("text", "not an image"), ("missing", "not found"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("truncated_jpeg", "truncated"),
+        ("truncated_png", "truncated"),
+        ("empty", "empty"),
+        ("text", "not an image"),
+        ("missing", "not found"),
+    ],
+)
 def test_broken_files_raise_with_a_reason(tmp_path, kind, reason):
     path = factory.write_broken(tmp_path)[kind]
     with pytest.raises(ImageDecodeError, match=reason) as err:
@@ -328,7 +395,7 @@ def test_palette_with_transparency_keeps_colours_and_drops_alpha(tmp_path):
         warnings.simplefilter("error")  # Pillow's byte-transparency warning must not fire
         out = load_image(path, _identity(8, 32))
     for i, colour in enumerate(factory.PALETTE):
-        assert (out[:, 8 * i:8 * i + 8] == colour).all()
+        assert (out[:, 8 * i : 8 * i + 8] == colour).all()
 
 
 def test_rgba_alpha_is_dropped_not_composited(tmp_path):

@@ -3,6 +3,7 @@
 The executors only move `BatchTask`s and `BatchSummary`s; `task.run_batch` does the work,
 so every executor produces the same store.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,11 @@ log = logging.getLogger(__name__)
 # Replaces the nanny's pre-spawn environment. Its default MALLOC_TRIM_THRESHOLD_=65536 also
 # switches off glibc's dynamic mmap threshold, so every multi-MB batch array is mmapped and
 # faulted in afresh; leaving it out gives the glibc defaults back (docs/PERFORMANCE.md).
-WORKER_ENV: dict[str, str] = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+WORKER_ENV: dict[str, str] = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
 
 
 @dataclass
@@ -52,7 +57,13 @@ class RunSummary:
 class Progress:
     """A one-line progress bar on a terminal; a line every few seconds in a log file."""
 
-    def __init__(self, total_images: int, total_batches: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        total_images: int,
+        total_batches: int,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.total_images, self.total_batches = total_images, total_batches
         self.stream = stream or sys.stderr
         self.enabled = enabled and total_batches > 0
@@ -83,7 +94,10 @@ class Progress:
 
 
 def run_in_process(
-    plan: RunPlan, tasks: list[BatchTask], on_done: Callable[[BatchSummary], None], concurrency: int = 1
+    plan: RunPlan,
+    tasks: list[BatchTask],
+    on_done: Callable[[BatchSummary], None],
+    concurrency: int = 1,
 ) -> dict[int, str]:
     """Run batches in this process (debugging, tests, tiny jobs), `concurrency` at a time.
 
@@ -130,7 +144,12 @@ def run_on_dask(
 
     def submit(task: BatchTask):
         return client.submit(
-            run_batch, plan_future, task, key=f"vit-attn-batch-{task.batch_index}-{id(plan)}", pure=False, retries=retries
+            run_batch,
+            plan_future,
+            task,
+            key=f"vit-attn-batch-{task.batch_index}-{id(plan)}",
+            pure=False,
+            retries=retries,
         )
 
     futures = {}
@@ -144,7 +163,9 @@ def run_on_dask(
         try:
             on_done(future.result())
         except Exception as exc:  # a batch that failed after its retries: left pending for a rerun
-            failed[task.batch_index] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            failed[task.batch_index] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            )
         future.release()
         nxt = next(pending, None)
         if nxt is not None:
@@ -171,16 +192,23 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
         if cluster.kind == "local":
             from distributed import LocalCluster
 
-            with LocalCluster(
-                n_workers=cluster.n_workers,
-                threads_per_worker=cluster.batches_per_worker,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as lc, Client(lc) as client:
+            with (
+                LocalCluster(
+                    n_workers=cluster.n_workers,
+                    threads_per_worker=cluster.batches_per_worker,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                ) as lc,
+                Client(lc) as client,
+            ):
                 yield client
         elif cluster.kind == "address":
-            kwargs = {"scheduler_file": str(cluster.scheduler_file)} if cluster.scheduler_file else {"address": cluster.address}
+            kwargs = (
+                {"scheduler_file": str(cluster.scheduler_file)}
+                if cluster.scheduler_file
+                else {"address": cluster.address}
+            )
             try:
                 client = Client(timeout="30s", **kwargs)
             except (OSError, TimeoutError) as exc:
@@ -197,7 +225,9 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
             raise ConfigError(f"cluster.kind {cluster.kind!r} has no Dask client")
 
 
-def execute(plan: RunPlan, tasks: list[BatchTask], cluster: ClusterConfig, progress: bool = True) -> RunSummary:
+def execute(
+    plan: RunPlan, tasks: list[BatchTask], cluster: ClusterConfig, progress: bool = True
+) -> RunSummary:
     """Run every task on the configured executor and summarise the outcome."""
     summary = RunSummary()
     bar = Progress(sum(len(t.paths) for t in tasks), len(tasks), enabled=progress)
@@ -219,6 +249,8 @@ def execute(plan: RunPlan, tasks: list[BatchTask], cluster: ClusterConfig, progr
                 workers = max(workers, cluster.slurm.jobs * cluster.slurm.processes)
             in_flight = cluster.max_in_flight or (cluster.batches_per_worker + 1) * workers
             start = bar.start = time.perf_counter()
-            summary.failed_batches = run_on_dask(client, plan, tasks, on_done, in_flight, cluster.retries)
+            summary.failed_batches = run_on_dask(
+                client, plan, tasks, on_done, in_flight, cluster.retries
+            )
     summary.seconds = time.perf_counter() - start
     return summary

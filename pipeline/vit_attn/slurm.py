@@ -1,4 +1,5 @@
 """A dask-jobqueue SLURMCluster from the config: one Dask worker process per SLURM job slot."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,13 @@ def worker_env_prologue(env: Mapping[str, str]) -> list[str]:
     """
     spawn: dict[str, str | None] = {"MALLOC_TRIM_THRESHOLD_": None, **env}
     # A Python dict literal (dask reads it with ast.literal_eval); JSON strings are valid ones.
-    literal = "{" + ", ".join(f"{json.dumps(k)}: {'None' if v is None else json.dumps(v)}" for k, v in spawn.items()) + "}"
+    literal = (
+        "{"
+        + ", ".join(
+            f"{json.dumps(k)}: {'None' if v is None else json.dumps(v)}" for k, v in spawn.items()
+        )
+        + "}"
+    )
     return [f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON={shlex.quote(literal)}"]
 
 
@@ -33,7 +40,12 @@ def slurm_kwargs(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -
     if s.worker_lifetime:
         # Workers retire before the walltime kill, staggered so they do not all leave at once;
         # the scheduler moves their work and adapt() starts replacements.
-        worker_extra += ["--lifetime", s.worker_lifetime, "--lifetime-stagger", s.worker_lifetime_stagger]
+        worker_extra += [
+            "--lifetime",
+            s.worker_lifetime,
+            "--lifetime-stagger",
+            s.worker_lifetime_stagger,
+        ]
     prologue = worker_env_prologue(env) if env is not None else []
     kwargs: dict[str, Any] = {
         "queue": s.queue,
@@ -69,7 +81,9 @@ def _slurm_cluster_class() -> Any:
 
 def job_script(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -> str:
     """The batch script every worker job would run; submits nothing (for review and tests)."""
-    with _slurm_cluster_class()(**slurm_kwargs(cluster, env), scheduler_options={"dashboard_address": None}) as sc:
+    with _slurm_cluster_class()(
+        **slurm_kwargs(cluster, env), scheduler_options={"dashboard_address": None}
+    ) as sc:
         return sc.job_script()
 
 

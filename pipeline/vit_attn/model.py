@@ -3,6 +3,7 @@
 The layout (prefix tokens, patch grid, heads) is recorded once here: nothing else in the
 package assumes CLS-only prefixes, index ``1:`` or a square grid.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,11 +46,15 @@ class TokenLayout:
         """Turn `all`, one index or a list (negatives allowed) into sorted unique block indices."""
         if isinstance(layers, str):
             if layers != "all":
-                raise ModelError(f"attention.layers: expected a list of block indices or 'all', got {layers!r}")
+                raise ModelError(
+                    f"attention.layers: expected a list of block indices or 'all', got {layers!r}"
+                )
             return tuple(range(self.depth))
         items = [layers] if isinstance(layers, int) else list(layers)
         if not items:
-            raise ModelError("attention.layers: the list is empty; give block indices such as [-1] or 'all'")
+            raise ModelError(
+                "attention.layers: the list is empty; give block indices such as [-1] or 'all'"
+            )
         out = set()
         for i in items:
             if isinstance(i, bool) or not isinstance(i, int):
@@ -119,7 +124,9 @@ def token_layout(model: nn.Module) -> TokenLayout:
     grid = getattr(patch_embed, "grid_size", None)
     img_size = getattr(patch_embed, "img_size", None)
     if grid is None or img_size is None or getattr(patch_embed, "dynamic_img_size", False):
-        raise ModelError(f"model {name!r} has no fixed patch grid (patch_embed.grid_size); use a fixed-size ViT")
+        raise ModelError(
+            f"model {name!r} has no fixed patch grid (patch_embed.grid_size); use a fixed-size ViT"
+        )
     return TokenLayout(
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
         patch_size=_to_pair(patch_embed.patch_size),
@@ -179,7 +186,9 @@ def _apply_checkpoint(model: nn.Module, path: Path) -> None:
         try:
             state = filter_fn(state, model)
         except Exception as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {_first_line(exc)}") from None
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: {_first_line(exc)}"
+            ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -196,11 +205,15 @@ def _create(source: ModelSource) -> nn.Module:
     if source.img_size is not None:
         kwargs["img_size"] = source.img_size
     if not timm.is_model(source.name):
-        raise ModelError(f"model.name {source.name!r} is not a timm model; see timm.list_models('vit_*')")
+        raise ModelError(
+            f"model.name {source.name!r} is not a timm model; see timm.list_models('vit_*')"
+        )
     try:
         return timm.create_model(source.name, pretrained=source.pretrained, **kwargs)
     except TypeError as exc:
-        raise ModelError(f"model {source.name!r} rejects the given arguments: {_first_line(exc)}") from None
+        raise ModelError(
+            f"model {source.name!r} rejects the given arguments: {_first_line(exc)}"
+        ) from None
     except (OSError, RuntimeError, ValueError) as exc:
         if source.pretrained:
             raise ModelError(
@@ -245,4 +258,3 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         "input_size": [3, *lay.input_size],
         "num_classes": lay.num_classes,
     }
-

@@ -1,44 +1,35 @@
-"""Image sources, decoding and preprocessing: from a folder, glob or list file to model input.
+"""Image decoding and preprocessing: from an image file to model input.
 
 The resize and crop mirror timm's eval transform (``transforms_imagenet_eval``) with Pillow
 alone, so the decode hot path needs no torch, and ``normalize`` is torchvision's
 ``ToTensor`` + ``Normalize`` in float32. A broken image raises ``ImageDecodeError`` with a
 short reason, which the store records per image; it never stops a run.
 """
+
 from __future__ import annotations
 
-import csv
-import glob
 import math
-import os
 import re
 import stat
 import struct
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePath
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ConfigError, DataSourceError, ImageDecodeError
+from .errors import ConfigError, ImageDecodeError
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "ImageList",
     "Preprocess",
-    "list_images",
     "load_batch",
     "load_image",
     "normalize",
     "preprocess_for_model",
 ]
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
-_GLOB_CHARS = frozenset("*?[")
 
 # timm.data.constants, copied so that importing this module does not import torch.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -63,147 +54,16 @@ _BOX_RESIZE_AREA = 64
 
 # What Pillow's plugins raise on corrupt data, besides OSError ("image file is truncated").
 _DECODE_FAILURES = (
-    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
-    struct.error, ZeroDivisionError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    struct.error,
+    ZeroDivisionError,
 )
-
-
-# --------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class ImageList:
-    """The ordered images of a data source: ``paths`` as listed, resolved against ``root``."""
-
-    root: Path
-    paths: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def absolute(self, i: int) -> Path:
-        """The file of image ``i`` (an absolute listed path stays as it is)."""
-        return self.root / self.paths[i]
-
-
-def list_images(source: str | Path) -> ImageList:
-    """List a folder (recursively), a glob pattern, or a ``.txt``/``.csv`` list file.
-
-    Folders and globs are sorted by relative POSIX path so that runs are reproducible; list
-    files keep their order, because the user chose it. ``root`` is absolute, so the list
-    stays valid in workers with another working directory.
-
-    Raises:
-        DataSourceError: the source is missing, of an unknown kind, lists no images, or a
-            list file repeats an entry.
-    """
-    text = os.path.expanduser(os.fspath(source))
-    path = Path(text)
-    if path.is_dir():
-        return _list_folder(path)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            return _list_text(path)
-        if suffix == ".csv":
-            return _list_csv(path)
-        raise DataSourceError(
-            f"{path}: not a folder, glob or list file; give a folder, a pattern, or a .txt/.csv list"
-        )
-    if any(c in text for c in _GLOB_CHARS):
-        return _list_glob(text)
-    raise DataSourceError(f"{path}: no such folder or list file; check data.source")
-
-
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _list_folder(folder: Path) -> ImageList:
-    root = Path(os.path.abspath(folder))
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders
-        rel = PurePath(os.path.relpath(dirpath, root))
-        found += [
-            (rel / name).as_posix()
-            for name in filenames
-            if not name.startswith(".") and _is_image_name(name)
-        ]
-    if not found:
-        raise DataSourceError(
-            f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-            "check data.source"
-        )
-    return ImageList(root, tuple(sorted(found)))
-
-
-def _list_glob(pattern: str) -> ImageList:
-    """Every regular file the pattern matches: the pattern is the user's filter."""
-    parts = PurePath(pattern).parts
-    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
-    prefix = Path(*parts[:fixed]) if fixed else Path(".")
-    if not prefix.is_dir():
-        raise DataSourceError(f"{pattern}: folder {prefix} does not exist; check data.source")
-    root = Path(os.path.abspath(prefix))
-    rest = str(PurePath(*parts[fixed:]))
-    matches = glob.glob(rest, root_dir=root, recursive=True)
-    found = sorted(PurePath(m).as_posix() for m in matches if (root / m).is_file())
-    if not found:
-        raise DataSourceError(f"{pattern}: pattern matches no files; check data.source")
-    return ImageList(root, tuple(found))
-
-
-def _list_text(path: Path) -> ImageList:
-    """One path a line; blank lines and lines starting with ``#`` are skipped."""
-    with open(path, encoding="utf-8-sig") as f:
-        entries = [(no, s) for no, line in enumerate(f, 1) if (s := line.strip()) and s[0] != "#"]
-    return _list_entries(path, entries)
-
-
-def _list_csv(path: Path) -> ImageList:
-    """The column headed ``path``, else the first column.
-
-    Without a ``path`` header, a first row whose first cell has no image extension and is
-    no existing file is taken as a header (``filename,label``) rather than a missing image.
-    """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
-    if not rows:
-        return _list_entries(path, [])
-    header = [c.strip().lower() for c in rows[0][1]]
-    column, body = 0, rows
-    if "path" in header:
-        column, body = header.index("path"), rows[1:]
-    elif _is_header_cell(rows[0][1][0].strip(), path.parent):
-        body = rows[1:]
-    entries = [(no, row[column].strip()) for no, row in body if len(row) > column]
-    return _list_entries(path, [(no, s) for no, s in entries if s])
-
-
-def _is_header_cell(cell: str, folder: Path) -> bool:
-    return not _is_image_name(cell) and not (folder / cell).exists()
-
-
-def _list_entries(list_file: Path, entries: list[tuple[int, str]]) -> ImageList:
-    """Keep the listed order and missing files (they fail per image later); refuse repeats."""
-    if not entries:
-        raise DataSourceError(f"{list_file}: list file names no images; add one path a line")
-    root = Path(os.path.abspath(list_file.parent))
-    first_line: dict[str, int] = {}
-    for no, entry in entries:
-        key = os.path.normpath(root / entry)
-        if key in first_line:
-            raise DataSourceError(
-                f"{list_file}: line {no} repeats {entry!r} (first on line {first_line[key]}); "
-                "remove the duplicate"
-            )
-        first_line[key] = no
-    return ImageList(root, tuple(entry for _, entry in entries))
-
-
-# --------------------------------------------------------------------------- preprocessing
 
 
 @dataclass(frozen=True)
@@ -226,18 +86,29 @@ class Preprocess:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"preprocess: invalid value ({e})") from e
         if len(size) != 2 or min(size) < 1:
-            raise ConfigError(f"preprocess: input_size must be two positive ints (H, W), got {size}")
+            raise ConfigError(
+                f"preprocess: input_size must be two positive ints (H, W), got {size}"
+            )
         if len(mean) != 3 or len(std) != 3 or 0.0 in std:
-            raise ConfigError(f"preprocess: mean and std need 3 values, std non-zero: {mean}, {std}")
+            raise ConfigError(
+                f"preprocess: mean and std need 3 values, std non-zero: {mean}, {std}"
+            )
         if self.interpolation not in _RESAMPLE:
             raise ConfigError(
                 f"preprocess: interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE)}"
             )
         if self.crop_mode not in CROP_MODES:
-            raise ConfigError(f"preprocess: crop_mode {self.crop_mode!r} is not one of {CROP_MODES}")
+            raise ConfigError(
+                f"preprocess: crop_mode {self.crop_mode!r} is not one of {CROP_MODES}"
+            )
         if not crop_pct > 0:
             raise ConfigError(f"preprocess: crop_pct must be > 0, got {crop_pct}")
-        for name, value in (("input_size", size), ("mean", mean), ("std", std), ("crop_pct", crop_pct)):
+        for name, value in (
+            ("input_size", size),
+            ("mean", mean),
+            ("std", std),
+            ("crop_pct", crop_pct),
+        ):
             object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -322,7 +193,9 @@ def _plan(w: int, h: int, prep: Preprocess) -> _Plan:
     return _Plan((rw, rh), (x0, y0, x0 + cw, y0 + ch), (px, py))
 
 
-def _resize_crop(img: Image.Image, plan: _Plan, box: tuple[float, ...], prep: Preprocess) -> Image.Image:
+def _resize_crop(
+    img: Image.Image, plan: _Plan, box: tuple[float, ...], prep: Preprocess
+) -> Image.Image:
     """Resize ``box`` of ``img`` (all of it unless drafted) to the plan, then crop and pad."""
     resample = _RESAMPLE[prep.interpolation]
     (rw, rh), (x0, y0, x1, y1) = plan.resize, plan.crop
@@ -353,9 +226,14 @@ def _resize_crop(img: Image.Image, plan: _Plan, box: tuple[float, ...], prep: Pr
 # EXIF orientation -> (axes swapped, draft padding on the left, on the top) after the
 # transpose that ImageOps.exif_transpose applies.
 _ORIENTATION_LAYOUT = {
-    1: (False, False, False), 2: (False, True, False), 3: (False, True, True),
-    4: (False, False, True), 5: (True, False, False), 6: (True, True, False),
-    7: (True, True, True), 8: (True, False, True),
+    1: (False, False, False),
+    2: (False, True, False),
+    3: (False, True, True),
+    4: (False, False, True),
+    5: (True, False, False),
+    6: (True, True, False),
+    7: (True, True, True),
+    8: (True, False, True),
 }
 
 
@@ -459,7 +337,9 @@ def _draft(img: Image.Image, prep: Preprocess) -> tuple[float, ...]:
     return tuple(drafted[1]) if drafted else (0, 0, w, h)
 
 
-def _transpose_box(box: tuple[float, ...], size: tuple[int, int], orientation: int) -> tuple[float, ...]:
+def _transpose_box(
+    box: tuple[float, ...], size: tuple[int, int], orientation: int
+) -> tuple[float, ...]:
     """Move the draft box with the EXIF transpose: a reduced JPEG's partial last pixel
     (right/bottom) lands on another side."""
     swapped, left, top = _ORIENTATION_LAYOUT[orientation]

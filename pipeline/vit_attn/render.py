@@ -1,4 +1,5 @@
 """Pictures of one image's attention, read back from a store (for `vit-attn show`)."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Preprocess, load_image
+from .decode import Preprocess, load_image
 from .errors import ImageDecodeError, PipelineError
 from .maps import HEAD_FUSIONS, fuse_heads, mass_threshold_mask
 from .overlay import blend, head_grid
@@ -32,7 +33,9 @@ def image_index(group: Any, image: str | int) -> int:
     paths = group["image_path"][:]
     hits = np.flatnonzero(paths == text)
     if hits.size == 0:
-        raise PipelineError(f"--image {text!r} is not in the store; give an index or a path as `vit-attn inspect` lists")
+        raise PipelineError(
+            f"--image {text!r} is not in the store; give an index or a path as `vit-attn inspect` lists"
+        )
     return int(hits[0])
 
 
@@ -88,9 +91,13 @@ def render_image(
     if head == "grid":
         shown = maps if top is None else maps / top[:, None, None]
         ncols = math.ceil(math.sqrt(maps.shape[0] + 1))  # head_grid's own default, made explicit
-        out = head_grid(base, shown, alpha=alpha, cmap=cmap, ncols=ncols, border=GRID_BORDER, normalize=mode)
+        out = head_grid(
+            base, shown, alpha=alpha, cmap=cmap, ncols=ncols, border=GRID_BORDER, normalize=mode
+        )
         if mask is not None:
-            masks = mass_threshold_mask(np.concatenate([maps.mean(axis=0, keepdims=True), maps]), mask)
+            masks = mass_threshold_mask(
+                np.concatenate([maps.mean(axis=0, keepdims=True), maps]), mask
+            )
             h, w = base.shape[:2]
             for k, m in enumerate(masks):
                 r, c = divmod(k, ncols)
@@ -112,7 +119,9 @@ def render_image(
     return out
 
 
-def _scale_tops(store_path: Path, maps: np.ndarray, layer_index: int, normalize: str) -> np.ndarray | None:
+def _scale_tops(
+    store_path: Path, maps: np.ndarray, layer_index: int, normalize: str
+) -> np.ndarray | None:
     """Per head, the value drawn in the colormap's top colour (the bottom is 0); None for per_map."""
     if normalize == "per_map":
         return None

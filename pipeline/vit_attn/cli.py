@@ -1,7 +1,8 @@
-"""The `vit-attn` command: run, export, inspect, show, stats.
+"""The `vit-attn` command: run, export, inspect, show, stats, demo.
 
 User mistakes end in one line on stderr and a non-zero exit; tracebacks are for bugs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,18 +18,30 @@ EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vit-attn", description="ViT attention maps over whole image datasets.")
+    p = argparse.ArgumentParser(
+        prog="vit-attn", description="ViT attention maps over whole image datasets."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a config into its Zarr store (resumes an existing one)")
     run.add_argument("config", type=Path)
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set inference.batch_size=64 (repeatable)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing store of a different run")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set inference.batch_size=64 (repeatable)",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace an existing store of a different run"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    exp = sub.add_parser("export", help="export (or find in the cache) the ONNX graph; prints its path")
+    exp = sub.add_parser(
+        "export", help="export (or find in the cache) the ONNX graph; prints its path"
+    )
     exp.add_argument("config", type=Path)
     exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -38,29 +51,68 @@ def _parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="render one image's attention from a store to a PNG")
     show.add_argument("store", type=Path)
-    show.add_argument("--image", required=True, help="index, or the image's path as listed in the store")
-    show.add_argument("--layer", type=int, default=None, help="block index (default: the last stored)")
-    show.add_argument("--head", default="mean", help="head index, or mean / max / min over heads, or grid")
+    show.add_argument(
+        "--image", required=True, help="index, or the image's path as listed in the store"
+    )
+    show.add_argument(
+        "--layer", type=int, default=None, help="block index (default: the last stored)"
+    )
+    show.add_argument(
+        "--head", default="mean", help="head index, or mean / max / min over heads, or grid"
+    )
     show.add_argument("--alpha", type=float, default=0.5)
     show.add_argument("--colormap", default="inferno")
-    show.add_argument("--normalize", default="per_map", choices=("per_map", "per_image", "dataset"),
-                      help="colour scale: each map's own range, one range for all heads of the image, "
-                           "or a dataset-wide range per (layer, head) so images compare (default per_map)")
-    show.add_argument("--mask", type=float, default=None, metavar="T",
-                      help="outline the smallest set of patches holding a fraction T of each map's mass (DINO)")
+    show.add_argument(
+        "--normalize",
+        default="per_map",
+        choices=("per_map", "per_image", "dataset"),
+        help="colour scale: each map's own range, one range for all heads of the image, "
+        "or a dataset-wide range per (layer, head) so images compare (default per_map)",
+    )
+    show.add_argument(
+        "--mask",
+        type=float,
+        default=None,
+        metavar="T",
+        help="outline the smallest set of patches holding a fraction T of each map's mass (DINO)",
+    )
     show.add_argument("-o", "--output", type=Path, required=True)
 
-    st = sub.add_parser("stats", help="per-(layer, head) attention statistics over the dataset; optional plots")
+    st = sub.add_parser(
+        "stats", help="per-(layer, head) attention statistics over the dataset; optional plots"
+    )
     st.add_argument("store", type=Path)
-    st.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots, summary.csv and per_layer.md here")
-    st.add_argument("--write", action="store_true",
-                    help="store statistics computed from full attention in the store (when it has none)")
+    st.add_argument(
+        "--plots",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write PNG plots, summary.csv and per_layer.md here",
+    )
+    st.add_argument(
+        "--write",
+        action="store_true",
+        help="store statistics computed from full attention in the store (when it has none)",
+    )
+    sub.add_parser(
+        "demo",
+        add_help=False,
+        help="generate demo images and run the bundled demo ViT on them (vit-attn demo --help)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo driver owns its own options
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
@@ -77,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vit-attn: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("vit-attn: interrupted; finished batches are kept, rerun the same command to resume", file=sys.stderr)
+        print(
+            "vit-attn: interrupted; finished batches are kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .job import prepare
     from .orchestrate import execute
+    from .plan import prepare
     from .store import consolidate
 
     cfg = load_config(args.config, args.overrides)
@@ -92,20 +147,32 @@ def _run(args: argparse.Namespace) -> int:
     plan, tasks = prepared.plan, prepared.tasks
     todo = sum(len(t.paths) for t in tasks)
     verb = "resuming" if prepared.resumed else "writing"
-    print(f"vit-attn: {verb} {plan.store_path}: {todo} of {prepared.n_images} images in {len(tasks)} batches to do "
-          f"({cfg.model.name}, layers {list(plan.outputs.layers)}, {cfg.inference.backend}/{cfg.inference.device}/"
-          f"{cfg.inference.precision}, cluster {cfg.cluster.kind})", file=sys.stderr)
+    print(
+        f"vit-attn: {verb} {plan.store_path}: {todo} of {prepared.n_images} images in {len(tasks)} batches to do "
+        f"({cfg.model.name}, layers {list(plan.outputs.layers)}, {cfg.inference.backend}/{cfg.inference.device}/"
+        f"{cfg.inference.precision}, cluster {cfg.cluster.kind})",
+        file=sys.stderr,
+    )
     summary = execute(plan, tasks, cfg.cluster, progress=not args.no_progress)
     consolidate(plan.store_path)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
-    print(f"vit-attn: done: {summary.images_ok} ok, {summary.images_failed} failed, "
-          f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'})",
-          file=sys.stderr)
-    print(f"vit-attn: store {plan.store_path}" + (f", PNGs in {plan.png_dir}" if plan.png_dir else ""), file=sys.stderr)
+    print(
+        f"vit-attn: done: {summary.images_ok} ok, {summary.images_failed} failed, "
+        f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'})",
+        file=sys.stderr,
+    )
+    print(
+        f"vit-attn: store {plan.store_path}"
+        + (f", PNGs in {plan.png_dir}" if plan.png_dir else ""),
+        file=sys.stderr,
+    )
     if summary.failed_batches:
         first = next(iter(summary.failed_batches.items()))
-        print(f"vit-attn: {len(summary.failed_batches)} batches could not be done (batch {first[0]}: {first[1]}); "
-              "they stay pending: rerun the same command to retry them", file=sys.stderr)
+        print(
+            f"vit-attn: {len(summary.failed_batches)} batches could not be done (batch {first[0]}: {first[1]}); "
+            "they stay pending: rerun the same command to retry them",
+            file=sys.stderr,
+        )
         return EXIT_FAILED_BATCHES
     return EXIT_OK
 
@@ -113,12 +180,14 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .config import load_config
     from .export import export_onnx
-    from .job import model_source, output_spec
     from .model import load_model
+    from .plan import model_source, output_spec
 
     cfg = load_config(args.config, args.overrides)
     loaded = load_model(model_source(cfg))
-    path = export_onnx(loaded, output_spec(cfg, loaded), cfg.inference.precision, cfg.inference.cache_dir)
+    path = export_onnx(
+        loaded, output_spec(cfg, loaded), cfg.inference.precision, cfg.inference.cache_dir
+    )
     print(path)
     return EXIT_OK
 
@@ -129,7 +198,9 @@ def _open_readonly(path: Path) -> Any:
     from .store import is_store
 
     if not is_store(path):
-        raise PipelineError(f"{path} is not a vit-attention store (no such folder, or not made by vit-attn run)")
+        raise PipelineError(
+            f"{path} is not a vit-attention store (no such folder, or not made by vit-attn run)"
+        )
     return zarr.open_group(str(path), mode="r")
 
 
@@ -152,13 +223,20 @@ def _inspect(args: argparse.Namespace) -> int:
     attrs = dict(group.attrs)
     model = attrs.get("model", {})
     status = group["status"][:]
-    counts = {name: int((status == code).sum()) for code, name in ((1, "ok"), (2, "failed"), (0, "pending"))}
+    counts = {
+        name: int((status == code).sum())
+        for code, name in ((1, "ok"), (2, "failed"), (0, "pending"))
+    }
     print(f"store      {args.store}  (format_version {attrs.get('format_version')})")
-    print(f"model      {model.get('name')}  weights {model.get('weights')}  depth {model.get('depth')}  "
-          f"heads {model.get('num_heads')}  prefix tokens {model.get('num_prefix_tokens')}  grid {model.get('grid')}  "
-          f"input {model.get('input_size')}")
+    print(
+        f"model      {model.get('name')}  weights {model.get('weights')}  depth {model.get('depth')}  "
+        f"heads {model.get('num_heads')}  prefix tokens {model.get('num_prefix_tokens')}  grid {model.get('grid')}  "
+        f"input {model.get('input_size')}"
+    )
     print(f"layers     {group['layer'][:].tolist()}")
-    print(f"images     {status.size}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending")
+    print(
+        f"images     {status.size}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending"
+    )
     failed = np.flatnonzero(status == 2)
     if failed.size:
         paths, errors = group["image_path"], group["error"]
@@ -169,7 +247,9 @@ def _inspect(args: argparse.Namespace) -> int:
     for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
         dims = arr.metadata.dimension_names or ()
         shape = " x ".join(f"{d}={s}" for d, s in zip(dims, arr.shape))
-        print(f"  {name:<14} {str(arr.dtype):<8} {shape:<60} {_human(_disk_size(args.store / name)):>10}")
+        print(
+            f"  {name:<14} {str(arr.dtype):<8} {shape:<60} {_human(_disk_size(args.store / name)):>10}"
+        )
     print(f"total      {_human(_disk_size(args.store))}")
     return EXIT_OK
 
@@ -178,8 +258,17 @@ def _show(args: argparse.Namespace) -> int:
     from .render import render_image
 
     group = _open_readonly(args.store)
-    out = render_image(group, args.store, args.image, layer=args.layer, head=args.head, alpha=args.alpha,
-                       cmap=args.colormap, normalize=args.normalize, mask=args.mask)
+    out = render_image(
+        group,
+        args.store,
+        args.image,
+        layer=args.layer,
+        head=args.head,
+        alpha=args.alpha,
+        cmap=args.colormap,
+        normalize=args.normalize,
+        mask=args.mask,
+    )
     from .overlay import save_png
 
     save_png(out, args.output)
@@ -202,10 +291,15 @@ def _stats(args: argparse.Namespace) -> int:
     ds = open_dataset(args.store)
     if not stat_names(ds):
         if "attention" not in ds.data_vars:
-            raise PipelineError(f"{args.store} holds no statistics and no full attention to compute them from; "
-                                "run with attention.stats: true (or attention.full: true)")
-        print("vit-attn: computing statistics from the stored full attention"
-              + (" and writing them into the store" if args.write else ""), file=sys.stderr)
+            raise PipelineError(
+                f"{args.store} holds no statistics and no full attention to compute them from; "
+                "run with attention.stats: true (or attention.full: true)"
+            )
+        print(
+            "vit-attn: computing statistics from the stored full attention"
+            + (" and writing them into the store" if args.write else ""),
+            file=sys.stderr,
+        )
         stats = compute_stats_from_attention(args.store, write=args.write)
         ds = ds.assign({name: stats[name] for name in stats.data_vars})
     table = summarise(ds)

@@ -3,6 +3,7 @@
 Both take one contiguous float32 NCHW batch and return the graph's outputs by name, so
 the rest of the pipeline never knows which one ran.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,9 @@ def available_threads() -> int:
 class OrtRunner:
     """An onnxruntime session with explicit threads and, on CUDA, IO binding."""
 
-    def __init__(self, onnx_path: Path, options: RuntimeOptions, io_binding: bool | None = None) -> None:
+    def __init__(
+        self, onnx_path: Path, options: RuntimeOptions, io_binding: bool | None = None
+    ) -> None:
         """`io_binding`: None binds on GPUs only; True also on the CPU EP (tests the GPU code path)."""
         import onnxruntime as ort
 
@@ -77,9 +80,13 @@ class OrtRunner:
         so.log_severity_level = 3
         providers = self._providers(ort)
         try:
-            self.session = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+            self.session = ort.InferenceSession(
+                str(onnx_path), sess_options=so, providers=providers
+            )
         except Exception as exc:
-            raise BackendError(f"onnxruntime cannot load {onnx_path}: {str(exc).splitlines()[0][:300]}") from None
+            raise BackendError(
+                f"onnxruntime cannot load {onnx_path}: {str(exc).splitlines()[0][:300]}"
+            ) from None
         self.providers = self.session.get_providers()
         self._check_device()
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -87,7 +94,9 @@ class OrtRunner:
         self.on_gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.io_binding = self.on_gpu if io_binding is None else io_binding
         self._ort = ort
-        self._local = threading.local()  # bindings per thread: a Dask worker may run tasks in several
+        self._local = (
+            threading.local()
+        )  # bindings per thread: a Dask worker may run tasks in several
 
     def _providers(self, ort) -> list:
         if self.options.device == "cpu":
@@ -125,7 +134,11 @@ class OrtRunner:
 
     def _check_device(self) -> None:
         # onnxruntime falls back silently: TensorRT to CUDA, CUDA to the CPU.
-        if self.options.tensorrt and self.options.device == "cuda" and "TensorrtExecutionProvider" not in self.providers:
+        if (
+            self.options.tensorrt
+            and self.options.device == "cuda"
+            and "TensorrtExecutionProvider" not in self.providers
+        ):
             warnings.warn(
                 "inference.tensorrt is true but onnxruntime's TensorRT execution provider did not load "
                 "(TensorRT libraries not found?); running on the CUDA execution provider",
@@ -140,7 +153,9 @@ class OrtRunner:
         )
         if not self.options.allow_cpu_fallback:
             raise BackendError(msg)
-        warnings.warn(msg + "; running on the CPU because inference.allow_cpu_fallback is true", stacklevel=2)
+        warnings.warn(
+            msg + "; running on the CPU because inference.allow_cpu_fallback is true", stacklevel=2
+        )
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Named outputs of one batch. With IO binding (GPUs), the arrays are buffers that this
@@ -187,13 +202,20 @@ class _BatchBinding:
         device_id = runner.options.device_id if runner.on_gpu else 0
         self.session = session
         self.binding = session.io_binding()
-        self.input = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, device, device_id)
+        self.input = ort.OrtValue.ortvalue_from_shape_and_type(
+            list(shape), np.float32, device, device_id
+        )
         self.binding.bind_ortvalue_input(runner.input_name, self.input)
         self.buffers: dict[str, np.ndarray] = {}
         self.dynamic: list[str] = []
         for out in session.get_outputs():
             dims, dtype = out.shape, _ORT_TYPES.get(out.type)
-            if dtype is None or not dims or isinstance(dims[0], int) or not all(isinstance(d, int) for d in dims[1:]):
+            if (
+                dtype is None
+                or not dims
+                or isinstance(dims[0], int)
+                or not all(isinstance(d, int) for d in dims[1:])
+            ):
                 self.binding.bind_output(out.name, "cpu")
                 self.dynamic.append(out.name)
                 continue
@@ -224,9 +246,15 @@ class TorchRunner:
         import torch
 
         self.torch = torch
-        self.device = torch.device("cuda", options.device_id) if options.device == "cuda" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", options.device_id)
+            if options.device == "cuda"
+            else torch.device("cpu")
+        )
         if options.device == "cuda" and not torch.cuda.is_available():
-            raise BackendError("inference.device is cuda but torch sees no CUDA device; set inference.device: cpu")
+            raise BackendError(
+                "inference.device is cuda but torch sees no CUDA device; set inference.device: cpu"
+            )
         if options.device == "cpu" and options.threads:
             torch.set_num_threads(options.threads)
         self.graph = graph.to(self.device).eval()
@@ -236,6 +264,12 @@ class TorchRunner:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         x = torch.from_numpy(_check_batch(batch)).to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast),
+        ):
             outs = self.graph(x)
-        return {n: o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for n, o in zip(self.output_names, outs)}
+        return {
+            n: o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
+            for n, o in zip(self.output_names, outs)
+        }

@@ -1,8 +1,10 @@
-"""`make demo`: generate the demo images, add a few bundled photographs, run the demo config.
+"""`vit-attn demo`: generate the demo images, add a few bundled photographs, run the demo config.
 
-Works offline: the demo ViT ships in `models/`, the images are drawn here, and the
-photographs come from scikit-image's bundled data when it is installed.
+Works offline and from an installed wheel: the demo ViT and its config ship as package data
+(`vit_attn/demo/assets/`), the images are drawn here, and the photographs come from
+scikit-image's bundled data when it is installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,10 +12,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from .cli import main as cli_main
-from .demo_data import generate
+from ..cli import main as cli_main
+from .shapes import generate
 
-REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).resolve().parent / "assets"
+CONFIG = ASSETS / "demo.yaml"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 
 
@@ -33,20 +36,30 @@ def add_photos(folder: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
-    p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
-    p.add_argument("--out", type=Path, default=REPO / "demo_out")
+    p = argparse.ArgumentParser(prog="vit-attn demo", description=__doc__)
+    p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument(
+        "--out", type=Path, default=Path("demo_out"), help="output folder (default: ./demo_out)"
+    )
     p.add_argument("--n", type=int, default=48, help="generated images")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--fresh", action="store_true", help="delete the previous demo output first")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config overrides for `vit-attn run` (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for `vit-attn run` (repeatable)",
+    )
     args = p.parse_args(argv)
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     generate(args.out / "shapes", args.n, seed=args.seed)
     photos = add_photos(args.out / "shapes" / "images" / "photos")
-    print(f"demo: {args.n} generated images (masks in {args.out / 'shapes' / 'masks'}), {photos} photographs", file=sys.stderr)
+    print(
+        f"demo: {args.n} generated images (masks in {args.out / 'shapes' / 'masks'}), {photos} photographs",
+        file=sys.stderr,
+    )
     out = args.out.resolve()
     overrides = [
         f"data.source={out / 'shapes' / 'images'}",
@@ -61,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if rc == 0:
         print(
             f"\ndemo: look at {out / 'png'} (overlays; *.heads.png = all heads),\n"
-            f"      inspect the store with: .venv/bin/vit-attn inspect {out / 'demo.zarr'}\n"
-            f"      or in Python: import pipeline; pipeline.open_store('{out / 'demo.zarr'}')",
+            f"      inspect the store with: vit-attn inspect {out / 'demo.zarr'}\n"
+            f"      or in Python: import vit_attn; vit_attn.open_store('{out / 'demo.zarr'}')",
             file=sys.stderr,
         )
     return rc

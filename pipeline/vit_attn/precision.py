@@ -5,6 +5,7 @@ invalid graphs on torch's dynamo exports here (stale value_info types; duplicate
 for shared initializers), so this is a small explicit pass: every node keeps a precision,
 and a Cast is inserted only where a tensor crosses between the two.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -19,7 +20,9 @@ FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
 # Softmax and layer norms stay fp32: their reductions lose the most in fp16, and the
 # attention probabilities are the product.
-FP32_OPS = frozenset({"Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "TopK"})
+FP32_OPS = frozenset(
+    {"Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "TopK"}
+)
 
 
 def node_scopes(node: onnx.NodeProto) -> list[str]:
@@ -35,10 +38,16 @@ def node_scopes(node: onnx.NodeProto) -> list[str]:
     return []
 
 
-def to_mixed(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool]) -> onnx.ModelProto:
+def to_mixed(
+    model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool]
+) -> onnx.ModelProto:
     """Convert float tensors to fp16 except in nodes `keep_fp32` selects; graph I/O stays fp32."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
         raise ExportError("mixed precision: graphs with control flow (If/Loop) are not supported")
     inferred = onnx.shape_inference.infer_shapes(model)
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
@@ -65,7 +74,9 @@ def to_mixed(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool]
                 arr = numpy_helper.to_array(inits[name]).astype(np.float16)
                 new_inits.append(numpy_helper.from_array(arr, new))
             else:
-                new_nodes.append(helper.make_node("Cast", [name], [new], to=want, name=f"cast_{new}"))
+                new_nodes.append(
+                    helper.make_node("Cast", [name], [new], to=want, name=f"cast_{new}")
+                )
             precision[new] = want
             elem[new] = FLOAT
             cast_cache[key] = new
@@ -94,7 +105,9 @@ def to_mixed(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool]
         new_nodes.append(new)
         for orig, out in zip(node.output, outputs):
             if orig != out:
-                new_nodes.append(helper.make_node("Cast", [out], [orig], to=FLOAT, name=f"cast_{orig}"))
+                new_nodes.append(
+                    helper.make_node("Cast", [out], [orig], to=FLOAT, name=f"cast_{orig}")
+                )
 
     used = {i for n in new_nodes for i in n.input}
     kept_inits = [t for t in graph.initializer if t.name in used]
@@ -117,7 +130,9 @@ def _retype_attributes(node: onnx.NodeProto) -> None:
             attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
 
 
-def scope_selector(model_prefix: str, fp32_modules: Iterable[str]) -> Callable[[onnx.NodeProto], bool]:
+def scope_selector(
+    model_prefix: str, fp32_modules: Iterable[str]
+) -> Callable[[onnx.NodeProto], bool]:
     """Keep fp32: FP32_OPS, anything outside the model (post-processing), and named submodules."""
     fp32_prefixes = tuple(f"{model_prefix}.{m}" for m in fp32_modules)
 

@@ -4,6 +4,7 @@ Pure numpy + Pillow (matplotlib only for its colormap tables, imported lazily), 
 function that runs per batch in the hot path (`blend`) has no torch dependency and no
 per-image Python loop.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import ConfigError
+from vit_attn.errors import ConfigError
 
 NORMALIZE_MODES = ("per_map", "none", "range")
 

@@ -3,6 +3,7 @@
 The same function runs in-process and on Dask workers. It receives a small picklable plan
 and the batch's own paths; the inference session is created once per process and reused.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Preprocess, load_batch, normalize
+from .decode import Preprocess, load_batch, normalize
 from .errors import PipelineError
 from .overlay import blend, head_grid, save_png
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
@@ -72,7 +73,14 @@ _infer_lock = threading.Lock()
 
 def get_runner(plan: RunPlan) -> Runner:
     """This process's session for the plan, created on first use and then reused."""
-    key = (plan.backend, plan.onnx_path, plan.runtime, repr(plan.model_source), plan.outputs, plan.precision)
+    key = (
+        plan.backend,
+        plan.onnx_path,
+        plan.runtime,
+        repr(plan.model_source),
+        plan.outputs,
+        plan.precision,
+    )
     with _runner_lock:
         runner = _runners.get(key)
         if runner is None:
@@ -146,12 +154,19 @@ def _add_overlays(plan: RunPlan, result: BatchResult, images: np.ndarray, ok: np
     arrays = result.arrays
     if "overlay" in arrays:
         maps = _head_mean_last_layer(result)[ok]
-        arrays["overlay"][ok] = blend(images[ok], maps, alpha=plan.overlay_alpha, cmap=plan.colormap)
+        arrays["overlay"][ok] = blend(
+            images[ok], maps, alpha=plan.overlay_alpha, cmap=plan.colormap
+        )
     if "overlay_heads" in arrays:
         heads = arrays["cls_attention"][ok, -1].astype(np.float32)  # [n, H, gh, gw]
         n, nh = heads.shape[:2]
         tiled = np.repeat(images[ok], nh, axis=0)
-        blended = blend(tiled, heads.reshape(n * nh, *heads.shape[2:]), alpha=plan.overlay_alpha, cmap=plan.colormap)
+        blended = blend(
+            tiled,
+            heads.reshape(n * nh, *heads.shape[2:]),
+            alpha=plan.overlay_alpha,
+            cmap=plan.colormap,
+        )
         arrays["overlay_heads"][ok] = blended.reshape(n, nh, *blended.shape[1:])
 
 
@@ -163,7 +178,9 @@ def png_path(png_dir: str | Path, image_path: str, suffix: str = ".png") -> Path
     return Path(png_dir) / rel.with_name(rel.name + suffix)
 
 
-def _write_pngs(plan: RunPlan, task: BatchTask, result: BatchResult, images: np.ndarray, ok: np.ndarray) -> None:
+def _write_pngs(
+    plan: RunPlan, task: BatchTask, result: BatchResult, images: np.ndarray, ok: np.ndarray
+) -> None:
     assert plan.png_dir is not None
     means = _head_mean_last_layer(result)
     for i in np.flatnonzero(ok):
@@ -171,10 +188,16 @@ def _write_pngs(plan: RunPlan, task: BatchTask, result: BatchResult, images: np.
         if "overlay" in result.arrays:
             save_png(result.arrays["overlay"][i], png_path(plan.png_dir, path))
         else:
-            save_png(blend(images[i : i + 1], means[i : i + 1], plan.overlay_alpha, plan.colormap)[0], png_path(plan.png_dir, path))
+            save_png(
+                blend(images[i : i + 1], means[i : i + 1], plan.overlay_alpha, plan.colormap)[0],
+                png_path(plan.png_dir, path),
+            )
         if plan.png_heads:
             heads = result.arrays["cls_attention"][i, -1].astype(np.float32)
-            save_png(head_grid(images[i], heads, plan.overlay_alpha, plan.colormap), png_path(plan.png_dir, path, ".heads.png"))
+            save_png(
+                head_grid(images[i], heads, plan.overlay_alpha, plan.colormap),
+                png_path(plan.png_dir, path, ".heads.png"),
+            )
 
 
 class _Clock:

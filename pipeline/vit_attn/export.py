@@ -3,6 +3,7 @@
 The wrapper computes what users keep (CLS maps, rollout, top-k) inside the graph, so the
 full ``[B, L, H, T, T]`` matrices leave the runtime only when they are asked for.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,9 @@ class AttentionGraph(nn.Module):
             attns[i].attn_drop.register_forward_hook(self._hook(i))
 
     def _hook(self, index: int):
-        def capture(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        def capture(
+            module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> None:
             self._captures[index] = args[0]
 
         return capture
@@ -63,7 +66,9 @@ class AttentionGraph(nn.Module):
         if self.stop_block is None:
             return self.vit(x)
         if hasattr(self.vit, "forward_intermediates"):
-            self.vit.forward_intermediates(x, indices=[self.stop_block], stop_early=True, intermediates_only=True)
+            self.vit.forward_intermediates(
+                x, indices=[self.stop_block], stop_early=True, intermediates_only=True
+            )
         else:
             self.vit.forward_features(x)
         return None
@@ -73,7 +78,9 @@ class AttentionGraph(nn.Module):
         logits = self._run_model(pixel_values)
         missing = [i for i in self.captured_blocks if i not in self._captures]
         if missing:
-            raise ExportError(f"attention of blocks {missing} was not captured; is fused attention still on?")
+            raise ExportError(
+                f"attention of blocks {missing} was not captured; is fused attention still on?"
+            )
         lay = self.layout
         p = lay.num_prefix_tokens
         batch = pixel_values.shape[0]
@@ -87,21 +94,30 @@ class AttentionGraph(nn.Module):
         selected = torch.stack([self._captures[i] for i in self.spec.layers], dim=1)
         if self.spec.cls_attention:
             gh, gw = lay.grid
-            out["cls_attention"] = selected[:, :, :, 0, p:].reshape(batch, len(self.spec.layers), lay.num_heads, gh, gw)
+            out["cls_attention"] = selected[:, :, :, 0, p:].reshape(
+                batch, len(self.spec.layers), lay.num_heads, gh, gw
+            )
         if self.spec.attention:
             out["attention"] = selected
         if self.spec.rollout:
-            out["rollout"] = rollout_torch([self._captures[i] for i in range(lay.depth)], p, lay.grid)
+            out["rollout"] = rollout_torch(
+                [self._captures[i] for i in range(lay.depth)], p, lay.grid
+            )
         if self.spec.stats:
             # Per block, then stacked: the [B, H, T, T] temporaries stay one layer large.
-            per_block = [graph_stats(self._captures[i], p, lay.grid, lay.patch_size) for i in self.spec.layers]
+            per_block = [
+                graph_stats(self._captures[i], p, lay.grid, lay.patch_size)
+                for i in self.spec.layers
+            ]
             for name in STAT_NAMES:
                 out[name] = torch.stack([s[name] for s in per_block], dim=1)
         self._captures.clear()
         return tuple(out[n] for n in self.output_names)
 
 
-def rollout_torch(attentions: list[torch.Tensor], num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+def rollout_torch(
+    attentions: list[torch.Tensor], num_prefix: int, grid: tuple[int, int]
+) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema): head mean, add identity, row-normalise, multiply up."""
     joint = None
     for attn in attentions:
@@ -167,7 +183,9 @@ def export_onnx(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ExportError(f"cannot create the export cache folder {path.parent}: {exc.strerror}") from None
+        raise ExportError(
+            f"cannot create the export cache folder {path.parent}: {exc.strerror}"
+        ) from None
     graph = AttentionGraph(loaded, spec).eval()
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
@@ -218,4 +236,3 @@ def _convert_mixed(path: Path) -> None:
     # The classifier head stays fp32 so logits and top-k keep full precision.
     keep = scope_selector("vit", fp32_modules=("head", "fc_norm", "head_drop"))
     onnx.save(to_mixed(model, keep), str(path))
-

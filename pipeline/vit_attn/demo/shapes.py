@@ -23,7 +23,7 @@ Layout written by :func:`generate` (``OUT`` is ``out_dir``)::
     OUT/masks/img_00000.png    object masks, mode "L", 255 = object, 0 = elsewhere, same size
     OUT/labels.csv             header ``path,label,class_name``; path relative to OUT/images
 
-Command line: ``python -m pipeline.demo_data OUT --n N --seed S``.
+Command line: ``python -m vit_attn.demo.shapes OUT --n N --seed S``.
 """
 
 from __future__ import annotations
@@ -157,8 +157,14 @@ def _clutter_color(rng: np.random.Generator, obj: np.ndarray) -> tuple[int, int,
     return tuple(int(v) for v in c)
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int,
-                  obj_color: np.ndarray, r_obj: float) -> None:
+def _draw_clutter(
+    draw: ImageDraw.ImageDraw,
+    rng: np.random.Generator,
+    w: int,
+    h: int,
+    obj_color: np.ndarray,
+    r_obj: float,
+) -> None:
     """Distractors that are not class shapes, all smaller or thinner than the object."""
     # Clutter level varies per image: a quarter of the images are nearly clean, which also lets
     # a ViT trained from scratch get past its initial plateau (uniform attention at init).
@@ -172,7 +178,9 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h
             length = rng.uniform(0.15, 0.6) * m
             a = rng.uniform(0, math.pi)
             dx, dy = 0.5 * length * math.cos(a), 0.5 * length * math.sin(a)
-            draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=col, width=int(rng.integers(1, 4)))
+            draw.line(
+                [(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=col, width=int(rng.integers(1, 4))
+            )
         elif kind == 1:  # zig-zag polyline
             k = int(rng.integers(3, 6))
             step = rng.uniform(0.05, 0.15) * m
@@ -196,8 +204,13 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h
             t = np.linspace(0, 2 * math.pi, 20, endpoint=False)
             ang = rng.uniform(0, math.pi)
             x, y = a_len * np.cos(t), b_len * np.sin(t)
-            pts = np.stack([cx + x * math.cos(ang) - y * math.sin(ang),
-                            cy + x * math.sin(ang) + y * math.cos(ang)], 1)
+            pts = np.stack(
+                [
+                    cx + x * math.cos(ang) - y * math.sin(ang),
+                    cy + x * math.sin(ang) + y * math.cos(ang),
+                ],
+                1,
+            )
             draw.polygon([tuple(p) for p in pts], fill=col)
         else:  # small irregular blob: a polygon with jagged radii, smaller than the object
             k = int(rng.integers(5, 10))
@@ -219,14 +232,33 @@ def _shape_polygon(label: int, r: float, ang: float) -> np.ndarray | None:
         pts = 1.2 * r * np.stack([np.cos(t), np.sin(t)], 1)
     else:  # plus-shaped cross, arm half length 1.05 r, arm half width 0.35 r
         L, t = 1.05 * r, 0.35 * r
-        pts = np.array([[-t, -L], [t, -L], [t, -t], [L, -t], [L, t], [t, t],
-                        [t, L], [-t, L], [-t, t], [-L, t], [-L, -t], [-t, -t]])
+        pts = np.array(
+            [
+                [-t, -L],
+                [t, -L],
+                [t, -t],
+                [L, -t],
+                [L, t],
+                [t, t],
+                [t, L],
+                [-t, L],
+                [-t, t],
+                [-L, t],
+                [-L, -t],
+                [-t, -t],
+            ]
+        )
     c, s = math.cos(ang), math.sin(ang)
     return pts @ np.array([[c, s], [-s, c]])
 
 
-def render(rng: np.random.Generator, size: tuple[int, int], label: int | None = None,
-           safe_frac: float = 0.86, radius_frac: tuple[float, float] = RADIUS_FRAC) -> Sample:
+def render(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    label: int | None = None,
+    safe_frac: float = 0.86,
+    radius_frac: tuple[float, float] = RADIUS_FRAC,
+) -> Sample:
     """Draw one image of ``size`` = (width, height) from ``rng``."""
     w, h = int(size[0]), int(size[1])
     if label is None:
@@ -236,7 +268,9 @@ def render(rng: np.random.Generator, size: tuple[int, int], label: int | None = 
 
     # Object geometry first (the clutter needs its size), placed fully inside the safe square.
     r = rng.uniform(*radius_frac) * side
-    ang = math.pi / 2 * int(rng.integers(4)) + math.radians(rng.uniform(-_MAX_TILT_DEG, _MAX_TILT_DEG))
+    ang = math.pi / 2 * int(rng.integers(4)) + math.radians(
+        rng.uniform(-_MAX_TILT_DEG, _MAX_TILT_DEG)
+    )
     poly = _shape_polygon(label, r, ang)
     ext_x = ext_y = r
     if poly is not None:
@@ -281,8 +315,13 @@ def render(rng: np.random.Generator, size: tuple[int, int], label: int | None = 
     return Sample(image=img, mask=mask, label=label, color=color, bbox=bbox)
 
 
-def render_index(seed: int, index: int, sizes=DEFAULT_SIZES, safe_frac: float = 0.86,
-                 radius_frac: tuple[float, float] = RADIUS_FRAC) -> Sample:
+def render_index(
+    seed: int,
+    index: int,
+    sizes=DEFAULT_SIZES,
+    safe_frac: float = 0.86,
+    radius_frac: tuple[float, float] = RADIUS_FRAC,
+) -> Sample:
     """Image ``index`` of the stream ``seed``: the same one :func:`generate` writes."""
     rng = np.random.default_rng([int(seed), int(index)])
     size = sizes[int(rng.integers(len(sizes)))]
@@ -292,8 +331,9 @@ def render_index(seed: int, index: int, sizes=DEFAULT_SIZES, safe_frac: float = 
 # ---------------------------------------------------------------------------------- files
 
 
-def generate(out_dir: Path, n: int, seed: int, sizes=DEFAULT_SIZES,
-             safe_frac: float = 0.86) -> list[DemoImage]:
+def generate(
+    out_dir: Path, n: int, seed: int, sizes=DEFAULT_SIZES, safe_frac: float = 0.86
+) -> list[DemoImage]:
     """Write ``n`` images, their masks and ``labels.csv`` under ``out_dir`` (layout above).
 
     ``sizes`` holds (width, height) pairs; each image picks one at random.
@@ -311,10 +351,22 @@ def generate(out_dir: Path, n: int, seed: int, sizes=DEFAULT_SIZES,
         ipath, mpath = img_dir / name, mask_dir / name
         # Fixed PNG settings and no metadata: byte-identical for the same inputs.
         s.image.save(ipath, format="PNG", compress_level=6)
-        Image.fromarray(s.mask.astype(np.uint8) * 255, "L").save(mpath, format="PNG", compress_level=6)
-        items.append(DemoImage(index=i, path=ipath, mask_path=mpath, name=name, label=s.label,
-                               class_name=s.class_name, size=s.image.size, color=s.color,
-                               bbox=s.bbox))
+        Image.fromarray(s.mask.astype(np.uint8) * 255, "L").save(
+            mpath, format="PNG", compress_level=6
+        )
+        items.append(
+            DemoImage(
+                index=i,
+                path=ipath,
+                mask_path=mpath,
+                name=name,
+                label=s.label,
+                class_name=s.class_name,
+                size=s.image.size,
+                color=s.color,
+                bbox=s.bbox,
+            )
+        )
     with open(out_dir / LABELS_FILE, "w", newline="") as f:
         wr = csv.writer(f, lineterminator="\n")
         wr.writerow(["path", "label", "class_name"])
@@ -324,15 +376,19 @@ def generate(out_dir: Path, n: int, seed: int, sizes=DEFAULT_SIZES,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo_data",
-                                description="Write procedural demo images, masks and labels.csv.")
+    p = argparse.ArgumentParser(
+        prog="python -m vit_attn.demo.shapes",
+        description="Write procedural demo images, masks and labels.csv.",
+    )
     p.add_argument("out", type=Path, help="output folder (images/, masks/, labels.csv)")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     a = p.parse_args(argv)
     items = generate(a.out, a.n, a.seed)
-    print(f"wrote {len(items)} images to {a.out / IMAGES_DIR}, masks to {a.out / MASKS_DIR}, "
-          f"labels to {a.out / LABELS_FILE}")
+    print(
+        f"wrote {len(items)} images to {a.out / IMAGES_DIR}, masks to {a.out / MASKS_DIR}, "
+        f"labels to {a.out / LABELS_FILE}"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 Pure bookkeeping apart from model loading and export: nothing here runs inference, so the
 plan is cheap to test and the executors stay thin.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,11 +15,12 @@ from typing import Any
 
 from . import __version__
 from .config import Config
-from .data import ImageList, list_images, preprocess_for_model
+from .decode import preprocess_for_model
 from .errors import StoreError
 from .export import OutputSpec, export_onnx, weights_digest
 from .model import LoadedModel, ModelSource, describe, load_model
 from .runtime import RuntimeOptions, available_threads
+from .sources import ImageList, list_images
 from .stats import STAT_NAMES, STAT_UNITS
 from .store import (
     FORMAT_VERSION,
@@ -106,7 +108,9 @@ def worker_threads(cfg: Config) -> int:
     return 0  # workers of an existing scheduler use their own share of cores (affinity-aware)
 
 
-def fingerprint_inputs(cfg: Config, loaded: LoadedModel, outputs: OutputSpec, prep: dict, images: ImageList) -> dict[str, Any]:
+def fingerprint_inputs(
+    cfg: Config, loaded: LoadedModel, outputs: OutputSpec, prep: dict, images: ImageList
+) -> dict[str, Any]:
     """Everything that changes the stored values or their layout, and nothing else."""
     listing = hashlib.sha256("\n".join(images.paths).encode()).hexdigest()
     return {
@@ -171,7 +175,9 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     onnx_path = None
     if cfg.inference.backend == "onnxruntime":
         # Exported before the store is touched: a failed export leaves nothing half-made.
-        onnx_path = str(export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir))
+        onnx_path = str(
+            export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir)
+        )
     if resumed:
         group = open_store_for_resume(store_path, fingerprint)
     else:

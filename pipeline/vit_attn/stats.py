@@ -36,6 +36,7 @@ torch is imported only inside the torch function, so workers that merely read th
 (`specs.OutputSpec`, `task`) do not import it. The export cache keys graphs by their
 `OutputSpec`, not by this code: bump `export.EXPORT_FORMAT_VERSION` when `graph_stats` changes.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,7 +75,9 @@ def patch_centres(grid: tuple[int, int], patch_size: tuple[int, int]) -> np.ndar
     gh, gw = grid
     ph, pw = patch_size
     rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-    return np.stack([(rows.ravel() + 0.5) * ph, (cols.ravel() + 0.5) * pw], axis=1).astype(np.float64)
+    return np.stack([(rows.ravel() + 0.5) * ph, (cols.ravel() + 0.5) * pw], axis=1).astype(
+        np.float64
+    )
 
 
 def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int]) -> np.ndarray:
@@ -176,7 +179,9 @@ def graph_stats(
     keys[:p, 0] = 1.0  # column 0: prefix keys, column 1: patch keys
     keys[p:, 1] = 1.0
     weighted = (attention * _const(dist, attention)).sum(-1)[:, :, p:]
-    masses = torch.matmul(attention, _const(keys, attention))[:, :, p:]  # [B, H, N, 2] per patch query
+    masses = torch.matmul(attention, _const(keys, attention))[
+        :, :, p:
+    ]  # [B, H, N, 2] per patch query
     distance = (weighted / torch.maximum(masses[..., 1], tiny)).mean(-1)
 
     ordered, _ = torch.sort(q, dim=-1, descending=True)

@@ -2,11 +2,13 @@
 
 Kept free of torch so that onnxruntime workers unpickle their plan without importing it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ExportError, ModelError
 from .stats import STAT_NAMES
@@ -38,7 +40,7 @@ class OutputSpec:
     cls_attention: bool = True
     attention: bool = False
     rollout: bool = False
-    stats: bool = False  # the per-(layer, head) statistics of pipeline.stats, for `layers`
+    stats: bool = False  # the per-(layer, head) statistics of vit_attn.stats, for `layers`
 
     def names(self, has_classifier: bool) -> list[str]:
         names = []
@@ -55,5 +57,7 @@ class OutputSpec:
         if self.stats:
             names += list(STAT_NAMES)
         if not names:
-            raise ExportError("no outputs selected: enable cls_attention, attention, rollout or logits")
+            raise ExportError(
+                "no outputs selected: enable cls_attention, attention, rollout or logits"
+            )
         return names

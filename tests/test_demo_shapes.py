@@ -1,4 +1,4 @@
-"""Procedural demo data (pipeline.demo_data): determinism, masks, layout, labels."""
+"""Procedural demo data (vit_attn.demo.shapes): determinism, masks, layout, labels."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import demo_data
-from pipeline.demo_data import CLASSES, DEFAULT_SIZES, generate, render_index
+from vit_attn.demo import shapes as demo_data
+from vit_attn.demo.shapes import CLASSES, DEFAULT_SIZES, generate, render_index
 
 N = 24
 
@@ -24,7 +24,9 @@ def generated(tmp_path_factory):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes(generated, tmp_path):
@@ -98,8 +100,16 @@ def test_masks_match_objects(generated):
 def test_object_survives_timm_eval_crop(generated):
     """The whole mask survives timm's eval resize + centre crop at the demo model's size."""
     timm = pytest.importorskip("timm")
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=64,
-                          patch_size=8, embed_dim=48, depth=1, num_heads=1)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=4,
+        img_size=64,
+        patch_size=8,
+        embed_dim=48,
+        depth=1,
+        num_heads=1,
+    )
     cfg = timm.data.resolve_data_config(args={"input_size": (3, 64, 64)}, model=m)
     geo = timm.data.create_transform(**cfg).transforms[:-2]
     for it in generated[1][:12]:
@@ -143,6 +153,10 @@ def test_cli(tmp_path, capsys):
 
 def test_no_torch_import():
     tree = ast.parse(Path(demo_data.__file__).read_text())
-    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    mods = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    mods |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
     assert not mods & {"torch", "torchvision", "timm"}
