@@ -127,7 +127,7 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     if kind == 0:  # smooth colour noise: a small random grid upsampled
         gh, gw = rng.integers(2, 6, size=2)
         grid = rng.integers(0, 256, size=(gh, gw, 3), dtype=np.uint8)
-        bg = np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), np.float64)
+        bg = np.asarray(Image.fromarray(grid).resize((w, h), Image.Resampling.BICUBIC), np.float64)
     elif kind == 1:  # stripes between two colours along a random direction
         c0, c1 = _rand_color(rng), _rand_color(rng)
         ang = rng.uniform(0, math.pi)
@@ -154,7 +154,7 @@ def _clutter_color(rng: np.random.Generator, obj: np.ndarray) -> tuple[int, int,
         c = _rand_color(rng)
         if _color_dist(c, obj) >= _MIN_CLUTTER_DIST:
             break
-    return tuple(int(v) for v in c)
+    return (int(c[0]), int(c[1]), int(c[2]))
 
 
 def _draw_clutter(
@@ -184,11 +184,11 @@ def _draw_clutter(
         elif kind == 1:  # zig-zag polyline
             k = int(rng.integers(3, 6))
             step = rng.uniform(0.05, 0.15) * m
-            pts, a = [(cx, cy)], rng.uniform(0, 2 * math.pi)
+            zig, a = [(cx, cy)], rng.uniform(0, 2 * math.pi)
             for _ in range(k):
                 a += rng.uniform(-2.0, 2.0)
-                pts.append((pts[-1][0] + step * math.cos(a), pts[-1][1] + step * math.sin(a)))
-            draw.line(pts, fill=col, width=int(rng.integers(1, 3)))
+                zig.append((zig[-1][0] + step * math.cos(a), zig[-1][1] + step * math.sin(a)))
+            draw.line(zig, fill=col, width=int(rng.integers(1, 3)))
         elif kind == 2:  # ring or arc outline (hollow, so not a disc)
             r = rng.uniform(0.04, 0.14) * m
             box = [cx - r, cy - r, cx + r, cy + r]
@@ -231,21 +231,21 @@ def _shape_polygon(label: int, r: float, ang: float) -> np.ndarray | None:
         t = np.array([0.0, 2 * math.pi / 3, 4 * math.pi / 3]) - math.pi / 2
         pts = 1.2 * r * np.stack([np.cos(t), np.sin(t)], 1)
     else:  # plus-shaped cross, arm half length 1.05 r, arm half width 0.35 r
-        L, t = 1.05 * r, 0.35 * r
+        L, hw = 1.05 * r, 0.35 * r
         pts = np.array(
             [
-                [-t, -L],
-                [t, -L],
-                [t, -t],
-                [L, -t],
-                [L, t],
-                [t, t],
-                [t, L],
-                [-t, L],
-                [-t, t],
-                [-L, t],
-                [-L, -t],
-                [-t, -t],
+                [-hw, -L],
+                [hw, -L],
+                [hw, -hw],
+                [L, -hw],
+                [L, hw],
+                [hw, hw],
+                [hw, L],
+                [-hw, L],
+                [-hw, hw],
+                [-L, hw],
+                [-L, -hw],
+                [-hw, -hw],
             ]
         )
     c, s = math.cos(ang), math.sin(ang)
@@ -287,18 +287,20 @@ def render(
     best, best_d = None, -1.0
     for _ in range(30):
         c = _rand_color(rng)
+        c = _rand_color(rng)
         d = _color_dist(c, under)
         if d > best_d:
             best, best_d = c, d
         if d >= _MIN_COLOR_DIST:
             break
+    assert best is not None  # distances are >= 0 > best_d's start
     obj_color = best
 
     img = Image.fromarray(bg.round().astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     _draw_clutter(draw, rng, w, h, obj_color, r)
 
-    color = tuple(int(v) for v in obj_color)
+    color = (int(obj_color[0]), int(obj_color[1]), int(obj_color[2]))
     mask_img = Image.new("L", (w, h), 0)
     mdraw = ImageDraw.Draw(mask_img)
     if poly is None:
