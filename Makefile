@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install lint format test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(PY) -c "import vit_attn, torch, timm, onnxruntime, zarr, dask, distributed, xarray"
 	touch $(STAMP)
+
+# Style and types: what .ci/run checks before the tests.
+LINTED := pipeline tests benchmarks scripts
+lint: install
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
 test: install
 	$(PY) -m pytest -q tests
@@ -29,4 +40,4 @@ bench: install
 	$(PY) benchmarks/inference.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo_out
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo_out

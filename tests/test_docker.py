@@ -31,7 +31,7 @@ ORT_NAMES = ("onnxruntime-gpu", "onnxruntime")
 
 
 def cuda_major_for(ort: Version) -> int:
-    """The CUDA major onnxruntime-gpu's PyPI wheels are built for (DESIGN.md section 5)."""
+    """The CUDA major onnxruntime-gpu's PyPI wheels are built for (1.27+: CUDA 13; docs/RUNNING.md)."""
     return 13 if ort >= Version("1.27") else 12
 
 

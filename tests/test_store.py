@@ -1,4 +1,4 @@
-"""The store contract (DESIGN.md section 3): layout, batch writes, status, resume, xarray."""
+"""The store contract (docs/STORE.md): layout, batch writes, status, resume, xarray."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _paths(spec: StoreSpec) -> list[str]:
 
 
 def _contract(spec: StoreSpec) -> dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]]:
-    """Name -> (dims, dtype, shape) written out from DESIGN.md, independent of store.py."""
+    """Name -> (dims, dtype, shape) written out from docs/STORE.md, independent of store.py."""
     n = spec.n_images
     nl, nh, (gh, gw), (h, w), t = (
         len(spec.layers),

@@ -149,7 +149,7 @@ def versions() -> dict[str, str]:
     import zarr
 
     return {
-        "pipeline": __version__,
+        "vit_attn": __version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "onnxruntime": onnxruntime.__version__,

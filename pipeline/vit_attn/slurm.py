@@ -74,7 +74,7 @@ def _slurm_cluster_class() -> Any:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise ConfigError(
-            "cluster.kind is slurm but dask-jobqueue is not installed: pip install 'vit-attention-pipeline[slurm]'"
+            "cluster.kind is slurm but dask-jobqueue is not installed: pip install 'vit-attn[slurm]'"
         ) from None
     return SLURMCluster
 

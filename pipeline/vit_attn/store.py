@@ -1,4 +1,4 @@
-"""The Zarr v3 output store (DESIGN.md section 3): template, batch writes, status, resume.
+"""The Zarr v3 output store (format in docs/STORE.md): template, batch writes, status, resume.
 
 The layout is one fact kept in one place, `StoreSpec.layout()`: every array's name, dims,
 dtype, shape, chunks and shards. `create_store` builds the template from it, `write_batch`
