@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,8 +33,35 @@ def sharpened_model(name: str, factor: float = 4.0, seed: int = 0, **kwargs) -> 
 
 
 @pytest.fixture(scope="session")
-def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One export cache for the whole session: exporting costs ~15 s per graph here."""
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One export cache for the whole session: exporting costs ~15 s per graph here.
+
+    `VIT_ATTN_CACHE` points at it while the session's tests run and is restored afterwards.
+    """
     path = tmp_path_factory.mktemp("export-cache")
-    os.environ["VIT_ATTN_CACHE"] = str(path)
-    return path
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VIT_ATTN_CACHE", str(path))
+        yield path
+
+
+# Fixtures that start clusters, run whole pipelines or export several models. A test that uses
+# one is slow wherever it lives, so the `slow` marker is applied here, in one place.
+SLOW_FIXTURES = frozenset(
+    {
+        "exported_case",  # test_export: one export per model family
+        "demo",  # test_demo: `vit-attn demo` on a LocalCluster
+        "demo_run",
+        "sharpened_run",
+        "any_run",  # test_analysis: whole runs with statistics
+        "local_run",
+        "reference_store",  # test_pipeline / smallrun: end-to-end runs
+        "slurm",
+        "external_cluster",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .helpers import stop_process_group
 
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scancel")
 INSTALL_HINT = "apt-get install slurmctld slurmd slurm-client munge"
@@ -145,20 +146,6 @@ def _start(cmd: list[str], folder: Path, name: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
 @contextlib.contextmanager
 def local_slurm(folder: Path, cpus: int | None = None, timeout: float = 30) -> Iterator[LocalSlurm]:
     """Start munged, slurmctld and slurmd under `folder`; wait until the node is idle; stop all on exit.
@@ -251,4 +238,4 @@ def _shutdown(cluster: LocalSlurm) -> None:
             while cluster.jobs() and time.monotonic() < deadline:
                 time.sleep(0.3)
     for proc in reversed(cluster.procs):
-        _stop(proc)
+        stop_process_group(proc)

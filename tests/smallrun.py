@@ -1,7 +1,7 @@
 """A small end-to-end run shared by the cluster tests (SLURM, an existing scheduler).
 
 25 images (two batches of 16, one broken file) through the same sharpened tiny ViT and config
-as tests/test_pipeline.py, so the ONNX export is a cache hit when both run in one session.
+as tests/test_pipeline.py (tests/helpers.py), so the ONNX export is a cache hit when both run in one session.
 Import the fixtures into a test module to use them.
 """
 
@@ -14,7 +14,7 @@ import pytest
 from vit_attn.cli import main as cli_main
 
 from . import imagefactory
-from .test_pipeline import MODEL, assert_stores_equal, save_sharpened_checkpoint, write_config  # noqa: F401 (re-exported)
+from .helpers import MODEL, assert_stores_equal, save_sharpened_checkpoint, write_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")

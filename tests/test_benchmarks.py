@@ -69,6 +69,7 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path, export_cache):
     print(f"gpu.py --device cpu --quick: {seconds:.1f} s")
 
 
+@pytest.mark.slow  # runs the benchmark script in a subprocess (imports torch, exports)
 def test_gpu_benchmark_without_a_gpu_says_so(tmp_path):
     pytest.importorskip("torch")
     import torch

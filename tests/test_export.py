@@ -41,7 +41,7 @@ SHARPEN = 16.0
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request, export_cache):
+def exported_case(request, export_cache):
     name, kwargs = CASES[request.param]
     loaded = sharpened_model(name, factor=SHARPEN, **kwargs)
     spec = OutputSpec(layers=loaded.layout.resolve_layers([0, -1]), attention=True, rollout=True)
@@ -52,8 +52,8 @@ def case(request, export_cache):
     return loaded, spec, x, outs, reference_attention(loaded, x)
 
 
-def test_layout_records_prefix_tokens_and_grid(case):
-    loaded, *_ = case
+def test_layout_records_prefix_tokens_and_grid(exported_case):
+    loaded, *_ = exported_case
     lay = loaded.layout
     expected = {
         "vit_tiny_patch16_224": 1,
@@ -65,8 +65,8 @@ def test_layout_records_prefix_tokens_and_grid(case):
     assert lay.grid == (h // lay.patch_size[0], w // lay.patch_size[1])
 
 
-def test_full_attention_matches_attention_extract(case):
-    loaded, spec, _, outs, ref = case
+def test_full_attention_matches_attention_extract(exported_case):
+    loaded, spec, _, outs, ref = exported_case
     att = outs["attention"]
     lay = loaded.layout
     assert att.shape == (3, 2, lay.num_heads, lay.num_tokens, lay.num_tokens)
@@ -76,8 +76,8 @@ def test_full_attention_matches_attention_extract(case):
     assert ref[-1].max() > 0.2
 
 
-def test_cls_attention_is_cls_row_over_patches(case):
-    loaded, spec, _, outs, ref = case
+def test_cls_attention_is_cls_row_over_patches(exported_case):
+    loaded, spec, _, outs, ref = exported_case
     lay = loaded.layout
     gh, gw = lay.grid
     cls = outs["cls_attention"]
@@ -103,14 +103,14 @@ def rollout_reference(
     return result
 
 
-def test_rollout_matches_float64_reference(case):
-    loaded, _, _, outs, ref = case
+def test_rollout_matches_float64_reference(exported_case):
+    loaded, _, _, outs, ref = exported_case
     expected = rollout_reference(ref, loaded.layout.num_prefix_tokens, loaded.layout.grid)
     np.testing.assert_allclose(outs["rollout"], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_logits_and_topk_match_torch(case):
-    loaded, spec, x, outs, _ = case
+def test_logits_and_topk_match_torch(exported_case):
+    loaded, spec, x, outs, _ = exported_case
     if loaded.layout.num_classes == 0:  # DINOv2 has no classifier: no logits, no top-k
         assert "logits" not in outs and "topk_index" not in outs
         return
@@ -124,14 +124,15 @@ def test_logits_and_topk_match_torch(case):
     np.testing.assert_allclose(outs["topk_prob"], np.take_along_axis(probs, top, 1), atol=1e-6)
 
 
-def test_torch_backend_equals_onnxruntime(case):
-    loaded, spec, x, outs, _ = case
+def test_torch_backend_equals_onnxruntime(exported_case):
+    loaded, spec, x, outs, _ = exported_case
     runner = TorchRunner(AttentionGraph(loaded, spec), RuntimeOptions())
     torch_outs = runner.run(x.numpy())
     for name in ("cls_attention", "attention", "rollout"):
         np.testing.assert_allclose(torch_outs[name], outs[name], atol=1e-5)
 
 
+@pytest.mark.slow  # two exports: fp32 and mixed
 def test_mixed_precision_within_2e3_on_16x_sharpened_attention(export_cache):
     loaded = sharpened_model("vit_tiny_patch16_224", factor=16.0, seed=3)
     spec = OutputSpec(

@@ -124,6 +124,7 @@ def test_seeded_random_init_is_reproducible():
     assert export_mod.weights_digest(a.model) != export_mod.weights_digest(c.model)
 
 
+@pytest.mark.slow  # several exports
 def test_export_cache_hit_and_invalidation(export_cache, monkeypatch):
     loaded = load_model(small(seed=11))
     spec = OutputSpec(layers=(1,))

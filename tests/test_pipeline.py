@@ -21,7 +21,6 @@ import pytest
 import torch
 import yaml
 import zarr
-from safetensors.torch import save_file
 from timm.utils import AttentionExtract
 
 from vit_attn.cli import main as cli_main
@@ -30,11 +29,17 @@ from vit_attn.store import open_dataset
 
 from . import imagefactory
 from .conftest import sharpened_model
+from .helpers import (
+    BATCH,
+    MODEL,
+    assert_stores_equal,
+    save_sharpened_checkpoint,
+    stop_process_group,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-MODEL = {"name": "vit_tiny_patch16_224", "img_size": [96, 128], "kwargs": {"depth": 3}}
-BATCH = 16
 
 pytestmark = pytest.mark.slow
 
@@ -58,41 +63,6 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return save_sharpened_checkpoint(tmp_path_factory.mktemp("weights"))
-
-
-def save_sharpened_checkpoint(folder: Path) -> Path:
-    """MODEL with attention sharpened 16x, saved as `folder/sharp.safetensors`."""
-    loaded = sharpened_model(
-        MODEL["name"], factor=16.0, seed=0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"]
-    )
-    path = folder / "sharp.safetensors"
-    save_file(loaded.model.state_dict(), str(path))
-    return path
-
-
-def write_config(folder: Path, dataset: Path, checkpoint: Path, cache: Path, **sections) -> Path:
-    cfg = {
-        "model": {**MODEL, "checkpoint": str(checkpoint)},
-        "data": {"source": str(dataset / "images")},
-        "attention": {"layers": [0, -1], "rollout": True, "full": True},
-        "inference": {"batch_size": BATCH, "threads": 1, "cache_dir": str(cache)},
-        "output": {"store": "run.zarr", "overlays": "heads"},
-        "cluster": {"kind": "none"},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def assert_stores_equal(a: Path, b: Path) -> None:
-    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    names = sorted(n for n, _ in ga.arrays())
-    assert names == sorted(n for n, _ in gb.arrays())
-    for name in names:
-        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -235,18 +205,7 @@ def external_cluster(tmp_path):
         yield sched_file
     finally:
         for p in reversed(procs):
-            with_suppress_kill(p)
-
-
-def with_suppress_kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            stop_process_group(p)
 
 
 def test_external_dask_cluster_gives_identical_store(

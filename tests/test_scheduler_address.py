@@ -7,7 +7,6 @@ real `dask scheduler` / `dask worker` processes; the run is the CLI command docs
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import stop_process_group
 from .smallrun import (
     assert_stores_equal,
     write_config,
@@ -31,17 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
 
 
 @pytest.fixture()
@@ -97,7 +86,7 @@ def scheduler_address(tmp_path):
         yield address
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_process_group(p)
 
 
 @pytest.mark.timeout(300)

@@ -159,7 +159,6 @@ def test_sbatch_script_sizes_the_local_cluster_from_the_allocation(env, expected
 
 def test_example_slurm_config_is_valid():
     cfg = load_config(REPO / "configs" / "slurm.yaml")
-    assert cfg.cluster.kind == "slurm"
     kwargs = slurm_kwargs(cfg.cluster, WORKER_ENV)
     assert kwargs["job_cpu"] == cfg.cluster.slurm.cores
     assert kwargs["cores"] == cfg.cluster.slurm.processes * cfg.cluster.batches_per_worker

@@ -14,7 +14,7 @@ from PIL import Image, JpegImagePlugin
 from vit_attn import decode
 from vit_attn.decode import CROP_MODES, Preprocess, load_batch, load_image, normalize
 from vit_attn.errors import ConfigError, DataSourceError, ImageDecodeError
-from vit_attn.sources import ImageList, list_images
+from vit_attn.sources import list_images
 
 from . import imagefactory as factory
 
@@ -154,12 +154,6 @@ def test_csv_duplicate_reports_its_line(tmp_path):
     (tmp_path / "l.csv").write_text("path,label\na.png,1\nb.png,2\na.png,3\n")
     with pytest.raises(DataSourceError, match="line 4 repeats 'a.png'"):
         list_images(tmp_path / "l.csv")
-
-
-def test_image_list_is_frozen():
-    listed = ImageList(Path("/x"), ("a.png",))
-    with pytest.raises(AttributeError):
-        listed.paths = ()  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------- preprocess spec

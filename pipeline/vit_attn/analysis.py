@@ -18,7 +18,14 @@ import numpy as np
 
 from .errors import StoreError
 from .stats import STAT_NAMES, STAT_UNITS, attention_stats, max_distance, patch_distances
-from .store import STATUS_OK, STATUS_PENDING, consolidate, is_consolidated, open_dataset
+from .store import (
+    STATUS_OK,
+    STATUS_PENDING,
+    consolidate,
+    find_image,
+    is_consolidated,
+    open_dataset,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,17 +43,7 @@ DATASET_SCALE_PERCENTILE = 99
 
 def image_index(ds: xr.Dataset, image: str | int) -> int:
     """The position of an image given by its index or its path as listed in the store."""
-    n = ds.sizes["image"]
-    if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
-        if not -n <= image < n:
-            raise IndexError(f"image {image} is out of range: the store holds {n} images")
-        return int(image) % n
-    hits = np.flatnonzero(ds["image_path"].values == str(image))
-    if hits.size == 0:
-        raise KeyError(
-            f"image {image!r} is not in the store (paths are as the data source listed them)"
-        )
-    return int(hits[0])
+    return find_image(ds.sizes["image"], image, lambda: np.asarray(ds["image_path"].values))
 
 
 def select_image(ds: xr.Dataset, image: str | int) -> xr.Dataset:

@@ -18,6 +18,8 @@ EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .render import NORMALIZE_MODES
+
     p = argparse.ArgumentParser(
         prog="vit-attn", description="ViT attention maps over whole image datasets."
     )
@@ -65,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument(
         "--normalize",
         default="per_map",
-        choices=("per_map", "per_image", "dataset"),
+        choices=NORMALIZE_MODES,
         help="colour scale: each map's own range, one range for all heads of the image, "
         "or a dataset-wide range per (layer, head) so images compare (default per_map)",
     )
@@ -219,13 +221,19 @@ def _human(n: float) -> str:
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .store import STATUS_FAILED, STATUS_OK, STATUS_PENDING
+
     group = _open_readonly(args.store)
     attrs = dict(group.attrs)
     model = attrs.get("model", {})
     status = group["status"][:]
     counts = {
         name: int((status == code).sum())
-        for code, name in ((1, "ok"), (2, "failed"), (0, "pending"))
+        for code, name in (
+            (STATUS_OK, "ok"),
+            (STATUS_FAILED, "failed"),
+            (STATUS_PENDING, "pending"),
+        )
     }
     print(f"store      {args.store}  (format_version {attrs.get('format_version')})")
     print(
@@ -237,7 +245,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(
         f"images     {status.size}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending"
     )
-    failed = np.flatnonzero(status == 2)
+    failed = np.flatnonzero(status == STATUS_FAILED)
     if failed.size:
         paths, errors = group["image_path"], group["error"]
         print(f"failed     (first {min(args.errors, failed.size)} of {failed.size})")

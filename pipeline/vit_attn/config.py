@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .specs import check_layer_selection, check_weight_source
 
 
 class _Section(BaseModel):
@@ -30,8 +31,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_weight_source(self) -> ModelConfig:
-        if self.pretrained and self.checkpoint is not None:
-            raise ValueError("give either `pretrained: true` or `checkpoint`, not both")
+        check_weight_source(self.pretrained, self.checkpoint)
         return self
 
     @property
@@ -143,8 +143,7 @@ class Config(_Section):
     @field_validator("attention")
     @classmethod
     def _layers_not_empty(cls, v: AttentionConfig) -> AttentionConfig:
-        if isinstance(v.layers, list) and not v.layers:
-            raise ValueError("attention.layers is empty; give block indices such as [-1] or 'all'")
+        check_layer_selection(v.layers)
         return v
 
     def to_dict(self) -> dict[str, Any]:

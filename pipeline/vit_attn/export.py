@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ExportError
+from .errors import ExportError, first_line
 from .model import LoadedModel, attention_modules
 from .specs import OutputSpec
 from .stats import STAT_NAMES, graph_stats
@@ -222,7 +222,7 @@ def _export(graph: AttentionGraph, path: Path, input_size: tuple[int, int]) -> N
     except ExportError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         log.debug("exporter output:\n%s", chatter.getvalue())
         raise ExportError(f"ONNX export of {graph.layout} failed: {first}") from exc
 

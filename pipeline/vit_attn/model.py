@@ -16,10 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ModelError
-from .specs import ModelSource
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+from .errors import CheckpointError, ModelError, first_line
+from .specs import ModelSource, check_layer_selection
 
 
 @dataclass(frozen=True)
@@ -44,21 +42,11 @@ class TokenLayout:
 
     def resolve_layers(self, layers: str | int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
         """Turn `all`, one index or a list (negatives allowed) into sorted unique block indices."""
-        if isinstance(layers, str):
-            if layers != "all":
-                raise ModelError(
-                    f"attention.layers: expected a list of block indices or 'all', got {layers!r}"
-                )
+        items = check_layer_selection(layers)
+        if items is None:
             return tuple(range(self.depth))
-        items = [layers] if isinstance(layers, int) else list(layers)
-        if not items:
-            raise ModelError(
-                "attention.layers: the list is empty; give block indices such as [-1] or 'all'"
-            )
         out = set()
         for i in items:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise ModelError(f"attention.layers: {i!r} is not an integer block index")
             if not -self.depth <= i < self.depth:
                 raise ModelError(
                     f"attention.layers: block {i} is out of range; the model has {self.depth} blocks "
@@ -161,7 +149,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # every reader raises its own type for a corrupt file
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {first_line(exc)}); "
             "is it truncated or not a weights file?"
         ) from None
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
@@ -173,11 +161,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
-
-
 def _apply_checkpoint(model: nn.Module, path: Path) -> None:
     state = read_state_dict(path)
     # timm's own filter resamples position embeddings when img_size differs from training.
@@ -187,13 +170,13 @@ def _apply_checkpoint(model: nn.Module, path: Path) -> None:
             state = filter_fn(state, model)
         except Exception as exc:
             raise CheckpointError(
-                f"checkpoint {path} does not fit this model: {_first_line(exc)}"
+                f"checkpoint {path} does not fit this model: {first_line(exc)}"
             ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint {path} does not match the model: {_first_line(exc)} "
+            f"checkpoint {path} does not match the model: {first_line(exc)} "
             "(check model.name and model.kwargs)"
         ) from None
 
@@ -212,15 +195,15 @@ def _create(source: ModelSource) -> nn.Module:
         return timm.create_model(source.name, pretrained=source.pretrained, **kwargs)
     except TypeError as exc:
         raise ModelError(
-            f"model {source.name!r} rejects the given arguments: {_first_line(exc)}"
+            f"model {source.name!r} rejects the given arguments: {first_line(exc)}"
         ) from None
     except (OSError, RuntimeError, ValueError) as exc:
         if source.pretrained:
             raise ModelError(
-                f"pretrained weights for {source.name!r} could not be loaded ({_first_line(exc)}); "
+                f"pretrained weights for {source.name!r} could not be loaded ({first_line(exc)}); "
                 "offline? put them in the Hugging Face cache (HF_HUB_OFFLINE=1) or use model.checkpoint"
             ) from None
-        raise ModelError(f"model {source.name!r} cannot be built: {_first_line(exc)}") from None
+        raise ModelError(f"model {source.name!r} cannot be built: {first_line(exc)}") from None
 
 
 def load_model(source: ModelSource) -> LoadedModel:

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .config import ClusterConfig
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError, first_line
 from .task import BatchSummary, BatchTask, RunPlan, run_batch
 
 log = logging.getLogger(__name__)
 
 # Replaces the nanny's pre-spawn environment. Its default MALLOC_TRIM_THRESHOLD_=65536 also
 # switches off glibc's dynamic mmap threshold, so every multi-MB batch array is mmapped and
-# faulted in afresh; leaving it out gives the glibc defaults back (docs/PERFORMANCE.md).
+# faulted in afresh; leaving it out gives the glibc defaults back (docs/RUNNING.md, "Use an existing Dask scheduler").
 WORKER_ENV: dict[str, str] = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -93,6 +93,11 @@ class Progress:
         self.stream.flush()
 
 
+def batch_failure(exc: BaseException) -> str:
+    """How a batch that could not be done is reported, whichever executor ran it."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
 def run_in_process(
     plan: RunPlan,
     tasks: list[BatchTask],
@@ -108,8 +113,8 @@ def run_in_process(
     def finish(task: BatchTask, future: Future) -> None:
         try:
             on_done(future.result())
-        except PipelineError as exc:
-            failed[task.batch_index] = str(exc)
+        except Exception as exc:  # as on Dask: the batch stays pending for a rerun
+            failed[task.batch_index] = batch_failure(exc)
 
     with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vit-attn-batch") as pool:
         running: dict[Future, BatchTask] = {}
@@ -163,9 +168,7 @@ def run_on_dask(
         try:
             on_done(future.result())
         except Exception as exc:  # a batch that failed after its retries: left pending for a rerun
-            failed[task.batch_index] = (
-                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            )
+            failed[task.batch_index] = batch_failure(exc)
         future.release()
         nxt = next(pending, None)
         if nxt is not None:
@@ -176,7 +179,7 @@ def run_on_dask(
 
 
 @contextlib.contextmanager
-def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
+def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
     """A distributed Client for the configured cluster; closes what it started."""
     import dask
     from distributed import Client
@@ -243,7 +246,7 @@ def execute(
         start = time.perf_counter()
         summary.failed_batches = run_in_process(plan, tasks, on_done, cluster.batches_per_worker)
     else:
-        with dask_client(cluster, plan.runtime.device) as client:
+        with dask_client(cluster) as client:
             workers = len(client.scheduler_info().get("workers", {})) or cluster.n_workers
             if cluster.kind == "slurm":  # workers arrive as their jobs start: size for all of them
                 workers = max(workers, cluster.slurm.jobs * cluster.slurm.processes)

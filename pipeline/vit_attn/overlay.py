@@ -17,7 +17,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vit_attn.errors import ConfigError
 
-NORMALIZE_MODES = ("per_map", "none", "range")
+# How `normalize_maps` turns values into colour levels (low level; `vit-attn show --normalize`
+# picks among the user-facing scales in render.NORMALIZE_MODES, built on these).
+MAP_SCALINGS = ("per_map", "none", "range")
 
 
 @functools.lru_cache(maxsize=32)
@@ -101,8 +103,8 @@ def normalize_maps(
     already probabilities: clip to [0, 1]), "range" (the explicit `vmin`..`vmax`, e.g. a
     dataset-wide scale so maps stay comparable across images).
     """
-    if mode not in NORMALIZE_MODES:
-        raise ConfigError(f"normalize mode must be one of {NORMALIZE_MODES}, got {mode!r}")
+    if mode not in MAP_SCALINGS:
+        raise ConfigError(f"normalize mode must be one of {MAP_SCALINGS}, got {mode!r}")
     if mode != "range" and (vmin is not None or vmax is not None):
         raise ConfigError("vmin/vmax are only used with normalize mode 'range'")
     maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)

@@ -12,6 +12,7 @@ from .decode import Preprocess, load_image
 from .errors import ImageDecodeError, PipelineError
 from .maps import HEAD_FUSIONS, fuse_heads, mass_threshold_mask
 from .overlay import blend, head_grid
+from .store import STATUS_FAILED, STATUS_OK, find_image
 
 # per_map: each map's own min..max. per_image: 0..the largest value of any head of this image
 # and layer, so heads compare. dataset: 0..a per-(layer, head) scale over the whole store
@@ -19,24 +20,6 @@ from .overlay import blend, head_grid
 NORMALIZE_MODES = ("per_map", "per_image", "dataset")
 OUTLINE_RGB = (0, 255, 255)
 GRID_BORDER = 2
-
-
-def image_index(group: Any, image: str | int) -> int:
-    """An image given as an index or as its path as listed in the store."""
-    n = group["status"].shape[0]
-    text = str(image)
-    if text.lstrip("-").isdigit():
-        i = int(text)
-        if not -n <= i < n:
-            raise PipelineError(f"--image {i} is out of range: the store holds {n} images")
-        return i % n
-    paths = group["image_path"][:]
-    hits = np.flatnonzero(paths == text)
-    if hits.size == 0:
-        raise PipelineError(
-            f"--image {text!r} is not in the store; give an index or a path as `vit-attn inspect` lists"
-        )
-    return int(hits[0])
 
 
 def model_input_image(group: Any, index: int) -> np.ndarray:
@@ -71,10 +54,10 @@ def render_image(
         raise PipelineError(f"--normalize {normalize!r}: give one of {', '.join(NORMALIZE_MODES)}")
     if mask is not None and not 0.0 < mask <= 1.0:
         raise PipelineError(f"--mask {mask}: give a mass fraction in (0, 1], e.g. 0.6")
-    i = image_index(group, image)
+    i = find_image(group["status"].shape[0], image, lambda: group["image_path"][:])
     status = int(group["status"][i])
-    if status != 1:
-        reason = f"failed: {group['error'][i]}" if status == 2 else "not processed yet"
+    if status != STATUS_OK:
+        reason = f"failed: {group['error'][i]}" if status == STATUS_FAILED else "not processed yet"
         raise PipelineError(f"image {i} ({group['image_path'][i]}) has no attention: {reason}")
     layers = group["layer"][:].tolist()
     if layer is None:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import BackendError
+from .errors import BackendError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ class OrtRunner:
                 str(onnx_path), sess_options=so, providers=providers
             )
         except Exception as exc:
-            raise BackendError(
-                f"onnxruntime cannot load {onnx_path}: {str(exc).splitlines()[0][:300]}"
-            ) from None
+            raise BackendError(f"onnxruntime cannot load {onnx_path}: {first_line(exc)}") from None
         self.providers = self.session.get_providers()
         self._check_device()
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -16,7 +16,7 @@ def worker_env_prologue(env: Mapping[str, str]) -> list[str]:
     """Job-script lines that give the workers `env` and drop the nanny's MALLOC_TRIM_THRESHOLD_.
 
     The client's dask config does not reach SLURM jobs, so the nanny's pre-spawn environment is
-    set through dask's environment-variable config; None unsets a default (docs/PERFORMANCE.md).
+    set through dask's environment-variable config; None unsets a default (docs/RUNNING.md).
     """
     spawn: dict[str, str | None] = {"MALLOC_TRIM_THRESHOLD_": None, **env}
     # A Python dict literal (dask reads it with ast.literal_eval); JSON strings are valid ones.

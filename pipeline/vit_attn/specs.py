@@ -26,8 +26,41 @@ class ModelSource:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.pretrained and self.checkpoint is not None:
-            raise ModelError("model: give either `pretrained: true` or `checkpoint`, not both")
+        check_weight_source(self.pretrained, self.checkpoint)
+
+
+def check_weight_source(pretrained: bool, checkpoint: object) -> None:
+    """Weights come from one place: the hub, a checkpoint, or (neither) a seeded random init.
+
+    The one rule for the config and the API alike.
+    """
+    if pretrained and checkpoint is not None:
+        raise ModelError("give either `model.pretrained: true` or `model.checkpoint`, not both")
+
+
+def check_layer_selection(layers: object) -> list[int] | None:
+    """The form of `attention.layers` before the model is known: 'all' (None), or a non-empty
+    list of integer block indices (bools refused: YAML's `true` is not block 1).
+
+    Range checks need the model's depth: `TokenLayout.resolve_layers` does them on top of this.
+    """
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ModelError(
+                f"attention.layers: expected a list of block indices or 'all', got {layers!r}"
+            )
+        return None
+    items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if not isinstance(items, (list, tuple)):
+        raise ModelError("attention.layers: expected a list of block indices or 'all'")
+    if not items:
+        raise ModelError(
+            "attention.layers: the list is empty; give block indices such as [-1] or 'all'"
+        )
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ModelError(f"attention.layers: {i!r} is not an integer block index")
+    return list(items)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ZarrUserWarning
 
-from vit_attn.errors import ConfigError, StoreError
+from vit_attn.errors import ConfigError, ImageSelectionError, StoreError
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -261,7 +261,7 @@ def empty_batch(spec: StoreSpec, batch_index: int) -> BatchResult:
 def _compressors(compression: str, dtype: str) -> list[Any] | None:
     """The compressors of one array (inside the shard for sharded arrays).
 
-    zstd level 1 is the measured default (benchmarks/codecs.py, docs/STORE.md): ~1.3x smaller
+    zstd level 1 is the measured default (benchmarks/compression.py, docs/STORE.md): ~1.3x smaller
     than raw at ~60% of its write speed, and a core Zarr v3 codec that every reader has.
     lz4 with bitshuffle (Blosc) is the faster, weaker alternative.
     """
@@ -542,3 +542,29 @@ def open_dataset(path: PathLike, chunks: str | Mapping[str, int] | None = "batch
         status = zarr.open_array(str(path), path="status", mode="r")
         chunks = {"image": status.chunks[0]}
     return xr.open_zarr(str(path), consolidated=is_consolidated(path), zarr_format=3, chunks=chunks)
+
+
+def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray]) -> int:
+    """The position of an image given as an index (negatives count from the end; a string of
+    digits counts as an index) or as its path as listed in the store.
+
+    `paths` loads the `image_path` array only when a path must be looked up. Every reader (the
+    API, `vit-attn show`, the viewer) selects images through this one rule.
+    """
+    if isinstance(image, bool):
+        raise ImageSelectionError(f"image {image!r}: give an index or a listed path")
+    text = str(image).strip()
+    if isinstance(image, (int, np.integer)) or text.lstrip("-").isdigit():
+        i = int(text)
+        if not -n_images <= i < n_images:
+            raise ImageSelectionError(
+                f"image {i} is out of range: the store holds {n_images} images"
+            )
+        return i % n_images
+    hits = np.flatnonzero(np.asarray(paths()) == text)
+    if hits.size == 0:
+        raise ImageSelectionError(
+            f"image {text!r} is not in the store; give an index or a path as "
+            "`vit-attn inspect` lists them (as the data source listed them)"
+        )
+    return int(hits[0])

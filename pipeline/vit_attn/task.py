@@ -67,7 +67,7 @@ _runners: dict[tuple, Runner] = {}
 _runner_lock = threading.Lock()
 # One inference at a time per process. A worker that holds two batches (Dask threads, or the
 # in-process pool) then overlaps one batch's decoding, maps and writing with the other's
-# inference, and inference still has all its threads (docs/PERFORMANCE.md, "Pipelining").
+# inference, and inference still has all its threads (docs/PERFORMANCE.md, "Pipeline end to end vs the bare session").
 _infer_lock = threading.Lock()
 
 
