@@ -21,6 +21,7 @@ from .stats import STAT_NAMES, STAT_UNITS, attention_stats, max_distance, patch_
 from .store import (
     STATUS_OK,
     STATUS_PENDING,
+    array,
     consolidate,
     find_image,
     is_consolidated,
@@ -62,7 +63,8 @@ def ok_images(ds: xr.Dataset) -> np.ndarray:
 def _layout(ds: xr.Dataset) -> tuple[int, tuple[int, int], tuple[int, int]]:
     model = ds.attrs.get("model", {})
     try:
-        return int(model["num_prefix_tokens"]), tuple(model["grid"]), tuple(model["patch_size"])  # type: ignore[return-value]
+        grid, patch = model["grid"], model["patch_size"]
+        return int(model["num_prefix_tokens"]), (grid[0], grid[1]), (patch[0], patch[1])
     except KeyError as exc:
         raise StoreError(
             f"the store's `model` attribute lacks {exc}; is it a vit-attention-store?"
@@ -144,8 +146,8 @@ def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
     if present:
         raise StoreError(f"{store} already holds statistics {present}")
     group = zarr.open_group(str(store), mode="r+")
-    batch = group["status"].chunks[0]
-    targets = []
+    batch = array(group, "status").chunks[0]
+    targets: list[Any] = []
     for name in STAT_NAMES:
         targets.append(
             group.create_array(

@@ -117,7 +117,10 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**fields)
 
 
 def preprocess_for_model(model: Any, input_size: tuple[int, int]) -> Preprocess:
@@ -203,7 +206,7 @@ def _resize_crop(
     if rw * rh <= _BOX_RESIZE_AREA * out_h * out_w:
         # Whole image then crop, exactly as timm does (bit-identical pixels).
         if (rw, rh) != img.size or box != (0, 0, *img.size):
-            img = img.resize((rw, rh), resample, box=box)
+            img = img.resize((rw, rh), resample, box=(box[0], box[1], box[2], box[3]))
         if (x0, y0, x1, y1) != (0, 0, rw, rh):
             img = img.crop((x0, y0, x1, y1))
     else:

@@ -194,7 +194,8 @@ class StoreSpec:
             ArrayLayout("layer", ("layer",), "int32", (nl,), (nl,), None, False),
             ArrayLayout("head", ("head",), "int32", (nh,), (nh,), None, False),
         ]
-        per_image = [
+        # (wanted, name, dims after `image`, dtype, sharded)
+        per_image: list[tuple[bool, str, tuple[str, ...], str, bool]] = [
             (self.topk is not None, "topk_index", ("k",), "int32", False),
             (self.topk is not None, "topk_prob", ("k",), "float32", False),
             (True, "cls_attention", ("layer", "head", "y", "x"), self.attention_dtype, True),
@@ -215,8 +216,25 @@ class StoreSpec:
                 True,
             ),
         ]
-        arrays += [self._per_image(*rest) for wanted, *rest in per_image if wanted]
+        arrays += [
+            self._per_image(name, dims, dtype, shard)
+            for wanted, name, dims, dtype, shard in per_image
+            if wanted
+        ]
         return tuple(arrays)
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """`group[name]` as an array; a store missing it (or holding a group there) is not ours."""
+    try:
+        node = group[name]
+    except KeyError:
+        raise StoreError(
+            f"{group.store} has no array {name!r}; is it a vit-attention-store?"
+        ) from None
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{group.store}: {name!r} is not an array; is it a vit-attention-store?")
+    return node
 
 
 def _check(ok: bool, message: str) -> None:
@@ -333,9 +351,9 @@ def create_store(
                 fill_value="" if a.dtype == "str" else 0,
                 dimension_names=a.dims,
             )
-        group["layer"][:] = np.asarray(spec.layers, dtype=np.int32)
-        group["head"][:] = np.arange(spec.num_heads, dtype=np.int32)
-        group["image_path"][:] = np.asarray([str(p) for p in image_paths], dtype=object)
+        array(group, "layer")[:] = np.asarray(spec.layers, dtype=np.int32)
+        array(group, "head")[:] = np.arange(spec.num_heads, dtype=np.int32)
+        array(group, "image_path")[:] = np.asarray([str(p) for p in image_paths], dtype=object)
         if replace:
             shutil.rmtree(path)
         elif path.is_dir():
@@ -427,7 +445,7 @@ def _show(value: Any) -> str:
 
 def pending_batches(group: zarr.Group, spec: StoreSpec) -> list[int]:
     """Indices of the batches that still have an image with status 0 (not processed)."""
-    status = group["status"]
+    status = array(group, "status")
     if status.shape != (spec.n_images,) or status.chunks != (spec.batch_size,):
         raise StoreError(
             f"store status has shape {status.shape} and chunks {status.chunks}; "
@@ -503,8 +521,8 @@ def _checked_batch(
     return status, data
 
 
-def _is_data_array(name: str, array: zarr.Array) -> bool:
-    dims = array.metadata.dimension_names
+def _is_data_array(name: str, arr: zarr.Array) -> bool:
+    dims: tuple[str | None, ...] = getattr(arr.metadata, "dimension_names", None) or ()
     return bool(dims) and dims[0] == "image" and name not in BOOKKEEPING
 
 
@@ -538,10 +556,13 @@ def open_dataset(path: PathLike, chunks: str | Mapping[str, int] | None = "batch
     """
     import xarray as xr  # only readers need it: workers that write never import it
 
+    dask_chunks: Any = chunks
     if chunks == "batch":
         status = zarr.open_array(str(path), path="status", mode="r")
-        chunks = {"image": status.chunks[0]}
-    return xr.open_zarr(str(path), consolidated=is_consolidated(path), zarr_format=3, chunks=chunks)
+        dask_chunks = {"image": status.chunks[0]}
+    return xr.open_zarr(
+        str(path), consolidated=is_consolidated(path), zarr_format=3, chunks=dask_chunks
+    )
 
 
 def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray]) -> int:
