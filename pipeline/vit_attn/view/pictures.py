@@ -69,7 +69,11 @@ class Pictures:
             if image in self._inputs:
                 self._inputs.move_to_end(image)
                 return self._inputs[image]
-        value = model_input_image(self.data.group, image)
+        try:
+            value = model_input_image(self.data.group, image)
+        except (KeyError, TypeError, ValueError):  # no preprocessing recorded: a neutral canvas
+            h, w = self.data.meta()["input_size"] or list(self.data.grid)
+            value = np.full((int(h), int(w), 3), 128, np.uint8)
         with self._lock:
             self._inputs[image] = value
             while len(self._inputs) > 16:

@@ -175,7 +175,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Referrer-Policy", "no-referrer")
         self.end_headers()
         if not head_only:
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the page moved on: nothing to do
+                self.close_connection = True
 
     def _route(self) -> tuple[int, str, bytes, str]:
         if self.server.loopback_only:
@@ -187,6 +190,8 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = parts.path  # never unquoted: no route needs it, and `%2e%2e` stays inert
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        if path == "/favicon.ico":
+            return 200, ASSET_TYPES[".svg"], self.server.assets["favicon.svg"], "no-cache"
         if path in ("/", "/index.html"):
             return 200, ASSET_TYPES[".html"], self.server.assets["index.html"], "no-cache"
         m = _ROUTE_ASSET.match(path)
