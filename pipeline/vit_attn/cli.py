@@ -96,6 +96,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store statistics computed from full attention in the store (when it has none)",
     )
+    view = sub.add_parser(
+        "view", help="browse a store's attention in a web browser (a local read-only server)"
+    )
+    view.add_argument("store", help="the store's path")
+    view.add_argument("--port", type=int, default=8765, help="default 8765; 0 = any free port")
+    view.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
     sub.add_parser(
         "demo",
         add_help=False,
@@ -126,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "stats":
             return _stats(args)
+        if args.command == "view":
+            from .view import serve
+
+            serve(args.store, host=args.host, port=args.port)
+            return EXIT_OK
         return _show(args)
     except PipelineError as exc:
         print(f"vit-attn: error: {exc}", file=sys.stderr)

@@ -1,0 +1,569 @@
+"""What the viewer reads from a store: layout, the filtered image list and one map at a time.
+
+Everything is read lazily and by index: the first page of a 50,000-image store reads the
+page's chunks of `image_path`, `status` and `topk_index` only. Whole-dataset columns
+(`status`, top-1 class, one statistic) are read the first time a filter or sort needs them,
+then kept (a few bytes per image). Per-image arrays are read one inner chunk at a time.
+The store is opened read-only; nothing here writes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..errors import PipelineError, StoreError
+from ..maps import HEAD_FUSIONS, fuse_heads
+from ..stats import STAT_NAMES, STAT_UNITS, max_distance, patch_distances
+from ..store import FORMAT, STATUS_FAILED, STATUS_OK, STATUS_PENDING
+
+STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed"}
+STATUS_FILTERS = ("all", "ok", "failed", "pending")
+# Map arrays the viewer knows by name; any other array with dims (image, [layer,] [head,] y, x)
+# is offered too, under its own name.
+MAP_LABELS = {
+    "cls_attention": "CLS → patches",
+    "pool_attention": "attention pool → patches",
+    "received_attention": "attention received by each patch",
+    "rollout": "rollout",
+}
+FULL_ATTENTION = "attention"
+FULL_ATTENTION_HINT = (
+    "full attention is not stored: run with `attention.full: true` to see any token's row"
+)
+MAX_PAGE = 500
+HEAD_CHOICES = ("mean", "max", "min")
+
+
+class ViewError(PipelineError):
+    """A request the store cannot answer (bad parameter, image out of range): HTTP 400/404."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class MapSource:
+    """A stored array that gives one [gh, gw] map per image (and per layer / head if it has them)."""
+
+    name: str
+    label: str
+    has_layer: bool
+    has_head: bool
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which map: a source (array name, or `row` / `diag` of full attention), layer, head, token."""
+
+    source: str
+    layer_index: int  # index into the store's `layer` coordinate (ignored without a layer dim)
+    head: str  # a head index as text, or one of HEAD_CHOICES
+    token: int = 0  # the query token of a `row` (model order: prefix tokens first)
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """A filter and an order over the whole store; a page of it is what the grid shows."""
+
+    status: str = "all"
+    top1: int | None = None
+    stat: str | None = None
+    stat_layer: int = -1  # index into `layer`
+    stat_head: str = "mean"
+    vmin: float | None = None
+    vmax: float | None = None
+    sort: str = "index"  # "index" or "stat"
+    descending: bool = False
+
+
+def open_group(store: str | Path) -> zarr.Group:
+    """Open a vit-attention store read-only; one clear error when it is not one."""
+    text = str(store)
+    try:
+        group = zarr.open_group(text, mode="r")
+        fmt = group.attrs.get("format")
+    except (FileNotFoundError, OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
+        fmt = None
+        group = None
+    if group is None or fmt != FORMAT:
+        raise StoreError(
+            f"{text} is not a vit-attention store (no such folder, or not made by vit-attn run)"
+        )
+    return group
+
+
+class StoreData:
+    """A read-only view of one store with the caches the server needs (thread-safe)."""
+
+    def __init__(self, store: str | Path) -> None:
+        self.path = str(store)
+        self.group = open_group(store)
+        self.attrs: dict[str, Any] = dict(self.group.attrs)
+        self.model: dict[str, Any] = dict(self.attrs.get("model", {}))
+        self._arrays: dict[str, zarr.Array] = {
+            name: arr for name, arr in self.group.arrays() if isinstance(arr, zarr.Array)
+        }
+        if "status" not in self._arrays or "image_path" not in self._arrays:
+            raise StoreError(f"{self.path} lacks `status` / `image_path`; is it a complete store?")
+        self.n_images = int(self._arrays["status"].shape[0])
+        self.layers: list[int] = (
+            self._arrays["layer"][:].tolist() if "layer" in self._arrays else []
+        )
+        self.heads: list[int] = self._arrays["head"][:].tolist() if "head" in self._arrays else []
+        self.num_prefix = int(self.model.get("num_prefix_tokens", 0))
+        grid = self.model.get("grid")
+        self.sources = self._find_sources()
+        if grid is None and self.sources:
+            grid = list(self._arrays[self.sources[0].name].shape[-2:])
+        self.grid: tuple[int, int] = (int(grid[0]), int(grid[1])) if grid else (0, 0)
+        self.stats = [s for s in STAT_NAMES if s in self._arrays] + sorted(
+            name
+            for name, arr in self._arrays.items()
+            if name not in STAT_NAMES and _dims(arr) == ("image", "layer", "head")
+        )
+        self.has_full = FULL_ATTENTION in self._arrays
+        self._lock = threading.Lock()
+        self._columns: dict[str, np.ndarray] = {}
+        self._orders: OrderedDict[ListQuery, np.ndarray] = OrderedDict()
+        self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    # ------------------------------------------------------------------ layout
+
+    def _find_sources(self) -> list[MapSource]:
+        found = []
+        for name, arr in self._arrays.items():
+            dims = _dims(arr)
+            if len(dims) < 3 or dims[0] != "image" or dims[-2:] != ("y", "x"):
+                continue
+            middle = dims[1:-2]
+            if any(d not in ("layer", "head") for d in middle):
+                continue
+            found.append(
+                MapSource(name, MAP_LABELS.get(name, name), "layer" in middle, "head" in middle)
+            )
+        order = list(MAP_LABELS)
+        found.sort(key=lambda s: (order.index(s.name) if s.name in order else len(order), s.name))
+        return found
+
+    def token_names(self) -> list[str]:
+        """One label per prefix token, in model order (CLS first when the model has one)."""
+        roles = self.model.get("token_roles")
+        if isinstance(roles, list) and len(roles) >= self.num_prefix:
+            return [str(r) for r in roles[: self.num_prefix]]
+        names = []
+        for k in range(self.num_prefix):
+            names.append("CLS" if k == 0 else f"prefix {k} (distillation / register)")
+        return names
+
+    @functools.cached_property
+    def _meta(self) -> dict[str, Any]:
+        return self._build_meta()
+
+    def meta(self) -> dict[str, Any]:
+        """Everything the page needs to build its controls; reads attributes and shapes only."""
+        return dict(self._meta)
+
+    def _build_meta(self) -> dict[str, Any]:
+        size = self.model.get("input_size") or []
+        input_hw = [int(v) for v in size[-2:]] if len(size) >= 2 else None
+        overlay = self._arrays.get("overlay")
+        if overlay is not None:
+            input_hw = [int(overlay.shape[1]), int(overlay.shape[2])]
+        topk = self._arrays.get("topk_index")
+        patch = self.model.get("patch_size") or [1, 1]
+        reference = None
+        if self.grid[0] and "attention_distance" in self.stats:
+            ps = (int(patch[0]), int(patch[1]))
+            reference = {
+                "uniform": float(patch_distances(self.grid, ps).mean()),
+                "largest": float(max_distance(self.grid, ps)),
+            }
+        units = dict(STAT_UNITS)
+        units.update(self.attrs.get("stat_units") or {})
+        return {
+            "store": self.path,
+            "model": self.model.get("name"),
+            "n_images": self.n_images,
+            "layers": self.layers,
+            "heads": self.heads,
+            "grid": list(self.grid),
+            "input_size": input_hw,
+            "num_prefix_tokens": self.num_prefix,
+            "token_names": self.token_names(),
+            "sources": [s.__dict__ for s in self.sources],
+            "full_attention": self.has_full,
+            "full_attention_hint": None if self.has_full else FULL_ATTENTION_HINT,
+            "overlays": overlay is not None,
+            "num_classes": int(self.model.get("num_classes") or 0) if topk is not None else 0,
+            "topk": int(topk.shape[1]) if topk is not None else 0,
+            "stats": [{"name": s, "unit": units.get(s, "")} for s in self.stats],
+            "distance_reference": reference,
+            "overlay_alpha": float(
+                (self.attrs.get("config") or {}).get("output", {}).get("overlay_alpha", 0.5)
+            ),
+            "colormap": str(
+                (self.attrs.get("config") or {}).get("output", {}).get("colormap", "inferno")
+            ),
+        }
+
+    # ------------------------------------------------------------------ whole-store columns
+
+    def _column(self, key: str, load: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            if key not in self._columns:
+                self._columns[key] = load()
+            return self._columns[key]
+
+    def status(self) -> np.ndarray:
+        return self._column("status", lambda: np.asarray(self._arrays["status"][:]))
+
+    def top1(self) -> np.ndarray | None:
+        if "topk_index" not in self._arrays:
+            return None
+        return self._column("top1", lambda: np.asarray(self._arrays["topk_index"][:, 0]))
+
+    def stat_table(self, stat: str) -> np.ndarray:
+        """A statistic for every image [image, layer, head], read once and kept."""
+        return self._column(f"stat:{stat}", lambda: np.asarray(self._arrays[stat][:]))
+
+    def stat_values(self, stat: str, layer_index: int, head: str) -> np.ndarray:
+        """One value per image: a statistic at one layer, for one head or fused over heads."""
+        if stat not in self.stats:
+            raise ViewError(
+                f"statistic {stat!r} is not stored; this store has {self.stats or 'none'}"
+            )
+        li = self.layer_index(layer_index)
+        table = self.stat_table(stat)
+        per_head = table[:, li, :].astype(np.float64)
+        if head in HEAD_CHOICES:
+            return fuse_heads(per_head, head, axis=-1)
+        return per_head[:, self.head_index(head)]
+
+    def counts(self) -> dict[str, Any]:
+        """Images per status and per top-1 class (reads both columns once)."""
+        status = self.status()
+        out: dict[str, Any] = {
+            name: int((status == code).sum()) for code, name in STATUS_NAMES.items()
+        }
+        top1 = self.top1()
+        if top1 is not None:
+            ok = top1[status == STATUS_OK]
+            values, n = np.unique(ok, return_counts=True)
+            out["classes"] = {str(int(v)): int(c) for v, c in zip(values, n)}
+        return out
+
+    # ------------------------------------------------------------------ the image list
+
+    def order(self, q: ListQuery) -> np.ndarray | None:
+        """Image indices matching `q` in its order, or None for "every image by index"."""
+        if q.status not in STATUS_FILTERS:
+            raise ViewError(f"status must be one of {STATUS_FILTERS}, got {q.status!r}")
+        if q.sort not in ("index", "stat"):
+            raise ViewError(f"sort must be 'index' or 'stat', got {q.sort!r}")
+        filtered = (
+            q.status != "all" or q.top1 is not None or q.vmin is not None or q.vmax is not None
+        )
+        if not filtered and q.sort == "index" and not q.descending:
+            return None
+        with self._lock:
+            if q in self._orders:
+                self._orders.move_to_end(q)
+                return self._orders[q]
+        keep = np.ones(self.n_images, bool)
+        if q.status != "all":
+            code = {v: k for k, v in STATUS_NAMES.items()}[q.status]
+            keep &= self.status() == code
+        if q.top1 is not None:
+            top1 = self.top1()
+            if top1 is None:
+                raise ViewError("this store has no top-k classes (the model has no classifier)")
+            keep &= (top1 == q.top1) & (self.status() == STATUS_OK)
+        values = None
+        if q.stat is not None and (q.vmin is not None or q.vmax is not None or q.sort == "stat"):
+            values = self.stat_values(q.stat, q.stat_layer, q.stat_head)
+            if q.vmin is not None or q.vmax is not None or q.sort == "stat":
+                keep &= self.status() == STATUS_OK  # failed images hold zeros, not statistics
+            if q.vmin is not None:
+                keep &= values >= q.vmin
+            if q.vmax is not None:
+                keep &= values <= q.vmax
+        elif q.sort == "stat":
+            raise ViewError("sort=stat needs a statistic (stat=NAME)")
+        idx = np.flatnonzero(keep)
+        if q.sort == "stat" and values is not None:
+            key = -values[idx] if q.descending else values[idx]
+            idx = idx[np.argsort(key, kind="stable")]
+        elif q.descending:
+            idx = idx[::-1]
+        with self._lock:
+            self._orders[q] = idx
+            while len(self._orders) > 16:
+                self._orders.popitem(last=False)
+        return idx
+
+    def page(self, q: ListQuery, offset: int, limit: int) -> dict[str, Any]:
+        """A page of the list: per image its index, path, status, error, top-1 and the stat."""
+        if offset < 0 or not 0 < limit <= MAX_PAGE:
+            raise ViewError(f"offset must be >= 0 and limit in 1..{MAX_PAGE}")
+        order = self.order(q)
+        total = self.n_images if order is None else int(order.size)
+        if order is None:
+            ids = np.arange(offset, min(offset + limit, total))
+        else:
+            ids = order[offset : offset + limit]
+        items = self.describe(ids)
+        if q.stat is not None and q.stat in self.stats and ids.size:
+            values = self.stat_values(q.stat, q.stat_layer, q.stat_head)[ids]
+            for item, v in zip(items, values.tolist()):
+                item["value"] = v
+        return {"total": total, "offset": offset, "items": items}
+
+    def describe(self, ids: np.ndarray) -> list[dict[str, Any]]:
+        """Per-image facts for `ids`, read from the chunks that hold them (sorted reads)."""
+        if ids.size == 0:
+            return []
+        paths = self._pick("image_path", ids)
+        status = self._pick("status", ids)
+        errors = self._pick("error", ids)
+        top = self._pick("topk_index", ids) if "topk_index" in self._arrays else None
+        prob = self._pick("topk_prob", ids) if "topk_prob" in self._arrays else None
+        items = []
+        for k, i in enumerate(ids.tolist()):
+            item: dict[str, Any] = {
+                "i": int(i),
+                "path": str(paths[k]),
+                "status": STATUS_NAMES.get(int(status[k]), str(int(status[k]))),
+            }
+            if int(status[k]) == STATUS_FAILED:
+                item["error"] = str(errors[k])
+            if top is not None and int(status[k]) == STATUS_OK:
+                item["top1"] = int(top[k, 0])
+                if prob is not None:
+                    item["prob"] = float(prob[k, 0])
+            items.append(item)
+        return items
+
+    def info(self, image: int) -> dict[str, Any]:
+        """One image's facts, its top-k and, per stored statistic, its values [layer][head]."""
+        self.check_image(image)
+        item = self.describe(np.asarray([image]))[0]
+        if item["status"] != "ok":
+            return item
+        item["stats"] = {
+            s: np.asarray(self._arrays[s][image], np.float64).round(6).tolist() for s in self.stats
+        }
+        if "topk_index" in self._arrays:
+            item["topk"] = [int(v) for v in self._arrays["topk_index"][image]]
+            if "topk_prob" in self._arrays:
+                item["topk_prob"] = [float(v) for v in self._arrays["topk_prob"][image]]
+        return item
+
+    def _pick(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """arr[ids] reading only the chunks that hold them: one slice if they are contiguous."""
+        arr = self._arrays[name]
+        lo, hi = int(ids.min()), int(ids.max()) + 1
+        if hi - lo == ids.size:
+            block = np.asarray(arr[lo:hi])
+            return block[ids - lo]
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        return np.asarray(arr.get_orthogonal_selection((uniq,)))[inverse]
+
+    def neighbours(self, q: ListQuery, image: int) -> dict[str, Any]:
+        """The images before and after `image` in the list of `q` (prev/next), and its position."""
+        self.check_image(image)
+        order = self.order(q)
+        if order is None:
+            pos = image
+            total = self.n_images
+            prev_i = image - 1 if image > 0 else None
+            next_i = image + 1 if image + 1 < total else None
+        else:
+            hits = np.flatnonzero(order == image)
+            total = int(order.size)
+            if hits.size == 0:
+                return {"position": None, "total": total, "prev": None, "next": None}
+            pos = int(hits[0])
+            prev_i = int(order[pos - 1]) if pos > 0 else None
+            next_i = int(order[pos + 1]) if pos + 1 < total else None
+        return {"position": pos, "total": total, "prev": prev_i, "next": next_i}
+
+    # ------------------------------------------------------------------ one image
+
+    def check_image(self, image: int) -> None:
+        if not 0 <= image < self.n_images:
+            raise ViewError(f"image {image} is out of range: the store holds {self.n_images}", 404)
+
+    def image_status(self, image: int) -> int:
+        self.check_image(image)
+        return int(self._arrays["status"][image])
+
+    def layer_index(self, layer_index: int) -> int:
+        n = len(self.layers)
+        if not -n <= layer_index < n:
+            raise ViewError(f"layer index {layer_index} is out of range: {n} layers are stored")
+        return layer_index % n
+
+    def head_index(self, head: str) -> int:
+        if not head.isdigit() or int(head) >= len(self.heads):
+            raise ViewError(
+                f"head must be 0..{len(self.heads) - 1} or one of {HEAD_CHOICES}, got {head!r}"
+            )
+        return int(head)
+
+    def source(self, name: str) -> MapSource | None:
+        return next((s for s in self.sources if s.name == name), None)
+
+    def _chunk(self, name: str, image: int) -> np.ndarray:
+        """arr[image] (one inner chunk), kept for a few images: clicking patches re-reads none."""
+        key = (name, image)
+        with self._lock:
+            if key in self._chunks:
+                self._chunks.move_to_end(key)
+                return self._chunks[key]
+        value = np.asarray(self._arrays[name][image])
+        with self._lock:
+            self._chunks[key] = value
+            while len(self._chunks) > 8:
+                self._chunks.popitem(last=False)
+        return value
+
+    def head_maps(self, image: int, sel: Selection) -> np.ndarray:
+        """Every head's map for the selection, float32 [heads, gh, gw] (one head if none)."""
+        self.check_image(image)
+        gh, gw = self.grid
+        if sel.source in ("row", "diag"):
+            if not self.has_full:
+                raise ViewError(FULL_ATTENTION_HINT)
+            att = self._chunk(FULL_ATTENTION, image)[self.layer_index(sel.layer_index)]
+            p = self.num_prefix
+            if sel.source == "row":
+                tokens = att.shape[-1]
+                if not 0 <= sel.token < tokens:
+                    raise ViewError(
+                        f"token {sel.token} is out of range: the model has {tokens} tokens"
+                    )
+                rows = att[:, sel.token, p:]
+            else:
+                rows = np.diagonal(att[:, p:, p:], axis1=-2, axis2=-1)
+            return rows.astype(np.float32).reshape(-1, gh, gw)
+        src = self.source(sel.source)
+        if src is None:
+            names = [s.name for s in self.sources] + (["row", "diag"] if self.has_full else [])
+            raise ViewError(f"map source {sel.source!r} is not in this store; it has {names}")
+        data = self._chunk(src.name, image)
+        if src.has_layer:
+            data = data[self.layer_index(sel.layer_index)]
+        data = data.astype(np.float32)
+        return data if src.has_head else data[None]
+
+    def chosen_map(self, image: int, sel: Selection) -> np.ndarray:
+        """The one map [gh, gw] to draw: a head, or the heads fused by mean / max / min."""
+        maps = self.head_maps(image, sel)
+        if maps.shape[0] == 1:
+            return maps[0]
+        if sel.head in HEAD_FUSIONS:
+            return fuse_heads(maps, sel.head, axis=0)
+        return maps[self.head_index(sel.head)]
+
+    def prefix_mass(self, image: int, sel: Selection) -> float | None:
+        """For a row: the mass the query token puts on prefix tokens (not on the map)."""
+        if sel.source != "row" or not self.has_full:
+            return None
+        att = self._chunk(FULL_ATTENTION, image)[self.layer_index(sel.layer_index)]
+        mass = att[:, sel.token, : self.num_prefix].astype(np.float64).sum(-1)
+        if sel.head in HEAD_FUSIONS:
+            return float(getattr(np, sel.head)(mass))
+        return float(mass[self.head_index(sel.head)])
+
+    def overlay(self, image: int, head: int | None) -> np.ndarray | None:
+        """The stored overlay (head mean, or one head's) of one image, or None if not stored."""
+        if head is None:
+            return self._chunk("overlay", image) if "overlay" in self._arrays else None
+        if "overlay_heads" not in self._arrays:
+            return None
+        return np.asarray(self._arrays["overlay_heads"][image, head])
+
+    def overlays(self, ids: np.ndarray) -> np.ndarray:
+        """Stored head-mean overlays of several images [n, H, W, 3] (concurrent chunk reads)."""
+        return self._pick("overlay", ids)
+
+
+def _dims(arr: zarr.Array) -> tuple[str, ...]:
+    return tuple(arr.metadata.dimension_names or ())  # type: ignore[union-attr]
+
+
+@functools.lru_cache(maxsize=4)
+def thumb_size(input_hw: tuple[int, int], box: int) -> tuple[int, int]:
+    """(h, w) of a thumbnail: the input size scaled to fit a `box` square, never enlarged."""
+    h, w = input_hw
+    scale = min(1.0, box / max(h, w))
+    return max(1, math.floor(h * scale + 0.5)), max(1, math.floor(w * scale + 0.5))
+
+
+def parse_query(params: Mapping[str, str]) -> ListQuery:
+    """A ListQuery from URL parameters; a bad value is a ViewError naming the parameter."""
+
+    def num(key: str) -> float | None:
+        text = params.get(key, "")
+        if text == "":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ViewError(f"{key} must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ViewError(f"{key} must be finite, got {text!r}")
+        return value
+
+    top1 = params.get("top1", "")
+    if top1 != "" and not top1.lstrip("-").isdigit():
+        raise ViewError(f"top1 must be a class index, got {top1!r}")
+    stat = params.get("stat") or None
+    order = params.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise ViewError(f"order must be asc or desc, got {order!r}")
+    return ListQuery(
+        status=params.get("status", "all") or "all",
+        top1=int(top1) if top1 != "" else None,
+        stat=stat,
+        stat_layer=int_param(params, "slayer", -1),
+        stat_head=params.get("shead", "mean") or "mean",
+        vmin=num("min"),
+        vmax=num("max"),
+        sort=params.get("sort", "index") or "index",
+        descending=order == "desc",
+    )
+
+
+def int_param(params: Mapping[str, str], key: str, default: int) -> int:
+    text = params.get(key, "")
+    if text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ViewError(f"{key} must be an integer, got {text!r}") from None
+
+
+def parse_selection(params: Mapping[str, str], data: StoreData) -> Selection:
+    """The map selection from URL parameters (defaults: first source, last layer, head mean)."""
+    default = data.sources[0].name if data.sources else ("row" if data.has_full else "")
+    source = params.get("source", default) or default
+    token = int_param(params, "token", 0)
+    return Selection(
+        source=source,
+        layer_index=int_param(params, "layer", -1),
+        head=params.get("head", "mean") or "mean",
+        token=token,
+    )

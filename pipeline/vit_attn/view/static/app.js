@@ -1,0 +1,634 @@
+// vit-attn view: plain JavaScript, no build step, no third-party code.
+// Routes (in the URL hash): #/grid?FILTER, #/image/I?FILTER&MAP, #/stats?stat=NAME.
+// The server draws every picture; this file only asks for them and lays them out.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const FILTER_KEYS = ["status", "top1", "stat", "slayer", "shead", "min", "max", "sort", "order"];
+const MAP_KEYS = ["source", "layer", "head", "token", "mask"];
+const PAGE_SIZE = 60;
+const THUMB_BOX = 128;
+const HEAD_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+  "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
+  "#c5b0d5", "#c49c94"];
+
+let META = null;
+let COUNTS = null;
+let renderSeq = 0;  // a newer navigation makes older async work drop its result
+
+// ------------------------------------------------------------------ helpers
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+async function getJSON(url) {
+  const r = await fetch(url);
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || r.statusText);
+  return body;
+}
+
+function loadImage(img, url) {
+  return new Promise((resolve, reject) => {
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("could not load " + url));
+    img.src = url;
+  });
+}
+
+function fmt(v) {
+  if (v === null || v === undefined) return "–";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
+  return a >= 100 ? v.toFixed(1) : v.toPrecision(3);
+}
+
+function parseHash() {
+  const h = location.hash.replace(/^#/, "") || "/grid";
+  const [path, query] = h.split("?");
+  return { parts: path.split("/").filter(Boolean), params: new URLSearchParams(query || "") };
+}
+
+function pick(params, keys) {
+  const out = new URLSearchParams();
+  for (const k of keys) {
+    const v = params.get(k);
+    if (v !== null && v !== "") out.set(k, v);
+  }
+  return out;
+}
+
+function setOptions(select, options, value) {
+  select.replaceChildren(...options.map(([v, label]) => el("option", { value: String(v), text: label })));
+  if (value !== null && value !== undefined && options.some(([v]) => String(v) === String(value))) {
+    select.value = String(value);
+  }
+}
+
+function headOptions() {
+  return [["mean", "mean"], ["max", "max"], ["min", "min"], ...META.heads.map((h, k) => [k, `head ${h}`])];
+}
+
+function layerOptions() {
+  return META.layers.map((b, k) => [k, `block ${b}`]);
+}
+
+function defaultLayer() {
+  return String(META.layers.length - 1);
+}
+
+function statUnit(name) {
+  const s = META.stats.find((x) => x.name === name);
+  return s ? s.unit : "";
+}
+
+function show(id) {
+  for (const s of ["grid-view", "image-view", "stats-view"]) $(s).hidden = s !== id;
+  $("nav-grid").classList.toggle("active", id !== "stats-view");
+  $("nav-stats").classList.toggle("active", id === "stats-view");
+}
+
+// ------------------------------------------------------------------ grid
+
+function filterFromForm() {
+  const p = new URLSearchParams();
+  p.set("status", $("f-status").value);
+  if ($("f-top1").value !== "") p.set("top1", $("f-top1").value);
+  const stat = $("f-stat").value;
+  if (stat) {
+    p.set("stat", stat);
+    p.set("slayer", $("f-slayer").value);
+    p.set("shead", $("f-shead").value);
+    if ($("f-min").value !== "") p.set("min", $("f-min").value);
+    if ($("f-max").value !== "") p.set("max", $("f-max").value);
+  }
+  const [sort, order] = $("f-sort").value.split(":");
+  p.set("sort", sort);
+  p.set("order", order);
+  return p;
+}
+
+function fillFilterForm(params) {
+  const c = COUNTS || {};
+  const count = (k) => (c[k] === undefined ? "" : ` (${c[k]})`);
+  setOptions($("f-status"), [["all", "all" + (COUNTS ? ` (${META.n_images})` : "")], ["ok", "ok" + count("ok")],
+    ["failed", "failed" + count("failed")], ["pending", "pending" + count("pending")]], params.get("status") || "all");
+  $("f-class-label").hidden = META.topk === 0;
+  const classes = [];
+  for (let k = 0; k < META.num_classes; k++) {
+    const n = c.classes ? c.classes[String(k)] || 0 : null;
+    classes.push([k, `class ${k}` + (n === null ? "" : ` (${n})`)]);
+  }
+  setOptions($("f-top1"), [["", "any"], ...classes], params.get("top1") ?? "");
+  $("f-stat-group").hidden = META.stats.length === 0;
+  setOptions($("f-stat"), [["", "none"], ...META.stats.map((s) => [s.name, `${s.name} [${s.unit}]`])], params.get("stat") || "");
+  setOptions($("f-slayer"), layerOptions(), params.get("slayer") ?? defaultLayer());
+  setOptions($("f-shead"), headOptions(), params.get("shead") || "mean");
+  $("f-min").value = params.get("min") || "";
+  $("f-max").value = params.get("max") || "";
+  const hasStat = Boolean(params.get("stat"));
+  for (const id of ["f-slayer", "f-shead", "f-min", "f-max"]) $(id).disabled = !hasStat;
+  const sorts = [["index:asc", "index ↑"], ["index:desc", "index ↓"]];
+  if (hasStat) sorts.push(["stat:asc", "statistic ↑ (lowest first)"], ["stat:desc", "statistic ↓ (highest first)"]);
+  setOptions($("f-sort"), sorts, `${params.get("sort") || "index"}:${params.get("order") || "asc"}`);
+}
+
+async function renderGrid(params, seq) {
+  show("grid-view");
+  fillFilterForm(params);
+  const page = Math.max(0, parseInt(params.get("page") || "0", 10) || 0);
+  const query = pick(params, FILTER_KEYS);
+  query.set("offset", String(page * PAGE_SIZE));
+  query.set("limit", String(PAGE_SIZE));
+  let list;
+  try {
+    list = await getJSON("/api/list?" + query);
+  } catch (e) {
+    if (seq !== renderSeq) return;
+    $("tiles").replaceChildren(el("p", { class: "error", text: e.message }));
+    $("page-info").textContent = "";
+    document.body.dataset.state = "ready";
+    return;
+  }
+  if (seq !== renderSeq) return;
+  const pages = Math.max(1, Math.ceil(list.total / PAGE_SIZE));
+  $("page-info").textContent = `${list.total} image${list.total === 1 ? "" : "s"}` +
+    (list.total ? ` · page ${page + 1} of ${pages}` : "");
+  $("page-info").dataset.total = String(list.total);
+  $("page-prev").disabled = page === 0;
+  $("page-next").disabled = page + 1 >= pages;
+  $("page-prev").onclick = () => gotoGrid(params, page - 1);
+  $("page-next").onclick = () => gotoGrid(params, page + 1);
+  const [th, tw] = thumbSize();
+  const tiles = list.items.map((item) => gridTile(item, params, tw, th));
+  $("tiles").replaceChildren(...tiles);
+  if (list.items.length) {
+    const sheet = new Image();
+    await loadImage(sheet, `/api/sheet.png?box=${THUMB_BOX}&ids=${list.items.map((x) => x.i).join(",")}`);
+    if (seq !== renderSeq) return;
+    list.items.forEach((item, k) => {
+      const canvas = tiles[k].querySelector("canvas");
+      canvas.getContext("2d").drawImage(sheet, k * tw, 0, tw, th, 0, 0, tw, th);
+    });
+  }
+  markReady("grid-painted");
+}
+
+function thumbSize() {
+  const [h, w] = META.input_size || META.grid;
+  const s = Math.min(1, THUMB_BOX / Math.max(h, w));
+  return [Math.max(1, Math.floor(h * s + 0.5)), Math.max(1, Math.floor(w * s + 0.5))];
+}
+
+function gridTile(item, params, tw, th) {
+  const link = pick(params, FILTER_KEYS);
+  const href = `#/image/${item.i}?${link}`;
+  const canvas = el("canvas", { width: String(tw), height: String(th), class: "pixelated" });
+  const zoom = THUMB_BOX / Math.max(tw, th);
+  canvas.style.width = `${Math.round(tw * zoom)}px`;
+  canvas.style.height = `${Math.round(th * zoom)}px`;
+  const label = [`#${item.i}`];
+  if (item.top1 !== undefined) label.push(`class ${item.top1}` + (item.prob !== undefined ? ` ${(100 * item.prob).toFixed(0)}%` : ""));
+  if (item.value !== undefined) label.push(`${fmt(item.value)}`);
+  const tile = el("a", { class: `tile ${item.status}`, href, "data-i": String(item.i), title: item.path },
+    canvas, el("span", { class: "caption", text: label.join(" · ") }),
+    el("span", { class: "path", text: item.path }));
+  if (item.status === "failed") tile.append(el("span", { class: "error", text: item.error || "failed" }));
+  if (item.status === "pending") tile.append(el("span", { class: "hint", text: "not processed yet" }));
+  return tile;
+}
+
+function gotoGrid(params, page) {
+  const p = pick(params, FILTER_KEYS);
+  if (page) p.set("page", String(page));
+  location.hash = "#/grid?" + p;
+}
+
+// ------------------------------------------------------------------ one image
+
+function mapSelection(params) {
+  const sources = META.sources.map((s) => s.name);
+  let source = params.get("source") || sources[0] || (META.full_attention ? "row" : "");
+  const sel = {
+    source,
+    layer: params.get("layer") ?? defaultLayer(),
+    head: params.get("head") || "mean",
+    token: params.get("token") || "0",
+    mask: params.get("mask") || "",
+  };
+  return sel;
+}
+
+function selQuery(sel, withMask) {
+  const q = new URLSearchParams({ source: sel.source, layer: sel.layer, head: sel.head });
+  if (sel.source === "row") q.set("token", sel.token);
+  if (withMask && sel.mask) q.set("mask", sel.mask);
+  return q;
+}
+
+function sourceInfo(name) {
+  if (name === "row" || name === "diag") return { has_layer: true, has_head: true };
+  return META.sources.find((s) => s.name === name) || { has_layer: false, has_head: false };
+}
+
+function tokenLabel(t) {
+  const p = META.num_prefix_tokens;
+  if (t < p) return META.token_names[t] || `prefix ${t}`;
+  const k = t - p;
+  return `patch (${Math.floor(k / META.grid[1])}, ${k % META.grid[1]})`;
+}
+
+function fillMapControls(sel) {
+  const sources = META.sources.map((s) => [s.name, s.label]);
+  if (META.full_attention) sources.push(["row", "a token's row (full attention)"], ["diag", "diagonal: each patch's self-attention"]);
+  setOptions($("m-source"), sources, sel.source);
+  const info = sourceInfo(sel.source);
+  setOptions($("m-layer"), layerOptions(), sel.layer);
+  $("m-layer").disabled = !info.has_layer;
+  setOptions($("m-head"), headOptions(), sel.head);
+  $("m-head").disabled = !info.has_head;
+  const tokens = [];
+  for (let t = 0; t < META.num_prefix_tokens; t++) tokens.push([t, tokenLabel(t)]);
+  const t = parseInt(sel.token, 10);
+  if (t >= META.num_prefix_tokens) tokens.push([t, tokenLabel(t)]);
+  setOptions($("m-token"), tokens, sel.token);
+  $("m-token-label").hidden = sel.source !== "row";
+  $("m-mask").value = sel.mask || "0";
+  $("m-mask-value").textContent = sel.mask ? sel.mask : "off";
+  $("row-hint").textContent = META.full_attention
+    ? "Click a patch on the overlay or the map to see that patch's attention row."
+    : `Token rows: ${META.full_attention_hint}.`;
+}
+
+function imageHash(i, params, changes) {
+  const p = pick(params, FILTER_KEYS);
+  const m = pick(params, MAP_KEYS);
+  for (const [k, v] of Object.entries(changes || {})) {
+    if (v === null || v === "") m.delete(k); else m.set(k, String(v));
+  }
+  for (const [k, v] of m) p.set(k, v);
+  return `#/image/${i}?${p}`;
+}
+
+async function renderImage(i, params, seq) {
+  show("image-view");
+  const sel = mapSelection(params);
+  fillMapControls(sel);
+  const filter = pick(params, FILTER_KEYS);
+  $("back").href = "#/grid?" + filter;
+  const [info, nb] = await Promise.all([
+    getJSON(`/api/info/${i}`),
+    getJSON(`/api/neighbours/${i}?${filter}`),
+  ]).catch((e) => [{ error: e.message }, null]);
+  if (seq !== renderSeq) return;
+  const title = info.error ? info.error : `#${info.i} ${info.path} · ${info.status}` +
+    (info.topk ? ` · top-${info.topk.length}: ` + info.topk.map((c, k) => `${c} (${(100 * info.topk_prob[k]).toFixed(1)}%)`).join(", ") : "");
+  $("img-title").textContent = title;
+  if (nb) {
+    $("img-position").textContent = nb.position === null ? `not in the current filter (${nb.total})` : `${nb.position + 1} of ${nb.total}`;
+    $("img-prev").disabled = nb.prev === null;
+    $("img-next").disabled = nb.next === null;
+    $("img-prev").onclick = () => { location.hash = imageHash(nb.prev, params); };
+    $("img-next").onclick = () => { location.hash = imageHash(nb.next, params); };
+  }
+  const inputLoad = loadImage($("p-input"), `/api/input/${i}.png`);
+  const err = $("img-error");
+  if (info.status !== "ok") {
+    err.hidden = false;
+    err.textContent = info.status === "failed" ? `This image failed: ${info.error}` : "This image has no attention yet (not processed).";
+    for (const id of ["p-overlay", "p-map", "p-grid"]) $(id).removeAttribute("src");
+    $("img-stats").replaceChildren();
+    $("map-readout").textContent = "";
+    await inputLoad.catch(() => {});
+    markReady("image-ready");
+    return;
+  }
+  err.hidden = true;
+  const q = selQuery(sel, true);
+  const qNoMask = selQuery(sel, false);
+  const mapJson = getJSON(`/api/map/${i}.json?${q}`);
+  const loads = [
+    inputLoad,
+    loadImage($("p-overlay"), `/api/overlay/${i}.png?${q}`),
+    loadImage($("p-map"), `/api/map/${i}.png?${qNoMask}`),
+    mapJson,
+  ];
+  let values;
+  try {
+    [, , , values] = await Promise.all(loads);
+  } catch (e) {
+    if (seq !== renderSeq) return;
+    err.hidden = false;
+    err.textContent = e.message;
+    markReady("image-ready");
+    return;
+  }
+  if (seq !== renderSeq) return;
+  document.body.dataset.map = `/api/map/${i}.png?${qNoMask}`;
+  showMapFacts(values, sel);
+  placeMarkers(sel);
+  wirePatchClicks(i, params, values);
+  markReady("image-ready");
+  // Below the fold: the head grid and the statistics table come after the view is ready.
+  loadImage($("p-grid"), `/api/grid/${i}.png?${qNoMask}`).catch(() => {});
+  $("p-grid").onclick = (ev) => pickHeadFromGrid(ev, i, params);
+  fillImageStats(info, sel);
+}
+
+function showMapFacts(values, sel) {
+  const layer = sourceInfo(sel.source).has_layer ? `block ${values.layer} · ` : "";
+  let what = META.sources.find((s) => s.name === sel.source)?.label || sel.source;
+  if (sel.source === "row") what = `row of ${tokenLabel(parseInt(sel.token, 10))} over the patches`;
+  if (sel.source === "diag") what = "diagonal (each patch's attention to itself)";
+  $("map-caption").textContent = `map: ${what}`;
+  let text = `${layer}head ${sel.head} · colour scale ${fmt(values.min)} (dark) to ${fmt(values.max)} (bright), this map's own range`;
+  if (values.prefix_mass !== null && values.prefix_mass !== undefined) text += ` · mass on prefix tokens (not shown): ${fmt(values.prefix_mass)}`;
+  if (values.mask) text += ` · mask: ${values.mask.reduce((a, b) => a + b, 0)} patches hold ${sel.mask} of the mass`;
+  $("map-readout").textContent = text;
+  $("map-readout").dataset.base = text;
+}
+
+function placeMarkers(sel) {
+  const t = parseInt(sel.token, 10);
+  const p = META.num_prefix_tokens;
+  for (const id of ["map-marker", "overlay-marker"]) {
+    const m = $(id);
+    if (sel.source !== "row" || t < p) { m.hidden = true; continue; }
+    const [gh, gw] = META.grid;
+    const k = t - p;
+    m.hidden = false;
+    m.style.left = `${(100 * (k % gw)) / gw}%`;
+    m.style.top = `${(100 * Math.floor(k / gw)) / gh}%`;
+    m.style.width = `${100 / gw}%`;
+    m.style.height = `${100 / gh}%`;
+  }
+}
+
+function patchAt(ev, box) {
+  const r = box.getBoundingClientRect();
+  const [gh, gw] = META.grid;
+  const x = Math.min(gw - 1, Math.max(0, Math.floor(((ev.clientX - r.left) / r.width) * gw)));
+  const y = Math.min(gh - 1, Math.max(0, Math.floor(((ev.clientY - r.top) / r.height) * gh)));
+  return [y, x];
+}
+
+function wirePatchClicks(i, params, values) {
+  for (const id of ["map-box", "overlay-box"]) {
+    const box = $(id);
+    box.onclick = (ev) => {
+      if (!META.full_attention) {
+        $("row-hint").classList.add("flash");
+        setTimeout(() => $("row-hint").classList.remove("flash"), 600);
+        return;
+      }
+      const [y, x] = patchAt(ev, box);
+      const token = META.num_prefix_tokens + y * META.grid[1] + x;
+      location.hash = imageHash(i, params, { source: "row", token });
+    };
+    box.onmousemove = (ev) => {
+      const [y, x] = patchAt(ev, box);
+      const v = values.values[y * META.grid[1] + x];
+      $("map-readout").textContent = `patch (${y}, ${x}): ${fmt(v)} · ` + $("map-readout").dataset.base;
+    };
+    box.onmouseleave = () => { $("map-readout").textContent = $("map-readout").dataset.base; };
+  }
+}
+
+function pickHeadFromGrid(ev, i, params) {
+  const img = $("p-grid");
+  const n = META.heads.length + 1;
+  const cols = Math.ceil(Math.sqrt(n));
+  const rows = Math.ceil(n / cols);
+  const r = img.getBoundingClientRect();
+  const col = Math.floor(((ev.clientX - r.left) / r.width) * cols);
+  const row = Math.floor(((ev.clientY - r.top) / r.height) * rows);
+  const k = row * cols + col;
+  if (k < 0 || k >= n) return;
+  location.hash = imageHash(i, params, { head: k === 0 ? "mean" : String(k - 1) });
+}
+
+function fillImageStats(info, sel) {
+  const table = $("img-stats");
+  if (!info.stats || !Object.keys(info.stats).length) {
+    table.replaceChildren(el("caption", { text: "no statistics stored (attention.stats: true stores them)" }));
+    return;
+  }
+  const li = parseInt(sel.layer, 10);
+  const L = META.layers.length;
+  const idx = ((li % L) + L) % L;
+  const head = el("tr", {}, el("th", { text: `block ${META.layers[idx]}` }), ...META.heads.map((h) => el("th", { text: `head ${h}` })));
+  const rows = Object.entries(info.stats).map(([name, v]) =>
+    el("tr", {}, el("th", { text: `${name} [${statUnit(name)}]` }), ...v[idx].map((x) => el("td", { text: fmt(x) }))));
+  table.replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+// ------------------------------------------------------------------ statistics
+
+let SUMMARY = null;
+
+async function renderStats(params, seq) {
+  show("stats-view");
+  const err = $("stats-error");
+  if (!META.stats.length) {
+    err.hidden = false;
+    err.textContent = "This store holds no statistics: run with attention.stats: true " +
+      "(or vit-attn stats --write STORE when full attention is stored).";
+    $("plot").replaceChildren(); $("stats-table").replaceChildren(); $("extremes").replaceChildren();
+    markReady("stats-ready");
+    return;
+  }
+  const names = META.stats.map((s) => s.name);
+  const stat = names.includes(params.get("stat")) ? params.get("stat") : (names.includes("attention_distance") ? "attention_distance" : names[0]);
+  setOptions($("s-stat"), META.stats.map((s) => [s.name, `${s.name} [${s.unit}]`]), stat);
+  try {
+    SUMMARY = SUMMARY || await getJSON("/api/summary");
+  } catch (e) {
+    if (seq !== renderSeq) return;
+    err.hidden = false;
+    err.textContent = e.message;
+    markReady("stats-ready");
+    return;
+  }
+  if (seq !== renderSeq) return;
+  err.hidden = true;
+  drawPlot(stat);
+  drawTable(stat);
+  const li = params.get("slayer"), hd = params.get("shead");
+  if (li !== null && hd !== null) await showExtremes(stat, parseInt(li, 10), hd, seq);
+  else $("extremes").replaceChildren(el("p", { class: "hint", text: "Click a dot or a table cell to list its most extreme images." }));
+  markReady("stats-ready");
+}
+
+function statsHash(stat, li, head) {
+  const p = new URLSearchParams({ stat });
+  if (li !== undefined) { p.set("slayer", String(li)); p.set("shead", String(head)); }
+  return "#/stats?" + p;
+}
+
+function drawPlot(stat) {
+  const S = SUMMARY.stats[stat];
+  const mean = S.mean;  // [layer][head]
+  const L = META.layers.length, H = META.heads.length;
+  const W = 640, Ht = 360, m = { l: 60, r: 150, t: 20, b: 44 };
+  const ref = stat === "attention_distance" ? META.distance_reference : null;
+  let ymax = 0;
+  for (const row of mean) for (const v of row) if (v !== null) ymax = Math.max(ymax, v);
+  if (ref) ymax = Math.max(ymax, ref.largest);
+  ymax = ymax > 0 ? ymax * 1.05 : 1;
+  const x = (k) => m.l + (L === 1 ? (W - m.l - m.r) / 2 : (k * (W - m.l - m.r)) / (L - 1));
+  const y = (v) => Ht - m.b - (v / ymax) * (Ht - m.t - m.b);
+  const NS = "http://www.w3.org/2000/svg";
+  const s = (tag, attrs, text) => {
+    const n = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, String(v));
+    if (text !== undefined) n.textContent = text;
+    return n;
+  };
+  const svg = s("svg", { viewBox: `0 0 ${W} ${Ht}`, width: W, height: Ht, role: "img" });
+  svg.append(s("line", { x1: m.l, y1: Ht - m.b, x2: W - m.r, y2: Ht - m.b, class: "axis" }));
+  svg.append(s("line", { x1: m.l, y1: m.t, x2: m.l, y2: Ht - m.b, class: "axis" }));
+  for (let k = 0; k < 5; k++) {
+    const v = (ymax * k) / 4;
+    svg.append(s("text", { x: m.l - 6, y: y(v) + 4, class: "tick", "text-anchor": "end" }, fmt(v)));
+    svg.append(s("line", { x1: m.l, y1: y(v), x2: W - m.r, y2: y(v), class: "gridline" }));
+  }
+  META.layers.forEach((b, k) => svg.append(s("text", { x: x(k), y: Ht - m.b + 16, class: "tick", "text-anchor": "middle" }, String(b))));
+  svg.append(s("text", { x: (m.l + W - m.r) / 2, y: Ht - 6, class: "label", "text-anchor": "middle" }, "block (network depth)"));
+  svg.append(s("text", { x: 14, y: (m.t + Ht - m.b) / 2, class: "label", "text-anchor": "middle", transform: `rotate(-90 14 ${(m.t + Ht - m.b) / 2})` }, `${stat} [${statUnit(stat)}]`));
+  if (ref) {
+    for (const [v, name, cls] of [[ref.uniform, "uniform attention", "ref-uniform"], [ref.largest, "largest possible", "ref-largest"]]) {
+      svg.append(s("line", { x1: m.l, y1: y(v), x2: W - m.r, y2: y(v), class: cls }));
+      svg.append(s("text", { x: W - m.r + 4, y: y(v) + 4, class: "tick" }, `${name} (${fmt(v)})`));
+    }
+  }
+  const line = mean.map((row, k) => {
+    const vals = row.filter((v) => v !== null);
+    const avg = vals.reduce((a, b) => a + b, 0) / Math.max(1, vals.length);
+    return `${k ? "L" : "M"}${x(k).toFixed(1)},${y(avg).toFixed(1)}`;
+  }).join(" ");
+  svg.append(s("path", { d: line, class: "mean-line" }));
+  const jitter = (h) => (H > 1 ? ((h - (H - 1) / 2) / H) * Math.min(24, (W - m.l - m.r) / Math.max(L, 2) / 2) : 0);
+  mean.forEach((row, k) => row.forEach((v, h) => {
+    if (v === null) return;
+    const dot = s("circle", { cx: x(k) + jitter(h), cy: y(v), r: 5, fill: HEAD_COLOURS[h % HEAD_COLOURS.length],
+      class: "dot", "data-layer": k, "data-head": h });
+    dot.append(s("title", {}, `block ${META.layers[k]}, head ${META.heads[h]}: ${fmt(v)} (p5 ${fmt(S.p5[k][h])}, p95 ${fmt(S.p95[k][h])})`));
+    dot.addEventListener("click", () => { location.hash = statsHash(stat, k, h); });
+    svg.append(dot);
+  }));
+  META.heads.slice(0, 16).forEach((hd, h) => {
+    const yy = m.t + 10 + h * 15;
+    svg.append(s("circle", { cx: W - m.r + 10, cy: yy + (ref ? 40 : 0), r: 4, fill: HEAD_COLOURS[h % HEAD_COLOURS.length] }));
+    svg.append(s("text", { x: W - m.r + 18, y: yy + 4 + (ref ? 40 : 0), class: "tick" }, `head ${hd}`));
+  });
+  $("plot").replaceChildren(svg);
+}
+
+function drawTable(stat) {
+  const S = SUMMARY.stats[stat];
+  $("table-title").textContent = `${stat} [${statUnit(stat)}] per head: mean (p5 – p95) over ${SUMMARY.n} ok images`;
+  const head = el("tr", {}, el("th", { text: "block" }), ...META.heads.map((h) => el("th", { text: `head ${h}` })), el("th", { text: "mean of heads" }));
+  const rows = META.layers.map((b, k) => {
+    const cells = META.heads.map((_, h) => el("td", { class: "clickable", text: `${fmt(S.mean[k][h])} (${fmt(S.p5[k][h])} – ${fmt(S.p95[k][h])})`,
+      onclick: () => { location.hash = statsHash(stat, k, h); } }));
+    const vals = S.mean[k].filter((v) => v !== null);
+    return el("tr", {}, el("th", { text: String(b) }), ...cells,
+      el("td", { class: "clickable", text: fmt(vals.reduce((a, c) => a + c, 0) / Math.max(1, vals.length)),
+        onclick: () => { location.hash = statsHash(stat, k, "mean"); } }));
+  });
+  $("stats-table").replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+async function showExtremes(stat, li, head, seq) {
+  const headName = head === "mean" ? "mean of heads" : `head ${META.heads[parseInt(head, 10)]}`;
+  const box = el("div", {}, el("h2", { text: `Most extreme images: ${stat}, block ${META.layers[li]}, ${headName}` }));
+  $("extremes").replaceChildren(box);
+  for (const order of ["desc", "asc"]) {
+    const q = new URLSearchParams({ status: "ok", stat, slayer: String(li), shead: String(head), sort: "stat", order });
+    const list = await getJSON(`/api/list?${q}&offset=0&limit=8`);
+    if (seq !== renderSeq) return;
+    const [th, tw] = thumbSize();
+    const tiles = list.items.map((item) => gridTile(item, q, tw, th));
+    const row = el("div", { class: "tiles-row" }, ...tiles);
+    box.append(el("h3", { text: order === "desc" ? "highest" : "lowest" }), row);
+    if (list.items.length) {
+      const sheet = new Image();
+      await loadImage(sheet, `/api/sheet.png?box=${THUMB_BOX}&ids=${list.items.map((x) => x.i).join(",")}`);
+      list.items.forEach((_, k) => tiles[k].querySelector("canvas").getContext("2d").drawImage(sheet, k * tw, 0, tw, th, 0, 0, tw, th));
+    }
+  }
+}
+
+// ------------------------------------------------------------------ wiring
+
+function markReady(name) {
+  performance.mark(name);
+  document.body.dataset.state = "ready";
+  document.body.dataset.view = name;
+}
+
+async function route() {
+  const seq = ++renderSeq;
+  document.body.dataset.state = "loading";
+  const { parts, params } = parseHash();
+  if (parts[0] === "image" && /^\d+$/.test(parts[1] || "")) return renderImage(parseInt(parts[1], 10), params, seq);
+  if (parts[0] === "stats") return renderStats(params, seq);
+  return renderGrid(params, seq);
+}
+
+function wireForms() {
+  $("filters").addEventListener("change", (ev) => {
+    if (ev.target.id === "f-stat" && !$("f-stat").value) { $("f-min").value = ""; $("f-max").value = ""; }
+    const p = filterFromForm();
+    if (!p.get("stat") && p.get("sort") === "stat") { p.set("sort", "index"); p.set("order", "asc"); }
+    location.hash = "#/grid?" + p;
+  });
+  $("filters").addEventListener("submit", (ev) => ev.preventDefault());
+  $("map-controls").addEventListener("submit", (ev) => ev.preventDefault());
+  $("map-controls").addEventListener("input", (ev) => {
+    if (ev.target.id === "m-mask") $("m-mask-value").textContent = ev.target.value === "0" ? "off" : ev.target.value;
+  });
+  $("map-controls").addEventListener("change", () => {
+    const { parts, params } = parseHash();
+    const mask = $("m-mask").value;
+    location.hash = imageHash(parseInt(parts[1], 10), params, {
+      source: $("m-source").value, layer: $("m-layer").value, head: $("m-head").value,
+      token: $("m-source").value === "row" ? ($("m-token").value || "0") : null,
+      mask: mask === "0" ? null : mask,
+    });
+  });
+  $("s-stat").addEventListener("change", () => { location.hash = statsHash($("s-stat").value); });
+  document.addEventListener("keydown", (ev) => {
+    if (ev.target.tagName === "INPUT" || ev.target.tagName === "SELECT") return;
+    if ($("image-view").hidden) return;
+    if (ev.key === "ArrowLeft" && !$("img-prev").disabled) $("img-prev").click();
+    if (ev.key === "ArrowRight" && !$("img-next").disabled) $("img-next").click();
+  });
+}
+
+async function start() {
+  wireForms();
+  META = await getJSON("/api/meta");
+  $("store-name").textContent = `${META.store} · ${META.model || "model ?"} · ${META.n_images} images · grid ${META.grid.join("×")}`;
+  window.addEventListener("hashchange", route);
+  await route();
+  // Counts need whole-store columns: fetched after the first paint, then shown in the filters.
+  getJSON("/api/counts").then((c) => {
+    COUNTS = c;
+    if (!$("grid-view").hidden) fillFilterForm(parseHash().params);
+  }).catch(() => {});
+}
+
+start().catch((e) => {
+  document.body.replaceChildren(el("p", { class: "error", text: `vit-attn view: ${e.message}` }));
+  document.body.dataset.state = "error";
+});

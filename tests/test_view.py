@@ -1,0 +1,673 @@
+"""`vit-attn view`: the server on real stores, driven by headless Chromium through Playwright.
+
+The store is a real run of the bundled demo ViT (full attention, statistics, overlays, one
+broken file). Pictures are checked by pixel: the page's map is read back from the browser
+and compared with the store's values coloured by matplotlib's own colormap (not the
+viewer's code); grid thumbnails are compared with the stored overlays. Hand-made stores
+with `pool_attention` / `received_attention` (models without a class token) go through
+the same checks. Path traversal is tried with raw HTTP request lines, so no client
+normalises the path first.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from vit_attn.demo import main as demo_main
+from vit_attn.store import FORMAT
+from vit_attn.view import make_server
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+N_IMAGES = 12
+
+
+# --------------------------------------------------------------------------- stores
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory, export_cache) -> Path:
+    """The demo run with full attention, in-process, plus one file that is not an image."""
+    out = tmp_path_factory.mktemp("view-demo")
+    (out / "shapes" / "images").mkdir(parents=True)
+    (out / "shapes" / "images" / "zz_broken.png").write_bytes(b"not an image")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        rc = demo_main(
+            [
+                "--out",
+                str(out),
+                "--n",
+                str(N_IMAGES),
+                "--seed",
+                "7",
+                "--set",
+                f"inference.cache_dir={export_cache}",
+                "--set",
+                "attention.full=true",
+                "--set",
+                "cluster.kind=none",
+            ]
+        )
+    finally:
+        mp.undo()
+    assert rc == 0
+    return out / "demo.zarr"
+
+
+def handmade_store(path: Path, array: str) -> Path:
+    """A store written with zarr directly: no class token, a 3 x 4 grid, one map array.
+
+    `pool_attention` is (image, head, y, x), `received_attention` (image, layer, head, y, x);
+    statuses ok, ok, failed, ok, pending; no preprocessing recorded (no source images).
+    """
+    rng = np.random.default_rng(5)
+    n, heads, layers, grid = 5, 2, [0, 1], (3, 4)
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    g.attrs.update(
+        format=FORMAT,
+        format_version=1,
+        model={
+            "name": "handmade",
+            "num_prefix_tokens": 0,
+            "grid": list(grid),
+            "patch_size": [8, 8],
+            "input_size": [3, 24, 32],
+            "depth": 2,
+            "num_heads": heads,
+        },
+    )
+
+    def put(name, data, dims, dtype=None):
+        data = np.asarray(data, dtype=dtype)
+        arr = g.create_array(
+            name, shape=data.shape, dtype=data.dtype, fill_value=0, dimension_names=dims
+        )
+        arr[...] = data
+
+    paths = g.create_array(
+        "image_path", shape=(n,), dtype=str, fill_value="", dimension_names=("image",)
+    )
+    paths[...] = np.array([f"im{i}.png" for i in range(n)])
+    errors = g.create_array(
+        "error", shape=(n,), dtype=str, fill_value="", dimension_names=("image",)
+    )
+    errors[...] = np.array(["", "", "truncated file", "", ""])
+    put("status", [1, 1, 2, 1, 0], ("image",), np.int8)
+    put("layer", layers, ("layer",), np.int32)
+    put("head", list(range(heads)), ("head",), np.int32)
+    if array == "pool_attention":
+        shape, dims = (n, heads, *grid), ("image", "head", "y", "x")
+    else:
+        shape, dims = (n, len(layers), heads, *grid), ("image", "layer", "head", "y", "x")
+    maps = rng.dirichlet(np.ones(grid[0] * grid[1]), size=shape[:-2]).reshape(shape)
+    maps[[2, 4]] = 0  # failed and pending images hold zeros
+    put(array, maps, dims, np.float16)
+    return path
+
+
+# --------------------------------------------------------------------------- references
+
+
+def lut(name: str) -> np.ndarray:
+    """matplotlib's colormap as 256 RGB rows (the reference, not the viewer's table)."""
+    from matplotlib import colormaps
+
+    return np.round(colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255.0)
+
+
+def expected_levels(values: np.ndarray) -> np.ndarray:
+    """The colour-table index of each patch: the map's own min..max onto 0..255, rounded."""
+    v = np.asarray(values, np.float64)
+    span = v.max() - v.min()
+    norm = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+    return np.floor(norm * 255.0 + 0.5).astype(int)
+
+
+def levels_of(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Invert a colour table: the nearest entry's index per pixel [..., 3]."""
+    d = ((rgb[..., None, :].astype(np.float64) - table) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def assert_map_matches(rgb: np.ndarray, values: np.ndarray, cmap: str) -> None:
+    """Each pixel of a one-pixel-per-patch map is its patch's value's colour (±1 level for
+    float32 vs float64 rounding), and the map is not flat."""
+    assert rgb.shape[:2] == values.shape, (rgb.shape, values.shape)
+    got, want = levels_of(rgb, lut(cmap)), expected_levels(values)
+    assert np.abs(got - want).max() <= 1, np.argwhere(np.abs(got - want) > 1)[:5]
+    assert (got == want).mean() >= 0.9
+    assert want.max() == 255 and want.min() == 0
+
+
+def colormap_of(store: Path) -> str:
+    attrs = zarr.open_group(str(store), mode="r").attrs
+    return (attrs.get("config") or {}).get("output", {}).get("colormap", "inferno")
+
+
+# --------------------------------------------------------------------------- server
+
+
+@pytest.fixture(scope="module")
+def server(demo_store) -> Iterator:
+    srv = make_server(demo_store, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("Content-Type", "")
+
+
+def raw_request(port: int, target: str, method: str = "GET", host: str | None = None) -> bytes:
+    """Send one request line exactly as given (no client-side normalisation of `..`)."""
+    host = host or f"127.0.0.1:{port}"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(
+            f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        chunks = []
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+TRAVERSALS = [
+    "/../../../../etc/passwd",
+    "/static/../../../../etc/passwd",
+    "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/static/%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+    "/static/..%2f..%2f..%2fetc%2fpasswd",
+    "/static/....//....//etc/passwd",
+    "/static//etc/passwd",
+    "/static/%2fetc%2fpasswd",
+    "//etc/passwd",
+    "/etc/passwd",
+    "/static/app.js/../../../../etc/passwd",
+    "/api/input/0.png/../../../../etc/passwd",
+    "/api/map/..%2f..%2fzarr.json",
+    "/zarr.json",
+    "/status/zarr.json",
+    "/overlay/c/0/0/0/0",
+    "/static/zarr.json",
+    "/static/server.py",
+    "/static/__init__.py",
+    "http://127.0.0.1/../../etc/passwd",
+    "/%2e%2e/%2e%2e/etc/passwd",
+    "/static/%00index.html",
+    "/api/sheet.png/../../../etc/passwd",
+]
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+def test_no_file_outside_the_page_and_the_api_is_reachable(server, demo_store, target):
+    """Traversal attempts (literal, %-encoded, doubled slashes, absolute paths, the store's own
+    files by name) answer 404 and never return file contents."""
+    port = server.server_address[1]
+    response = raw_request(port, target)
+    assert status_of(response) == 404, (target, response[:200])
+    assert b"root:" not in response and b"zarr_format" not in response
+    assert b"import " not in response
+
+
+def test_only_get_and_head_and_only_this_host(server):
+    port = server.server_address[1]
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        assert status_of(raw_request(port, "/api/meta", method)) in (405, 501), method
+    head = raw_request(port, "/api/meta", "HEAD")
+    assert status_of(head) == 200 and head.split(b"\r\n\r\n", 1)[1] == b""
+    # DNS rebinding: a page on another origin that resolves to 127.0.0.1 is refused.
+    assert status_of(raw_request(port, "/api/meta", host="evil.example:80")) == 403
+    assert status_of(raw_request(port, "/api/meta", host=f"localhost:{port}")) == 200
+
+
+def test_bad_parameters_are_one_clear_json_error(server):
+    for path, words in [
+        ("api/list?limit=100000", "limit"),
+        ("api/list?min=abc&stat=cls_entropy", "min must be a number"),
+        ("api/list?status=bogus", "status must be one of"),
+        ("api/list?stat=nope&sort=stat", "not stored"),
+        ("api/map/0.json?layer=99", "layer index 99"),
+        ("api/map/0.json?head=7", "head must be"),
+        ("api/map/0.json?source=nope", "not in this store"),
+        ("api/map/0.json?source=row&token=100000", "token 100000"),
+        ("api/overlay/0.png?mask=1.5", "mask must be"),
+        ("api/map/99999.png", "out of range"),
+        ("api/sheet.png?ids=1,x", "ids"),
+    ]:
+        code, body, ctype = get(server.url + path)
+        assert code in (400, 404), path
+        assert ctype == "application/json"
+        assert words in json.loads(body)["error"], (path, body)
+
+
+def test_api_values_are_the_stores(server, demo_store):
+    """Map JSON and PNGs are the stored values: CLS maps, a token's row, the diagonal."""
+    g = zarr.open_group(str(demo_store), mode="r")
+    cmap = colormap_of(demo_store)
+    prefix = g.attrs["model"]["num_prefix_tokens"]
+    gh, gw = g.attrs["model"]["grid"]
+    cls = np.asarray(g["cls_attention"][3], np.float64)  # [L, H, gh, gw]
+    att = np.asarray(g["attention"][3], np.float64)  # [L, H, T, T]
+    cases = [
+        ("source=cls_attention&layer=2&head=1", cls[2, 1]),
+        ("source=cls_attention&layer=-1&head=max", cls[-1].max(0)),
+        (
+            "source=row&layer=4&head=0&token=" + str(prefix + 2 * gw + 5),
+            att[4, 0, prefix + 2 * gw + 5, prefix:],
+        ),
+        ("source=row&layer=1&head=mean&token=0", att[1, :, 0, prefix:].mean(0)),
+        ("source=diag&layer=0&head=2", np.diagonal(att[0, 2, prefix:, prefix:])),
+        ("source=rollout", np.asarray(g["rollout"][3], np.float64)),
+    ]
+    for query, want in cases:
+        want = want.reshape(gh, gw)
+        code, body, _ = get(f"{server.url}api/map/3.json?{query}")
+        assert code == 200, body
+        got = json.loads(body)
+        np.testing.assert_allclose(
+            np.reshape(got["values"], (gh, gw)), want, atol=2e-6, err_msg=query
+        )
+        code, png, ctype = get(f"{server.url}api/map/3.png?{query}")
+        assert code == 200 and ctype == "image/png"
+        assert_map_matches(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), want, cmap)
+    # the row's prefix mass is what the row puts on prefix keys
+    code, body, _ = get(f"{server.url}api/map/3.json?source=row&layer=4&head=0&token=9&mask=0.6")
+    got = json.loads(body)
+    assert got["prefix_mass"] == pytest.approx(att[4, 0, 9, :prefix].sum(), abs=1e-6)
+    assert 0 < sum(got["mask"]) < gh * gw
+
+
+def test_list_filters_and_sorts_match_numpy(server, demo_store):
+    g = zarr.open_group(str(demo_store), mode="r")
+    status = g["status"][:]
+    top1 = g["topk_index"][:, 0]
+    entropy = np.asarray(g["cls_entropy"][:], np.float64)[:, -1].mean(-1)
+
+    def ids(query: str) -> list[int]:
+        code, body, _ = get(f"{server.url}api/list?limit=500&{query}")
+        assert code == 200, body
+        page = json.loads(body)
+        assert page["total"] == len(page["items"])
+        return [item["i"] for item in page["items"]]
+
+    assert ids("") == list(range(status.size))
+    assert ids("status=failed") == np.flatnonzero(status == 2).tolist()
+    assert ids("top1=1") == np.flatnonzero((top1 == 1) & (status == 1)).tolist()
+    ok = np.flatnonzero(status == 1)
+    lo = float(np.median(entropy[ok]))
+    assert ids(f"stat=cls_entropy&slayer=-1&shead=mean&min={lo}") == [
+        int(i) for i in ok if entropy[i] >= lo
+    ]
+    order = ok[np.argsort(-entropy[ok], kind="stable")]
+    assert ids("stat=cls_entropy&slayer=-1&shead=mean&sort=stat&order=desc") == order.tolist()
+    # a failed image shows its error in the list
+    code, body, _ = get(f"{server.url}api/list?status=failed")
+    assert "not an image" in json.loads(body)["items"][0]["error"]
+
+
+@pytest.mark.parametrize("array", ["pool_attention", "received_attention"])
+def test_stores_without_a_class_token_show_their_maps(tmp_path, array):
+    """A store holding only pool_attention or received_attention: its maps, by head and
+    layer, with rows refused with the config key that enables them."""
+    store = handmade_store(tmp_path / "hand.zarr", array)
+    maps = np.asarray(zarr.open_group(str(store), mode="r")[array][:], np.float64)
+    srv = make_server(store, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        meta = json.loads(get(srv.url + "api/meta")[1])
+        assert [s["name"] for s in meta["sources"]] == [array]
+        assert meta["sources"][0]["has_layer"] == (array == "received_attention")
+        assert "attention.full: true" in meta["full_attention_hint"]
+        for image, layer, head in [(0, 0, "1"), (3, 1, "0"), (1, 1, "mean")]:
+            want = maps[image] if array == "pool_attention" else maps[image, layer]
+            want = want.mean(0) if head == "mean" else want[int(head)]
+            q = f"source={array}&layer={layer}&head={head}"
+            got = json.loads(get(f"{srv.url}api/map/{image}.json?{q}")[1])
+            np.testing.assert_allclose(np.reshape(got["values"], (3, 4)), want, atol=2e-6)
+            png = get(f"{srv.url}api/map/{image}.png?{q}")[1]
+            assert_map_matches(
+                np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), want, "inferno"
+            )
+        code, body, _ = get(f"{srv.url}api/map/0.json?source=row&token=0")
+        assert code == 400 and "attention.full: true" in json.loads(body)["error"]
+        code, body, _ = get(f"{srv.url}api/map/2.png")
+        assert code == 404 and "failed" in json.loads(body)["error"]
+        code, body, _ = get(f"{srv.url}api/map/4.png")
+        assert code == 404 and "not processed" in json.loads(body)["error"]
+        code, png, _ = get(f"{srv.url}api/sheet.png?ids=0,1,2,3,4")
+        assert code == 200 and Image.open(io.BytesIO(png)).size == (32 * 5, 24)
+        code, body, _ = get(f"{srv.url}api/summary")
+        assert code == 400 and "attention.stats: true" in json.loads(body)["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _view_command(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vit_attn.cli", "view", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_cli_serves_on_loopback_and_says_where(demo_store):
+    proc = _view_command(str(demo_store), "--port", "0")
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"at (http://127\.0\.0\.1:(\d+)/)", line)
+        assert m, line
+        code, body, _ = get(m.group(1) + "api/meta")
+        assert code == 200 and json.loads(body)["n_images"] == N_IMAGES + 6
+        # the port it holds is refused to a second server, in one line
+        second = subprocess.run(
+            [sys.executable, "-m", "vit_attn.cli", "view", str(demo_store), "--port", m.group(2)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2
+        assert second.stderr.count("\n") == 1 and "is in use" in second.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_cli_refuses_what_is_not_a_store(tmp_path):
+    (tmp_path / "plain").mkdir()
+    for target in (tmp_path / "plain", tmp_path / "missing"):
+        r = subprocess.run(
+            [sys.executable, "-m", "vit_attn.cli", "view", str(target), "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "is not a vit-attention store" in r.stderr
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.errors = errors
+    yield pg
+    context.close()
+
+
+def wait(pg, condition: str, timeout: float = 60.0) -> None:
+    """Poll a JavaScript condition (page.evaluate runs outside the page's CSP, which forbids
+    the eval that wait_for_function would need)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pg.evaluate(f"() => Boolean({condition})"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {condition}; page errors: {pg.errors}")
+
+
+def ready(pg, view: str, extra: str = "true") -> None:
+    wait(
+        pg,
+        f"document.body.dataset.state === 'ready' && document.body.dataset.view === '{view}' && ({extra})",
+    )
+
+
+READ_IMG = """(sel) => {
+  const img = document.querySelector(sel);
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  return [c.width, c.height, Array.from(ctx.getImageData(0, 0, c.width, c.height).data)];
+}"""
+READ_CANVAS = """(sel) => {
+  const c = document.querySelector(sel);
+  return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];
+}"""
+
+
+def pixels(pg, script: str, selector: str) -> np.ndarray:
+    w, h, data = pg.evaluate(script, selector)
+    return np.asarray(data, np.uint8).reshape(h, w, 4)[..., :3]
+
+
+def test_browser_grid_filters_and_thumbnails(server, demo_store, page):
+    g = zarr.open_group(str(demo_store), mode="r")
+    status, top1 = g["status"][:], g["topk_index"][:, 0]
+    page.goto(server.url)
+    ready(page, "grid-painted")
+    assert page.locator("#tiles .tile").count() == status.size
+    assert page.locator("#page-info").get_attribute("data-total") == str(status.size)
+    # thumbnails are the stored overlays (64 px: shown at their own resolution)
+    for i in (0, 5):
+        got = pixels(page, READ_CANVAS, f'#tiles .tile[data-i="{i}"] canvas')
+        np.testing.assert_array_equal(got, g["overlay"][i])
+    # status filter: the failed image with its error
+    page.select_option("#f-status", "failed")
+    ready(page, "grid-painted", "document.querySelector('#page-info').dataset.total === '1'")
+    assert "not an image" in page.locator("#tiles .tile.failed .error").inner_text()
+    # class filter
+    page.select_option("#f-status", "all")
+    wait(page, f"document.querySelector('#page-info').dataset.total === '{status.size}'")
+    page.select_option("#f-top1", "2")
+    n2 = int(((top1 == 2) & (status == 1)).sum())
+    ready(page, "grid-painted", f"document.querySelector('#page-info').dataset.total === '{n2}'")
+    page.select_option("#f-top1", "")
+    # statistic range + sort by it
+    entropy = np.asarray(g["cls_entropy"][:], np.float64)[:, -1].mean(-1)
+    ok = np.flatnonzero(status == 1)
+    lo = float(np.quantile(entropy[ok], 0.5))
+    page.select_option("#f-stat", "cls_entropy")
+    wait(page, "!document.querySelector('#f-min').disabled")
+    page.fill("#f-min", f"{lo}")
+    page.dispatch_event("#f-min", "change")
+    want = [int(i) for i in ok if entropy[i] >= lo]
+    ready(
+        page,
+        "grid-painted",
+        f"document.querySelector('#page-info').dataset.total === '{len(want)}'",
+    )
+    page.select_option("#f-sort", "stat:desc")
+    first = int(max(want, key=lambda i: entropy[i]))
+    ready(page, "grid-painted", f"document.querySelector('#tiles .tile').dataset.i === '{first}'")
+    shown = [
+        int(x) for x in page.eval_on_selector_all("#tiles .tile", "ts => ts.map(t => t.dataset.i)")
+    ]
+    assert shown == sorted(want, key=lambda i: -entropy[i])
+    assert not page.errors, page.errors
+
+
+def test_browser_image_view_selectors_and_patch_rows(server, demo_store, page):
+    g = zarr.open_group(str(demo_store), mode="r")
+    cmap = colormap_of(demo_store)
+    prefix = g.attrs["model"]["num_prefix_tokens"]
+    gh, gw = g.attrs["model"]["grid"]
+    page.goto(server.url + "#/grid?status=ok")
+    ready(page, "grid-painted")
+    page.locator('#tiles .tile[data-i="4"]').click()
+    ready(page, "image-ready")
+    assert page.locator("#img-title").inner_text().startswith("#4 ")
+    cls = np.asarray(g["cls_attention"][4], np.float64)
+    assert_map_matches(pixels(page, READ_IMG, "#p-map"), cls[-1].mean(0), cmap)
+    # layer and head selectors change the map
+    page.select_option("#m-layer", "1")
+    ready(page, "image-ready", "document.body.dataset.map.includes('layer=1&head=mean')")
+    assert_map_matches(pixels(page, READ_IMG, "#p-map"), cls[1].mean(0), cmap)
+    page.select_option("#m-head", "2")
+    ready(page, "image-ready", "document.body.dataset.map.includes('layer=1&head=2')")
+    assert_map_matches(pixels(page, READ_IMG, "#p-map"), cls[1, 2], cmap)
+    # clicking patch (r, c) of the shown map shows that token's row
+    r, c = 2, 5
+    box = page.locator("#map-box").bounding_box()
+    page.mouse.click(
+        box["x"] + (c + 0.5) * box["width"] / gw, box["y"] + (r + 0.5) * box["height"] / gh
+    )
+    token = prefix + r * gw + c
+    ready(
+        page,
+        "image-ready",
+        f"document.body.dataset.map.includes('source=row') && document.body.dataset.map.includes('token={token}')",
+    )
+    att = np.asarray(g["attention"][4], np.float64)
+    assert_map_matches(
+        pixels(page, READ_IMG, "#p-map"), att[1, 2, token, prefix:].reshape(gh, gw), cmap
+    )
+    assert page.locator("#map-marker").is_visible()
+    # CLS as a token, then the diagonal
+    page.select_option("#m-token", "0")
+    ready(page, "image-ready", "document.body.dataset.map.includes('token=0')")
+    assert_map_matches(
+        pixels(page, READ_IMG, "#p-map"), att[1, 2, 0, prefix:].reshape(gh, gw), cmap
+    )
+    page.select_option("#m-source", "diag")
+    ready(page, "image-ready", "document.body.dataset.map.includes('source=diag')")
+    diag = np.diagonal(att[1, 2, prefix:, prefix:]).reshape(gh, gw)
+    assert_map_matches(pixels(page, READ_IMG, "#p-map"), diag, cmap)
+    # the mask slider outlines the mass-threshold patches on the overlay
+    before = pixels(page, READ_IMG, "#p-overlay")
+    page.locator("#m-mask").fill("0.5")
+    ready(page, "image-ready", "location.hash.includes('mask=0.5')")
+    wait(page, "document.querySelector('#map-readout').textContent.includes('patches hold 0.5')")
+    after = pixels(page, READ_IMG, "#p-overlay")
+    outline = (after == [0, 255, 255]).all(-1)
+    assert outline.any() and not (before == [0, 255, 255]).all(-1).any()
+    # prev / next walk the current filter (status=ok skips the failed image)
+    status = g["status"][:]
+    ok = np.flatnonzero(status == 1)
+    nxt = int(ok[np.searchsorted(ok, 4) + 1])
+    page.click("#img-next")
+    ready(page, "image-ready", f"location.hash.startsWith('#/image/{nxt}?')")
+    assert page.locator("#img-title").inner_text().startswith(f"#{nxt} ")
+    # the head grid: a tile click picks the head
+    page.goto(server.url + "#/image/4?layer=3")
+    ready(page, "image-ready")
+    wait(
+        page,
+        "document.querySelector('#p-grid').complete && document.querySelector('#p-grid').naturalWidth > 0",
+    )
+    gbox = page.locator("#p-grid").bounding_box()
+    page.mouse.click(
+        gbox["x"] + gbox["width"] * 0.75, gbox["y"] + gbox["height"] * 0.25
+    )  # tile 1 = head 0
+    ready(page, "image-ready", "document.body.dataset.map.includes('layer=3&head=0')")
+    assert_map_matches(pixels(page, READ_IMG, "#p-map"), cls[3, 0], cmap)
+    assert not page.errors, page.errors
+
+
+def test_browser_failed_image_and_statistics(server, demo_store, page):
+    g = zarr.open_group(str(demo_store), mode="r")
+    status = g["status"][:]
+    failed = int(np.flatnonzero(status == 2)[0])
+    page.goto(server.url + f"#/image/{failed}")
+    ready(page, "image-ready")
+    assert "not an image" in page.locator("#img-error").inner_text()
+    # statistics: one dot per (layer, head); a dot lists its most extreme images
+    page.goto(server.url + "#/stats?stat=attention_distance")
+    ready(page, "stats-ready")
+    n_layers, n_heads = g["layer"].shape[0], g["head"].shape[0]
+    assert page.locator("#plot circle.dot").count() == n_layers * n_heads
+    page.locator('#plot circle.dot[data-layer="2"][data-head="1"]').click()
+    ready(page, "stats-ready", "document.querySelectorAll('#extremes .tile').length > 0")
+    dist = np.asarray(g["attention_distance"][:, 2, 1], np.float64)
+    ok = np.flatnonzero(status == 1)
+    highest = int(ok[np.argmax(dist[ok])])
+    lowest = int(ok[np.argmin(dist[ok])])
+    rows = page.locator("#extremes .tiles-row")
+    assert rows.nth(0).locator(".tile").first.get_attribute("data-i") == str(highest)
+    assert rows.nth(1).locator(".tile").first.get_attribute("data-i") == str(lowest)
+    # the per-head table: the dataset mean over ok images
+    cell = page.locator("#stats-table tbody tr").nth(2).locator("td").nth(1).inner_text()
+    assert float(cell.split(" ")[0]) == pytest.approx(dist[ok].mean(), rel=5e-3)
+    assert not page.errors, page.errors
+
+
+def test_browser_store_without_full_attention_or_class_token(tmp_path, browser):
+    store = handmade_store(tmp_path / "pool.zarr", "pool_attention")
+    maps = np.asarray(zarr.open_group(str(store), mode="r")["pool_attention"][:], np.float64)
+    srv = make_server(store, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    context = browser.new_context()
+    pg = context.new_page()
+    pg.errors = []
+    try:
+        pg.goto(srv.url)
+        ready(pg, "grid-painted")
+        assert pg.locator("#tiles .tile").count() == 5
+        pg.goto(srv.url + "#/image/3?head=1")
+        ready(pg, "image-ready")
+        assert "attention.full: true" in pg.locator("#row-hint").inner_text()
+        assert pg.locator("#m-layer").is_disabled()
+        assert_map_matches(pixels(pg, READ_IMG, "#p-map"), maps[3, 1], "inferno")
+        pg.goto(srv.url + "#/stats")
+        ready(pg, "stats-ready")
+        assert "attention.stats: true" in pg.locator("#stats-error").inner_text()
+    finally:
+        context.close()
+        srv.shutdown()
+        srv.server_close()
