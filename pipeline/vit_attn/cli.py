@@ -179,16 +179,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .export import export_onnx
-    from .model import load_model
-    from .plan import model_source, output_spec
+    from .graphcache import resolve
 
     cfg = load_config(args.config, args.overrides)
-    loaded = load_model(model_source(cfg))
-    path = export_onnx(
-        loaded, output_spec(cfg, loaded), cfg.inference.precision, cfg.inference.cache_dir
-    )
-    print(path)
+    print(resolve(cfg, need_graph=True).onnx_path)
     return EXIT_OK
 
 
