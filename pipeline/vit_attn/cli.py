@@ -147,13 +147,19 @@ def _run(args: argparse.Namespace) -> int:
     plan, tasks = prepared.plan, prepared.tasks
     todo = sum(len(t.paths) for t in tasks)
     verb = "resuming" if prepared.resumed else "writing"
+    cluster = prepared.cluster or cfg.cluster
+    where = (
+        f"{cfg.cluster.kind}: {prepared.cluster_reason}"
+        if prepared.cluster_reason
+        else cluster.kind
+    )
     print(
         f"vit-attn: {verb} {plan.store_path}: {todo} of {prepared.n_images} images in {len(tasks)} batches to do "
         f"({cfg.model.name}, layers {list(plan.outputs.layers)}, {cfg.inference.backend}/{cfg.inference.device}/"
-        f"{cfg.inference.precision}, cluster {cfg.cluster.kind})",
+        f"{cfg.inference.precision}, cluster {where})",
         file=sys.stderr,
     )
-    summary = execute(plan, tasks, cfg.cluster, progress=not args.no_progress)
+    summary = execute(plan, tasks, cluster, progress=not args.no_progress)
     consolidate(plan.store_path)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
     print(

@@ -238,6 +238,10 @@ def execute(
 
     if not tasks:
         return summary
+    if cluster.kind == "auto":  # callers that did not go through plan.prepare
+        from .executor import choose_executor
+
+        cluster, _ = choose_executor(cluster, len(tasks))
     # Throughput counts from the first submission: cluster start-up is reported apart by callers.
     if cluster.kind == "none":
         start = time.perf_counter()

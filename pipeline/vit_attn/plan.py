@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import Config
+from .config import ClusterConfig, Config
 from .decode import Preprocess
 from .errors import StoreError
+from .executor import choose_executor
 from .graphcache import ModelFacts, model_source, package_version
 from .graphcache import resolve as resolve_model
 from .runtime import RuntimeOptions, available_threads
@@ -49,6 +50,8 @@ class PreparedRun:
     images: ImageList
     model: ModelFacts
     resumed: bool
+    cluster: ClusterConfig | None = None  # the executor to use (`auto` resolved)
+    cluster_reason: str = ""  # why `auto` chose it
 
     @property
     def n_images(self) -> int:
@@ -176,6 +179,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         }
         group = create_store(store_path, spec, images.paths, attrs, overwrite=overwrite)
     pending = pending_batches(group, spec)
+    cluster, cluster_reason = choose_executor(cfg.cluster, len(pending))
     plan = RunPlan(
         store_path=str(store_path),
         image_root=str(images.root),
@@ -188,7 +192,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         precision=cfg.inference.precision,
         runtime=RuntimeOptions(
             device=cfg.inference.device,
-            threads=worker_threads(cfg),
+            threads=worker_threads(cfg.model_copy(update={"cluster": cluster})),
             allow_cpu_fallback=cfg.inference.allow_cpu_fallback,
             tensorrt=cfg.inference.tensorrt,
         ),
@@ -202,7 +206,15 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     for b in pending:
         start, stop = spec.batch_bounds(b)
         tasks.append(BatchTask(b, images.paths[start:stop]))
-    return PreparedRun(plan=plan, tasks=tasks, images=images, model=loaded, resumed=resumed)
+    return PreparedRun(
+        plan=plan,
+        tasks=tasks,
+        images=images,
+        model=loaded,
+        resumed=resumed,
+        cluster=cluster,
+        cluster_reason=cluster_reason,
+    )
 
 
 def _check_same_run(path: Path, fingerprint: str, inputs: dict[str, Any]) -> None:
