@@ -164,7 +164,8 @@ def _run(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
     print(
         f"vit-attn: done: {summary.images_ok} ok, {summary.images_failed} failed, "
-        f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'})",
+        f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'}; "
+        f"{summary.batches_overlapped} of {summary.batches_done} batches overlapped)",
         file=sys.stderr,
     )
     print(
