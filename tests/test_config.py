@@ -26,7 +26,7 @@ def write(tmp_path: Path, data: dict) -> Path:
 def test_defaults_and_relative_paths(tmp_path):
     cfg = load_config(write(tmp_path, BASE))
     assert cfg.attention.layers == [-1] and cfg.inference.batch_size == 32
-    assert cfg.cluster.kind == "local" and cfg.output.overlays == "mean"
+    assert cfg.cluster.kind == "auto" and cfg.output.overlays == "mean"
     assert Path(cfg.data.source) == tmp_path / "images"
     assert cfg.output.store == tmp_path / "out" / "run.zarr"
 

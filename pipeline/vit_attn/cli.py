@@ -164,18 +164,25 @@ def _run(args: argparse.Namespace) -> int:
     plan, tasks = prepared.plan, prepared.tasks
     todo = sum(len(t.paths) for t in tasks)
     verb = "resuming" if prepared.resumed else "writing"
+    cluster = prepared.cluster or cfg.cluster
+    where = (
+        f"{cfg.cluster.kind}: {prepared.cluster_reason}"
+        if prepared.cluster_reason
+        else cluster.kind
+    )
     print(
         f"vit-attn: {verb} {plan.store_path}: {todo} of {prepared.n_images} images in {len(tasks)} batches to do "
         f"({cfg.model.name}, layers {list(plan.outputs.layers)}, {cfg.inference.backend}/{cfg.inference.device}/"
-        f"{cfg.inference.precision}, cluster {cfg.cluster.kind})",
+        f"{cfg.inference.precision}, cluster {where})",
         file=sys.stderr,
     )
-    summary = execute(plan, tasks, cfg.cluster, progress=not args.no_progress)
+    summary = execute(plan, tasks, cluster, progress=not args.no_progress)
     consolidate(plan.store_path)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
     print(
         f"vit-attn: done: {summary.images_ok} ok, {summary.images_failed} failed, "
-        f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'})",
+        f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'}; "
+        f"{summary.batches_overlapped} of {summary.batches_done} batches overlapped)",
         file=sys.stderr,
     )
     print(
@@ -196,16 +203,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .export import export_onnx
-    from .model import load_model
-    from .plan import model_source, output_spec
+    from .graphcache import resolve
 
     cfg = load_config(args.config, args.overrides)
-    loaded = load_model(model_source(cfg))
-    path = export_onnx(
-        loaded, output_spec(cfg, loaded), cfg.inference.precision, cfg.inference.cache_dir
-    )
-    print(path)
+    print(resolve(cfg, need_graph=True).onnx_path)
     return EXIT_OK
 
 

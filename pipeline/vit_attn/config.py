@@ -104,7 +104,8 @@ class SlurmConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    kind: Literal["local", "address", "slurm", "none"] = "local"
+    # auto: in-process or a LocalCluster, chosen per run from cores and batches (executor.py)
+    kind: Literal["auto", "local", "address", "slurm", "none"] = "auto"
     n_workers: int = Field(1, ge=1)
     address: str | None = None
     scheduler_file: Path | None = None

@@ -6,10 +6,9 @@ package assumes CLS-only prefixes, index ``1:`` or a square grid.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +16,9 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelError, first_line
-from .specs import ModelSource, check_layer_selection
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where each token sits in the model's sequence: prefix tokens first, then patches row-major."""
-
-    num_prefix_tokens: int
-    patch_size: tuple[int, int]
-    grid: tuple[int, int]
-    input_size: tuple[int, int]
-    depth: int
-    num_heads: int
-    num_classes: int
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix_tokens + self.num_patches
-
-    def resolve_layers(self, layers: str | int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
-        """Turn `all`, one index or a list (negatives allowed) into sorted unique block indices."""
-        items = check_layer_selection(layers)
-        if items is None:
-            return tuple(range(self.depth))
-        out = set()
-        for i in items:
-            if not -self.depth <= i < self.depth:
-                raise ModelError(
-                    f"attention.layers: block {i} is out of range; the model has {self.depth} blocks "
-                    f"(valid: {-self.depth}..{self.depth - 1})"
-                )
-            out.add(i % self.depth)
-        return tuple(sorted(out))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+from .graphcache import file_sha256
+from .layout import TokenLayout
+from .specs import ModelSource
 
 
 @dataclass
@@ -124,15 +85,6 @@ def token_layout(model: nn.Module) -> TokenLayout:
         num_heads=int(attns[0].num_heads),
         num_classes=int(getattr(model, "num_classes", 0) or 0),
     )
-
-
-def file_sha256(path: Path) -> str:
-    """Hash a weights file in 1 MiB reads (checkpoints can be GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ class RunSummary:
     """How a run ended: counts, time, and the batches that could not be done."""
 
     batches_done: int = 0
+    batches_overlapped: int = 0
     images_ok: int = 0
     images_failed: int = 0
     seconds: float = 0.0
@@ -44,6 +45,7 @@ class RunSummary:
 
     def add(self, s: BatchSummary) -> None:
         self.batches_done += 1
+        self.batches_overlapped += s.overlapped
         self.images_ok += s.ok
         self.images_failed += s.failed
         for k, v in s.seconds.items():
@@ -241,6 +243,10 @@ def execute(
 
     if not tasks:
         return summary
+    if cluster.kind == "auto":  # callers that did not go through plan.prepare
+        from .executor import choose_executor
+
+        cluster, _ = choose_executor(cluster, len(tasks))
     # Throughput counts from the first submission: cluster start-up is reported apart by callers.
     if cluster.kind == "none":
         start = time.perf_counter()

@@ -11,16 +11,18 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import Config
-from .decode import preprocess_for_model
+from .config import ClusterConfig, Config
+from .decode import Preprocess
 from .errors import StoreError
-from .export import OutputSpec, export_onnx, weights_digest
-from .model import LoadedModel, ModelSource, describe, load_model
+from .executor import choose_executor
+from .graphcache import ModelFacts, model_source, package_version
+from .graphcache import resolve as resolve_model
 from .runtime import RuntimeOptions, available_threads
 from .sources import ImageList, list_images
+from .specs import OutputSpec
 from .stats import STAT_NAMES, STAT_UNITS
 from .store import (
     FORMAT_VERSION,
@@ -33,6 +35,9 @@ from .store import (
 )
 from .task import BatchTask, RunPlan
 
+if TYPE_CHECKING:
+    from .model import LoadedModel
+
 log = logging.getLogger(__name__)
 
 
@@ -43,27 +48,17 @@ class PreparedRun:
     plan: RunPlan
     tasks: list[BatchTask]
     images: ImageList
-    loaded: LoadedModel
+    model: ModelFacts
     resumed: bool
+    cluster: ClusterConfig | None = None  # the executor to use (`auto` resolved)
+    cluster_reason: str = ""  # why `auto` chose it
 
     @property
     def n_images(self) -> int:
         return self.plan.spec.n_images
 
 
-def model_source(cfg: Config) -> ModelSource:
-    m = cfg.model
-    return ModelSource(
-        name=m.name,
-        pretrained=m.pretrained,
-        checkpoint=m.checkpoint,
-        seed=m.seed,
-        img_size=m.img_size_pair,
-        kwargs=dict(m.kwargs),
-    )
-
-
-def output_spec(cfg: Config, loaded: LoadedModel) -> OutputSpec:
+def output_spec(cfg: Config, loaded: LoadedModel | ModelFacts) -> OutputSpec:
     layers = loaded.layout.resolve_layers(cfg.attention.layers)
     topk = cfg.attention.topk if loaded.layout.num_classes > 0 else 0
     return OutputSpec(
@@ -77,7 +72,9 @@ def output_spec(cfg: Config, loaded: LoadedModel) -> OutputSpec:
     )
 
 
-def store_spec(cfg: Config, loaded: LoadedModel, outputs: OutputSpec, n_images: int) -> StoreSpec:
+def store_spec(
+    cfg: Config, loaded: LoadedModel | ModelFacts, outputs: OutputSpec, n_images: int
+) -> StoreSpec:
     lay = loaded.layout
     return StoreSpec(
         n_images=n_images,
@@ -109,13 +106,13 @@ def worker_threads(cfg: Config) -> int:
 
 
 def fingerprint_inputs(
-    cfg: Config, loaded: LoadedModel, outputs: OutputSpec, prep: dict, images: ImageList
+    cfg: Config, loaded: ModelFacts, outputs: OutputSpec, prep: dict, images: ImageList
 ) -> dict[str, Any]:
     """Everything that changes the stored values or their layout, and nothing else."""
     listing = hashlib.sha256("\n".join(images.paths).encode()).hexdigest()
     return {
         "format_version": FORMAT_VERSION,
-        "model": {**describe(loaded), "weights_digest": weights_digest(loaded.model)},
+        "model": {**loaded.description, "weights_digest": loaded.weights_digest},
         "preprocess": prep,
         "outputs": {
             "layers": list(outputs.layers),
@@ -143,26 +140,19 @@ def digest(inputs: dict[str, Any]) -> str:
 
 
 def versions() -> dict[str, str]:
-    import onnxruntime
-    import timm
-    import torch
-    import zarr
-
-    return {
-        "vit_attn": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "zarr": zarr.__version__,
-    }
+    """Installed versions, read from package metadata: importing torch to ask costs seconds."""
+    names = ("torch", "timm", "onnxruntime", "zarr")
+    return {"vit_attn": __version__, **{name: package_version(name) for name in names}}
 
 
 def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
-    """List images, load and export the model, create or reopen the store, list pending batches."""
+    """List images, learn the model (cached facts, or build and export it), create or reopen
+    the store, list pending batches."""
     images = list_images(cfg.data.source)
-    loaded = load_model(model_source(cfg))
-    outputs = output_spec(cfg, loaded)
-    prep = preprocess_for_model(loaded.model, loaded.layout.input_size)
+    # Exported before the store is touched: a failed export leaves nothing half-made.
+    loaded = resolve_model(cfg)
+    outputs = loaded.outputs
+    prep = Preprocess.from_dict(loaded.preprocess)
     spec = store_spec(cfg, loaded, outputs, len(images.paths))
     inputs = fingerprint_inputs(cfg, loaded, outputs, prep.to_dict(), images)
     fingerprint = digest(inputs)
@@ -172,17 +162,12 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     resumed = is_store(store_path) and not overwrite
     if resumed:
         _check_same_run(store_path, fingerprint, inputs)
-    onnx_path = None
-    if cfg.inference.backend == "onnxruntime":
-        # Exported before the store is touched: a failed export leaves nothing half-made.
-        onnx_path = str(
-            export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir)
-        )
+    onnx_path = loaded.onnx_path if cfg.inference.backend == "onnxruntime" else None
     if resumed:
         group = open_store_for_resume(store_path, fingerprint)
     else:
         attrs = {
-            "model": describe(loaded),
+            "model": loaded.description,
             "config": cfg.to_dict(),
             "fingerprint": fingerprint,
             "fingerprint_inputs": inputs,
@@ -194,6 +179,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         }
         group = create_store(store_path, spec, images.paths, attrs, overwrite=overwrite)
     pending = pending_batches(group, spec)
+    cluster, cluster_reason = choose_executor(cfg.cluster, len(pending))
     plan = RunPlan(
         store_path=str(store_path),
         image_root=str(images.root),
@@ -206,7 +192,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         precision=cfg.inference.precision,
         runtime=RuntimeOptions(
             device=cfg.inference.device,
-            threads=worker_threads(cfg),
+            threads=worker_threads(cfg.model_copy(update={"cluster": cluster})),
             allow_cpu_fallback=cfg.inference.allow_cpu_fallback,
             tensorrt=cfg.inference.tensorrt,
         ),
@@ -220,7 +206,15 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     for b in pending:
         start, stop = spec.batch_bounds(b)
         tasks.append(BatchTask(b, images.paths[start:stop]))
-    return PreparedRun(plan=plan, tasks=tasks, images=images, loaded=loaded, resumed=resumed)
+    return PreparedRun(
+        plan=plan,
+        tasks=tasks,
+        images=images,
+        model=loaded,
+        resumed=resumed,
+        cluster=cluster,
+        cluster_reason=cluster_reason,
+    )
 
 
 def _check_same_run(path: Path, fingerprint: str, inputs: dict[str, Any]) -> None:

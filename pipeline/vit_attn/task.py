@@ -6,6 +6,7 @@ and the batch's own paths; the inference session is created once per process and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ import numpy as np
 
 from .decode import Preprocess, load_batch, normalize
 from .errors import PipelineError
+from .overlap import OVERLAP, OverlapGate
 from .overlay import blend, head_grid, save_png
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
 from .specs import ModelSource, OutputSpec
@@ -61,6 +63,7 @@ class BatchSummary:
     failed: int
     seconds: dict[str, float]
     worker_pid: int
+    overlapped: bool = False  # ran while another batch of the process was in flight
 
 
 _runners: dict[tuple, Runner] = {}
@@ -69,6 +72,9 @@ _runner_lock = threading.Lock()
 # in-process pool) then overlaps one batch's decoding, maps and writing with the other's
 # inference, and inference still has all its threads (docs/PERFORMANCE.md, "Pipeline end to end vs the bare session").
 _infer_lock = threading.Lock()
+# Whether those two batches overlap at all is measured per process (overlap.py): overlapping
+# must never make a run slower than one batch at a time.
+_gate = OverlapGate()
 
 
 def get_runner(plan: RunPlan) -> Runner:
@@ -104,6 +110,12 @@ def _make_runner(plan: RunPlan) -> Runner:
 
 def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
     """Decode, infer, build maps and overlays, then write the batch (status last)."""
+    with _gate.batch(len(task.paths)) as mode:
+        summary = _run_batch(plan, task)
+    return dataclasses.replace(summary, overlapped=mode == OVERLAP)
+
+
+def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
     clock = _Clock()
     result = empty_batch(plan.spec, task.batch_index)
     if len(task.paths) != result.stop - result.start:

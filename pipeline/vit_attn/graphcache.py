@@ -1,0 +1,269 @@
+"""What a run needs to know about its model, cached beside the exported graph.
+
+Planning a run needs the token layout, the preprocessing, the weights digest (for the store's
+fingerprint) and the ONNX graph. Building the model to learn them costs ~6 s of `import torch`
+and timm, so the first run writes them as JSON next to the graph, under a key made of what
+determines the graph without building anything: the config's model section (the checkpoint
+file by its sha256), the requested outputs, the precision, the versions of torch, timm and
+onnx, and the sources of the modules that build the graph. A later run with the same key reads
+the record and never imports torch; any change of key (a new checkpoint file under the same
+path, another timm) rebuilds the model and exports again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .errors import CheckpointError
+from .layout import TokenLayout
+from .specs import ModelSource, OutputSpec
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+# The modules whose code decides the exported graph: editing one invalidates every record.
+GRAPH_MODULES = ("export.py", "model.py", "layout.py", "precision.py", "stats.py", "specs.py")
+# Distributions whose versions change the graph (torch's exporter, timm's model code, onnx).
+GRAPH_PACKAGES = ("torch", "timm", "onnx")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Everything planning reads from the model, as plain data.
+
+    Attributes:
+        layout: the model's token layout.
+        description: the store's `model` attribute (`vit_attn.model.describe`).
+        weights_digest: sha256 over every parameter and buffer (`vit_attn.export.weights_digest`).
+        preprocess: timm's eval preprocessing for the model (`Preprocess.to_dict()`).
+        outputs: the graph's outputs, layers resolved.
+        onnx_path: the exported graph, or None when the run does not use onnxruntime.
+        cached: whether this came from the cache (no model was built).
+    """
+
+    layout: TokenLayout
+    description: dict[str, Any]
+    weights_digest: str
+    preprocess: dict[str, Any]
+    outputs: OutputSpec
+    onnx_path: str | None
+    cached: bool = False
+
+
+def model_source(cfg: Config) -> ModelSource:
+    """What to build, from the config's model section."""
+    m = cfg.model
+    return ModelSource(
+        name=m.name,
+        pretrained=m.pretrained,
+        checkpoint=m.checkpoint,
+        seed=m.seed,
+        img_size=m.img_size_pair,
+        kwargs=dict(m.kwargs),
+    )
+
+
+def package_version(name: str) -> str:
+    """An installed distribution's version without importing it (`import torch` takes seconds)."""
+    candidates = ("onnxruntime", "onnxruntime-gpu") if name == "onnxruntime" else (name,)
+    for candidate in candidates:
+        try:
+            return metadata.version(candidate)
+        except metadata.PackageNotFoundError:
+            continue
+    return "absent"
+
+
+def weights_identity(cfg: Config) -> str:
+    """Where the weights come from, as the store's `model.weights` says it: a checkpoint by content."""
+    m = cfg.model
+    if m.pretrained:
+        return "pretrained"
+    if m.checkpoint is not None:
+        path = Path(m.checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist; fix model.checkpoint")
+        return f"checkpoint:{file_sha256(path)}"
+    return f"random:{m.seed}"
+
+
+def file_sha256(path: Path) -> str:
+    """Hash a file in 1 MiB reads (checkpoints can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _code_digest() -> str:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in GRAPH_MODULES:
+        path = here / name
+        h.update(name.encode())
+        h.update(path.read_bytes() if path.is_file() else b"")
+    return h.hexdigest()
+
+
+def cache_key(cfg: Config) -> str:
+    """Digest of everything that determines the graph and the facts, computed without torch."""
+    model = cfg.model.model_dump(mode="json")
+    model.pop("checkpoint")  # the file's content counts (in "weights"), not where it lies
+    payload = {
+        "record": RECORD_VERSION,
+        "model": model,
+        "weights": weights_identity(cfg),
+        "img_size": list(cfg.model.img_size_pair or ()),
+        "attention": cfg.attention.model_dump(mode="json"),
+        "precision": cfg.inference.precision,
+        "versions": {name: package_version(name) for name in GRAPH_PACKAGES},
+        "vit_attn": __version__,
+        "code": _code_digest(),
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """`$VIT_ATTN_CACHE`, else `~/.cache/vit-attn` (the same folder as the ONNX exports)."""
+    env = os.environ.get("VIT_ATTN_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "vit-attn"
+
+
+def record_path(cfg: Config, key: str) -> Path:
+    cache = Path(cfg.inference.cache_dir) if cfg.inference.cache_dir else default_cache_dir()
+    safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.model.name)
+    return cache / "onnx" / f"{safe_name}-{cfg.inference.precision}-{key[:20]}.facts.json"
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the frozen dataclasses hold (nested too)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def _rebuild(cls: type, data: dict[str, Any]) -> Any:
+    """A dataclass from its `asdict` JSON, field by field, so fields added later carry over."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    if set(data) != names:
+        raise ValueError(f"{cls.__name__} fields changed: {sorted(set(data) ^ names)}")
+    return cls(**{k: _tuples(v) for k, v in data.items()})
+
+
+def _encode(facts: ModelFacts) -> dict[str, Any]:
+    return {
+        "record": RECORD_VERSION,
+        "layout": dataclasses.asdict(facts.layout),
+        "description": facts.description,
+        "weights_digest": facts.weights_digest,
+        "preprocess": facts.preprocess,
+        "outputs": dataclasses.asdict(facts.outputs),
+        "onnx_path": facts.onnx_path,
+    }
+
+
+def _decode(data: dict[str, Any]) -> ModelFacts:
+    if data.get("record") != RECORD_VERSION:
+        raise ValueError(f"record version {data.get('record')}")
+    return ModelFacts(
+        layout=_rebuild(TokenLayout, data["layout"]),
+        description=dict(data["description"]),
+        weights_digest=str(data["weights_digest"]),
+        preprocess=dict(data["preprocess"]),
+        outputs=_rebuild(OutputSpec, data["outputs"]),
+        onnx_path=data["onnx_path"],
+        cached=True,
+    )
+
+
+def read_facts(path: Path) -> ModelFacts | None:
+    """The cached facts at `path`, or None when absent, unreadable or of another layout."""
+    try:
+        data = json.loads(path.read_text())
+        return _decode(data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.info("ignoring the model record %s (%s); rebuilding it", path, exc)
+        return None
+
+
+def write_facts(path: Path, facts: ModelFacts) -> bool:
+    """Keep `facts` at `path` (atomically) if they survive the JSON round trip unchanged."""
+    data = _encode(facts)
+    text = json.dumps(data, sort_keys=True, indent=1)
+    back = _decode(json.loads(text))
+    if dataclasses.replace(back, cached=False) != facts:
+        # A layout field JSON cannot carry faithfully: build the model each run, never guess.
+        log.warning("the model facts do not survive JSON; the fast start is off for this model")
+        return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache costs speed, not correctness
+        log.warning("cannot write the model record %s: %s", path, exc)
+        return False
+    return True
+
+
+def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
+    """The model facts of a run: from the cache, or by building (and exporting) the model.
+
+    The graph is exported when `need_graph` (default: when the run uses onnxruntime); a cached
+    record whose graph file has gone is rebuilt.
+    """
+    if need_graph is None:
+        need_graph = cfg.inference.backend == "onnxruntime"
+    path = record_path(cfg, cache_key(cfg))
+    facts = read_facts(path)
+    if facts is not None and (
+        not need_graph or (facts.onnx_path is not None and Path(facts.onnx_path).is_file())
+    ):
+        log.info("model record cache hit: %s", path)
+        return facts
+    facts = build(cfg, export=need_graph or (facts is not None and facts.onnx_path is not None))
+    write_facts(path, facts)
+    return facts
+
+
+def build(cfg: Config, export: bool) -> ModelFacts:
+    """Build the model (imports torch and timm) and, with `export`, export its graph."""
+    from .decode import preprocess_for_model
+    from .export import export_onnx, weights_digest
+    from .model import describe, load_model
+    from .plan import output_spec
+
+    loaded = load_model(model_source(cfg))
+    outputs = output_spec(cfg, loaded)
+    prep = preprocess_for_model(loaded.model, loaded.layout.input_size)
+    onnx_path = None
+    if export:
+        onnx_path = str(
+            export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir)
+        )
+    return ModelFacts(
+        layout=loaded.layout,
+        description=describe(loaded),
+        weights_digest=weights_digest(loaded.model),
+        preprocess=prep.to_dict(),
+        outputs=outputs,
+        onnx_path=onnx_path,
+    )

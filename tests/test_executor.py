@@ -1,0 +1,64 @@
+"""`cluster.kind: auto`: in-process where a scheduler would cost more than it gives."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from vit_attn.cli import main as cli_main
+from vit_attn.config import ClusterConfig, parse_config
+from vit_attn.executor import AUTO_MIN_BATCHES, choose_executor
+
+from . import imagefactory
+
+
+def test_few_batches_run_in_process_whatever_the_cores():
+    cluster, why = choose_executor(ClusterConfig(), AUTO_MIN_BATCHES - 1, cores=64)
+    assert cluster.kind == "none" and "in-process" in why and "batches" in why
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4])
+def test_few_cores_run_in_process(cores):
+    cluster, why = choose_executor(ClusterConfig(), 1000, cores=cores)
+    assert cluster.kind == "none" and f"{cores} cores" in why
+    assert cluster.batches_per_worker == 2  # the in-process pool still overlaps two batches
+
+
+def test_many_cores_and_batches_start_a_local_cluster():
+    cluster, why = choose_executor(ClusterConfig(), 1000, cores=32)
+    assert (cluster.kind, cluster.n_workers) == ("local", 4)
+    assert "local" in why and "4 worker processes x 8 threads" in why
+    given = ClusterConfig(n_workers=3)  # an explicit n_workers is kept
+    assert choose_executor(given, 1000, cores=32)[0].n_workers == 3
+
+
+@pytest.mark.parametrize("kind", ["local", "none"])
+def test_explicit_kinds_are_kept(kind):
+    cluster = ClusterConfig(kind=kind, n_workers=2)
+    assert choose_executor(cluster, 1, cores=64) == (cluster, "")
+
+
+def test_auto_is_the_default_and_unknown_kinds_are_refused(tmp_path):
+    base = {"model": {"name": "m"}, "data": {"source": "x"}, "output": {"store": "s"}}
+    assert parse_config(base).cluster.kind == "auto"
+    with pytest.raises(Exception, match=r"cluster\.kind"):
+        parse_config({**base, "cluster": {"kind": "automatic"}})
+
+
+def test_start_line_names_the_choice_and_the_reason(tmp_path, export_cache, capsys):
+    imagefactory.write_rgb_set(tmp_path / "images", [(40 + i, 50) for i in range(5)])
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "vit_tiny_patch16_224", "img_size": 64, "kwargs": {"depth": 2}},
+                "data": {"source": "images"},
+                "inference": {"batch_size": 2, "cache_dir": str(export_cache)},
+                "output": {"store": "run.zarr", "overlays": "none"},
+            }
+        )
+    )
+    assert cli_main(["run", str(config), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "cluster auto: in-process (3 batches: a cluster's start-up" in err, err
+    assert "5 ok, 0 failed" in err

@@ -1,0 +1,189 @@
+"""Fast start: a run whose graph is cached reads the model's facts from JSON, never torch.
+
+Each run is a fresh `python` process, so `sys.modules` says what the run itself imported.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from safetensors.torch import save_file
+from timm.utils import AttentionExtract
+
+from vit_attn.config import parse_config
+from vit_attn.decode import Preprocess, load_image, normalize
+from vit_attn.errors import CheckpointError
+from vit_attn.graphcache import _rebuild, cache_key, record_path, resolve
+
+from . import imagefactory
+from .conftest import sharpened_model
+from .test_pipeline import MODEL, assert_stores_equal
+
+HEAVY = ("torch", "timm", "onnx")
+# Runs the CLI and reports, on its last stdout line, which heavy modules the run imported.
+RUNNER = (
+    "import json, sys\n"
+    "from vit_attn.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    f"print(json.dumps({{'code': code, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+)
+
+
+def run_cli(*args: str, cwd: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["stderr"] = proc.stderr
+    return report
+
+
+def save_checkpoint(path: Path, factor: float) -> Path:
+    loaded = sharpened_model(
+        MODEL["name"], factor=factor, seed=0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"]
+    )
+    save_file(loaded.model.state_dict(), str(path))
+    return path
+
+
+def config_file(folder: Path, images: Path, checkpoint: Path, cache: Path, store: str) -> Path:
+    cfg = {
+        "model": {**MODEL, "checkpoint": str(checkpoint)},
+        "data": {"source": str(images)},
+        "attention": {"layers": [-1]},
+        "inference": {"batch_size": 4, "threads": 1, "cache_dir": str(cache)},
+        "output": {"store": store, "overlays": "mean"},
+        "cluster": {"kind": "none"},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{store}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fast-start-images")
+    imagefactory.write_rgb_set(root, [(40 + 9 * i, 50 + 5 * i) for i in range(6)])
+    return root
+
+
+def test_second_run_imports_no_torch_and_writes_the_same_store(tmp_path, images):
+    cache = tmp_path / "cache"
+    ckpt = save_checkpoint(tmp_path / "w.safetensors", 16.0)
+    first = run_cli("run", str(config_file(tmp_path, images, ckpt, cache, "a")), cwd=tmp_path)
+    assert "torch" in first["heavy"]  # nothing cached: the model was built and exported
+    records = list((cache / "onnx").glob("*.facts.json"))
+    assert len(records) == 1
+
+    # Same config, new store: everything planning needs comes from the record.
+    second = run_cli("run", str(config_file(tmp_path, images, ckpt, cache, "b")), cwd=tmp_path)
+    assert second["heavy"] == [], second
+    assert_stores_equal(tmp_path / "a", tmp_path / "b")
+    a, b = (dict(zarr.open_group(str(tmp_path / s), mode="r").attrs) for s in "ab")
+    for key in ("fingerprint", "fingerprint_inputs", "model", "preprocess"):
+        assert a[key] == b[key], key
+
+    # A complete store: the rerun resumes nothing, still without torch.
+    rerun = run_cli("run", str(config_file(tmp_path, images, ckpt, cache, "b")), cwd=tmp_path)
+    assert rerun["heavy"] == [] and "in 0 batches" in rerun["stderr"]
+    # `vit-attn export` answers from the record too.
+    exported = run_cli("export", str(config_file(tmp_path, images, ckpt, cache, "b")), cwd=tmp_path)
+    assert exported["heavy"] == []
+
+
+def test_a_deleted_graph_or_a_corrupt_record_is_rebuilt(tmp_path, images):
+    cache = tmp_path / "cache"
+    ckpt = save_checkpoint(tmp_path / "w.safetensors", 16.0)
+    config = config_file(tmp_path, images, ckpt, cache, "a")
+    cfg = parse_config(yaml.safe_load(config.read_text()), base=tmp_path)
+    facts = resolve(cfg)
+    assert not facts.cached and Path(facts.onnx_path).is_file()
+    assert resolve(cfg).cached
+
+    Path(facts.onnx_path).unlink()  # someone cleaned the cache folder by hand
+    again = resolve(cfg)
+    assert not again.cached and Path(again.onnx_path).is_file()
+
+    record = record_path(cfg, cache_key(cfg))
+    record.write_text('{"record": 1, "layout": {"num_heads"')  # truncated by a full disk
+    rebuilt = resolve(cfg)
+    assert not rebuilt.cached and rebuilt.layout == facts.layout
+    assert resolve(cfg).cached
+
+
+@pytest.mark.slow
+def test_new_checkpoint_content_under_the_same_path_is_not_served_the_old_graph(tmp_path, images):
+    cache = tmp_path / "cache"
+    ckpt = tmp_path / "w.safetensors"
+    save_checkpoint(ckpt, 16.0)
+    run_cli("run", str(config_file(tmp_path, images, ckpt, cache, "old")), cwd=tmp_path)
+    save_checkpoint(ckpt, 1.0)  # same path, new weights: attention no longer sharpened
+    new = run_cli("run", str(config_file(tmp_path, images, ckpt, cache, "new")), cwd=tmp_path)
+    assert "torch" in new["heavy"]  # a cache miss: the model was built again
+    assert len(list((cache / "onnx").glob("*.facts.json"))) == 2
+
+    old_g, new_g = (zarr.open_group(str(tmp_path / s), mode="r") for s in ("old", "new"))
+    assert old_g.attrs["fingerprint"] != new_g.attrs["fingerprint"]
+    assert old_g.attrs["model"]["weights"] != new_g.attrs["model"]["weights"]
+    # The new store holds the new weights' attention (eager timm, independent of the graph).
+    prep = Preprocess.from_dict(new_g.attrs["preprocess"])
+    paths = new_g["image_path"][:]
+    batch = np.stack([load_image(Path(new_g.attrs["image_root"]) / p, prep) for p in paths])
+    model = sharpened_model(
+        MODEL["name"], factor=1.0, seed=0, img_size=tuple(MODEL["img_size"]), **MODEL["kwargs"]
+    )
+    from safetensors.torch import load_file
+
+    model.model.load_state_dict(load_file(str(ckpt)))
+    with torch.no_grad():
+        maps = list(
+            AttentionExtract(model.model, method="hook")(
+                torch.from_numpy(normalize(batch, prep))
+            ).values()
+        )
+    gh, gw = model.layout.grid
+    expected = maps[-1][:, :, 0, 1:].reshape(len(paths), -1, gh, gw).double().numpy()
+    stored_new = new_g["cls_attention"][:, 0].astype(np.float64)
+    stored_old = old_g["cls_attention"][:, 0].astype(np.float64)
+    np.testing.assert_allclose(stored_new, expected, atol=2e-4, rtol=2e-3)
+    assert np.abs(stored_old - expected).max() > 1e-2
+
+
+def test_missing_checkpoint_is_one_clear_error(tmp_path, images):
+    config = config_file(tmp_path, images, tmp_path / "gone.safetensors", tmp_path / "c", "a")
+    cfg = parse_config(yaml.safe_load(config.read_text()), base=tmp_path)
+    with pytest.raises(CheckpointError, match=r"gone\.safetensors does not exist"):
+        resolve(cfg)
+
+
+@dataclass(frozen=True)
+class _Roles:
+    """Stands in for a layout with fields added later (token roles): nested tuples and dicts."""
+
+    grid: tuple[int, int]
+    roles: tuple[tuple[str, int], ...]
+    extra: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def test_records_rebuild_dataclasses_field_by_field():
+    value = _Roles((14, 14), (("cls", 0), ("register", 4)), {"a": (1, 2)})
+    from dataclasses import asdict
+
+    assert _rebuild(_Roles, json.loads(json.dumps(asdict(value)))) == value
+    with pytest.raises(ValueError, match="fields changed"):
+        _rebuild(_Roles, {"grid": [14, 14]})
