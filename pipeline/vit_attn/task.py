@@ -70,7 +70,8 @@ _runners: dict[tuple, Runner] = {}
 _runner_lock = threading.Lock()
 # One inference at a time per process. A worker that holds two batches (Dask threads, or the
 # in-process pool) then overlaps one batch's decoding, maps and writing with the other's
-# inference, and inference still has all its threads (docs/PERFORMANCE.md, "Pipeline end to end vs the bare session").
+# inference, and inference still has all its threads (docs/PERFORMANCE.md, "Pipeline end to
+# end vs the bare session").
 _infer_lock = threading.Lock()
 # Whether those two batches overlap at all is measured per process (overlap.py): overlapping
 # must never make a run slower than one batch at a time.
@@ -131,8 +132,9 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         result.error[i] = err or ""
     if ok.any():
         batch = normalize(images[ok], plan.preprocess)
-        runner = get_runner(plan)
         clock.lap("decode")
+        runner = get_runner(plan)  # the process's first batch builds the session
+        clock.lap("session")
         with _infer_lock:
             clock.lap("wait")
             outputs = runner.run(batch)
