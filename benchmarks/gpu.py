@@ -433,7 +433,7 @@ def decode_table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from vit_attn.export import default_cache_dir
+    from vit_attn.cachedir import cache_root
     from vit_attn.runtime import available_threads
 
     ap = argparse.ArgumentParser(
@@ -539,7 +539,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.decode_workers = [1, 2]
     args.pipeline_images = args.pipeline_images or (12 if q else 2048)
     args.pipeline_decode_threads = args.pipeline_decode_threads or min(cores, 64)
-    args.cache_dir = args.cache_dir or default_cache_dir()
+    args.cache_dir = args.cache_dir or cache_root()
     for name in ("images", "repeats", "decode_images", "decode_batch", "pipeline_images"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")

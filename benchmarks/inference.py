@@ -289,7 +289,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from vit_attn.export import default_cache_dir
+    from vit_attn.cachedir import cache_root
     from vit_attn.runtime import available_threads
 
     ap = argparse.ArgumentParser(
@@ -343,7 +343,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batch = args.batch or (4 if quick else 32)
     args.repeats = args.repeats or (1 if quick else 3)
     args.threads = args.threads or available_threads()
-    args.cache_dir = args.cache_dir or default_cache_dir()
+    args.cache_dir = args.cache_dir or cache_root()
     if args.depth is None and quick:
         args.depth = QUICK_DEPTH
     for flag in ("images", "batch", "repeats", "threads"):

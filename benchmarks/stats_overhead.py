@@ -49,7 +49,7 @@ def _log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from vit_attn.export import default_cache_dir
+    from vit_attn.cachedir import cache_root
     from vit_attn.runtime import available_threads
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batch = args.batch or (4 if args.quick else 32)
     args.repeats = args.repeats or (2 if args.quick else 6)
     args.threads = args.threads or available_threads()
-    args.cache_dir = args.cache_dir or default_cache_dir()
+    args.cache_dir = args.cache_dir or cache_root()
     return args
 
 

@@ -93,9 +93,16 @@ def test_outputs_without_fixed_shape_are_copied_out(graphs, monkeypatch):
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-def test_tensorrt_cache_defaults_beside_the_export_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("VIT_ATTN_CACHE", str(tmp_path))
-    assert runtime._default_trt_cache() == tmp_path / "trt"
+def test_cache_folder_precedence(monkeypatch, tmp_path):
+    """inference.cache_dir, else $VIT_ATTN_CACHE, else ~/.cache/vit-attn: for every cache."""
+    from vit_attn.cachedir import cache_root
+
+    monkeypatch.delenv("VIT_ATTN_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "vit-attn"
+    monkeypatch.setenv("VIT_ATTN_CACHE", str(tmp_path / "env"))
+    assert cache_root() == tmp_path / "env"
+    assert cache_root(tmp_path / "cfg") == tmp_path / "cfg"
 
 
 def test_example_gpu_config_is_valid():

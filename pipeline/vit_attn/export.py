@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cachedir import cache_root
 from .errors import ExportError, first_line
 from .model import LoadedModel, attention_modules
 from .specs import OutputSpec
@@ -159,12 +160,6 @@ def export_fingerprint(loaded: LoadedModel, spec: OutputSpec, precision: str) ->
     return hashlib.sha256(blob).hexdigest()
 
 
-def default_cache_dir() -> Path:
-    """`$VIT_ATTN_CACHE`, else `~/.cache/vit-attn`: exports are reused across runs and stores."""
-    env = os.environ.get("VIT_ATTN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vit-attn"
-
-
 def export_onnx(
     loaded: LoadedModel,
     spec: OutputSpec,
@@ -174,7 +169,7 @@ def export_onnx(
     """Return the path of the ONNX graph for this model/spec/precision, exporting it if not cached."""
     if precision not in PRECISIONS:
         raise ExportError(f"inference.precision must be one of {PRECISIONS}, got {precision!r}")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = cache_root(cache_dir)
     digest = export_fingerprint(loaded, spec, precision)
     path = cache_dir / "onnx" / f"{loaded.source.name}-{precision}-{digest[:20]}.onnx"
     if path.is_file():

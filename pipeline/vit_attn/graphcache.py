@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cachedir import cache_root
 from .config import Config
 from .errors import CheckpointError
 from .layout import TokenLayout
@@ -136,14 +137,8 @@ def cache_key(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def default_cache_dir() -> Path:
-    """`$VIT_ATTN_CACHE`, else `~/.cache/vit-attn` (the same folder as the ONNX exports)."""
-    env = os.environ.get("VIT_ATTN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vit-attn"
-
-
 def record_path(cfg: Config, key: str) -> Path:
-    cache = Path(cfg.inference.cache_dir) if cfg.inference.cache_dir else default_cache_dir()
+    cache = cache_root(cfg.inference.cache_dir)
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.model.name)
     return cache / "onnx" / f"{safe_name}-{cfg.inference.precision}-{key[:20]}.facts.json"
 

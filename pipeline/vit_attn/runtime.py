@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .cachedir import cache_root
 from .errors import BackendError, first_line
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class OrtRunner:
         )
         providers: list = [cuda, "CPUExecutionProvider"]
         if self.options.tensorrt:
-            trt_cache = str(self.options.trt_cache_dir or _default_trt_cache())
+            trt_cache = str(self.options.trt_cache_dir or cache_root() / "trt")
             providers.insert(
                 0,
                 (
@@ -229,12 +230,6 @@ class _BatchBinding:
             return {n: self.buffers[n] for n in self.names}
         values = dict(zip(self.names, self.binding.get_outputs()))
         return {n: self.buffers[n] if n in self.buffers else values[n].numpy() for n in self.names}
-
-
-def _default_trt_cache() -> Path:
-    """TensorRT engines beside the ONNX exports: `$VIT_ATTN_CACHE/trt`, else ~/.cache/vit-attn/trt."""
-    env = os.environ.get("VIT_ATTN_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "vit-attn") / "trt"
 
 
 class TorchRunner:
