@@ -237,7 +237,7 @@ TRAVERSALS = [
     "http://127.0.0.1/../../etc/passwd",
     "/%2e%2e/%2e%2e/etc/passwd",
     "/static/%00index.html",
-    "/api/sheet.png/../../../etc/passwd",
+    "/api/thumbs/../../../etc/passwd",
 ]
 
 
@@ -275,7 +275,8 @@ def test_bad_parameters_are_one_clear_json_error(server):
         ("api/map/0.json?source=row&token=100000", "token 100000"),
         ("api/overlay/0.png?mask=1.5", "mask must be"),
         ("api/map/99999.png", "out of range"),
-        ("api/sheet.png?ids=1,x", "ids"),
+        ("api/thumbs?ids=1,x", "ids"),
+        ("api/thumbs?ids=0&box=4", "box"),
     ]:
         code, body, ctype = get(server.url + path)
         assert code in (400, 404), path
@@ -377,8 +378,11 @@ def test_stores_without_a_class_token_show_their_maps(tmp_path, array):
         assert code == 404 and "failed" in json.loads(body)["error"]
         code, body, _ = get(f"{srv.url}api/map/4.png")
         assert code == 404 and "not processed" in json.loads(body)["error"]
-        code, png, _ = get(f"{srv.url}api/sheet.png?ids=0,1,2,3,4")
-        assert code == 200 and Image.open(io.BytesIO(png)).size == (32 * 5, 24)
+        with urllib.request.urlopen(f"{srv.url}api/thumbs?ids=0,1,2,3,4") as r:
+            assert r.headers["X-Thumbs"] == "5,24,32"
+            thumbs = np.frombuffer(r.read(), np.uint8).reshape(5, 24, 32, 3)
+        assert (thumbs[2] == [120, 30, 30]).all() and (thumbs[4] == [70, 70, 70]).all()
+        assert thumbs[0].std() > 0  # grey canvas (no source images) blended with the map
         code, body, _ = get(f"{srv.url}api/summary")
         assert code == 400 and "attention.stats: true" in json.loads(body)["error"]
     finally:
@@ -627,6 +631,9 @@ def test_browser_failed_image_and_statistics(server, demo_store, page):
     page.goto(server.url + f"#/image/{failed}")
     ready(page, "image-ready")
     assert "not an image" in page.locator("#img-error").inner_text()
+    # (its overlay and map were asked for with the facts, in parallel, and answered 404)
+    assert all("404" in e for e in page.errors), page.errors
+    page.errors.clear()
     # statistics: one dot per (layer, head); a dot lists its most extreme images
     page.goto(server.url + "#/stats?stat=attention_distance")
     ready(page, "stats-ready")

@@ -316,18 +316,24 @@ class StoreData:
         """A page of the list: per image its index, path, status, error, top-1 and the stat."""
         if offset < 0 or not 0 < limit <= MAX_PAGE:
             raise ViewError(f"offset must be >= 0 and limit in 1..{MAX_PAGE}")
+        ids = self.page_ids(q, offset, limit)
         order = self.order(q)
         total = self.n_images if order is None else int(order.size)
-        if order is None:
-            ids = np.arange(offset, min(offset + limit, total))
-        else:
-            ids = order[offset : offset + limit]
         items = self.describe(ids)
         if q.stat is not None and q.stat in self.stats and ids.size:
             values = self.stat_values(q.stat, q.stat_layer, q.stat_head)[ids]
             for item, v in zip(items, values.tolist()):
                 item["value"] = v
         return {"total": total, "offset": offset, "items": items}
+
+    def page_ids(self, q: ListQuery, offset: int, limit: int) -> np.ndarray:
+        """The image indices of one page of the list of `q`."""
+        if offset < 0 or not 0 < limit <= MAX_PAGE:
+            raise ViewError(f"offset must be >= 0 and limit in 1..{MAX_PAGE}")
+        order = self.order(q)
+        if order is None:
+            return np.arange(min(offset, self.n_images), min(offset + limit, self.n_images))
+        return order[offset : offset + limit]
 
     def describe(self, ids: np.ndarray) -> list[dict[str, Any]]:
         """Per-image facts for `ids`, read from the chunks that hold them (sorted reads)."""
@@ -370,14 +376,13 @@ class StoreData:
         return item
 
     def _pick(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """arr[ids] reading only the chunks that hold them: one slice if they are contiguous."""
+        """arr[ids], reading each run of consecutive indices as one slice (a sorted page of a
+        filtered list is a few runs; zarr's orthogonal selection is far slower on shards)."""
         arr = self._arrays[name]
-        lo, hi = int(ids.min()), int(ids.max()) + 1
-        if hi - lo == ids.size:
-            block = np.asarray(arr[lo:hi])
-            return block[ids - lo]
         uniq, inverse = np.unique(ids, return_inverse=True)
-        return np.asarray(arr.get_orthogonal_selection((uniq,)))[inverse]
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        parts = [np.asarray(arr[int(run[0]) : int(run[-1]) + 1]) for run in np.split(uniq, breaks)]
+        return np.concatenate(parts)[inverse]
 
     def neighbours(self, q: ListQuery, image: int) -> dict[str, Any]:
         """The images before and after `image` in the list of `q` (prev/next), and its position."""
@@ -403,6 +408,12 @@ class StoreData:
     def check_image(self, image: int) -> None:
         if not 0 <= image < self.n_images:
             raise ViewError(f"image {image} is out of range: the store holds {self.n_images}", 404)
+
+    def statuses(self, ids: np.ndarray) -> np.ndarray:
+        """Status of several images (the chunks that hold them, or the cached column)."""
+        with self._lock:
+            column = self._columns.get("status")
+        return column[ids] if column is not None else self._pick("status", ids)
 
     def image_status(self, image: int) -> int:
         self.check_image(image)
@@ -503,12 +514,15 @@ def _dims(arr: zarr.Array) -> tuple[str, ...]:
     return tuple(arr.metadata.dimension_names or ())  # type: ignore[union-attr]
 
 
-@functools.lru_cache(maxsize=4)
+def thumb_factor(input_hw: tuple[int, int], box: int) -> int:
+    """The integer factor that brings the input within a `box` square (1: never enlarged)."""
+    return max(1, math.ceil(max(input_hw) / box))
+
+
 def thumb_size(input_hw: tuple[int, int], box: int) -> tuple[int, int]:
-    """(h, w) of a thumbnail: the input size scaled to fit a `box` square, never enlarged."""
-    h, w = input_hw
-    scale = min(1.0, box / max(h, w))
-    return max(1, math.floor(h * scale + 0.5)), max(1, math.floor(w * scale + 0.5))
+    """(h, w) of a thumbnail: the input reduced by `thumb_factor`, rounded up (Pillow's reduce)."""
+    f = thumb_factor(input_hw, box)
+    return math.ceil(input_hw[0] / f), math.ceil(input_hw[1] / f)
 
 
 def parse_query(params: Mapping[str, str]) -> ListQuery:

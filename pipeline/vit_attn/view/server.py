@@ -173,6 +173,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", CSP)
         self.send_header("Referrer-Policy", "no-referrer")
+        for key, value in getattr(self, "_extra_headers", {}).items():
+            self.send_header(key, value)
+        self._extra_headers = {}
         self.end_headers()
         if not head_only:
             try:
@@ -213,12 +216,23 @@ class Handler(BaseHTTPRequestHandler):
             query = parse_query(params)
             page = data.page(query, int_param(params, "offset", 0), int_param(params, "limit", 60))
             return 200, *_json_body(page), "no-cache"
-        if path == "/api/sheet.png":
-            ids = _ids(params.get("ids", ""), data.n_images)
+        if path == "/api/thumbs":
+            # A page of thumbnails by `ids`, or by the list's own query + offset/limit (so the
+            # page can ask for pictures and captions at the same time).
+            if "ids" in params:
+                ids = _ids(params["ids"], data.n_images)
+            else:
+                offset, limit = int_param(params, "offset", 0), int_param(params, "limit", 60)
+                ids = data.page_ids(parse_query(params), offset, limit)
             box = int_param(params, "box", THUMB_BOX)
             if not 16 <= box <= 512:
                 raise ViewError("box must be 16..512 pixels")
-            return 200, "image/png", pictures.sheet_png(ids, box), "no-cache"
+            (th, tw), body = pictures.thumbnails(ids, box)
+            self._extra_headers = {
+                "X-Thumbs": f"{ids.size},{th},{tw}",
+                "X-Ids": ",".join(map(str, ids.tolist())),
+            }
+            return 200, "application/octet-stream", body, "no-cache"
         m = _ROUTE_IMAGE.match(path)
         if m:
             image = int(m.group(2))
