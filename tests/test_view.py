@@ -559,6 +559,12 @@ def test_browser_image_view_selectors_and_patch_rows(server, demo_store, page):
     assert page.locator("#img-title").inner_text().startswith("#4 ")
     cls = np.asarray(g["cls_attention"][4], np.float64)
     assert_map_matches(pixels(page, READ_IMG, "#p-map"), cls[-1].mean(0), cmap)
+    # this image's statistics (loaded after the view is ready): the stored values
+    wait(page, "document.querySelectorAll('#img-stats tbody tr').length > 0")
+    entropy_row = page.locator("#img-stats tbody tr").first
+    assert entropy_row.locator("th").inner_text().startswith("cls_entropy")
+    shown_entropy = [float(t) for t in entropy_row.locator("td").all_inner_texts()]
+    np.testing.assert_allclose(shown_entropy, g["cls_entropy"][4, -1], rtol=5e-3)
     # layer and head selectors change the map
     page.select_option("#m-layer", "1")
     ready(page, "image-ready", "document.body.dataset.map.includes('layer=1&head=mean')")

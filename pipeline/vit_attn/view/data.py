@@ -217,6 +217,14 @@ class StoreData:
             ),
         }
 
+    def warm(self) -> None:
+        """Open every array's codec pipeline once (first reads pay for it), before serving."""
+        if self.n_images == 0:
+            return
+        for arr in self._arrays.values():
+            if _dims(arr)[:1] == ("image",) and arr.size:
+                np.asarray(arr[0:1])
+
     # ------------------------------------------------------------------ whole-store columns
 
     def _column(self, key: str, load: Callable[[], np.ndarray]) -> np.ndarray:
@@ -361,19 +369,26 @@ class StoreData:
         return items
 
     def info(self, image: int) -> dict[str, Any]:
-        """One image's facts, its top-k and, per stored statistic, its values [layer][head]."""
+        """One image's facts and its top-k classes with probabilities."""
         self.check_image(image)
         item = self.describe(np.asarray([image]))[0]
-        if item["status"] != "ok":
-            return item
-        item["stats"] = {
-            s: np.asarray(self._arrays[s][image], np.float64).round(6).tolist() for s in self.stats
-        }
-        if "topk_index" in self._arrays:
+        if item["status"] == "ok" and "topk_index" in self._arrays:
             item["topk"] = [int(v) for v in self._arrays["topk_index"][image]]
             if "topk_prob" in self._arrays:
                 item["topk_prob"] = [float(v) for v in self._arrays["topk_prob"][image]]
         return item
+
+    def image_stats(self, image: int) -> dict[str, Any]:
+        """Per stored statistic, one image's values [layer][head] (zeros unless status is ok)."""
+        self.check_image(image)
+        return {
+            "i": image,
+            "status": STATUS_NAMES.get(self.image_status(image), "?"),
+            "stats": {
+                s: np.asarray(self._arrays[s][image], np.float64).round(6).tolist()
+                for s in self.stats
+            },
+        }
 
     def _pick(self, name: str, ids: np.ndarray) -> np.ndarray:
         """arr[ids], reading each run of consecutive indices as one slice (a sorted page of a

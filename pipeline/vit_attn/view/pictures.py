@@ -29,6 +29,7 @@ from .data import Selection, StoreData, thumb_factor, thumb_size
 FAILED_RGB = (120, 30, 30)
 PENDING_RGB = (70, 70, 70)
 GRID_BORDER = 2  # overlay.head_grid's default border, in pixels
+GRID_TILE = 160  # largest tile side of the head grid, in pixels
 THUMB_CACHE = 2000  # thumbnails kept in memory (~40 KB each at 112 px)
 
 
@@ -65,21 +66,31 @@ class Pictures:
         self._lock = threading.Lock()
         self._inputs: OrderedDict[int, np.ndarray] = OrderedDict()
         self._thumbs: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._decoding: dict[int, threading.Lock] = {}
 
     def model_input(self, image: int) -> np.ndarray:
-        """The image the model saw (re-decoded from the source; grey if the file is gone)."""
+        """The image the model saw (re-decoded from the source; grey if the file is gone).
+
+        Decoded once per image even when the image and overlay requests arrive together.
+        """
         with self._lock:
             if image in self._inputs:
                 self._inputs.move_to_end(image)
                 return self._inputs[image]
-        try:
-            value = model_input_image(self.data.group, image)
-        except (KeyError, TypeError, ValueError):  # no preprocessing recorded: a neutral canvas
-            value = np.full((*self._input_hw(), 3), 128, np.uint8)
-        with self._lock:
-            self._inputs[image] = value
-            while len(self._inputs) > 16:
-                self._inputs.popitem(last=False)
+            lock = self._decoding.setdefault(image, threading.Lock())
+        with lock:
+            with self._lock:
+                if image in self._inputs:
+                    return self._inputs[image]
+            try:
+                value = model_input_image(self.data.group, image)
+            except (KeyError, TypeError, ValueError):  # no preprocessing recorded: neutral grey
+                value = np.full((*self._input_hw(), 3), 128, np.uint8)
+            with self._lock:
+                self._inputs[image] = value
+                self._decoding.pop(image, None)
+                while len(self._inputs) > 16:
+                    self._inputs.popitem(last=False)
         return value
 
     def map_png(self, image: int, sel: Selection) -> bytes:
@@ -97,9 +108,15 @@ class Pictures:
         return encode_png(self.model_input(image))
 
     def grid_png(self, image: int, sel: Selection) -> bytes:
+        """Every head's overlay and the mean's, tiled by `overlay.head_grid` at tile size
+        <= GRID_TILE (inputs larger than that are reduced by an integer factor first)."""
         maps = self.data.head_maps(image, sel)
+        base = self.model_input(image)
+        factor = thumb_factor(base.shape[:2], GRID_TILE)
+        if factor > 1:
+            base = np.asarray(Image.fromarray(base).reduce(factor))
         out = head_grid(
-            self.model_input(image),
+            base,
             maps,
             alpha=self.alpha,
             cmap=self.cmap,

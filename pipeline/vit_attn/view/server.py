@@ -46,7 +46,7 @@ CSP = (
 )
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _ROUTE_PLAIN = re.compile(r"^/api/(meta|counts|list|summary)$")
-_ROUTE_IMAGE = re.compile(r"^/api/(info|neighbours)/(\d{1,12})$")
+_ROUTE_IMAGE = re.compile(r"^/api/(info|neighbours|imagestats)/(\d{1,12})$")
 _ROUTE_PICTURE = re.compile(r"^/api/(input|map|overlay|grid)/(\d{1,12})\.(png|json)$")
 _ROUTE_ASSET = re.compile(r"^/static/([A-Za-z0-9_-]{1,64}\.[a-z]{2,4})$")
 
@@ -72,6 +72,7 @@ class ViewServer(ThreadingHTTPServer):
 
     def __init__(self, data: StoreData, host: str, port: int) -> None:
         self.data = data
+        data.warm()
         self.pictures = Pictures(data)
         self.assets = load_assets()
         self._summary: dict[str, Any] | None = None
@@ -194,7 +195,7 @@ class Handler(BaseHTTPRequestHandler):
         path = parts.path  # never unquoted: no route needs it, and `%2e%2e` stays inert
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         if path == "/favicon.ico":
-            return 200, ASSET_TYPES[".svg"], self.server.assets["favicon.svg"], "no-cache"
+            return 200, ASSET_TYPES[".svg"], self.server.assets["favicon.svg"], "max-age=3600"
         if path in ("/", "/index.html"):
             return 200, ASSET_TYPES[".html"], self.server.assets["index.html"], "no-cache"
         m = _ROUTE_ASSET.match(path)
@@ -202,7 +203,8 @@ class Handler(BaseHTTPRequestHandler):
             name = m.group(1)
             if name not in self.server.assets:
                 raise ViewError("not found", 404)
-            return 200, ASSET_TYPES[Path(name).suffix], self.server.assets[name], "no-cache"
+            cache = "max-age=3600" if name == "favicon.svg" else "no-cache"
+            return 200, ASSET_TYPES[Path(name).suffix], self.server.assets[name], cache
         data, pictures = self.server.data, self.server.pictures
         m = _ROUTE_PLAIN.match(path)
         if m:
@@ -239,6 +241,8 @@ class Handler(BaseHTTPRequestHandler):
             data.check_image(image)
             if m.group(1) == "neighbours":
                 return 200, *_json_body(data.neighbours(parse_query(params), image)), "no-cache"
+            if m.group(1) == "imagestats":
+                return 200, *_json_body(data.image_stats(image)), "no-cache"
             return 200, *_json_body(data.info(image)), "no-cache"
         m = _ROUTE_PICTURE.match(path)
         if m:

@@ -16,6 +16,7 @@ const HEAD_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8
 let META = null;
 let META_P = null;  // the /api/meta request, started first thing
 let COUNTS = null;
+let COUNTS_P = null;
 let renderSeq = 0;  // a newer navigation makes older async work drop its result
 
 // ------------------------------------------------------------------ helpers
@@ -366,7 +367,7 @@ async function renderImage(i, params, seq) {
   // Below the fold: the head grid and the statistics table come after the view is ready.
   loadImage($("p-grid"), `/api/grid/${i}.png?${qNoMask}`).catch(() => {});
   $("p-grid").onclick = (ev) => pickHeadFromGrid(ev, i, params);
-  fillImageStats(info, sel);
+  getJSON(`/api/imagestats/${i}`).then((st) => { if (seq === renderSeq) fillImageStats(st, sel); }).catch(() => {});
 }
 
 function showMapFacts(values, sel) {
@@ -595,6 +596,7 @@ function markReady(name) {
   performance.mark(name);
   document.body.dataset.state = "ready";
   document.body.dataset.view = name;
+  document.body.dataset.shown = location.hash;
 }
 
 async function ensureMeta() {
@@ -651,11 +653,18 @@ async function start() {
   wireForms();
   window.addEventListener("hashchange", route);
   await route();
-  // Counts need whole-store columns: fetched after the first paint, then shown in the filters.
-  getJSON("/api/counts").then((c) => {
-    COUNTS = c;
-    if (!$("grid-view").hidden) fillFilterForm(parseHash().params);
-  }).catch(() => {});
+  // Counts read whole-store columns (one chunk per batch of the run): asked for when the
+  // filters are first touched or after a quiet moment, never in the way of the first paint.
+  const loadCounts = () => {
+    if (COUNTS_P) return;
+    COUNTS_P = getJSON("/api/counts").then((c) => {
+      COUNTS = c;
+      if (!$("grid-view").hidden) fillFilterForm(parseHash().params);
+    }).catch(() => {});
+  };
+  $("filters").addEventListener("focusin", loadCounts);
+  $("filters").addEventListener("pointerenter", loadCounts);
+  setTimeout(loadCounts, 1500);
 }
 
 start().catch((e) => {
