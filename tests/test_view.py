@@ -11,6 +11,7 @@ normalises the path first.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -60,26 +61,29 @@ def demo_store(tmp_path_factory, export_cache) -> Path:
     (out / "shapes" / "images" / "zz_broken.png").write_bytes(b"not an image")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
+    said = io.StringIO()
     try:
-        rc = demo_main(
-            [
-                "--out",
-                str(out),
-                "--n",
-                str(N_IMAGES),
-                "--seed",
-                "7",
-                "--set",
-                f"inference.cache_dir={export_cache}",
-                "--set",
-                "attention.full=true",
-                "--set",
-                "cluster.kind=none",
-            ]
-        )
+        with contextlib.redirect_stderr(said):
+            rc = demo_main(
+                [
+                    "--out",
+                    str(out),
+                    "--n",
+                    str(N_IMAGES),
+                    "--seed",
+                    "7",
+                    "--set",
+                    f"inference.cache_dir={export_cache}",
+                    "--set",
+                    "attention.full=true",
+                    "--set",
+                    "cluster.kind=none",
+                ]
+            )
     finally:
         mp.undo()
     assert rc == 0
+    (out / "demo_stderr.txt").write_text(said.getvalue())
     return out / "demo.zarr"
 
 
@@ -423,6 +427,11 @@ def test_cli_serves_on_loopback_and_says_where(demo_store):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_demo_ends_with_the_view_command(demo_store):
+    said = (demo_store.parent / "demo_stderr.txt").read_text().strip().splitlines()
+    assert said[-1].split() == ["vit-attn", "view", str(demo_store)]
 
 
 def test_cli_refuses_what_is_not_a_store(tmp_path):

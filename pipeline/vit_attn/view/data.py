@@ -118,9 +118,11 @@ class StoreData:
             raise StoreError(f"{self.path} lacks `status` / `image_path`; is it a complete store?")
         self.n_images = int(self._arrays["status"].shape[0])
         self.layers: list[int] = (
-            self._arrays["layer"][:].tolist() if "layer" in self._arrays else []
+            np.asarray(self._arrays["layer"][:]).tolist() if "layer" in self._arrays else []
         )
-        self.heads: list[int] = self._arrays["head"][:].tolist() if "head" in self._arrays else []
+        self.heads: list[int] = (
+            np.asarray(self._arrays["head"][:]).tolist() if "head" in self._arrays else []
+        )
         self.num_prefix = int(self.model.get("num_prefix_tokens", 0))
         grid = self.model.get("grid")
         self.sources = self._find_sources()
@@ -373,9 +375,10 @@ class StoreData:
         self.check_image(image)
         item = self.describe(np.asarray([image]))[0]
         if item["status"] == "ok" and "topk_index" in self._arrays:
-            item["topk"] = [int(v) for v in self._arrays["topk_index"][image]]
+            item["topk"] = np.asarray(self._arrays["topk_index"][image]).astype(int).tolist()
             if "topk_prob" in self._arrays:
-                item["topk_prob"] = [float(v) for v in self._arrays["topk_prob"][image]]
+                probs = np.asarray(self._arrays["topk_prob"][image], np.float64)
+                item["topk_prob"] = probs.tolist()
         return item
 
     def image_stats(self, image: int) -> dict[str, Any]:
@@ -432,7 +435,7 @@ class StoreData:
 
     def image_status(self, image: int) -> int:
         self.check_image(image)
-        return int(self._arrays["status"][image])
+        return int(np.asarray(self._arrays["status"][image]))
 
     def layer_index(self, layer_index: int) -> int:
         n = len(self.layers)
@@ -526,7 +529,8 @@ class StoreData:
 
 
 def _dims(arr: zarr.Array) -> tuple[str, ...]:
-    return tuple(arr.metadata.dimension_names or ())  # type: ignore[union-attr]
+    names: Any = getattr(arr.metadata, "dimension_names", None) or ()
+    return tuple(str(n) for n in names)
 
 
 def thumb_factor(input_hw: tuple[int, int], box: int) -> int:

@@ -145,6 +145,7 @@ def _finite(v: float) -> float | None:
 
 class Handler(BaseHTTPRequestHandler):
     server: ViewServer
+    _extra_headers: dict[str, str]
     protocol_version = "HTTP/1.1"
     server_version = "vit-attn-view"
     sys_version = ""

@@ -89,6 +89,14 @@ function defaultLayer() {
   return String(META.layers.length - 1);
 }
 
+// A layer index as the selects show it: 0..L-1 (the server also takes -1 for the last).
+function layerIndex(value) {
+  const L = META.layers.length;
+  const v = parseInt(value ?? "", 10);
+  if (Number.isNaN(v) || v < -L || v >= L) return defaultLayer();
+  return String(((v % L) + L) % L);
+}
+
 function statUnit(name) {
   const s = META.stats.find((x) => x.name === name);
   return s ? s.unit : "";
@@ -134,7 +142,7 @@ function fillFilterForm(params) {
   setOptions($("f-top1"), [["", "any"], ...classes], params.get("top1") ?? "");
   $("f-stat-group").hidden = META.stats.length === 0;
   setOptions($("f-stat"), [["", "none"], ...META.stats.map((s) => [s.name, `${s.name} [${s.unit}]`])], params.get("stat") || "");
-  setOptions($("f-slayer"), layerOptions(), params.get("slayer") ?? defaultLayer());
+  setOptions($("f-slayer"), layerOptions(), layerIndex(params.get("slayer")));
   setOptions($("f-shead"), headOptions(), params.get("shead") || "mean");
   $("f-min").value = params.get("min") || "";
   $("f-max").value = params.get("max") || "";
@@ -246,7 +254,7 @@ function mapSelection(params) {
   let source = params.get("source") || sources[0] || (META.full_attention ? "row" : "");
   const sel = {
     source,
-    layer: params.get("layer") ?? defaultLayer(),
+    layer: layerIndex(params.get("layer")),
     head: params.get("head") || "mean",
     token: params.get("token") || "0",
     mask: params.get("mask") || "",
