@@ -11,6 +11,7 @@ normalises the path first.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -60,26 +61,29 @@ def demo_store(tmp_path_factory, export_cache) -> Path:
     (out / "shapes" / "images" / "zz_broken.png").write_bytes(b"not an image")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
+    said = io.StringIO()
     try:
-        rc = demo_main(
-            [
-                "--out",
-                str(out),
-                "--n",
-                str(N_IMAGES),
-                "--seed",
-                "7",
-                "--set",
-                f"inference.cache_dir={export_cache}",
-                "--set",
-                "attention.full=true",
-                "--set",
-                "cluster.kind=none",
-            ]
-        )
+        with contextlib.redirect_stderr(said):
+            rc = demo_main(
+                [
+                    "--out",
+                    str(out),
+                    "--n",
+                    str(N_IMAGES),
+                    "--seed",
+                    "7",
+                    "--set",
+                    f"inference.cache_dir={export_cache}",
+                    "--set",
+                    "attention.full=true",
+                    "--set",
+                    "cluster.kind=none",
+                ]
+            )
     finally:
         mp.undo()
     assert rc == 0
+    (out / "demo_stderr.txt").write_text(said.getvalue())
     return out / "demo.zarr"
 
 
@@ -237,7 +241,7 @@ TRAVERSALS = [
     "http://127.0.0.1/../../etc/passwd",
     "/%2e%2e/%2e%2e/etc/passwd",
     "/static/%00index.html",
-    "/api/sheet.png/../../../etc/passwd",
+    "/api/thumbs/../../../etc/passwd",
 ]
 
 
@@ -275,7 +279,8 @@ def test_bad_parameters_are_one_clear_json_error(server):
         ("api/map/0.json?source=row&token=100000", "token 100000"),
         ("api/overlay/0.png?mask=1.5", "mask must be"),
         ("api/map/99999.png", "out of range"),
-        ("api/sheet.png?ids=1,x", "ids"),
+        ("api/thumbs?ids=1,x", "ids"),
+        ("api/thumbs?ids=0&box=4", "box"),
     ]:
         code, body, ctype = get(server.url + path)
         assert code in (400, 404), path
@@ -377,8 +382,11 @@ def test_stores_without_a_class_token_show_their_maps(tmp_path, array):
         assert code == 404 and "failed" in json.loads(body)["error"]
         code, body, _ = get(f"{srv.url}api/map/4.png")
         assert code == 404 and "not processed" in json.loads(body)["error"]
-        code, png, _ = get(f"{srv.url}api/sheet.png?ids=0,1,2,3,4")
-        assert code == 200 and Image.open(io.BytesIO(png)).size == (32 * 5, 24)
+        with urllib.request.urlopen(f"{srv.url}api/thumbs?ids=0,1,2,3,4") as r:
+            assert r.headers["X-Thumbs"] == "5,24,32"
+            thumbs = np.frombuffer(r.read(), np.uint8).reshape(5, 24, 32, 3)
+        assert (thumbs[2] == [120, 30, 30]).all() and (thumbs[4] == [70, 70, 70]).all()
+        assert thumbs[0].std() > 0  # grey canvas (no source images) blended with the map
         code, body, _ = get(f"{srv.url}api/summary")
         assert code == 400 and "attention.stats: true" in json.loads(body)["error"]
     finally:
@@ -419,6 +427,11 @@ def test_cli_serves_on_loopback_and_says_where(demo_store):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_demo_ends_with_the_view_command(demo_store):
+    said = (demo_store.parent / "demo_stderr.txt").read_text().strip().splitlines()
+    assert said[-1].split() == ["vit-attn", "view", str(demo_store)]
 
 
 def test_cli_refuses_what_is_not_a_store(tmp_path):
@@ -555,6 +568,12 @@ def test_browser_image_view_selectors_and_patch_rows(server, demo_store, page):
     assert page.locator("#img-title").inner_text().startswith("#4 ")
     cls = np.asarray(g["cls_attention"][4], np.float64)
     assert_map_matches(pixels(page, READ_IMG, "#p-map"), cls[-1].mean(0), cmap)
+    # this image's statistics (loaded after the view is ready): the stored values
+    wait(page, "document.querySelectorAll('#img-stats tbody tr').length > 0")
+    entropy_row = page.locator("#img-stats tbody tr").first
+    assert entropy_row.locator("th").inner_text().startswith("cls_entropy")
+    shown_entropy = [float(t) for t in entropy_row.locator("td").all_inner_texts()]
+    np.testing.assert_allclose(shown_entropy, g["cls_entropy"][4, -1], rtol=5e-3)
     # layer and head selectors change the map
     page.select_option("#m-layer", "1")
     ready(page, "image-ready", "document.body.dataset.map.includes('layer=1&head=mean')")
@@ -627,6 +646,9 @@ def test_browser_failed_image_and_statistics(server, demo_store, page):
     page.goto(server.url + f"#/image/{failed}")
     ready(page, "image-ready")
     assert "not an image" in page.locator("#img-error").inner_text()
+    # (its overlay and map were asked for with the facts, in parallel, and answered 404)
+    assert all("404" in e for e in page.errors), page.errors
+    page.errors.clear()
     # statistics: one dot per (layer, head); a dot lists its most extreme images
     page.goto(server.url + "#/stats?stat=attention_distance")
     ready(page, "stats-ready")

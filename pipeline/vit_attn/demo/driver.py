@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\ndemo: look at {out / 'png'} (overlays; *.heads.png = all heads),\n"
             f"      inspect the store with: vit-attn inspect {out / 'demo.zarr'}\n"
-            f"      or in Python: import vit_attn; vit_attn.open_store('{out / 'demo.zarr'}')",
+            f"      or in Python: import vit_attn; vit_attn.open_store('{out / 'demo.zarr'}')\n"
+            f"      browse it in a web browser with:\n\n"
+            f"    vit-attn view {out / 'demo.zarr'}\n",
             file=sys.stderr,
         )
     return rc

@@ -118,9 +118,11 @@ class StoreData:
             raise StoreError(f"{self.path} lacks `status` / `image_path`; is it a complete store?")
         self.n_images = int(self._arrays["status"].shape[0])
         self.layers: list[int] = (
-            self._arrays["layer"][:].tolist() if "layer" in self._arrays else []
+            np.asarray(self._arrays["layer"][:]).tolist() if "layer" in self._arrays else []
         )
-        self.heads: list[int] = self._arrays["head"][:].tolist() if "head" in self._arrays else []
+        self.heads: list[int] = (
+            np.asarray(self._arrays["head"][:]).tolist() if "head" in self._arrays else []
+        )
         self.num_prefix = int(self.model.get("num_prefix_tokens", 0))
         grid = self.model.get("grid")
         self.sources = self._find_sources()
@@ -216,6 +218,14 @@ class StoreData:
                 (self.attrs.get("config") or {}).get("output", {}).get("colormap", "inferno")
             ),
         }
+
+    def warm(self) -> None:
+        """Open every array's codec pipeline once (first reads pay for it), before serving."""
+        if self.n_images == 0:
+            return
+        for arr in self._arrays.values():
+            if _dims(arr)[:1] == ("image",) and arr.size:
+                np.asarray(arr[0:1])
 
     # ------------------------------------------------------------------ whole-store columns
 
@@ -316,18 +326,24 @@ class StoreData:
         """A page of the list: per image its index, path, status, error, top-1 and the stat."""
         if offset < 0 or not 0 < limit <= MAX_PAGE:
             raise ViewError(f"offset must be >= 0 and limit in 1..{MAX_PAGE}")
+        ids = self.page_ids(q, offset, limit)
         order = self.order(q)
         total = self.n_images if order is None else int(order.size)
-        if order is None:
-            ids = np.arange(offset, min(offset + limit, total))
-        else:
-            ids = order[offset : offset + limit]
         items = self.describe(ids)
         if q.stat is not None and q.stat in self.stats and ids.size:
             values = self.stat_values(q.stat, q.stat_layer, q.stat_head)[ids]
             for item, v in zip(items, values.tolist()):
                 item["value"] = v
         return {"total": total, "offset": offset, "items": items}
+
+    def page_ids(self, q: ListQuery, offset: int, limit: int) -> np.ndarray:
+        """The image indices of one page of the list of `q`."""
+        if offset < 0 or not 0 < limit <= MAX_PAGE:
+            raise ViewError(f"offset must be >= 0 and limit in 1..{MAX_PAGE}")
+        order = self.order(q)
+        if order is None:
+            return np.arange(min(offset, self.n_images), min(offset + limit, self.n_images))
+        return order[offset : offset + limit]
 
     def describe(self, ids: np.ndarray) -> list[dict[str, Any]]:
         """Per-image facts for `ids`, read from the chunks that hold them (sorted reads)."""
@@ -355,29 +371,36 @@ class StoreData:
         return items
 
     def info(self, image: int) -> dict[str, Any]:
-        """One image's facts, its top-k and, per stored statistic, its values [layer][head]."""
+        """One image's facts and its top-k classes with probabilities."""
         self.check_image(image)
         item = self.describe(np.asarray([image]))[0]
-        if item["status"] != "ok":
-            return item
-        item["stats"] = {
-            s: np.asarray(self._arrays[s][image], np.float64).round(6).tolist() for s in self.stats
-        }
-        if "topk_index" in self._arrays:
-            item["topk"] = [int(v) for v in self._arrays["topk_index"][image]]
+        if item["status"] == "ok" and "topk_index" in self._arrays:
+            item["topk"] = np.asarray(self._arrays["topk_index"][image]).astype(int).tolist()
             if "topk_prob" in self._arrays:
-                item["topk_prob"] = [float(v) for v in self._arrays["topk_prob"][image]]
+                probs = np.asarray(self._arrays["topk_prob"][image], np.float64)
+                item["topk_prob"] = probs.tolist()
         return item
 
+    def image_stats(self, image: int) -> dict[str, Any]:
+        """Per stored statistic, one image's values [layer][head] (zeros unless status is ok)."""
+        self.check_image(image)
+        return {
+            "i": image,
+            "status": STATUS_NAMES.get(self.image_status(image), "?"),
+            "stats": {
+                s: np.asarray(self._arrays[s][image], np.float64).round(6).tolist()
+                for s in self.stats
+            },
+        }
+
     def _pick(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """arr[ids] reading only the chunks that hold them: one slice if they are contiguous."""
+        """arr[ids], reading each run of consecutive indices as one slice (a sorted page of a
+        filtered list is a few runs; zarr's orthogonal selection is far slower on shards)."""
         arr = self._arrays[name]
-        lo, hi = int(ids.min()), int(ids.max()) + 1
-        if hi - lo == ids.size:
-            block = np.asarray(arr[lo:hi])
-            return block[ids - lo]
         uniq, inverse = np.unique(ids, return_inverse=True)
-        return np.asarray(arr.get_orthogonal_selection((uniq,)))[inverse]
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        parts = [np.asarray(arr[int(run[0]) : int(run[-1]) + 1]) for run in np.split(uniq, breaks)]
+        return np.concatenate(parts)[inverse]
 
     def neighbours(self, q: ListQuery, image: int) -> dict[str, Any]:
         """The images before and after `image` in the list of `q` (prev/next), and its position."""
@@ -404,9 +427,15 @@ class StoreData:
         if not 0 <= image < self.n_images:
             raise ViewError(f"image {image} is out of range: the store holds {self.n_images}", 404)
 
+    def statuses(self, ids: np.ndarray) -> np.ndarray:
+        """Status of several images (the chunks that hold them, or the cached column)."""
+        with self._lock:
+            column = self._columns.get("status")
+        return column[ids] if column is not None else self._pick("status", ids)
+
     def image_status(self, image: int) -> int:
         self.check_image(image)
-        return int(self._arrays["status"][image])
+        return int(np.asarray(self._arrays["status"][image]))
 
     def layer_index(self, layer_index: int) -> int:
         n = len(self.layers)
@@ -500,15 +529,19 @@ class StoreData:
 
 
 def _dims(arr: zarr.Array) -> tuple[str, ...]:
-    return tuple(arr.metadata.dimension_names or ())  # type: ignore[union-attr]
+    names: Any = getattr(arr.metadata, "dimension_names", None) or ()
+    return tuple(str(n) for n in names)
 
 
-@functools.lru_cache(maxsize=4)
+def thumb_factor(input_hw: tuple[int, int], box: int) -> int:
+    """The integer factor that brings the input within a `box` square (1: never enlarged)."""
+    return max(1, math.ceil(max(input_hw) / box))
+
+
 def thumb_size(input_hw: tuple[int, int], box: int) -> tuple[int, int]:
-    """(h, w) of a thumbnail: the input size scaled to fit a `box` square, never enlarged."""
-    h, w = input_hw
-    scale = min(1.0, box / max(h, w))
-    return max(1, math.floor(h * scale + 0.5)), max(1, math.floor(w * scale + 0.5))
+    """(h, w) of a thumbnail: the input reduced by `thumb_factor`, rounded up (Pillow's reduce)."""
+    f = thumb_factor(input_hw, box)
+    return math.ceil(input_hw[0] / f), math.ceil(input_hw[1] / f)
 
 
 def parse_query(params: Mapping[str, str]) -> ListQuery:

@@ -6,7 +6,8 @@
 - the overlay: `overlay.blend` over the re-decoded model input (`render.model_input_image`),
   with the outline of `maps.mass_threshold_mask` drawn as `vit-attn show --mask` does;
 - the head grid: `overlay.head_grid`;
-- a sheet of grid thumbnails for a page of images (one request per page).
+- grid thumbnails: the stored overlays reduced by an integer factor, sent as raw RGB bytes
+  (nothing to encode or decode: a page of 60 is ~2 MB over the loopback).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from ..maps import mass_threshold_mask
 from ..overlay import blend, colormap_lut, head_grid, normalize_maps
 from ..render import _draw_outline, model_input_image
 from ..store import STATUS_FAILED, STATUS_OK
-from .data import Selection, StoreData, thumb_size
+from .data import Selection, StoreData, thumb_factor, thumb_size
 
 FAILED_RGB = (120, 30, 30)
 PENDING_RGB = (70, 70, 70)
 GRID_BORDER = 2  # overlay.head_grid's default border, in pixels
+GRID_TILE = 160  # largest tile side of the head grid, in pixels
+THUMB_CACHE = 2000  # thumbnails kept in memory (~40 KB each at 112 px)
 
 
 def encode_png(array_u8: np.ndarray) -> bytes:
@@ -62,22 +65,32 @@ class Pictures:
             self.cmap = "inferno"
         self._lock = threading.Lock()
         self._inputs: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._thumbs: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._decoding: dict[int, threading.Lock] = {}
 
     def model_input(self, image: int) -> np.ndarray:
-        """The image the model saw (re-decoded from the source; grey if the file is gone)."""
+        """The image the model saw (re-decoded from the source; grey if the file is gone).
+
+        Decoded once per image even when the image and overlay requests arrive together.
+        """
         with self._lock:
             if image in self._inputs:
                 self._inputs.move_to_end(image)
                 return self._inputs[image]
-        try:
-            value = model_input_image(self.data.group, image)
-        except (KeyError, TypeError, ValueError):  # no preprocessing recorded: a neutral canvas
-            h, w = self.data.meta()["input_size"] or list(self.data.grid)
-            value = np.full((int(h), int(w), 3), 128, np.uint8)
-        with self._lock:
-            self._inputs[image] = value
-            while len(self._inputs) > 16:
-                self._inputs.popitem(last=False)
+            lock = self._decoding.setdefault(image, threading.Lock())
+        with lock:
+            with self._lock:
+                if image in self._inputs:
+                    return self._inputs[image]
+            try:
+                value = model_input_image(self.data.group, image)
+            except (KeyError, TypeError, ValueError):  # no preprocessing recorded: neutral grey
+                value = np.full((*self._input_hw(), 3), 128, np.uint8)
+            with self._lock:
+                self._inputs[image] = value
+                self._decoding.pop(image, None)
+                while len(self._inputs) > 16:
+                    self._inputs.popitem(last=False)
         return value
 
     def map_png(self, image: int, sel: Selection) -> bytes:
@@ -95,9 +108,15 @@ class Pictures:
         return encode_png(self.model_input(image))
 
     def grid_png(self, image: int, sel: Selection) -> bytes:
+        """Every head's overlay and the mean's, tiled by `overlay.head_grid` at tile size
+        <= GRID_TILE (inputs larger than that are reduced by an integer factor first)."""
         maps = self.data.head_maps(image, sel)
+        base = self.model_input(image)
+        factor = thumb_factor(base.shape[:2], GRID_TILE)
+        if factor > 1:
+            base = np.asarray(Image.fromarray(base).reduce(factor))
         out = head_grid(
-            self.model_input(image),
+            base,
             maps,
             alpha=self.alpha,
             cmap=self.cmap,
@@ -106,42 +125,54 @@ class Pictures:
         )
         return encode_png(out)
 
-    def sheet_png(self, ids: np.ndarray, box: int) -> bytes:
-        """Thumbnails of `ids` side by side in one row, each (h, w) = `data.thumb_size`.
+    def thumbnails(self, ids: np.ndarray, box: int) -> tuple[tuple[int, int], bytes]:
+        """Thumbnails of `ids` as raw uint8 RGB [n, th, tw, 3] and their (th, tw).
 
-        Stored overlays when the store has them; otherwise the re-decoded input blended with
-        the first map source's head mean at the last layer. Failed images are a dark red
-        tile, pending ones grey.
+        Stored overlays when the store has them, reduced by `thumb_factor` (a box filter);
+        otherwise the re-decoded input blended with the first map source's head mean at the
+        last layer. Failed images are a dark red tile, pending ones grey. Kept in memory
+        (LRU), so paging back and forth reads nothing twice.
         """
-        meta = self.data.meta()
-        h, w = meta["input_size"] or [self.data.grid[0] or 1, self.data.grid[1] or 1]
-        th, tw = thumb_size((int(h), int(w)), box)
-        sheet = np.zeros((th, tw * max(len(ids), 1), 3), np.uint8)
-        if len(ids) == 0:
-            return encode_png(sheet)
-        status = np.asarray([self.data.image_status(int(i)) for i in ids])
-        ok = np.flatnonzero(status == STATUS_OK)
-        pictures: dict[int, np.ndarray] = {}
-        if ok.size and meta["overlays"]:
-            stored = self.data.overlays(np.asarray(ids)[ok])
-            pictures = {int(k): stored[n] for n, k in enumerate(ok)}
-        elif ok.size and self.data.sources:
-            sel = Selection(self.data.sources[0].name, -1, "mean")
-            for k in ok.tolist():
-                base = self.model_input(int(ids[k]))
-                pictures[k] = blend(
-                    base[None],
-                    self.data.chosen_map(int(ids[k]), sel)[None],
-                    self.alpha,
-                    self.cmap,
-                )[0]
-        for k in range(len(ids)):
-            tile = sheet[:, k * tw : (k + 1) * tw]
-            if k in pictures:
-                pic = pictures[k]
-                if pic.shape[:2] != (th, tw):
-                    pic = np.asarray(Image.fromarray(pic).resize((tw, th), Image.Resampling.BOX))
-                tile[:] = pic
-            else:
-                tile[:] = FAILED_RGB if status[k] == STATUS_FAILED else PENDING_RGB
-        return encode_png(sheet)
+        input_hw = self._input_hw()
+        factor = thumb_factor(input_hw, box)
+        th, tw = thumb_size(input_hw, box)
+        out = np.zeros((len(ids), th, tw, 3), np.uint8)
+        todo = []
+        with self._lock:
+            for k, i in enumerate(ids.tolist()):
+                hit = self._thumbs.get((i, box))
+                if hit is None:
+                    todo.append(k)
+                else:
+                    out[k] = hit
+        if todo:
+            wanted = ids[todo]
+            status = self.data.statuses(wanted)
+            ok = np.flatnonzero(status == STATUS_OK)
+            pictures: dict[int, np.ndarray] = {}
+            if ok.size and self.data.meta()["overlays"]:
+                stored = self.data.overlays(wanted[ok])
+                pictures = {int(k): stored[n] for n, k in enumerate(ok)}
+            elif ok.size and self.data.sources:
+                sel = Selection(self.data.sources[0].name, -1, "mean")
+                for k in ok.tolist():
+                    base = self.model_input(int(wanted[k]))
+                    chosen = self.data.chosen_map(int(wanted[k]), sel)
+                    pictures[k] = blend(base[None], chosen[None], self.alpha, self.cmap)[0]
+            for n, k in enumerate(todo):
+                if n in pictures:
+                    pic = Image.fromarray(pictures[n])
+                    out[k] = np.asarray(pic.reduce(factor) if factor > 1 else pic)
+                else:
+                    out[k] = FAILED_RGB if status[n] == STATUS_FAILED else PENDING_RGB
+            with self._lock:
+                for n, k in enumerate(todo):
+                    if status[n] == STATUS_OK:  # pending images may be done by the next look
+                        self._thumbs[(int(ids[k]), box)] = out[k]
+                while len(self._thumbs) > THUMB_CACHE:
+                    self._thumbs.popitem(last=False)
+        return (th, tw), out.tobytes()
+
+    def _input_hw(self) -> tuple[int, int]:
+        size = self.data.meta()["input_size"] or list(self.data.grid)
+        return int(size[0]), int(size[1])

@@ -46,7 +46,7 @@ CSP = (
 )
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _ROUTE_PLAIN = re.compile(r"^/api/(meta|counts|list|summary)$")
-_ROUTE_IMAGE = re.compile(r"^/api/(info|neighbours)/(\d{1,12})$")
+_ROUTE_IMAGE = re.compile(r"^/api/(info|neighbours|imagestats)/(\d{1,12})$")
 _ROUTE_PICTURE = re.compile(r"^/api/(input|map|overlay|grid)/(\d{1,12})\.(png|json)$")
 _ROUTE_ASSET = re.compile(r"^/static/([A-Za-z0-9_-]{1,64}\.[a-z]{2,4})$")
 
@@ -72,6 +72,7 @@ class ViewServer(ThreadingHTTPServer):
 
     def __init__(self, data: StoreData, host: str, port: int) -> None:
         self.data = data
+        data.warm()
         self.pictures = Pictures(data)
         self.assets = load_assets()
         self._summary: dict[str, Any] | None = None
@@ -144,6 +145,7 @@ def _finite(v: float) -> float | None:
 
 class Handler(BaseHTTPRequestHandler):
     server: ViewServer
+    _extra_headers: dict[str, str]
     protocol_version = "HTTP/1.1"
     server_version = "vit-attn-view"
     sys_version = ""
@@ -173,6 +175,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy", CSP)
         self.send_header("Referrer-Policy", "no-referrer")
+        for key, value in getattr(self, "_extra_headers", {}).items():
+            self.send_header(key, value)
+        self._extra_headers = {}
         self.end_headers()
         if not head_only:
             try:
@@ -191,7 +196,7 @@ class Handler(BaseHTTPRequestHandler):
         path = parts.path  # never unquoted: no route needs it, and `%2e%2e` stays inert
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         if path == "/favicon.ico":
-            return 200, ASSET_TYPES[".svg"], self.server.assets["favicon.svg"], "no-cache"
+            return 200, ASSET_TYPES[".svg"], self.server.assets["favicon.svg"], "max-age=3600"
         if path in ("/", "/index.html"):
             return 200, ASSET_TYPES[".html"], self.server.assets["index.html"], "no-cache"
         m = _ROUTE_ASSET.match(path)
@@ -199,7 +204,8 @@ class Handler(BaseHTTPRequestHandler):
             name = m.group(1)
             if name not in self.server.assets:
                 raise ViewError("not found", 404)
-            return 200, ASSET_TYPES[Path(name).suffix], self.server.assets[name], "no-cache"
+            cache = "max-age=3600" if name == "favicon.svg" else "no-cache"
+            return 200, ASSET_TYPES[Path(name).suffix], self.server.assets[name], cache
         data, pictures = self.server.data, self.server.pictures
         m = _ROUTE_PLAIN.match(path)
         if m:
@@ -213,18 +219,31 @@ class Handler(BaseHTTPRequestHandler):
             query = parse_query(params)
             page = data.page(query, int_param(params, "offset", 0), int_param(params, "limit", 60))
             return 200, *_json_body(page), "no-cache"
-        if path == "/api/sheet.png":
-            ids = _ids(params.get("ids", ""), data.n_images)
+        if path == "/api/thumbs":
+            # A page of thumbnails by `ids`, or by the list's own query + offset/limit (so the
+            # page can ask for pictures and captions at the same time).
+            if "ids" in params:
+                ids = _ids(params["ids"], data.n_images)
+            else:
+                offset, limit = int_param(params, "offset", 0), int_param(params, "limit", 60)
+                ids = data.page_ids(parse_query(params), offset, limit)
             box = int_param(params, "box", THUMB_BOX)
             if not 16 <= box <= 512:
                 raise ViewError("box must be 16..512 pixels")
-            return 200, "image/png", pictures.sheet_png(ids, box), "no-cache"
+            (th, tw), body = pictures.thumbnails(ids, box)
+            self._extra_headers = {
+                "X-Thumbs": f"{ids.size},{th},{tw}",
+                "X-Ids": ",".join(map(str, ids.tolist())),
+            }
+            return 200, "application/octet-stream", body, "no-cache"
         m = _ROUTE_IMAGE.match(path)
         if m:
             image = int(m.group(2))
             data.check_image(image)
             if m.group(1) == "neighbours":
                 return 200, *_json_body(data.neighbours(parse_query(params), image)), "no-cache"
+            if m.group(1) == "imagestats":
+                return 200, *_json_body(data.image_stats(image)), "no-cache"
             return 200, *_json_body(data.info(image)), "no-cache"
         m = _ROUTE_PICTURE.match(path)
         if m:

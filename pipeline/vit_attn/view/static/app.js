@@ -7,13 +7,16 @@ const $ = (id) => document.getElementById(id);
 const FILTER_KEYS = ["status", "top1", "stat", "slayer", "shead", "min", "max", "sort", "order"];
 const MAP_KEYS = ["source", "layer", "head", "token", "mask"];
 const PAGE_SIZE = 60;
+const THUMB_PART = 15;  // thumbnails per request: a page is read by several server threads
 const THUMB_BOX = 128;
 const HEAD_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
   "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
   "#c5b0d5", "#c49c94"];
 
 let META = null;
+let META_P = null;  // the /api/meta request, started first thing
 let COUNTS = null;
+let COUNTS_P = null;
 let renderSeq = 0;  // a newer navigation makes older async work drop its result
 
 // ------------------------------------------------------------------ helpers
@@ -86,6 +89,14 @@ function defaultLayer() {
   return String(META.layers.length - 1);
 }
 
+// A layer index as the selects show it: 0..L-1 (the server also takes -1 for the last).
+function layerIndex(value) {
+  const L = META.layers.length;
+  const v = parseInt(value ?? "", 10);
+  if (Number.isNaN(v) || v < -L || v >= L) return defaultLayer();
+  return String(((v % L) + L) % L);
+}
+
 function statUnit(name) {
   const s = META.stats.find((x) => x.name === name);
   return s ? s.unit : "";
@@ -131,7 +142,7 @@ function fillFilterForm(params) {
   setOptions($("f-top1"), [["", "any"], ...classes], params.get("top1") ?? "");
   $("f-stat-group").hidden = META.stats.length === 0;
   setOptions($("f-stat"), [["", "none"], ...META.stats.map((s) => [s.name, `${s.name} [${s.unit}]`])], params.get("stat") || "");
-  setOptions($("f-slayer"), layerOptions(), params.get("slayer") ?? defaultLayer());
+  setOptions($("f-slayer"), layerOptions(), layerIndex(params.get("slayer")));
   setOptions($("f-shead"), headOptions(), params.get("shead") || "mean");
   $("f-min").value = params.get("min") || "";
   $("f-max").value = params.get("max") || "";
@@ -143,20 +154,34 @@ function fillFilterForm(params) {
 }
 
 async function renderGrid(params, seq) {
-  show("grid-view");
-  fillFilterForm(params);
   const page = Math.max(0, parseInt(params.get("page") || "0", 10) || 0);
   const query = pick(params, FILTER_KEYS);
-  query.set("offset", String(page * PAGE_SIZE));
-  query.set("limit", String(PAGE_SIZE));
-  let list;
+  // Captions and pictures are asked for at once; the pictures in parts the server reads in
+  // parallel. Nothing here waits for the store's metadata first.
+  const listQuery = new URLSearchParams(query);
+  listQuery.set("offset", String(page * PAGE_SIZE));
+  listQuery.set("limit", String(PAGE_SIZE));
+  const listP = getJSON("/api/list?" + listQuery);
+  const parts = [];
+  for (let k = 0; k < PAGE_SIZE; k += THUMB_PART) {
+    const q = new URLSearchParams(query);
+    q.set("offset", String(page * PAGE_SIZE + k));
+    q.set("limit", String(THUMB_PART));
+    q.set("box", String(THUMB_BOX));
+    parts.push(fetchThumbs("/api/thumbs?" + q));
+  }
+  await ensureMeta();
+  if (seq !== renderSeq) return;
+  show("grid-view");
+  fillFilterForm(params);
+  let list, thumbs;
   try {
-    list = await getJSON("/api/list?" + query);
+    [list, ...thumbs] = await Promise.all([listP, ...parts]);
   } catch (e) {
     if (seq !== renderSeq) return;
     $("tiles").replaceChildren(el("p", { class: "error", text: e.message }));
     $("page-info").textContent = "";
-    document.body.dataset.state = "ready";
+    markReady("grid-painted");
     return;
   }
   if (seq !== renderSeq) return;
@@ -168,34 +193,43 @@ async function renderGrid(params, seq) {
   $("page-next").disabled = page + 1 >= pages;
   $("page-prev").onclick = () => gotoGrid(params, page - 1);
   $("page-next").onclick = () => gotoGrid(params, page + 1);
-  const [th, tw] = thumbSize();
-  const tiles = list.items.map((item) => gridTile(item, params, tw, th));
+  const byId = new Map();
+  for (const t of thumbs) t.ids.forEach((i, k) => byId.set(i, [t, k]));
+  const tiles = list.items.map((item) => gridTile(item, params, byId.get(item.i)));
   $("tiles").replaceChildren(...tiles);
-  if (list.items.length) {
-    const sheet = new Image();
-    await loadImage(sheet, `/api/sheet.png?box=${THUMB_BOX}&ids=${list.items.map((x) => x.i).join(",")}`);
-    if (seq !== renderSeq) return;
-    list.items.forEach((item, k) => {
-      const canvas = tiles[k].querySelector("canvas");
-      canvas.getContext("2d").drawImage(sheet, k * tw, 0, tw, th, 0, 0, tw, th);
-    });
-  }
   markReady("grid-painted");
 }
 
-function thumbSize() {
-  const [h, w] = META.input_size || META.grid;
-  const s = Math.min(1, THUMB_BOX / Math.max(h, w));
-  return [Math.max(1, Math.floor(h * s + 0.5)), Math.max(1, Math.floor(w * s + 0.5))];
+async function fetchThumbs(url) {
+  const r = await fetch(url);
+  if (!r.ok) throw new Error((await r.json()).error || r.statusText);
+  const [n, th, tw] = r.headers.get("X-Thumbs").split(",").map(Number);
+  const idsText = r.headers.get("X-Ids");
+  const ids = idsText ? idsText.split(",").map(Number) : [];
+  return { n, th, tw, ids, bytes: new Uint8Array(await r.arrayBuffer()) };
 }
 
-function gridTile(item, params, tw, th) {
+function paintThumb(canvas, thumbs, k) {
+  const { th, tw, bytes } = thumbs;
+  const image = new ImageData(tw, th);
+  const d = image.data;
+  let src = k * th * tw * 3;
+  for (let p = 0; p < th * tw * 4; p += 4) {
+    d[p] = bytes[src]; d[p + 1] = bytes[src + 1]; d[p + 2] = bytes[src + 2]; d[p + 3] = 255;
+    src += 3;
+  }
+  canvas.getContext("2d").putImageData(image, 0, 0);
+}
+
+function gridTile(item, params, thumb) {
   const link = pick(params, FILTER_KEYS);
   const href = `#/image/${item.i}?${link}`;
-  const canvas = el("canvas", { width: String(tw), height: String(th), class: "pixelated" });
-  const zoom = THUMB_BOX / Math.max(tw, th);
-  canvas.style.width = `${Math.round(tw * zoom)}px`;
-  canvas.style.height = `${Math.round(th * zoom)}px`;
+  const [thumbs, k] = thumb || [{ th: 1, tw: 1 }, -1];
+  const canvas = el("canvas", { width: String(thumbs.tw), height: String(thumbs.th), class: "pixelated" });
+  const zoom = THUMB_BOX / Math.max(thumbs.tw, thumbs.th);
+  canvas.style.width = `${Math.round(thumbs.tw * zoom)}px`;
+  canvas.style.height = `${Math.round(thumbs.th * zoom)}px`;
+  if (k >= 0) paintThumb(canvas, thumbs, k);
   const label = [`#${item.i}`];
   if (item.top1 !== undefined) label.push(`class ${item.top1}` + (item.prob !== undefined ? ` ${(100 * item.prob).toFixed(0)}%` : ""));
   if (item.value !== undefined) label.push(`${fmt(item.value)}`);
@@ -220,7 +254,7 @@ function mapSelection(params) {
   let source = params.get("source") || sources[0] || (META.full_attention ? "row" : "");
   const sel = {
     source,
-    layer: params.get("layer") ?? defaultLayer(),
+    layer: layerIndex(params.get("layer")),
     head: params.get("head") || "mean",
     token: params.get("token") || "0",
     mask: params.get("mask") || "",
@@ -285,10 +319,19 @@ async function renderImage(i, params, seq) {
   fillMapControls(sel);
   const filter = pick(params, FILTER_KEYS);
   $("back").href = "#/grid?" + filter;
-  const [info, nb] = await Promise.all([
-    getJSON(`/api/info/${i}`),
-    getJSON(`/api/neighbours/${i}?${filter}`),
-  ]).catch((e) => [{ error: e.message }, null]);
+  // Everything the view shows is asked for at once; a failed image's pictures answer 404.
+  const q = selQuery(sel, true);
+  const qNoMask = selQuery(sel, false);
+  const infoP = getJSON(`/api/info/${i}`).catch((e) => ({ error: e.message }));
+  const nbP = getJSON(`/api/neighbours/${i}?${filter}`).catch(() => null);
+  const inputLoad = loadImage($("p-input"), `/api/input/${i}.png`);
+  const pictures = Promise.all([
+    loadImage($("p-overlay"), `/api/overlay/${i}.png?${q}`),
+    loadImage($("p-map"), `/api/map/${i}.png?${qNoMask}`),
+    getJSON(`/api/map/${i}.json?${q}`),
+  ]);
+  pictures.catch(() => {});
+  const [info, nb] = await Promise.all([infoP, nbP]);
   if (seq !== renderSeq) return;
   const title = info.error ? info.error : `#${info.i} ${info.path} · ${info.status}` +
     (info.topk ? ` · top-${info.topk.length}: ` + info.topk.map((c, k) => `${c} (${(100 * info.topk_prob[k]).toFixed(1)}%)`).join(", ") : "");
@@ -300,11 +343,11 @@ async function renderImage(i, params, seq) {
     $("img-prev").onclick = () => { location.hash = imageHash(nb.prev, params); };
     $("img-next").onclick = () => { location.hash = imageHash(nb.next, params); };
   }
-  const inputLoad = loadImage($("p-input"), `/api/input/${i}.png`);
   const err = $("img-error");
   if (info.status !== "ok") {
     err.hidden = false;
-    err.textContent = info.status === "failed" ? `This image failed: ${info.error}` : "This image has no attention yet (not processed).";
+    err.textContent = info.status === "failed" ? `This image failed: ${info.error}` :
+      info.status === "pending" ? "This image has no attention yet (not processed)." : title;
     for (const id of ["p-overlay", "p-map", "p-grid"]) $(id).removeAttribute("src");
     $("img-stats").replaceChildren();
     $("map-readout").textContent = "";
@@ -313,18 +356,9 @@ async function renderImage(i, params, seq) {
     return;
   }
   err.hidden = true;
-  const q = selQuery(sel, true);
-  const qNoMask = selQuery(sel, false);
-  const mapJson = getJSON(`/api/map/${i}.json?${q}`);
-  const loads = [
-    inputLoad,
-    loadImage($("p-overlay"), `/api/overlay/${i}.png?${q}`),
-    loadImage($("p-map"), `/api/map/${i}.png?${qNoMask}`),
-    mapJson,
-  ];
   let values;
   try {
-    [, , , values] = await Promise.all(loads);
+    [, [, , values]] = await Promise.all([inputLoad, pictures]);
   } catch (e) {
     if (seq !== renderSeq) return;
     err.hidden = false;
@@ -341,7 +375,7 @@ async function renderImage(i, params, seq) {
   // Below the fold: the head grid and the statistics table come after the view is ready.
   loadImage($("p-grid"), `/api/grid/${i}.png?${qNoMask}`).catch(() => {});
   $("p-grid").onclick = (ev) => pickHeadFromGrid(ev, i, params);
-  fillImageStats(info, sel);
+  getJSON(`/api/imagestats/${i}`).then((st) => { if (seq === renderSeq) fillImageStats(st, sel); }).catch(() => {});
 }
 
 function showMapFacts(values, sel) {
@@ -556,15 +590,11 @@ async function showExtremes(stat, li, head, seq) {
     const q = new URLSearchParams({ status: "ok", stat, slayer: String(li), shead: String(head), sort: "stat", order });
     const list = await getJSON(`/api/list?${q}&offset=0&limit=8`);
     if (seq !== renderSeq) return;
-    const [th, tw] = thumbSize();
-    const tiles = list.items.map((item) => gridTile(item, q, tw, th));
-    const row = el("div", { class: "tiles-row" }, ...tiles);
-    box.append(el("h3", { text: order === "desc" ? "highest" : "lowest" }), row);
-    if (list.items.length) {
-      const sheet = new Image();
-      await loadImage(sheet, `/api/sheet.png?box=${THUMB_BOX}&ids=${list.items.map((x) => x.i).join(",")}`);
-      list.items.forEach((_, k) => tiles[k].querySelector("canvas").getContext("2d").drawImage(sheet, k * tw, 0, tw, th, 0, 0, tw, th));
-    }
+    let thumbs = null;
+    if (list.items.length) thumbs = await fetchThumbs(`/api/thumbs?box=${THUMB_BOX}&ids=${list.items.map((x) => x.i).join(",")}`);
+    if (seq !== renderSeq) return;
+    const tiles = list.items.map((item, k) => gridTile(item, q, [thumbs, k]));
+    box.append(el("h3", { text: order === "desc" ? "highest" : "lowest" }), el("div", { class: "tiles-row" }, ...tiles));
   }
 }
 
@@ -574,15 +604,26 @@ function markReady(name) {
   performance.mark(name);
   document.body.dataset.state = "ready";
   document.body.dataset.view = name;
+  document.body.dataset.shown = location.hash;
+}
+
+async function ensureMeta() {
+  if (!META) {
+    META = await META_P;
+    $("store-name").textContent = `${META.store} · ${META.model || "model ?"} · ${META.n_images} images · grid ${META.grid.join("×")}`;
+  }
+  return META;
 }
 
 async function route() {
   const seq = ++renderSeq;
   document.body.dataset.state = "loading";
   const { parts, params } = parseHash();
-  if (parts[0] === "image" && /^\d+$/.test(parts[1] || "")) return renderImage(parseInt(parts[1], 10), params, seq);
-  if (parts[0] === "stats") return renderStats(params, seq);
-  return renderGrid(params, seq);
+  const image = parts[0] === "image" && /^\d+$/.test(parts[1] || "");
+  if (!image && parts[0] !== "stats") return renderGrid(params, seq);
+  await ensureMeta();
+  if (image) return renderImage(parseInt(parts[1], 10), params, seq);
+  return renderStats(params, seq);
 }
 
 function wireForms() {
@@ -616,16 +657,22 @@ function wireForms() {
 }
 
 async function start() {
+  META_P = getJSON("/api/meta");
   wireForms();
-  META = await getJSON("/api/meta");
-  $("store-name").textContent = `${META.store} · ${META.model || "model ?"} · ${META.n_images} images · grid ${META.grid.join("×")}`;
   window.addEventListener("hashchange", route);
   await route();
-  // Counts need whole-store columns: fetched after the first paint, then shown in the filters.
-  getJSON("/api/counts").then((c) => {
-    COUNTS = c;
-    if (!$("grid-view").hidden) fillFilterForm(parseHash().params);
-  }).catch(() => {});
+  // Counts read whole-store columns (one chunk per batch of the run): asked for when the
+  // filters are first touched or after a quiet moment, never in the way of the first paint.
+  const loadCounts = () => {
+    if (COUNTS_P) return;
+    COUNTS_P = getJSON("/api/counts").then((c) => {
+      COUNTS = c;
+      if (!$("grid-view").hidden) fillFilterForm(parseHash().params);
+    }).catch(() => {});
+  };
+  $("filters").addEventListener("focusin", loadCounts);
+  $("filters").addEventListener("pointerenter", loadCounts);
+  setTimeout(loadCounts, 1500);
 }
 
 start().catch((e) => {
