@@ -6,6 +6,7 @@ plan is cheap to test and the executors stay thin.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,12 +16,14 @@ from typing import Any
 
 from . import __version__
 from .config import Config
+from .datasource import open_source
 from .decode import preprocess_for_model
 from .errors import StoreError
 from .export import OutputSpec, export_onnx, weights_digest
 from .model import LoadedModel, ModelSource, describe, load_model
+from .remote import location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
-from .sources import ImageList, list_images
+from .sources import ImageList
 from .stats import STAT_NAMES, STAT_UNITS
 from .store import (
     FORMAT_VERSION,
@@ -135,6 +138,8 @@ def fingerprint_inputs(
             "batch_size": cfg.inference.batch_size,
         },
         "images": {"count": len(images.paths), "sha256": listing},
+        # Only for shards and Parquet, so the fingerprints of folder stores stay valid.
+        **({"source": images.identity} if images.identity else {}),
     }
 
 
@@ -159,19 +164,25 @@ def versions() -> dict[str, str]:
 
 def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     """List images, load and export the model, create or reopen the store, list pending batches."""
-    images = list_images(cfg.data.source)
+    data = cfg.data
+    images = open_source(
+        data.source, data.storage_options, data.image_column, data.id_column, data.label_key
+    )
     loaded = load_model(model_source(cfg))
     outputs = output_spec(cfg, loaded)
     prep = preprocess_for_model(loaded.model, loaded.layout.input_size)
     spec = store_spec(cfg, loaded, outputs, len(images.paths))
+    if data.label_key is not None:
+        spec = dataclasses.replace(spec, labels=True)
     inputs = fingerprint_inputs(cfg, loaded, outputs, prep.to_dict(), images)
     fingerprint = digest(inputs)
-    store_path = Path(cfg.output.store)
+    store_path = location(cfg.output.store)
+    store_options = dict(cfg.output.storage_options)
     overwrite = overwrite or cfg.output.overwrite
 
-    resumed = is_store(store_path) and not overwrite
+    resumed = is_store(store_path, store_options) and not overwrite
     if resumed:
-        _check_same_run(store_path, fingerprint, inputs)
+        _check_same_run(store_path, fingerprint, inputs, store_options)
     onnx_path = None
     if cfg.inference.backend == "onnxruntime":
         # Exported before the store is touched: a failed export leaves nothing half-made.
@@ -179,11 +190,11 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
             export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir)
         )
     if resumed:
-        group = open_store_for_resume(store_path, fingerprint)
+        group = open_store_for_resume(store_path, fingerprint, storage_options=store_options)
     else:
         attrs = {
             "model": describe(loaded),
-            "config": cfg.to_dict(),
+            "config": _redacted(cfg.to_dict()),
             "fingerprint": fingerprint,
             "fingerprint_inputs": inputs,
             "preprocess": prep.to_dict(),
@@ -192,7 +203,14 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
             **({"stat_units": dict(STAT_UNITS)} if outputs.stats else {}),
             "versions": versions(),
         }
-        group = create_store(store_path, spec, images.paths, attrs, overwrite=overwrite)
+        group = create_store(
+            store_path,
+            spec,
+            images.paths,
+            attrs,
+            overwrite=overwrite,
+            storage_options=store_options,
+        )
     pending = pending_batches(group, spec)
     plan = RunPlan(
         store_path=str(store_path),
@@ -215,18 +233,33 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         png_dir=str(cfg.output.png_dir) if cfg.output.png_dir else None,
         png_heads=cfg.output.png_heads,
         decode_threads=cfg.data.decode_threads,
+        reader=images.reader,
+        store_options=store_options,
     )
     tasks = []
     for b in pending:
         start, stop = spec.batch_bounds(b)
-        tasks.append(BatchTask(b, images.paths[start:stop]))
+        locators = images.locators[start:stop] if images.locators is not None else None
+        tasks.append(BatchTask(b, images.paths[start:stop], locators))
     return PreparedRun(plan=plan, tasks=tasks, images=images, loaded=loaded, resumed=resumed)
 
 
-def _check_same_run(path: Path, fingerprint: str, inputs: dict[str, Any]) -> None:
+def _redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as stored in the store's attributes: no secrets of storage options."""
+    for section in ("data", "output"):
+        options = config.get(section, {}).get("storage_options")
+        if options:
+            config[section]["storage_options"] = redact(options)
+    return config
+
+
+def _check_same_run(
+    path: Path | str, fingerprint: str, inputs: dict[str, Any], storage_options: Any = None
+) -> None:
     import zarr
 
-    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    group = zarr.open_group(zarr_store(path, storage_options, read_only=True), mode="r")
+    attrs = dict(group.attrs)
     if attrs.get("fingerprint") == fingerprint:
         return
     changes = config_differences(attrs.get("fingerprint_inputs", {}), inputs)
