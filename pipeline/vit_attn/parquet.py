@@ -127,10 +127,10 @@ def _scan(
                 for r in range(meta.row_group(rg).num_rows)
             ]
             return _File(rows, ids)
-    except FileNotFoundError:
-        return _File([], problem=f"file not found: {url}")
     except DataSourceError:
         raise
+    except FileNotFoundError:
+        return _File([], problem=f"file not found: {url}")
     except Exception as e:
         if is_fatal(e) or not isinstance(e, OSError | pa.ArrowException | ValueError):
             raise DataSourceError(access_error(url, e, "cannot read Parquet file")) from None

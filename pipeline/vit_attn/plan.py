@@ -21,7 +21,7 @@ from .decode import preprocess_for_model
 from .errors import StoreError
 from .export import OutputSpec, export_onnx, weights_digest
 from .model import LoadedModel, ModelSource, describe, load_model
-from .remote import location, redact, zarr_store
+from .remote import is_url, location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
 from .sources import ImageList
 from .stats import STAT_NAMES, STAT_UNITS
@@ -165,6 +165,10 @@ def versions() -> dict[str, str]:
 def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     """List images, load and export the model, create or reopen the store, list pending batches."""
     data = cfg.data
+    if is_url(cfg.output.store):  # fail fast on an unreachable store, before any work
+        from .store_remote import probe_store
+
+        probe_store(str(cfg.output.store), cfg.output.storage_options)
     images = open_source(
         data.source, data.storage_options, data.image_column, data.id_column, data.label_key
     )

@@ -39,7 +39,7 @@ def is_url(text: str | os.PathLike[str]) -> bool:
 
 def location(text: str | os.PathLike[str]) -> str | Path:
     """A URL stays a string (``Path`` would fold its ``//``); anything else becomes a Path."""
-    return text if is_url(text) else Path(text)
+    return text if isinstance(text, str) and is_url(text) else Path(text)
 
 
 def join(base: str, rel: str) -> str:

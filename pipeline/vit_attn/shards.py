@@ -86,7 +86,12 @@ def list_shards(
             paths.append(f"{rel}/{name}")
             locators.append(loc)
         if shard.problem is not None:
-            kind = "missing" if shard.problem.startswith("shard not found") else "truncated"
+            kind = next(
+                k
+                for prefix, k in (("shard not found", "missing"), ("shard truncated", "truncated"))
+                + (("", "unreadable"),)
+                if shard.problem.startswith(prefix)
+            )
             paths.append(f"{rel}/<{kind}>")
             locators.append((i, shard.problem))
     if all(s.problem and s.problem.startswith("shard not found") for s in shards):
@@ -109,10 +114,10 @@ def _scan(fs: Any, path: str, url: str, index: int, label_key: str | None) -> _S
         size = fs.size(path)
         with fs.open(path, "rb", block_size=_LIST_BLOCK, cache_type="readahead") as f:
             return _members(f, size, url, index, label_key)
-    except FileNotFoundError:
-        return _Shard([], f"shard not found: {url}")
     except DataSourceError:
         raise
+    except FileNotFoundError:
+        return _Shard([], f"shard not found: {url}")
     except Exception as e:
         if is_fatal(e) or not isinstance(e, OSError | tarfile.TarError | EOFError):
             raise DataSourceError(access_error(url, e, "cannot read shard")) from None

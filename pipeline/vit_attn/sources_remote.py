@@ -49,6 +49,7 @@ def list_remote(source: str, storage_options: Mapping[str, Any] | None = None) -
     """A folder (recursive), glob or ``.txt``/``.csv`` list file behind a URL, ordered like
     a local one: folders and globs by relative path, list files as written."""
     fs, path = url_fs(source, storage_options)
+    fs.invalidate_cache()  # a listing sees the storage as it is now, not as this process saw it
     protocol = source.split("://", 1)[0]
     try:
         if any(c in path for c in _GLOB_CHARS):
@@ -65,10 +66,10 @@ def list_remote(source: str, storage_options: Mapping[str, Any] | None = None) -
         raise DataSourceError(
             f"{source}: not a folder, glob or list file; give a folder, a pattern, or a .txt/.csv list"
         )
-    except FileNotFoundError:
-        raise DataSourceError(f"{source}: no such folder or list file; check data.source") from None
     except DataSourceError:
         raise
+    except FileNotFoundError:
+        raise DataSourceError(f"{source}: no such folder or list file; check data.source") from None
     except Exception as e:  # botocore/aiohttp errors have no common base; name the URL
         raise _listing_error(source, e) from None
 
@@ -213,6 +214,7 @@ def expand_files(
         raise DataSourceError(f"{source}: cannot expand braces ({e}); check data.source") from None
     if is_url(source):
         fs, _ = url_fs(source, storage_options)
+        fs.invalidate_cache()
     else:
         fs, _ = url_fs("file:///", {})
         patterns = [os.path.abspath(os.path.expanduser(p)) for p in patterns]

@@ -405,7 +405,7 @@ def open_store_for_resume(
     meta = _read_root_metadata(path, storage_options)
     attrs = (meta or {}).get("attributes", {})
     if meta is None or attrs.get("format") != FORMAT:
-        gone = meta is None if isinstance(path, str) else not path.exists()
+        gone = meta is None if isinstance(path, str) else not Path(path).exists()
         what = "does not exist" if gone else f"is not a {FORMAT}"
         raise StoreError(f"cannot resume {path}: it {what}")
     if attrs.get("format_version") != FORMAT_VERSION:

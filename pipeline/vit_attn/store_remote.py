@@ -79,3 +79,21 @@ def create_remote(
     except Exception as e:
         raise StoreError(access_error(url, e, "cannot write the store")) from None
     return zarr.open_group(zarr_store(url, storage_options), mode="r+")
+
+
+def probe_store(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Fail fast, before any model is loaded: the storage answers and the bucket exists.
+
+    Raises:
+        StoreError: unreachable endpoint, missing credentials, no such bucket (one line).
+    """
+    if read_root_text(url, storage_options) is not None:
+        return
+    fs, path = url_fs(url, storage_options)
+    bucket = path.strip("/").split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise StoreError(f"{url}: bucket {bucket!r} does not exist; create it first") from None
+    except Exception as e:
+        raise StoreError(access_error(url, e, "cannot reach the store's bucket")) from None
