@@ -321,7 +321,11 @@ def test_a_source_that_changed_is_refused_on_resume(
         [str(VIT_ATTN), "run", str(path)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2
-    assert re.fullmatch(r"vit-attn: error: .*images\.count: 14 -> 15.*\n", proc.stderr), proc.stderr
+    assert re.fullmatch(
+        r"vit-attn: error: s3://runs/stores/changing\.zarr holds a different run \(the source "
+        r"changed: 1 image added \(new\.png\), 0 removed\).*\n",
+        proc.stderr,
+    ), proc.stderr
 
 
 @pytest.mark.parametrize("trouble", ["unreachable-endpoint", "no-credentials"])

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from vit_attn.datasource import open_source, source_kind
+from vit_attn.datasource import listing_changes, open_source, source_kind
 from vit_attn.decode import Preprocess, load_batch, load_image
 from vit_attn.errors import ConfigError, DataSourceError, ImageDecodeError
 from vit_attn.sources import list_images
@@ -374,3 +374,15 @@ def test_https_list_file_names_images_beside_it_and_on_s3(bucket, folder, tmp_pa
     items = read_all(images).items
     assert bytes(items[0]) == (folder / "b/photo.jpg").read_bytes()
     assert bytes(items[1]) == (folder / folder_files(folder)[0]).read_bytes()
+
+
+def test_listing_changes_name_what_came_and_went():
+    assert listing_changes(["a", "b", "c"], ["a", "c", "d"]) == (
+        "the source changed: 1 image added (d), 1 removed (b)"
+    )
+    assert (
+        listing_changes(["a", "b"], ["b", "a"])
+        == "the source lists the same images in another order"
+    )
+    many = listing_changes([], [f"x{i}" for i in range(5)])
+    assert many == "the source changed: 5 images added (x0, x1, x2, ... 2 more), 0 removed"

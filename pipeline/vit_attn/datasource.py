@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError
 from .remote import is_url
 from .sources import ImageList, list_images
 
-__all__ = ["open_source", "source_kind"]
+__all__ = ["listing_changes", "open_source", "source_kind"]
 
 
 def source_kind(source: str) -> str:
@@ -72,3 +72,20 @@ def open_source(
 
         return list_remote(source, storage_options)
     return list_images(source)
+
+
+def listing_changes(old: Sequence[str], new: Sequence[str], show: int = 3) -> str:
+    """What changed between the images a store was made from and the source now, in words:
+    e.g. "the source changed: 2 images added (a.png, b.png), 1 removed (c.png)"."""
+    before, after = set(old), set(new)
+    added = [p for p in new if p not in before]
+    removed = [p for p in old if p not in after]
+
+    def some(paths: list[str]) -> str:
+        more = f", ... {len(paths) - show} more" if len(paths) > show else ""
+        return f" ({', '.join(paths[:show])}{more})" if paths else ""
+
+    if not added and not removed:
+        return "the source lists the same images in another order"
+    noun = "image" if len(added) == 1 else "images"
+    return f"the source changed: {len(added)} {noun} added{some(added)}, {len(removed)} removed{some(removed)}"

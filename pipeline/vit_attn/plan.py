@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config
-from .datasource import open_source
+from .datasource import listing_changes, open_source
 from .decode import preprocess_for_model
 from .errors import StoreError
 from .export import OutputSpec, export_onnx, weights_digest
@@ -186,7 +186,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
 
     resumed = is_store(store_path, store_options) and not overwrite
     if resumed:
-        _check_same_run(store_path, fingerprint, inputs, store_options)
+        _check_same_run(store_path, fingerprint, inputs, store_options, images.paths)
     onnx_path = None
     if cfg.inference.backend == "onnxruntime":
         # Exported before the store is touched: a failed export leaves nothing half-made.
@@ -258,7 +258,11 @@ def _redacted(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_same_run(
-    path: Path | str, fingerprint: str, inputs: dict[str, Any], storage_options: Any = None
+    path: Path | str,
+    fingerprint: str,
+    inputs: dict[str, Any],
+    storage_options: Any = None,
+    paths: tuple[str, ...] | None = None,
 ) -> None:
     import zarr
 
@@ -267,6 +271,10 @@ def _check_same_run(
     if attrs.get("fingerprint") == fingerprint:
         return
     changes = config_differences(attrs.get("fingerprint_inputs", {}), inputs)
+    if paths is not None and any(c.startswith("images.") for c in changes):
+        # Name the images that came or went rather than two listing digests.
+        listing = listing_changes(group["image_path"][:].tolist(), paths)
+        changes = [listing] + [c for c in changes if not c.startswith("images.")]
     what = "; ".join(changes) if changes else "fingerprint differs"
     raise StoreError(
         f"{path} holds a different run ({what}); use the config it was made with to resume, "
