@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError
+from .remote import is_url, location
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
 
@@ -48,11 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     ins = sub.add_parser("inspect", help="model, layers, progress, failures and arrays of a store")
-    ins.add_argument("store", type=Path)
+    ins.add_argument("store", type=location, help="a store folder, or a URL (s3://bucket/run.zarr)")
     ins.add_argument("--errors", type=int, default=20, help="failed images to list (default 20)")
 
     show = sub.add_parser("show", help="render one image's attention from a store to a PNG")
-    show.add_argument("store", type=Path)
+    show.add_argument("store", type=location)
     show.add_argument(
         "--image", required=True, help="index, or the image's path as listed in the store"
     )
@@ -83,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser(
         "stats", help="per-(layer, head) attention statistics over the dataset; optional plots"
     )
-    st.add_argument("store", type=Path)
+    st.add_argument("store", type=location)
     st.add_argument(
         "--plots",
         type=Path,
@@ -177,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     summary = execute(plan, tasks, cluster, progress=not args.no_progress)
-    consolidate(plan.store_path)
+    consolidate(plan.store_path, plan.store_options)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
     print(
         f"vit-attn: done: {summary.images_ok} ok, {summary.images_failed} failed, "
@@ -210,19 +211,26 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_readonly(path: Path) -> Any:
+def _open_readonly(path: Path | str) -> Any:
     import zarr
 
+    from .remote import zarr_store
     from .store import is_store
 
     if not is_store(path):
         raise PipelineError(
             f"{path} is not a vit-attention store (no such folder, or not made by vit-attn run)"
         )
-    return zarr.open_group(str(path), mode="r")
+    return zarr.open_group(zarr_store(path, read_only=True), mode="r")
 
 
-def _disk_size(path: Path) -> int:
+def _disk_size(path: Path | str, name: str = "") -> int:
+    if is_url(path):  # object storage: the sizes of the objects under the prefix
+        from .remote import join, url_fs
+
+        fs, inner = url_fs(join(str(path), name) if name else str(path))
+        return int(fs.du(inner, total=True))
+    path = Path(path) / name if name else Path(path)
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
@@ -272,7 +280,7 @@ def _inspect(args: argparse.Namespace) -> int:
         dims = arr.metadata.dimension_names or ()
         shape = " x ".join(f"{d}={s}" for d, s in zip(dims, arr.shape))
         print(
-            f"  {name:<14} {str(arr.dtype):<8} {shape:<60} {_human(_disk_size(args.store / name)):>10}"
+            f"  {name:<14} {str(arr.dtype):<8} {shape:<60} {_human(_disk_size(args.store, name)):>10}"
         )
     print(f"total      {_human(_disk_size(args.store))}")
     return EXIT_OK

@@ -46,6 +46,11 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     source: str
     decode_threads: int = Field(1, ge=1, le=64)
+    # fsspec options for a URL source (endpoint_url, anon, key, ...); see vit_attn.remote.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    image_column: str | None = None  # Parquet: the image bytes column (default "image")
+    id_column: str | None = None  # Parquet: the column image_path is taken from
+    label_key: str | None = None  # WebDataset member extension / Parquet column -> `label`
 
 
 class AttentionConfig(_Section):
@@ -72,7 +77,8 @@ class InferenceConfig(_Section):
 
 
 class OutputConfig(_Section):
-    store: Path
+    store: Path | str  # a URL (s3://bucket/run.zarr) stays a string: see _store_location
+    storage_options: dict[str, Any] = Field(default_factory=dict)
     overlays: Literal["none", "mean", "heads"] = "mean"
     overlay_alpha: float = Field(0.5, ge=0.0, le=1.0)
     colormap: str = "inferno"
@@ -80,6 +86,13 @@ class OutputConfig(_Section):
     png_heads: bool = False
     compression: Literal["default", "none", "zstd", "lz4"] = "default"
     overwrite: bool = False
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_location(cls, v: Any) -> Any:
+        from .remote import location
+
+        return location(v) if isinstance(v, str) else v
 
 
 class SlurmConfig(_Section):
@@ -200,8 +213,8 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
 def _resolve_paths(cfg: Config, base: Path) -> Config:
     """Relative paths in a config are relative to the config file, not to the shell's folder."""
 
-    def rel(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else base / p
+    def rel(p: Path | str | None) -> Path | None:
+        return None if p is None or isinstance(p, str) or p.is_absolute() else base / p
 
     updates = {
         "model": cfg.model.model_copy(
@@ -221,7 +234,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         ),
     }
     source = cfg.data.source
-    if not Path(source).is_absolute():
+    if "://" not in source and not Path(source).is_absolute():
         source = str(base / source)
     updates["data"] = cfg.data.model_copy(update={"source": source})
     return cfg.model_copy(update=updates)

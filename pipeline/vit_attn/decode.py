@@ -8,6 +8,7 @@ short reason, which the store records per image; it never stops a run.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import stat
@@ -240,8 +241,9 @@ _ORIENTATION_LAYOUT = {
 }
 
 
-def load_image(path: Path | str, prep: Preprocess, *, draft: bool = True) -> np.ndarray:
-    """Decode one file into the model-input image: uint8 [H, W, 3] RGB, resized and cropped.
+def load_image(path: Path | str | bytes, prep: Preprocess, *, draft: bool = True) -> np.ndarray:
+    """Decode one file (or its bytes, read from a shard, a Parquet row or object storage)
+    into the model-input image: uint8 [H, W, 3] RGB, resized and cropped.
 
     Not normalised: this is also the picture overlays are drawn on. EXIF orientation is
     applied; alpha is dropped (what timm's ``convert('RGB')`` does, not a composite);
@@ -253,8 +255,7 @@ def load_image(path: Path | str, prep: Preprocess, *, draft: bool = True) -> np.
         ImageDecodeError: with a short reason (missing, empty, not an image, truncated,
             too large for Pillow's decompression-bomb limit, unsupported mode).
     """
-    path = Path(path)
-    with _open(path) as img:
+    with _open(path if isinstance(path, bytes) else Path(path)) as img:
         size = img.size
         box = _draft(img, prep) if draft else (0, 0, *size)
         try:
@@ -274,20 +275,24 @@ def load_image(path: Path | str, prep: Preprocess, *, draft: bool = True) -> np.
     return np.asarray(_resize_crop(rgb, _plan(*size, prep), box, prep))
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path | bytes) -> Image.Image:
     """Open lazily (header only) and refuse what is not worth decoding."""
+    if isinstance(path, bytes):
+        if not path:
+            raise ImageDecodeError("empty file (0 bytes)")
+    else:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ImageDecodeError("file not found") from None
+        except OSError as e:
+            raise ImageDecodeError(f"cannot read file ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageDecodeError("not a regular file")
+        if st.st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
-    except OSError as e:
-        raise ImageDecodeError(f"cannot read file ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageDecodeError("not a regular file")
-    if st.st_size == 0:
-        raise ImageDecodeError("empty file (0 bytes)")
-    try:
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image, or a format Pillow cannot read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -372,9 +377,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_batch(
-    paths: Sequence[Path | str], prep: Preprocess, *, threads: int = 1, draft: bool = True
+    paths: Sequence[Path | str | bytes | ImageDecodeError],
+    prep: Preprocess,
+    *,
+    threads: int = 1,
+    draft: bool = True,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Decode a batch: uint8 [B, H, W, 3] and one error reason per image (None when ok).
+
+    An item is a file, the bytes of one, or the ImageDecodeError its reader already met
+    (a missing shard, a truncated member): that image fails with the error's reason.
 
     A failed image stays zeros, so the batch keeps its shape and order. Pillow releases the
     GIL while decoding and resampling, so ``threads > 1`` uses idle cores (one process
@@ -387,8 +399,12 @@ def load_batch(
     errors: list[str | None] = [None] * len(paths)
 
     def decode(i: int) -> None:
+        item = paths[i]
+        if isinstance(item, ImageDecodeError):
+            errors[i] = str(item)
+            return
         try:
-            batch[i] = load_image(paths[i], prep, draft=draft)
+            batch[i] = load_image(item, prep, draft=draft)
         except ImageDecodeError as e:
             errors[i] = str(e)
 

@@ -6,6 +6,7 @@ plan is cheap to test and the executors stay thin.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,18 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import ClusterConfig, Config
+from .datasource import listing_changes, open_source
 from .decode import Preprocess
 from .errors import StoreError
 from .executor import choose_executor
 from .graphcache import ModelFacts, model_source, package_version
 from .graphcache import resolve as resolve_model
+from .remote import is_url, location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
-from .sources import ImageList, list_images
+from .sources import ImageList
 from .specs import OutputSpec
 from .stats import STAT_NAMES, STAT_UNITS
 from .store import (
     FORMAT_VERSION,
     StoreSpec,
+    array,
     config_differences,
     create_store,
     is_store,
@@ -132,6 +136,8 @@ def fingerprint_inputs(
             "batch_size": cfg.inference.batch_size,
         },
         "images": {"count": len(images.paths), "sha256": listing},
+        # Only for shards and Parquet, so the fingerprints of folder stores stay valid.
+        **({"source": images.identity} if images.identity else {}),
     }
 
 
@@ -148,27 +154,37 @@ def versions() -> dict[str, str]:
 def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     """List images, learn the model (cached facts, or build and export it), create or reopen
     the store, list pending batches."""
-    images = list_images(cfg.data.source)
+    data = cfg.data
+    if is_url(cfg.output.store):  # fail fast on an unreachable store, before any work
+        from .store_remote import probe_store
+
+        probe_store(str(cfg.output.store), cfg.output.storage_options)
+    images = open_source(
+        data.source, data.storage_options, data.image_column, data.id_column, data.label_key
+    )
     # Exported before the store is touched: a failed export leaves nothing half-made.
     loaded = resolve_model(cfg)
     outputs = loaded.outputs
     prep = Preprocess.from_dict(loaded.preprocess)
     spec = store_spec(cfg, loaded, outputs, len(images.paths))
+    if data.label_key is not None:
+        spec = dataclasses.replace(spec, labels=True)
     inputs = fingerprint_inputs(cfg, loaded, outputs, prep.to_dict(), images)
     fingerprint = digest(inputs)
-    store_path = Path(cfg.output.store)
+    store_path = location(cfg.output.store)
+    store_options = dict(cfg.output.storage_options)
     overwrite = overwrite or cfg.output.overwrite
 
-    resumed = is_store(store_path) and not overwrite
+    resumed = is_store(store_path, store_options) and not overwrite
     if resumed:
-        _check_same_run(store_path, fingerprint, inputs)
+        _check_same_run(store_path, fingerprint, inputs, store_options, images.paths)
     onnx_path = loaded.onnx_path if cfg.inference.backend == "onnxruntime" else None
     if resumed:
-        group = open_store_for_resume(store_path, fingerprint)
+        group = open_store_for_resume(store_path, fingerprint, storage_options=store_options)
     else:
         attrs = {
             "model": loaded.description,
-            "config": cfg.to_dict(),
+            "config": _redacted(cfg.to_dict()),
             "fingerprint": fingerprint,
             "fingerprint_inputs": inputs,
             "preprocess": prep.to_dict(),
@@ -177,7 +193,14 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
             **({"stat_units": dict(STAT_UNITS)} if outputs.stats else {}),
             "versions": versions(),
         }
-        group = create_store(store_path, spec, images.paths, attrs, overwrite=overwrite)
+        group = create_store(
+            store_path,
+            spec,
+            images.paths,
+            attrs,
+            overwrite=overwrite,
+            storage_options=store_options,
+        )
     pending = pending_batches(group, spec)
     cluster, cluster_reason = choose_executor(cfg.cluster, len(pending))
     plan = RunPlan(
@@ -201,11 +224,14 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         png_dir=str(cfg.output.png_dir) if cfg.output.png_dir else None,
         png_heads=cfg.output.png_heads,
         decode_threads=cfg.data.decode_threads,
+        reader=images.reader,
+        store_options=store_options,
     )
     tasks = []
     for b in pending:
         start, stop = spec.batch_bounds(b)
-        tasks.append(BatchTask(b, images.paths[start:stop]))
+        locators = images.locators[start:stop] if images.locators is not None else None
+        tasks.append(BatchTask(b, images.paths[start:stop], locators))
     return PreparedRun(
         plan=plan,
         tasks=tasks,
@@ -217,13 +243,33 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     )
 
 
-def _check_same_run(path: Path, fingerprint: str, inputs: dict[str, Any]) -> None:
+def _redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as stored in the store's attributes: no secrets of storage options."""
+    for section in ("data", "output"):
+        options = config.get(section, {}).get("storage_options")
+        if options:
+            config[section]["storage_options"] = redact(options)
+    return config
+
+
+def _check_same_run(
+    path: Path | str,
+    fingerprint: str,
+    inputs: dict[str, Any],
+    storage_options: Any = None,
+    paths: tuple[str, ...] | None = None,
+) -> None:
     import zarr
 
-    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    group = zarr.open_group(zarr_store(path, storage_options, read_only=True), mode="r")
+    attrs = dict(group.attrs)
     if attrs.get("fingerprint") == fingerprint:
         return
     changes = config_differences(attrs.get("fingerprint_inputs", {}), inputs)
+    if paths is not None and any(c.startswith("images.") for c in changes):
+        # Name the images that came or went rather than two listing digests.
+        listing = listing_changes(array(group, "image_path")[:].tolist(), paths)
+        changes = [listing] + [c for c in changes if not c.startswith("images.")]
     what = "; ".join(changes) if changes else "fingerprint differs"
     raise StoreError(
         f"{path} holds a different run ({what}); use the config it was made with to resume, "

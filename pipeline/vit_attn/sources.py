@@ -11,6 +11,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import Any
 
 from .errors import DataSourceError
 
@@ -24,17 +25,26 @@ _GLOB_CHARS = frozenset("*?[")
 
 @dataclass(frozen=True)
 class ImageList:
-    """The ordered images of a data source: ``paths`` as listed, resolved against ``root``."""
+    """The ordered images of a data source: ``paths`` as listed, resolved against ``root``.
 
-    root: Path
+    Sources other than local files (URLs, WebDataset shards, Parquet) also carry the
+    ``reader`` that workers read image bytes with, one ``locators`` entry per image (where
+    the image lies: a member's byte range, a row), and ``identity`` (what the fingerprint
+    must also hold, e.g. the Parquet image column). ``root`` is then a URL or a folder.
+    """
+
+    root: Path | str
     paths: tuple[str, ...]
+    reader: Any = None
+    locators: tuple[Any, ...] | None = None
+    identity: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def absolute(self, i: int) -> Path:
         """The file of image ``i`` (an absolute listed path stays as it is)."""
-        return self.root / self.paths[i]
+        return Path(self.root) / self.paths[i]
 
 
 def list_images(source: str | Path) -> ImageList:

@@ -29,6 +29,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ZarrUserWarning
 
 from vit_attn.errors import ConfigError, ImageSelectionError, StoreError
+from vit_attn.remote import is_url, zarr_store
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -95,6 +96,7 @@ class StoreSpec:
     stats: tuple[str, ...] = ()
     compression: str = "default"
     attention_dtype: str = "float16"
+    labels: bool = False  # a `label` array (data.label_key of shard and Parquet sources)
 
     def __post_init__(self) -> None:
         # Sequences from YAML arrive as lists: store tuples so the spec stays hashable.
@@ -188,6 +190,7 @@ class StoreSpec:
         path_shard = bs * min(max(1, _PATH_SHARD_TARGET // bs), self.n_batches)
         arrays = [
             ArrayLayout("image_path", ("image",), "str", (n,), (bs,), (path_shard,), False),
+            *([self._per_image("label", (), "int64", False)] if self.labels else []),
             # Written per batch by different processes: the chunk is exactly one batch.
             ArrayLayout("status", ("image",), "int8", (n,), (bs,), None, False),
             ArrayLayout("error", ("image",), "str", (n,), (bs,), None, False),
@@ -295,20 +298,33 @@ def _compressors(compression: str, dtype: str) -> list[Any] | None:
 # --------------------------------------------------------------------------- create / open
 
 
-def _read_root_metadata(path: Path) -> dict[str, Any] | None:
+def _read_root_metadata(
+    path: PathLike, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The root zarr.json of `path` as a dict, or None when it is not a Zarr v3 group."""
+    if is_url(path):
+        from vit_attn.store_remote import read_root_text
+
+        text = read_root_text(str(path), storage_options)
+    else:
+        try:
+            text = (Path(path) / "zarr.json").read_text()
+        except OSError:
+            return None
+    if text is None:
+        return None
     try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
+        meta = json.loads(text)
+    except ValueError:
         return None
     if isinstance(meta, dict) and meta.get("node_type") == "group" and meta.get("zarr_format") == 3:
         return meta
     return None
 
 
-def is_store(path: PathLike) -> bool:
+def is_store(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether `path` holds a store of this format (any version): only those may be deleted."""
-    meta = _read_root_metadata(Path(path))
+    meta = _read_root_metadata(path, storage_options)
     return meta is not None and meta.get("attributes", {}).get("format") == FORMAT
 
 
@@ -318,20 +334,26 @@ def create_store(
     image_paths: Sequence[str],
     attrs: Mapping[str, Any],
     overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> zarr.Group:
     """Create the empty store template at `path` and return it open for writing.
 
     Built in a hidden sibling folder and renamed into place, so an interrupted creation never
     leaves a half-made store that looks like ours. Refuses to touch anything that is not a
     store of this format, and an existing store unless `overwrite` (use
-    `open_store_for_resume` to continue one).
+    `open_store_for_resume` to continue one). A URL is written through fsspec instead
+    (`vit_attn.store_remote`), where a rename is no atomic step.
     """
-    path = Path(path)
     if len(image_paths) != spec.n_images:
         raise ValueError(f"{len(image_paths)} image paths for a spec of {spec.n_images} images")
     reserved = {"format", "format_version"} & set(attrs)
     if reserved:
         raise ValueError(f"attrs must not set {sorted(reserved)}: the store sets them")
+    if is_url(path):
+        from vit_attn.store_remote import create_remote
+
+        return create_remote(str(path), spec, image_paths, attrs, overwrite, storage_options)
+    path = Path(path)
     replace = _check_target(path, overwrite)
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,20 +362,7 @@ def create_store(
         group = zarr.create_group(
             str(tmp), attributes={"format": FORMAT, "format_version": FORMAT_VERSION, **attrs}
         )
-        for a in spec.layout():
-            group.create_array(
-                a.name,
-                shape=a.shape,
-                dtype=a.dtype,
-                chunks=a.chunks,
-                shards=a.shards,
-                compressors=_compressors(spec.compression, a.dtype),
-                fill_value="" if a.dtype == "str" else 0,
-                dimension_names=a.dims,
-            )
-        array(group, "layer")[:] = np.asarray(spec.layers, dtype=np.int32)
-        array(group, "head")[:] = np.arange(spec.num_heads, dtype=np.int32)
-        array(group, "image_path")[:] = np.asarray([str(p) for p in image_paths], dtype=object)
+        populate(group, spec, image_paths)
         if replace:
             shutil.rmtree(path)
         elif path.is_dir():
@@ -363,6 +372,24 @@ def create_store(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return zarr.open_group(str(path), mode="r+")
+
+
+def populate(group: zarr.Group, spec: StoreSpec, image_paths: Sequence[str]) -> None:
+    """Create every array of the layout in `group`, with coordinates and image paths."""
+    for a in spec.layout():
+        group.create_array(
+            a.name,
+            shape=a.shape,
+            dtype=a.dtype,
+            chunks=a.chunks,
+            shards=a.shards,
+            compressors=_compressors(spec.compression, a.dtype),
+            fill_value="" if a.dtype == "str" else 0,
+            dimension_names=a.dims,
+        )
+    array(group, "layer")[:] = np.asarray(spec.layers, dtype=np.int32)
+    array(group, "head")[:] = np.arange(spec.num_heads, dtype=np.int32)
+    array(group, "image_path")[:] = np.asarray([str(p) for p in image_paths], dtype=object)
 
 
 def _check_target(path: Path, overwrite: bool) -> bool:
@@ -382,18 +409,22 @@ def _check_target(path: Path, overwrite: bool) -> bool:
 
 
 def open_store_for_resume(
-    path: PathLike, fingerprint: str, config: Mapping[str, Any] | None = None
+    path: PathLike,
+    fingerprint: str,
+    config: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> zarr.Group:
     """Open an existing store to continue it: only with the fingerprint it was created with.
 
     `config` (the new run's resolved config) lets the refusal name what changed, e.g.
     "attention.layers: [11] -> [10, 11]", instead of two opaque digests.
     """
-    path = Path(path)
-    meta = _read_root_metadata(path)
+    path = path if is_url(path) else Path(path)
+    meta = _read_root_metadata(path, storage_options)
     attrs = (meta or {}).get("attributes", {})
     if meta is None or attrs.get("format") != FORMAT:
-        what = "does not exist" if not path.exists() else f"is not a {FORMAT}"
+        gone = meta is None if isinstance(path, str) else not Path(path).exists()
+        what = "does not exist" if gone else f"is not a {FORMAT}"
         raise StoreError(f"cannot resume {path}: it {what}")
     if attrs.get("format_version") != FORMAT_VERSION:
         raise StoreError(
@@ -408,7 +439,7 @@ def open_store_for_resume(
             f"{path} was written with a different configuration ({what}); "
             "use the same config to resume, or overwrite"
         )
-    return zarr.open_group(str(path), mode="r+")
+    return zarr.open_group(zarr_store(path, storage_options), mode="r+")
 
 
 def config_differences(old: Any, new: Any, limit: int = 3, _prefix: str = "") -> list[str]:
@@ -462,7 +493,11 @@ def _write_region(array: zarr.Array, start: int, stop: int, data: np.ndarray) ->
     array[start:stop] = data
 
 
-def write_batch(group_or_path: zarr.Group | PathLike, result: BatchResult) -> None:
+def write_batch(
+    group_or_path: zarr.Group | PathLike,
+    result: BatchResult,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Write one batch: data arrays, then `error`, then `status` last.
 
     A crash before the final status write leaves status 0, so the batch is redone on resume:
@@ -472,7 +507,7 @@ def write_batch(group_or_path: zarr.Group | PathLike, result: BatchResult) -> No
     if isinstance(group_or_path, zarr.Group):
         group = group_or_path
     else:
-        group = zarr.open_group(str(group_or_path), mode="r+")
+        group = zarr.open_group(zarr_store(group_or_path, storage_options), mode="r+")
     arrays = dict(group.arrays())
     status, data = _checked_batch(arrays, result)  # everything checked before any write
     for name, values in data.items():
@@ -529,7 +564,7 @@ def _is_data_array(name: str, arr: zarr.Array) -> bool:
 # --------------------------------------------------------------------------- finish / read
 
 
-def consolidate(path: PathLike) -> None:
+def consolidate(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write consolidated metadata, so readers open the store with one small read.
 
     zarr warns that consolidated metadata is not (yet) in the v3 spec; zarr-python and xarray
@@ -537,16 +572,20 @@ def consolidate(path: PathLike) -> None:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING, category=ZarrUserWarning)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(zarr_store(path, storage_options))
 
 
-def is_consolidated(path: PathLike) -> bool:
+def is_consolidated(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether the root metadata carries consolidated metadata."""
-    meta = _read_root_metadata(Path(path))
+    meta = _read_root_metadata(path, storage_options)
     return bool(meta and meta.get("consolidated_metadata"))
 
 
-def open_dataset(path: PathLike, chunks: str | Mapping[str, int] | None = "batch") -> xr.Dataset:
+def open_dataset(
+    path: PathLike,
+    chunks: str | Mapping[str, int] | None = "batch",
+    storage_options: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
     """The store as a lazy xarray.Dataset with named dims and `layer`/`head` coordinates.
 
     chunks="batch" gives one dask chunk per batch (= one shard): xarray's default would be
@@ -556,13 +595,13 @@ def open_dataset(path: PathLike, chunks: str | Mapping[str, int] | None = "batch
     """
     import xarray as xr  # only readers need it: workers that write never import it
 
+    store = zarr_store(path, storage_options, read_only=True)
     dask_chunks: Any = chunks
     if chunks == "batch":
-        status = zarr.open_array(str(path), path="status", mode="r")
+        status = zarr.open_array(store, path="status", mode="r")
         dask_chunks = {"image": status.chunks[0]}
-    return xr.open_zarr(
-        str(path), consolidated=is_consolidated(path), zarr_format=3, chunks=dask_chunks
-    )
+    consolidated = is_consolidated(path, storage_options)
+    return xr.open_zarr(store, consolidated=consolidated, zarr_format=3, chunks=dask_chunks)
 
 
 def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray]) -> int:

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,9 @@ class RunPlan:
     png_dir: str | None = None
     png_heads: bool = False
     decode_threads: int = 1
+    # Sources other than local files: reads a batch's bytes in the worker (vit_attn.datasource).
+    reader: Any = None
+    store_options: dict[str, Any] | None = None  # fsspec options of a store behind a URL
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class BatchTask:
 
     batch_index: int
     paths: tuple[str, ...]
+    locators: tuple[Any, ...] | None = None  # where each image lies in a shard or Parquet file
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,16 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         raise PipelineError(
             f"batch {task.batch_index} carries {len(task.paths)} paths for {result.stop - result.start} images"
         )
-    root = Path(plan.image_root)
-    files = [p if os.path.isabs(p) else root / p for p in task.paths]
+    labels = None
+    if plan.reader is not None:  # bytes from object storage, a shard or a Parquet file
+        read = plan.reader.read(task.paths, task.locators)
+        files, labels = read.items, read.labels
+    else:
+        root = Path(plan.image_root)
+        files = [p if os.path.isabs(p) else root / p for p in task.paths]
     images, errors = load_batch(files, plan.preprocess, threads=plan.decode_threads)
+    if labels is not None and "label" in result.arrays:
+        result.arrays["label"][:] = labels
     clock.lap("decode")
     ok = np.array([e is None for e in errors])
     for i, err in enumerate(errors):
@@ -143,7 +155,7 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         _add_overlays(plan, result, images, ok)
         clock.lap("maps")
         result.status[ok] = STATUS_OK
-    write_batch(plan.store_path, result)
+    write_batch(plan.store_path, result, storage_options=plan.store_options)
     clock.lap("write")
     if plan.png_dir and ok.any():
         _write_pngs(plan, task, result, images, ok)

@@ -1,0 +1,128 @@
+"""Paths that are URLs: fsspec file systems for sources and stores on object storage.
+
+A data source or a store given as ``protocol://...`` (``s3://``, ``gs://``, ``https://``,
+any protocol fsspec has installed) is read and written through fsspec. Settings come from
+``data.storage_options`` / ``output.storage_options`` and, for S3, from the usual AWS
+environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...), which
+botocore reads itself. Access errors become one line that names the URL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import DataSourceError, PipelineError
+
+__all__ = [
+    "access_error",
+    "is_url",
+    "join",
+    "location",
+    "redact",
+    "url_fs",
+    "zarr_store",
+]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Keys of storage options whose values are never written into a store's attributes.
+_SECRET = re.compile(r"secret|password|token|key|credential|session", re.IGNORECASE)
+
+
+def is_url(text: str | os.PathLike[str]) -> bool:
+    """Whether a path as the user gave it is a URL (``file://`` included), not a local path."""
+    return isinstance(text, str) and bool(_URL.match(text))
+
+
+def location(text: str | os.PathLike[str]) -> str | Path:
+    """A URL stays a string (``Path`` would fold its ``//``); anything else becomes a Path."""
+    return text if isinstance(text, str) and is_url(text) else Path(text)
+
+
+def join(base: str, rel: str) -> str:
+    """``base/rel`` for URLs; a ``rel`` that is itself a URL stands alone."""
+    if is_url(rel):
+        return rel
+    return base.rstrip("/") + "/" + rel.lstrip("/")
+
+
+def url_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec file system for ``url`` and the path inside it.
+
+    Raises:
+        DataSourceError: the protocol is unknown, or its fsspec package is not installed.
+    """
+    import fsspec.core
+
+    try:
+        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as e:
+        raise DataSourceError(
+            f"{url}: this protocol needs a package that is not installed ({e}); install it"
+        ) from None
+    except (ValueError, TypeError) as e:
+        raise DataSourceError(
+            f"{url}: cannot open this URL ({_short(e)}); check the protocol and storage_options"
+        ) from None
+
+
+def access_error(url: str, exc: BaseException, what: str = "cannot read") -> str:
+    """One line for a failed access: what failed, where, and what to check."""
+    name = type(exc).__name__
+    text = _short(exc)
+    if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower():
+        hint = "no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or storage_options"
+    elif isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        hint = f"access denied ({text}); check the credentials and their permissions"
+    elif isinstance(exc, FileNotFoundError):
+        hint = "not found; check the bucket and the path"
+    elif (
+        name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError")
+        or "connect" in text.lower()
+    ):
+        hint = (
+            f"endpoint unreachable ({text}); check AWS_ENDPOINT_URL / endpoint_url and the network"
+        )
+    else:
+        hint = f"{name}: {text}"
+    return f"{url}: {what}: {hint}"
+
+
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def redact(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Storage options with secret values masked, for a store's attributes and logs."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out[key] = redact(value)
+        elif _SECRET.search(str(key)):
+            out[key] = "***"
+        else:
+            out[key] = value
+    return out
+
+
+def zarr_store(
+    path: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    read_only: bool = False,
+) -> Any:
+    """What zarr opens: the local path as a string, or an FsspecStore for a URL."""
+    if not is_url(path):
+        return os.fspath(path)
+    from zarr.storage import FsspecStore
+
+    url = str(path).rstrip("/")
+    try:
+        return FsspecStore.from_url(
+            url, storage_options=dict(storage_options or {}), read_only=read_only
+        )
+    except (ImportError, ValueError, TypeError) as e:
+        raise PipelineError(f"{url}: cannot open as a Zarr store ({_short(e)})") from None

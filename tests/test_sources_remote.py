@@ -1,0 +1,388 @@
+"""Listing and reading the source kinds beyond local folders, without a model.
+
+WebDataset shards and Parquet files are packed independently (tests/packing.py: tarfile,
+pyarrow); every read is compared with the original file's bytes. URL sources are served by
+a real S3 server (moto) and a real HTTP server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from vit_attn.datasource import listing_changes, open_source, source_kind
+from vit_attn.decode import Preprocess, load_batch, load_image
+from vit_attn.errors import ConfigError, DataSourceError, ImageDecodeError
+from vit_attn.sources import list_images
+
+from . import imagefactory
+from .packing import folder_files, write_parquet, write_shards
+from .s3server import env_without_credentials, free_port, make_bucket, s3_endpoint, s3fs_client  # noqa: F401
+
+PREP = Preprocess(input_size=(32, 32))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Twelve small images in two folders, one of them a JPEG."""
+    root = tmp_path_factory.mktemp("src") / "images"
+    imagefactory.write_rgb_set(root / "a", [(30 + 3 * i, 20 + i) for i in range(7)])
+    imagefactory.write_rgb_set(root / "b", [(25 + 2 * i, 40) for i in range(4)])
+    imagefactory.write_rgb(root / "b", "photo.jpg", (64, 48), quality=90)
+    return root
+
+
+def read_all(images) -> list:
+    return images.reader.read(images.paths, images.locators)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def test_shards_list_images_by_key_in_order_and_read_their_bytes(folder, tmp_path):
+    names = folder_files(folder)
+    labels = {n: i % 4 for i, n in enumerate(names)}
+    write_shards(folder, names, tmp_path / "s", per_shard=5, labels=labels, extras=True)
+    src = str(tmp_path / "s" / "train-{000000..000002}.tar")
+    assert source_kind(src) == "webdataset"
+    images = open_source(src, label_key="cls")
+    expected = [f"train-{i // 5:06d}.tar/{n}" for i, n in enumerate(names)]
+    assert list(images.paths) == expected  # .json and .cls members are no images
+    read = read_all(images)
+    assert [bytes(b) for b in read.items] == [(folder / n).read_bytes() for n in names]
+    np.testing.assert_array_equal(read.labels, [labels[n] for n in names])
+    # a glob lists the same shards in the same (sorted) order
+    assert open_source(str(tmp_path / "s" / "train-*.tar")).paths == images.paths
+
+
+def test_every_image_member_of_a_sample_is_an_image(tmp_path):
+    shard = tmp_path / "one.tar"
+    png = imagefactory.write_rgb(tmp_path, "x.png", (20, 20)).read_bytes()
+    with tarfile.open(shard, "w") as tf:
+        for name, data in (
+            ("k1.jpg.txt", b"t"),
+            ("k1.seg.png", png),
+            ("k1.png", png),
+            ("k1.cls", b"7"),
+            ("dir/k2.png", png),
+            ("dir/k2.cls", b"x"),
+            (".hidden.png", png),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    images = open_source(str(shard), label_key="cls")
+    assert images.paths == ("one.tar/k1.seg.png", "one.tar/k1.png", "one.tar/dir/k2.png")
+    np.testing.assert_array_equal(read_all(images).labels, [7, 7, -1])  # "x" is no label
+
+
+def _damaged_shards(folder: Path, out: Path) -> list[str]:
+    names = folder_files(folder)
+    write_shards(folder, names, out, per_shard=4)  # train-000000..000002
+    good = (out / "train-000000.tar").read_bytes()
+    (out / "cut.tar").write_bytes(good[: len(good) // 2])  # cut inside member data
+    with tarfile.open(out / "train-000000.tar") as tf:
+        members = tf.getmembers()
+    (out / "nomarker.tar").write_bytes(good[: members[1].offset])  # cut on a header: no end marker
+    bad = bytearray(good)
+    bad[members[2].offset : members[2].offset + 100] = b"\xff" * 100
+    (out / "badheader.tar").write_bytes(bytes(bad))
+    with tarfile.open(out / "garbage.tar", "w") as tf:
+        for name, data in (
+            ("g1.png", b"not a png" * 20),
+            ("g2.png", (folder / names[0]).read_bytes()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (out / "empty.tar").write_bytes(b"")
+    (out / "text.tar").write_text("hello, not a tar\n" * 100)
+    return names
+
+
+def test_damaged_shards_become_failed_rows_and_the_rest_is_read(folder, tmp_path):
+    out = tmp_path / "s"
+    names = _damaged_shards(folder, out)
+    src = str(out / "{train-000000,cut,missing,nomarker,badheader,garbage,empty,text}.tar")
+    images = open_source(src)
+    read = read_all(images)
+    got = dict(zip(images.paths, read.items))
+    errors = {p: str(v) for p, v in got.items() if isinstance(v, ImageDecodeError)}
+    assert errors.pop("missing.tar/<missing>").startswith("shard not found:")
+    assert "no end-of-archive marker" in errors.pop("nomarker.tar/<truncated>")
+    assert "corrupt tar header" in errors.pop("badheader.tar/<unreadable>")
+    assert "shard truncated after" in errors.pop("cut.tar/<truncated>")
+    cut = [p for p in errors if p.startswith("cut.tar/")]
+    assert len(cut) == 1 and "the shard ends at" in errors.pop(cut[0])
+    assert "empty file" in errors.pop("empty.tar/<truncated>")
+    assert "not an uncompressed tar" in errors.pop("text.tar/<unreadable>")
+    assert errors == {}, errors
+    # images before the damage are read whole; the corrupt member is read and fails to decode
+    assert bytes(got["nomarker.tar/" + names[0]]) == (folder / names[0]).read_bytes()
+    assert [p for p in images.paths if p.startswith("badheader.tar/") and "<" not in p] == [
+        f"badheader.tar/{n}" for n in names[:2]
+    ]
+    _, errs = load_batch([got["garbage.tar/g1.png"], got["garbage.tar/g2.png"]], PREP)
+    assert errs[0] and "not an image" in errs[0] and errs[1] is None
+
+
+def test_a_shard_deleted_after_listing_fails_its_images_only(folder, tmp_path):
+    names = folder_files(folder)
+    shards = write_shards(folder, names, tmp_path / "s", per_shard=6)
+    images = open_source(str(tmp_path / "s" / "train-{000000..000001}.tar"))
+    shards[1].unlink()
+    read = read_all(images)
+    assert all(isinstance(b, bytes) for b in read.items[:6])
+    assert all("shard not found" in str(e) for e in read.items[6:])
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("nothing-{0..3}.tar", "no shard exists"),
+        ("*.tar", "pattern matches no files"),
+        ("x-{0..2.tar", "cannot expand braces"),
+    ],
+)
+def test_shard_sources_that_name_nothing_are_refused(tmp_path, source, message):
+    with pytest.raises(DataSourceError, match=message):
+        open_source(str(tmp_path / source))
+
+
+class CountingFS(LocalFileSystem):
+    """The local file system under its own protocol, counting what workers ask of it."""
+
+    protocol = "counting"
+    calls: list[tuple[str, int | None, int | None]] = []
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        CountingFS.calls.append((path, start, end))
+        return super().cat_file(path, start=start, end=end, **kwargs)
+
+
+def test_a_batch_reads_one_contiguous_range_per_shard_through_any_fsspec_protocol(folder, tmp_path):
+    fsspec.register_implementation("counting", CountingFS, clobber=True)
+    names = folder_files(folder)
+    write_shards(folder, names, tmp_path / "s", per_shard=5, labels=dict.fromkeys(names, 1))
+    images = open_source(f"counting://{tmp_path}/s/train-{{000000..000002}}.tar", label_key="cls")
+    assert str(images.root).startswith("counting://")
+    CountingFS.calls.clear()
+    batch = slice(3, 9)  # the tail of shard 0 and most of shard 1
+    read = images.reader.read(images.paths[batch], images.locators[batch])
+    assert [bytes(b) for b in read.items] == [(folder / n).read_bytes() for n in names[batch]]
+    assert [Path(c[0]).name for c in CountingFS.calls] == ["train-000000.tar", "train-000001.tar"]
+    first = images.locators[3]
+    assert CountingFS.calls[0][1] == first[1]  # starts at the batch's first member, not at 0
+
+
+# --------------------------------------------------------------------------- parquet
+
+
+@pytest.mark.parametrize("struct", [True, False])
+def test_parquet_rows_are_images_read_by_row_group(folder, tmp_path, struct):
+    names = folder_files(folder)
+    labels = {n: 10 + i for i, n in enumerate(names)}
+    write_parquet(folder, names[:7], tmp_path / "p" / "part-0.parquet", struct, 3, labels)
+    write_parquet(folder, names[7:], tmp_path / "p" / "part-1.parquet", struct, 3, labels)
+    src = str(tmp_path / "p" / "*.parquet")
+    assert source_kind(src) == "parquet"
+    by_id = open_source(src, id_column="id", label_key="label")
+    assert list(by_id.paths) == names
+    read = read_all(by_id)
+    assert [bytes(b) for b in read.items] == [(folder / n).read_bytes() for n in names]
+    np.testing.assert_array_equal(read.labels, [labels[n] for n in names])
+    by_row = open_source(src)
+    assert by_row.paths[:2] == ("part-0.parquet/0", "part-0.parquet/1")
+    assert by_row.paths[7] == "part-1.parquet/0"
+
+
+def test_parquet_rows_without_bytes_fail_alone(folder, tmp_path):
+    png = (folder / folder_files(folder)[0]).read_bytes()
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [
+        {"bytes": png, "path": "a"},
+        {"bytes": None, "path": "elsewhere.jpg"},
+        None,
+        {"bytes": b"\x89PNG broken", "path": "d"},
+    ]
+    pq.write_table(pa.table({"image": pa.array(rows, kind)}), tmp_path / "d.parquet")
+    images = open_source(str(tmp_path / "d.parquet"))
+    _, errors = load_batch(read_all(images).items, PREP)
+    assert errors[0] is None
+    assert "no image bytes, only the path 'elsewhere.jpg'" in errors[1]
+    assert "no image bytes (null)" in errors[2]
+    assert "not an image" in errors[3]
+
+
+def test_parquet_schema_mistakes_name_the_column(folder, tmp_path):
+    names = folder_files(folder)[:3]
+    path = write_parquet(folder, names, tmp_path / "d.parquet")
+    with pytest.raises(
+        DataSourceError, match=r"no column 'img' for data.image_column; the columns are image, id"
+    ):
+        open_source(str(path), image_column="img")
+    with pytest.raises(
+        DataSourceError, match=r"column 'id' is string; data.image_column needs image bytes"
+    ):
+        open_source(str(path), image_column="id")
+    with pytest.raises(DataSourceError, match="data.label_key needs integers"):
+        open_source(str(path), label_key="id")
+    dup = tmp_path / "dup.parquet"
+    pq.write_table(pa.table({"image": pa.array([b"a", b"b"]), "id": ["x", "x"]}), dup)
+    with pytest.raises(DataSourceError, match="'x' repeats"):
+        open_source(str(dup), id_column="id")
+
+
+def test_unreadable_parquet_files_become_failed_rows(folder, tmp_path):
+    write_parquet(folder, folder_files(folder)[:3], tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
+    images = open_source(str(tmp_path / "{a,b,c}.parquet"))
+    assert images.paths[3:] == ("b.parquet/<unreadable>", "c.parquet/<missing>")
+    items = read_all(images).items
+    assert "not a readable Parquet file" in str(items[3]) and "file not found" in str(items[4])
+
+
+# --------------------------------------------------------------------------- kinds and decode
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_column": "image"}, "data.image_column: only for Parquet sources"),
+        ({"label_key": "cls"}, "data.label_key: only for shard or Parquet sources"),
+        ({"storage_options": {"anon": True}}, "options apply to URLs only"),
+    ],
+)
+def test_keys_that_do_not_fit_the_source_are_refused(folder, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        open_source(str(folder), **kwargs)
+
+
+def test_decoding_bytes_equals_decoding_the_file(folder):
+    for name in folder_files(folder)[::4]:
+        np.testing.assert_array_equal(
+            load_image((folder / name).read_bytes(), PREP), load_image(folder / name, PREP)
+        )
+    with pytest.raises(ImageDecodeError, match="empty file"):
+        load_image(b"", PREP)
+
+
+# --------------------------------------------------------------------------- S3 and HTTP
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint, folder) -> str:  # noqa: F811
+    name = make_bucket("sources")
+    fs = s3fs_client()
+    fs.put(str(folder), f"{name}/images", recursive=True)
+    fs.pipe(f"{name}/images/.hidden/x.png", (folder / folder_files(folder)[0]).read_bytes())
+    return name
+
+
+def test_s3_folder_glob_and_list_files_list_like_local_ones(bucket, folder):
+    local = list_images(folder)
+    remote = open_source(f"s3://{bucket}/images")  # the AWS environment only: no options
+    assert remote.paths == local.paths and remote.root == f"s3://{bucket}/images"
+    read = read_all(remote)
+    assert [bytes(b) for b in read.items] == [(folder / p).read_bytes() for p in local.paths]
+    assert open_source(f"s3://{bucket}/images/a/*.png").paths == tuple(
+        p.removeprefix("a/") for p in local.paths if p.startswith("a/")
+    )
+    fs = s3fs_client()
+    fs.pipe(f"{bucket}/images/list.txt", b"# two\nb/photo.jpg\nmissing.png\n")
+    listed = open_source(f"s3://{bucket}/images/list.txt")
+    assert listed.paths == ("b/photo.jpg", "missing.png")
+    items = read_all(listed).items
+    assert bytes(items[0]) == (folder / "b/photo.jpg").read_bytes()
+    assert str(items[1]) == "file not found"
+    fs.pipe(f"{bucket}/images/list.csv", b"path,label\nb/photo.jpg,1\nb/photo.jpg,2\n")
+    with pytest.raises(DataSourceError, match="line 3 repeats 'b/photo.jpg'"):
+        open_source(f"s3://{bucket}/images/list.csv")
+
+
+def test_s3_shards_and_parquet_read_like_local_ones(bucket, folder, tmp_path):
+    names = folder_files(folder)
+    shards = write_shards(folder, names, tmp_path / "s", per_shard=5)
+    part = write_parquet(folder, names, tmp_path / "p.parquet", row_group_size=4)
+    fs = s3fs_client()
+    for f in (*shards, part):
+        fs.put(str(f), f"{bucket}/packed/{f.name}")
+    remote = open_source(f"s3://{bucket}/packed/train-{{000000..000002}}.tar")
+    assert remote.paths == open_source(str(tmp_path / "s" / "train-{000000..000002}.tar")).paths
+    assert [bytes(b) for b in read_all(remote).items] == [(folder / n).read_bytes() for n in names]
+    rows = open_source(f"s3://{bucket}/packed/*.parquet", id_column="id")
+    assert list(rows.paths) == names
+    assert [bytes(b) for b in read_all(rows).items] == [(folder / n).read_bytes() for n in names]
+
+
+def test_s3_source_that_is_missing_is_one_line(bucket):
+    with pytest.raises(DataSourceError, match=rf"s3://{bucket}/nope: no such folder"):
+        open_source(f"s3://{bucket}/nope")
+
+
+def test_unreachable_endpoint_names_the_url(s3_endpoint):  # noqa: F811
+    dead = f"http://127.0.0.1:{free_port()}"
+    options = {"endpoint_url": dead, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    with pytest.raises(DataSourceError) as info:
+        open_source("s3://sources/images", storage_options=options)
+    assert str(info.value).startswith("s3://sources/images: cannot list: endpoint unreachable")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_credentials_name_the_url(bucket):
+    code = "from vit_attn.datasource import open_source; open_source('s3://sources/images')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env_without_credentials(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "DataSourceError: s3://sources/images: cannot list: no credentials found" in last
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_https_list_file_names_images_beside_it_and_on_s3(bucket, folder, tmp_path, http_root):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "one.jpg").write_bytes((folder / "b/photo.jpg").read_bytes())
+    (tmp_path / "pics" / "list.txt").write_text(
+        f"one.jpg\ns3://{bucket}/images/a/{folder_files(folder)[0].split('/')[1]}\n"
+    )
+    images = open_source(f"{http_root}/pics/list.txt")
+    items = read_all(images).items
+    assert bytes(items[0]) == (folder / "b/photo.jpg").read_bytes()
+    assert bytes(items[1]) == (folder / folder_files(folder)[0]).read_bytes()
+
+
+def test_listing_changes_name_what_came_and_went():
+    assert listing_changes(["a", "b", "c"], ["a", "c", "d"]) == (
+        "the source changed: 1 image added (d), 1 removed (b)"
+    )
+    assert (
+        listing_changes(["a", "b"], ["b", "a"])
+        == "the source lists the same images in another order"
+    )
+    many = listing_changes([], [f"x{i}" for i in range(5)])
+    assert many == "the source changed: 5 images added (x0, x1, x2, ... 2 more), 0 removed"
