@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import __version__
 from .config import ClusterConfig, Config
 from .datasource import listing_changes, open_source
@@ -268,7 +270,7 @@ def _check_same_run(
     changes = config_differences(attrs.get("fingerprint_inputs", {}), inputs)
     if paths is not None and any(c.startswith("images.") for c in changes):
         # Name the images that came or went rather than two listing digests.
-        listing = listing_changes(array(group, "image_path")[:].tolist(), paths)
+        listing = listing_changes(list(np.asarray(array(group, "image_path")[:])), paths)
         changes = [listing] + [c for c in changes if not c.startswith("images.")]
     what = "; ".join(changes) if changes else "fingerprint differs"
     raise StoreError(
