@@ -273,6 +273,7 @@ def test_bad_parameters_are_one_clear_json_error(server):
         ("api/list?min=abc&stat=cls_entropy", "min must be a number"),
         ("api/list?status=bogus", "status must be one of"),
         ("api/list?stat=nope&sort=stat", "not stored"),
+        ("api/list?min=1", "need a statistic"),
         ("api/map/0.json?layer=99", "layer index 99"),
         ("api/map/0.json?head=7", "head must be"),
         ("api/map/0.json?source=nope", "not in this store"),
@@ -513,14 +514,19 @@ def pixels(pg, script: str, selector: str) -> np.ndarray:
 def test_browser_grid_filters_and_thumbnails(server, demo_store, page):
     g = zarr.open_group(str(demo_store), mode="r")
     status, top1 = g["status"][:], g["topk_index"][:, 0]
+    # A small window: 2 tiles are in view (asked for first), the rest come in later parts.
+    page.set_viewport_size({"width": 400, "height": 300})
     page.goto(server.url)
     ready(page, "grid-painted")
     assert page.locator("#tiles .tile").count() == status.size
     assert page.locator("#page-info").get_attribute("data-total") == str(status.size)
-    # thumbnails are the stored overlays (64 px: shown at their own resolution)
-    for i in (0, 5):
+    # thumbnails are the stored overlays (64 px: shown at their own resolution), every one
+    for i in np.flatnonzero(status == 1):
         got = pixels(page, READ_CANVAS, f'#tiles .tile[data-i="{i}"] canvas')
         np.testing.assert_array_equal(got, g["overlay"][i])
+    failed_tile = pixels(page, READ_CANVAS, "#tiles .tile.failed canvas")
+    assert (failed_tile == [120, 30, 30]).all()
+    page.set_viewport_size({"width": 1280, "height": 900})
     # status filter: the failed image with its error
     page.select_option("#f-status", "failed")
     ready(page, "grid-painted", "document.querySelector('#page-info').dataset.total === '1'")
