@@ -435,6 +435,26 @@ def test_demo_ends_with_the_view_command(demo_store):
     assert said[-1].split() == ["vit-attn", "view", str(demo_store)]
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--port", "99999"], "give 0..65535"),
+        (
+            ["--port", "0", "--host", "no-such-host.invalid"],
+            "cannot listen on no-such-host.invalid",
+        ),
+    ],
+)
+def test_cli_bad_port_or_host_is_one_line(demo_store, args, words):
+    r = subprocess.run(
+        [sys.executable, "-m", "vit_attn.cli", "view", str(demo_store), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
 def test_cli_refuses_what_is_not_a_store(tmp_path):
     (tmp_path / "plain").mkdir()
     for target in (tmp_path / "plain", tmp_path / "missing"):
