@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,6 +78,8 @@ class ViewServer(ThreadingHTTPServer):
         self.assets = load_assets()
         self._summary: dict[str, Any] | None = None
         self._summary_lock = threading.Lock()
+        if ":" in host:
+            self.address_family = socket.AF_INET6
         if not 0 <= port <= 65535:
             raise ViewError(f"--port {port}: give 0..65535 (0 = any free port)")
         try:
