@@ -273,6 +273,7 @@ def test_bad_parameters_are_one_clear_json_error(server):
         ("api/list?min=abc&stat=cls_entropy", "min must be a number"),
         ("api/list?status=bogus", "status must be one of"),
         ("api/list?stat=nope&sort=stat", "not stored"),
+        ("api/list?min=1", "need a statistic"),
         ("api/map/0.json?layer=99", "layer index 99"),
         ("api/map/0.json?head=7", "head must be"),
         ("api/map/0.json?source=nope", "not in this store"),
@@ -434,6 +435,26 @@ def test_demo_ends_with_the_view_command(demo_store):
     assert said[-1].split() == ["vit-attn", "view", str(demo_store)]
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--port", "99999"], "give 0..65535"),
+        (
+            ["--port", "0", "--host", "no-such-host.invalid"],
+            "cannot listen on no-such-host.invalid",
+        ),
+    ],
+)
+def test_cli_bad_port_or_host_is_one_line(demo_store, args, words):
+    r = subprocess.run(
+        [sys.executable, "-m", "vit_attn.cli", "view", str(demo_store), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
 def test_cli_refuses_what_is_not_a_store(tmp_path):
     (tmp_path / "plain").mkdir()
     for target in (tmp_path / "plain", tmp_path / "missing"):
@@ -452,11 +473,12 @@ def test_cli_refuses_what_is_not_a_store(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+    executable = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    if executable is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield b
         b.close()
 
@@ -513,14 +535,19 @@ def pixels(pg, script: str, selector: str) -> np.ndarray:
 def test_browser_grid_filters_and_thumbnails(server, demo_store, page):
     g = zarr.open_group(str(demo_store), mode="r")
     status, top1 = g["status"][:], g["topk_index"][:, 0]
+    # A small window: 2 tiles are in view (asked for first), the rest come in later parts.
+    page.set_viewport_size({"width": 400, "height": 300})
     page.goto(server.url)
     ready(page, "grid-painted")
     assert page.locator("#tiles .tile").count() == status.size
     assert page.locator("#page-info").get_attribute("data-total") == str(status.size)
-    # thumbnails are the stored overlays (64 px: shown at their own resolution)
-    for i in (0, 5):
+    # thumbnails are the stored overlays (64 px: shown at their own resolution), every one
+    for i in np.flatnonzero(status == 1):
         got = pixels(page, READ_CANVAS, f'#tiles .tile[data-i="{i}"] canvas')
         np.testing.assert_array_equal(got, g["overlay"][i])
+    failed_tile = pixels(page, READ_CANVAS, "#tiles .tile.failed canvas")
+    assert (failed_tile == [120, 30, 30]).all()
+    page.set_viewport_size({"width": 1280, "height": 900})
     # status filter: the failed image with its error
     page.select_option("#f-status", "failed")
     ready(page, "grid-painted", "document.querySelector('#page-info').dataset.total === '1'")

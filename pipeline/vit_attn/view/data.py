@@ -308,8 +308,8 @@ class StoreData:
                 keep &= values >= q.vmin
             if q.vmax is not None:
                 keep &= values <= q.vmax
-        elif q.sort == "stat":
-            raise ViewError("sort=stat needs a statistic (stat=NAME)")
+        elif q.sort == "stat" or q.vmin is not None or q.vmax is not None:
+            raise ViewError("sort=stat, min and max need a statistic (stat=NAME)")
         idx = np.flatnonzero(keep)
         if q.sort == "stat" and values is not None:
             key = -values[idx] if q.descending else values[idx]

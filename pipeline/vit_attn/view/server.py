@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,14 +78,20 @@ class ViewServer(ThreadingHTTPServer):
         self.assets = load_assets()
         self._summary: dict[str, Any] | None = None
         self._summary_lock = threading.Lock()
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        if not 0 <= port <= 65535:
+            raise ViewError(f"--port {port}: give 0..65535 (0 = any free port)")
         try:
             super().__init__((host, port), Handler)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise StoreError(
+                raise ViewError(
                     f"port {port} on {host} is in use: pass --port with another number (0 = any free port)"
                 ) from None
-            raise StoreError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            raise ViewError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host"
+            ) from None
         bound_port = self.server_address[1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound_port}/"

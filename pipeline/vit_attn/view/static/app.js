@@ -128,7 +128,8 @@ function filterFromForm() {
   return p;
 }
 
-function fillFilterForm(params) {
+// The status and class selects, with counts once /api/counts has answered.
+function fillCountSelects(params) {
   const c = COUNTS || {};
   const count = (k) => (c[k] === undefined ? "" : ` (${c[k]})`);
   setOptions($("f-status"), [["all", "all" + (COUNTS ? ` (${META.n_images})` : "")], ["ok", "ok" + count("ok")],
@@ -140,6 +141,10 @@ function fillFilterForm(params) {
     classes.push([k, `class ${k}` + (n === null ? "" : ` (${n})`)]);
   }
   setOptions($("f-top1"), [["", "any"], ...classes], params.get("top1") ?? "");
+}
+
+function fillFilterForm(params) {
+  fillCountSelects(params);
   $("f-stat-group").hidden = META.stats.length === 0;
   setOptions($("f-stat"), [["", "none"], ...META.stats.map((s) => [s.name, `${s.name} [${s.unit}]`])], params.get("stat") || "");
   setOptions($("f-slayer"), layerOptions(), layerIndex(params.get("slayer")));
@@ -153,30 +158,47 @@ function fillFilterForm(params) {
   setOptions($("f-sort"), sorts, `${params.get("sort") || "index"}:${params.get("order") || "asc"}`);
 }
 
+// Tiles that fit in the window before any scrolling (the tile grid's own geometry).
+function visibleTiles() {
+  const cols = Math.max(1, Math.floor((window.innerWidth - 32 + 10) / (140 + 10)));
+  const rows = Math.max(1, Math.ceil((window.innerHeight - 140) / (190 + 10)));
+  return Math.min(PAGE_SIZE, cols * rows);
+}
+
 async function renderGrid(params, seq) {
   const page = Math.max(0, parseInt(params.get("page") || "0", 10) || 0);
   const query = pick(params, FILTER_KEYS);
-  // Captions and pictures are asked for at once; the pictures in parts the server reads in
-  // parallel. Nothing here waits for the store's metadata first.
+  const first = page * PAGE_SIZE;
+  // Captions and the pictures of the tiles in view are asked for at once, before the store's
+  // metadata has answered; the rest of the page's pictures after those, in parallel parts.
   const listQuery = new URLSearchParams(query);
-  listQuery.set("offset", String(page * PAGE_SIZE));
+  listQuery.set("offset", String(first));
   listQuery.set("limit", String(PAGE_SIZE));
   const listP = getJSON("/api/list?" + listQuery);
-  const parts = [];
-  for (let k = 0; k < PAGE_SIZE; k += THUMB_PART) {
+  const thumbsUrl = (offset, limit) => {
     const q = new URLSearchParams(query);
-    q.set("offset", String(page * PAGE_SIZE + k));
-    q.set("limit", String(THUMB_PART));
+    q.set("offset", String(offset));
+    q.set("limit", String(limit));
     q.set("box", String(THUMB_BOX));
-    parts.push(fetchThumbs("/api/thumbs?" + q));
-  }
+    return "/api/thumbs?" + q;
+  };
+  const inView = visibleTiles();
+  const firstPart = fetchThumbs(thumbsUrl(first, inView));
+  const restParts = firstPart.then(() => {
+    const parts = [];
+    for (let k = inView; k < PAGE_SIZE; k += THUMB_PART) {
+      parts.push(fetchThumbs(thumbsUrl(first + k, Math.min(THUMB_PART, PAGE_SIZE - k))));
+    }
+    return parts;
+  });
+  restParts.catch(() => {});
   await ensureMeta();
   if (seq !== renderSeq) return;
   show("grid-view");
   fillFilterForm(params);
   let list, thumbs;
   try {
-    [list, ...thumbs] = await Promise.all([listP, ...parts]);
+    [list, thumbs] = await Promise.all([listP, firstPart]);
   } catch (e) {
     if (seq !== renderSeq) return;
     $("tiles").replaceChildren(el("p", { class: "error", text: e.message }));
@@ -193,10 +215,25 @@ async function renderGrid(params, seq) {
   $("page-next").disabled = page + 1 >= pages;
   $("page-prev").onclick = () => gotoGrid(params, page - 1);
   $("page-next").onclick = () => gotoGrid(params, page + 1);
-  const byId = new Map();
-  for (const t of thumbs) t.ids.forEach((i, k) => byId.set(i, [t, k]));
-  const tiles = list.items.map((item) => gridTile(item, params, byId.get(item.i)));
+  const slots = new Map();
+  for (const item of list.items) slots.set(item.i, null);
+  thumbs.ids.forEach((i, k) => slots.set(i, [thumbs, k]));
+  const tiles = list.items.map((item) => gridTile(item, params, slots.get(item.i)));
   $("tiles").replaceChildren(...tiles);
+  // What is in view is drawn: the grid's first paint. The rest fills in below the fold.
+  performance.mark("grid-visible");
+  try {
+    for (const part of await Promise.all(await restParts)) {
+      if (seq !== renderSeq) return;
+      part.ids.forEach((i, k) => {
+        const tile = $("tiles").querySelector(`.tile[data-i="${i}"] canvas`);
+        if (tile) { sizeCanvas(tile, part); paintThumb(tile, part, k); }
+      });
+    }
+  } catch (e) {
+    $("tiles").append(el("p", { class: "error", text: e.message }));
+  }
+  if (seq !== renderSeq) return;
   markReady("grid-painted");
 }
 
@@ -207,6 +244,14 @@ async function fetchThumbs(url) {
   const idsText = r.headers.get("X-Ids");
   const ids = idsText ? idsText.split(",").map(Number) : [];
   return { n, th, tw, ids, bytes: new Uint8Array(await r.arrayBuffer()) };
+}
+
+function sizeCanvas(canvas, thumbs) {
+  canvas.width = thumbs.tw;
+  canvas.height = thumbs.th;
+  const zoom = THUMB_BOX / Math.max(thumbs.tw, thumbs.th);
+  canvas.style.width = `${Math.round(thumbs.tw * zoom)}px`;
+  canvas.style.height = `${Math.round(thumbs.th * zoom)}px`;
 }
 
 function paintThumb(canvas, thumbs, k) {
@@ -224,12 +269,13 @@ function paintThumb(canvas, thumbs, k) {
 function gridTile(item, params, thumb) {
   const link = pick(params, FILTER_KEYS);
   const href = `#/image/${item.i}?${link}`;
-  const [thumbs, k] = thumb || [{ th: 1, tw: 1 }, -1];
-  const canvas = el("canvas", { width: String(thumbs.tw), height: String(thumbs.th), class: "pixelated" });
-  const zoom = THUMB_BOX / Math.max(thumbs.tw, thumbs.th);
-  canvas.style.width = `${Math.round(thumbs.tw * zoom)}px`;
-  canvas.style.height = `${Math.round(thumbs.th * zoom)}px`;
-  if (k >= 0) paintThumb(canvas, thumbs, k);
+  const canvas = el("canvas", { class: "pixelated" });
+  if (thumb) {
+    sizeCanvas(canvas, thumb[0]);
+    paintThumb(canvas, thumb[0], thumb[1]);
+  } else {
+    sizeCanvas(canvas, { th: THUMB_BOX, tw: THUMB_BOX });  // a placeholder until its part arrives
+  }
   const label = [`#${item.i}`];
   if (item.top1 !== undefined) label.push(`class ${item.top1}` + (item.prob !== undefined ? ` ${(100 * item.prob).toFixed(0)}%` : ""));
   if (item.value !== undefined) label.push(`${fmt(item.value)}`);
@@ -667,7 +713,7 @@ async function start() {
     if (COUNTS_P) return;
     COUNTS_P = getJSON("/api/counts").then((c) => {
       COUNTS = c;
-      if (!$("grid-view").hidden) fillFilterForm(parseHash().params);
+      if (!$("grid-view").hidden) fillCountSelects(parseHash().params);
     }).catch(() => {});
   };
   $("filters").addEventListener("focusin", loadCounts);
