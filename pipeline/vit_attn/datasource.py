@@ -116,8 +116,8 @@ def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
             listed = list_parquet(
                 str(config["source"]), None, source.get("image_column"), source.get("id_column")
             )
-            i = listed.paths.index(rel)
-            items = listed.reader.read([rel], [listed.locators[i]]).items
+            locators = listed.locators or ()
+            items = listed.reader.read([rel], [locators[listed.paths.index(rel)]]).items
     except (PipelineError, ValueError, KeyError, OSError):
         return None
     item = items[0] if items else None
