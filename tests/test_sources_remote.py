@@ -407,3 +407,18 @@ def test_one_image_is_found_again_from_what_a_store_records(folder, tmp_path):
             assert read_listed_image(attrs, images.paths[i]) == (folder / names[i]).read_bytes()
         assert read_listed_image(attrs, "train-000009.tar/nope.png") is None
     assert read_listed_image({"image_root": str(folder)}, names[0]) is None  # read by path
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (
+            "zzz://bucket/images",
+            r"zzz://bucket/images: cannot open this URL \(Protocol not known: zzz\)",
+        ),
+        ("zzz://bucket/train-{0..3}.tar", r"cannot open this URL \(Protocol not known: zzz\)"),
+    ],
+)
+def test_unknown_protocols_are_one_line(source, message):
+    with pytest.raises(DataSourceError, match=message):
+        open_source(source)
