@@ -276,8 +276,12 @@ def test_decoding_bytes_equals_decoding_the_file(folder):
         np.testing.assert_array_equal(
             load_image((folder / name).read_bytes(), PREP), load_image(folder / name, PREP)
         )
+        with fsspec.open(str(folder / name), "rb") as f:  # a file object, as fsspec opens it
+            np.testing.assert_array_equal(load_image(f, PREP), load_image(folder / name, PREP))
     with pytest.raises(ImageDecodeError, match="empty file"):
         load_image(b"", PREP)
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        load_image(io.BytesIO(b"plain text, no image"), PREP)
 
 
 # --------------------------------------------------------------------------- S3 and HTTP
