@@ -26,7 +26,9 @@ import zarr
 import vit_attn
 from vit_attn.cli import main as cli_main
 from vit_attn.config import load_config
+from vit_attn.decode import Preprocess, load_image
 from vit_attn.plan import prepare
+from vit_attn.render import model_input_image
 from vit_attn.store import is_store
 
 from . import imagefactory
@@ -94,6 +96,14 @@ def arrays(store: str | Path) -> dict[str, np.ndarray]:
     return {name: a[:] for name, a in group.arrays()}
 
 
+def assert_show_finds_the_image(store: str | Path, dataset: Path, index: int) -> None:
+    """`vit-attn show` draws on the picture the model saw, read again from the source."""
+    group = zarr.open_group(str(store), mode="r")
+    prep = Preprocess.from_dict(group.attrs["preprocess"])
+    expected = load_image(dataset / folder_files(dataset)[index], prep)
+    np.testing.assert_array_equal(model_input_image(group, index), expected)
+
+
 def assert_same_results(reference: dict[str, np.ndarray], store: str | Path, paths=None) -> None:
     """Every array equal to the reference's; image_path as given (default: the same)."""
     got = arrays(store)
@@ -138,7 +148,7 @@ def test_s3_folder_into_s3_store_equals_the_local_run(reference, s3_store):
     assert attrs["image_root"] == "s3://runs/images" and "consolidated_metadata" not in attrs
 
 
-def test_readers_work_on_the_s3_store(s3_store, reference, tmp_path, capsys):
+def test_readers_work_on_the_s3_store(s3_store, reference, dataset, tmp_path, capsys):
     ds = vit_attn.open_store(s3_store)
     np.testing.assert_array_equal(ds["cls_attention"].values, reference["cls_attention"])
     assert cli_main(["inspect", s3_store]) == 0
@@ -148,6 +158,7 @@ def test_readers_work_on_the_s3_store(s3_store, reference, tmp_path, capsys):
     png = tmp_path / "show.png"
     assert cli_main(["show", s3_store, "--image", "a/img_48x40.png", "-o", str(png)]) == 0
     assert png.stat().st_size > 1000
+    assert_show_finds_the_image(s3_store, dataset, 2)
     assert cli_main(["stats", s3_store]) == 2  # no statistics in this store: one line, exit 2
     assert "holds no statistics" in capsys.readouterr().err
 
@@ -166,6 +177,7 @@ def test_shards_with_labels_equal_the_folder_run(
     ok = reference["status"] == 1
     np.testing.assert_array_equal(label[ok], np.array([labels[n] for n in names])[ok])
     assert not label[~ok].any()  # failed images hold 0, like every data array
+    assert_show_finds_the_image(tmp_path / "run.zarr", dataset, 11)
 
 
 def test_parquet_on_s3_into_s3_store_equals_the_folder_run(
@@ -181,6 +193,7 @@ def test_parquet_on_s3_into_s3_store_equals_the_folder_run(
     )
     assert run(path) == 0
     assert_same_results(reference, url)
+    assert_show_finds_the_image(url, dataset, 20)
 
 
 def test_dask_workers_read_shards_from_s3_themselves(

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from vit_attn.datasource import listing_changes, open_source, source_kind
+from vit_attn.datasource import listing_changes, open_source, read_listed_image, source_kind
 from vit_attn.decode import Preprocess, load_batch, load_image
 from vit_attn.errors import ConfigError, DataSourceError, ImageDecodeError
 from vit_attn.sources import list_images
@@ -276,8 +276,12 @@ def test_decoding_bytes_equals_decoding_the_file(folder):
         np.testing.assert_array_equal(
             load_image((folder / name).read_bytes(), PREP), load_image(folder / name, PREP)
         )
+        with fsspec.open(str(folder / name), "rb") as f:  # a file object, as fsspec opens it
+            np.testing.assert_array_equal(load_image(f, PREP), load_image(folder / name, PREP))
     with pytest.raises(ImageDecodeError, match="empty file"):
         load_image(b"", PREP)
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        load_image(io.BytesIO(b"plain text, no image"), PREP)
 
 
 # --------------------------------------------------------------------------- S3 and HTTP
@@ -386,3 +390,39 @@ def test_listing_changes_name_what_came_and_went():
     )
     many = listing_changes([], [f"x{i}" for i in range(5)])
     assert many == "the source changed: 5 images added (x0, x1, x2, ... 2 more), 0 removed"
+
+
+def test_one_image_is_found_again_from_what_a_store_records(folder, tmp_path):
+    names = folder_files(folder)
+    write_shards(folder, names, tmp_path / "s", per_shard=5)
+    write_parquet(folder, names, tmp_path / "p" / "d.parquet", row_group_size=4)
+    for src, kwargs in (
+        (str(tmp_path / "s" / "train-{000000..000002}.tar"), {}),
+        (str(tmp_path / "p" / "*.parquet"), {"id_column": "id"}),
+        (str(tmp_path / "p" / "*.parquet"), {}),
+    ):
+        images = open_source(src, **kwargs)
+        attrs = {  # what plan.prepare writes into a store's attributes
+            "image_root": str(images.root),
+            "fingerprint_inputs": {"source": images.identity},
+            "config": {"data": {"source": src, **kwargs}},
+        }
+        for i in (0, 6, len(names) - 1):
+            assert read_listed_image(attrs, images.paths[i]) == (folder / names[i]).read_bytes()
+        assert read_listed_image(attrs, "train-000009.tar/nope.png") is None
+    assert read_listed_image({"image_root": str(folder)}, names[0]) is None  # read by path
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (
+            "zzz://bucket/images",
+            r"zzz://bucket/images: cannot open this URL \(Protocol not known: zzz\)",
+        ),
+        ("zzz://bucket/train-{0..3}.tar", r"cannot open this URL \(Protocol not known: zzz\)"),
+    ],
+)
+def test_unknown_protocols_are_one_line(source, message):
+    with pytest.raises(DataSourceError, match=message):
+        open_source(source)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, PipelineError
 from .remote import is_url
 from .sources import ImageList, list_images
 
@@ -89,3 +89,58 @@ def listing_changes(old: Sequence[str], new: Sequence[str], show: int = 3) -> st
         return "the source lists the same images in another order"
     noun = "image" if len(added) == 1 else "images"
     return f"the source changed: {len(added)} {noun} added{some(added)}, {len(removed)} removed{some(removed)}"
+
+
+def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
+    """The bytes of one image of a store, found again from the store's attributes (for
+    ``vit-attn show``): None for local files (read by path) or when it cannot be read.
+
+    Reads one shard's headers, one Parquet row group (or, with an id column, the source's
+    ids), or one object: the storage is reached through the environment, since stored
+    storage options are masked.
+    """
+    root = str(attrs.get("image_root", ""))
+    source = attrs.get("fingerprint_inputs", {}).get("source") or {}
+    kind = source.get("kind")
+    try:
+        if kind is None:
+            if not is_url(root) and not is_url(rel):
+                return None
+            items = _file_reader(root).read([rel]).items
+        elif kind == "webdataset":
+            items = _one_shard_member(root, rel)
+        else:
+            config = attrs.get("config", {}).get("data", {})
+            from .parquet import list_parquet
+
+            listed = list_parquet(
+                str(config["source"]), None, source.get("image_column"), source.get("id_column")
+            )
+            locators = listed.locators or ()
+            items = listed.reader.read([rel], [locators[listed.paths.index(rel)]]).items
+    except (PipelineError, ValueError, KeyError, OSError):
+        return None
+    item = items[0] if items else None
+    return item if isinstance(item, bytes) else None
+
+
+def _file_reader(root: str) -> Any:
+    from .sources_remote import FileReader
+
+    return FileReader(root)
+
+
+def _one_shard_member(root: str, rel: str) -> list[Any]:
+    from .remote import url_fs
+    from .shards import ShardReader, _scan
+
+    shard_rel, sep, member = rel.partition(".tar/")
+    if not sep:
+        return []
+    url = (root.rstrip("/") + "/" if root else "") + shard_rel + ".tar"
+    fs, path = url_fs(url)
+    scanned = _scan(fs, path, url, 0, None)
+    for name, loc in scanned.images:
+        if name == member:
+            return ShardReader((url,)).read([rel], [loc]).items
+    return []

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -241,9 +241,11 @@ _ORIENTATION_LAYOUT = {
 }
 
 
-def load_image(path: Path | str | bytes, prep: Preprocess, *, draft: bool = True) -> np.ndarray:
-    """Decode one file (or its bytes, read from a shard, a Parquet row or object storage)
-    into the model-input image: uint8 [H, W, 3] RGB, resized and cropped.
+def load_image(
+    path: Path | str | bytes | BinaryIO, prep: Preprocess, *, draft: bool = True
+) -> np.ndarray:
+    """Decode one file (or its bytes, or an open binary file object: from a shard, a Parquet
+    row or object storage) into the model-input image: uint8 [H, W, 3] RGB, resized and cropped.
 
     Not normalised: this is also the picture overlays are drawn on. EXIF orientation is
     applied; alpha is dropped (what timm's ``convert('RGB')`` does, not a composite);
@@ -255,7 +257,7 @@ def load_image(path: Path | str | bytes, prep: Preprocess, *, draft: bool = True
         ImageDecodeError: with a short reason (missing, empty, not an image, truncated,
             too large for Pillow's decompression-bomb limit, unsupported mode).
     """
-    with _open(path if isinstance(path, bytes) else Path(path)) as img:
+    with _open(Path(path) if isinstance(path, str) else path) as img:
         size = img.size
         box = _draft(img, prep) if draft else (0, 0, *size)
         try:
@@ -275,12 +277,12 @@ def load_image(path: Path | str | bytes, prep: Preprocess, *, draft: bool = True
     return np.asarray(_resize_crop(rgb, _plan(*size, prep), box, prep))
 
 
-def _open(path: Path | bytes) -> Image.Image:
+def _open(path: Path | bytes | BinaryIO) -> Image.Image:
     """Open lazily (header only) and refuse what is not worth decoding."""
     if isinstance(path, bytes):
         if not path:
             raise ImageDecodeError("empty file (0 bytes)")
-    else:
+    elif isinstance(path, Path):
         try:
             st = path.stat()
         except FileNotFoundError:

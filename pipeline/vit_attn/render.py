@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from .datasource import read_listed_image
 from .decode import Preprocess, load_image
 from .errors import ImageDecodeError, PipelineError
 from .maps import HEAD_FUSIONS, fuse_heads, mass_threshold_mask
 from .overlay import blend, head_grid
 from .remote import is_url
-from .sources_remote import FileReader
 from .store import STATUS_FAILED, STATUS_OK, find_image
 
 # per_map: each map's own min..max. per_image: 0..the largest value of any head of this image
@@ -31,10 +31,9 @@ def model_input_image(group: Any, index: int) -> np.ndarray:
     rel = str(group["image_path"][index])
     root = str(attrs["image_root"])
     path: Path | bytes = Path(rel) if Path(rel).is_absolute() else Path(root) / rel
-    if is_url(root) and "source" not in attrs.get("fingerprint_inputs", {}):
-        # An image file on object storage (shards and Parquet rows are not re-read here).
-        item = FileReader(root).read([rel]).items[0]
-        path = item if isinstance(item, bytes) else b""
+    if is_url(root) or "source" in attrs.get("fingerprint_inputs", {}):
+        # On object storage, in a shard or a Parquet file: found again through the source.
+        path = read_listed_image(attrs, rel) or b""
     try:
         return load_image(path, prep)
     except ImageDecodeError:

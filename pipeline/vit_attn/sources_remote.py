@@ -50,7 +50,6 @@ def list_remote(source: str, storage_options: Mapping[str, Any] | None = None) -
     a local one: folders and globs by relative path, list files as written."""
     fs, path = url_fs(source, storage_options)
     fs.invalidate_cache()  # a listing sees the storage as it is now, not as this process saw it
-    protocol = source.split("://", 1)[0]
     try:
         if any(c in path for c in _GLOB_CHARS):
             root, rels = _glob(fs, path)
@@ -62,7 +61,7 @@ def list_remote(source: str, storage_options: Mapping[str, Any] | None = None) -
             return _list_folder(fs, source, path, storage_options)
         suffix = posixpath.splitext(path)[1].lower()
         if suffix in (".txt", ".csv"):
-            return _list_file(fs, source, path, suffix, protocol, storage_options)
+            return _list_file(fs, source, path, suffix, storage_options)
         raise DataSourceError(
             f"{source}: not a folder, glob or list file; give a folder, a pattern, or a .txt/.csv list"
         )
@@ -120,7 +119,6 @@ def _list_file(
     source: str,
     path: str,
     suffix: str,
-    protocol: str,
     storage_options: Mapping[str, Any] | None,
 ) -> ImageList:
     """One path a line (``#`` comments), or a CSV's ``path`` column (else its first)."""
