@@ -44,6 +44,50 @@ def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield path
 
 
+# --------------------------------------------------------------------------- the small run
+# 25 images (two batches of 16, one broken file) through the sharpened tiny ViT of
+# tests/helpers.py: the cluster tests (SLURM, an existing scheduler) must reproduce the
+# in-process store bit for bit. Helpers are imported inside: tests/helpers.py imports this file.
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 synthetic images and one broken file: two batches of 16."""
+    from . import imagefactory
+
+    root = tmp_path_factory.mktemp("small-data")
+    imagefactory.write_rgb_set(
+        root / "images", [(50 + 9 * i, 40 + 11 * (i % 7)) for i in range(24)]
+    )
+    imagefactory.write_truncated_jpeg(root / "images")
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .helpers import save_sharpened_checkpoint
+
+    return save_sharpened_checkpoint(tmp_path_factory.mktemp("small-weights"))
+
+
+@pytest.fixture(scope="module")
+def reference_store(
+    tmp_path_factory: pytest.TempPathFactory,
+    small_dataset: Path,
+    small_checkpoint: Path,
+    export_cache: Path,
+) -> Path:
+    """The in-process run every cluster run must reproduce bit for bit."""
+    from vit_attn.cli import main as cli_main
+
+    from .helpers import write_config
+
+    folder = tmp_path_factory.mktemp("small-reference")
+    config = write_config(folder, small_dataset, small_checkpoint, export_cache)
+    assert cli_main(["run", str(config), "--no-progress"]) == 0
+    return folder / "run.zarr"
+
+
 # Fixtures that start clusters, run whole pipelines or export several models. A test that uses
 # one is slow wherever it lives, so the `slow` marker is applied here, in one place.
 SLOW_FIXTURES = frozenset(
@@ -54,7 +98,7 @@ SLOW_FIXTURES = frozenset(
         "sharpened_run",
         "any_run",  # test_analysis: whole runs with statistics
         "local_run",
-        "reference_store",  # test_pipeline / smallrun: end-to-end runs
+        "reference_store",  # test_pipeline / the small run above: end-to-end runs
         "slurm",
         "external_cluster",
     }

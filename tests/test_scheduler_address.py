@@ -15,11 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import stop_process_group
-from .smallrun import (
-    assert_stores_equal,
-    write_config,
-)  # noqa: F401
+from .helpers import assert_stores_equal, stop_process_group, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

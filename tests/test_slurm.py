@@ -23,10 +23,7 @@ from vit_attn.orchestrate import WORKER_ENV
 from vit_attn.slurm import job_script, slurm_kwargs, worker_env_prologue
 
 from . import slurm_cluster
-from .smallrun import (
-    assert_stores_equal,
-    write_config,
-)  # noqa: F401
+from .helpers import assert_stores_equal, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
