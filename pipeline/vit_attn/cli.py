@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .orchestrate import execute
     from .plan import prepare
-    from .store import consolidate
+    from .store import consolidate, store_counts
 
     cfg = load_config(args.config, args.overrides)
     prepared = prepare(cfg, overwrite=args.overwrite)
@@ -156,9 +156,11 @@ def _run(args: argparse.Namespace) -> int:
     summary = execute(plan, tasks, cfg.cluster, progress=not args.no_progress)
     consolidate(plan.store_path)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
+    ok, failed, pending = store_counts(plan.store_path)  # the store's truth, not the tasks' word
     print(
-        f"vit-attn: done: {summary.images_ok} ok, {summary.images_failed} failed, "
-        f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'})",
+        f"vit-attn: done: {ok} ok, {failed} failed, {pending} pending of {ok + failed + pending} "
+        f"images; this run {summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s "
+        f"(worker time: {stages or 'none'})",
         file=sys.stderr,
     )
     print(
@@ -166,11 +168,12 @@ def _run(args: argparse.Namespace) -> int:
         + (f", PNGs in {plan.png_dir}" if plan.png_dir else ""),
         file=sys.stderr,
     )
-    if summary.failed_batches:
-        first = next(iter(summary.failed_batches.items()))
+    if summary.failed_batches or pending:
+        first = next(iter(summary.failed_batches.items()), None)
+        why = f" (batch {first[0]}: {first[1]})" if first else ""
         print(
-            f"vit-attn: {len(summary.failed_batches)} batches could not be done (batch {first[0]}: {first[1]}); "
-            "they stay pending: rerun the same command to retry them",
+            f"vit-attn: {len(summary.failed_batches)} batches could not be done{why}; "
+            f"{pending} images stay pending: rerun the same command to retry them",
             file=sys.stderr,
         )
         return EXIT_FAILED_BATCHES

@@ -19,6 +19,7 @@ from .decode import preprocess_for_model
 from .errors import StoreError
 from .export import OutputSpec, export_onnx, weights_digest
 from .model import LoadedModel, ModelSource, describe, load_model
+from .outputs import batches_missing_pngs, check_output_locations, check_png_targets
 from .runtime import RuntimeOptions, available_threads
 from .sources import ImageList, list_images
 from .stats import STAT_NAMES, STAT_UNITS
@@ -30,6 +31,7 @@ from .store import (
     is_store,
     open_store_for_resume,
     pending_batches,
+    read_status,
 )
 from .task import BatchTask, RunPlan
 
@@ -169,6 +171,9 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     store_path = Path(cfg.output.store)
     overwrite = overwrite or cfg.output.overwrite
 
+    check_output_locations(cfg.data.source, store_path, cfg.output.png_dir)
+    if cfg.output.png_dir:
+        check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
     resumed = is_store(store_path) and not overwrite
     if resumed:
         _check_same_run(store_path, fingerprint, inputs)
@@ -194,6 +199,16 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         }
         group = create_store(store_path, spec, images.paths, attrs, overwrite=overwrite)
     pending = pending_batches(group, spec)
+    if resumed and cfg.output.png_dir:
+        redo = batches_missing_pngs(
+            read_status(store_path),
+            spec.batch_size,
+            cfg.output.png_dir,
+            str(images.root),
+            images.paths,
+            cfg.output.png_heads,
+        )
+        pending = sorted(set(pending) | set(redo))
     plan = RunPlan(
         store_path=str(store_path),
         image_root=str(images.root),

@@ -439,6 +439,20 @@ def pending_batches(group: zarr.Group, spec: StoreSpec) -> list[int]:
     return np.flatnonzero(pending).tolist()
 
 
+def read_status(path: PathLike) -> np.ndarray:
+    """The whole `status` array of a store."""
+    return np.asarray(zarr.open_array(str(path), path="status", mode="r")[:])
+
+
+def store_counts(path: PathLike) -> tuple[int, int, int]:
+    """Images at status ok, failed and pending, as the store holds them."""
+    status = read_status(path)
+    ok, failed, pending = (
+        int((status == s).sum()) for s in (STATUS_OK, STATUS_FAILED, STATUS_PENDING)
+    )
+    return ok, failed, pending
+
+
 def _write_region(array: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
     """Write rows [start, stop) of one array (one whole shard or chunk)."""
     array[start:stop] = data

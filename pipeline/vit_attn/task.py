@@ -16,11 +16,12 @@ import numpy as np
 
 from .decode import Preprocess, load_batch, normalize
 from .errors import PipelineError
-from .overlay import blend, head_grid, save_png
+from .outputs import is_per_image_os_error, png_path, write_png
+from .overlay import blend, head_grid
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
 from .specs import ModelSource, OutputSpec
 from .stats import STAT_NAMES
-from .store import STATUS_OK, BatchResult, StoreSpec, empty_batch, write_batch
+from .store import STATUS_FAILED, STATUS_OK, BatchResult, StoreSpec, empty_batch, write_batch
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,13 @@ def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         _add_overlays(plan, result, images, ok)
         clock.lap("maps")
         result.status[ok] = STATUS_OK
-    write_batch(plan.store_path, result)
-    clock.lap("write")
     if plan.png_dir and ok.any():
+        # Before the store write, whose status comes last: status 1 means the PNGs are there.
         _write_pngs(plan, task, result, images, ok)
         clock.lap("png")
-    n_ok = int(ok.sum())
+    write_batch(plan.store_path, result)
+    clock.lap("write")
+    n_ok = int((result.status == STATUS_OK).sum())
     return BatchSummary(task.batch_index, n_ok, len(ok) - n_ok, clock.laps, os.getpid())
 
 
@@ -170,34 +172,34 @@ def _add_overlays(plan: RunPlan, result: BatchResult, images: np.ndarray, ok: np
         arrays["overlay_heads"][ok] = blended.reshape(n, nh, *blended.shape[1:])
 
 
-def png_path(png_dir: str | Path, image_path: str, suffix: str = ".png") -> Path:
-    """Where the PNG of one image goes: its listed path, mirrored under `png_dir`."""
-    rel = Path(image_path)
-    if rel.is_absolute():
-        rel = Path(*rel.parts[1:])
-    return Path(png_dir) / rel.with_name(rel.name + suffix)
-
-
 def _write_pngs(
     plan: RunPlan, task: BatchTask, result: BatchResult, images: np.ndarray, ok: np.ndarray
 ) -> None:
+    """Write each ok image's PNGs; an image whose PNG name the file system refuses fails alone."""
     assert plan.png_dir is not None
     means = _head_mean_last_layer(result)
     for i in np.flatnonzero(ok):
         path = task.paths[i]
         if "overlay" in result.arrays:
-            save_png(result.arrays["overlay"][i], png_path(plan.png_dir, path))
+            overlay = result.arrays["overlay"][i]
         else:
-            save_png(
-                blend(images[i : i + 1], means[i : i + 1], plan.overlay_alpha, plan.colormap)[0],
-                png_path(plan.png_dir, path),
-            )
+            overlay = blend(images[i : i + 1], means[i : i + 1], plan.overlay_alpha, plan.colormap)[
+                0
+            ]
+        pngs = [(png_path(plan.png_dir, plan.image_root, path), overlay)]
         if plan.png_heads:
             heads = result.arrays["cls_attention"][i, -1].astype(np.float32)
-            save_png(
-                head_grid(images[i], heads, plan.overlay_alpha, plan.colormap),
-                png_path(plan.png_dir, path, ".heads.png"),
-            )
+            grid = head_grid(images[i], heads, plan.overlay_alpha, plan.colormap)
+            pngs.append((png_path(plan.png_dir, plan.image_root, path, ".heads.png"), grid))
+        for target, pixels in pngs:
+            try:
+                write_png(pixels, target, plan.png_dir, path)
+            except OSError as exc:
+                if isinstance(exc, PipelineError) or not is_per_image_os_error(exc):
+                    raise
+                result.status[i] = STATUS_FAILED
+                result.error[i] = f"PNG {target} not written: {exc.strerror or exc}"
+                break
 
 
 class _Clock:
