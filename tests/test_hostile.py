@@ -8,6 +8,7 @@ tests take a second or two once the modules are imported.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,163 @@ def test_pngs_missing_on_resume_are_written(tmp_path, data, capsys):
     assert run(config) == 0
     assert "4 of 6 images in 1 batches" in capsys.readouterr().err
     assert (tmp_path / "png" / "img_42x32.png.png").is_file()
+
+
+# --------------------------------------------------------------------- 3. config edge cases
+
+
+def _bomb(depth: int = 9, width: int = 9) -> str:
+    lines = ["a0: &a0 [x]"]
+    for i in range(1, depth):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["data.source", "attention.layers", "model.kwargs"])
+def test_a_yaml_alias_bomb_is_refused_quickly_in_one_short_line(tmp_path, data, capsys, where):
+    section, key = where.split(".")
+    body = yaml.safe_dump(
+        {
+            "model": dict(TINY),
+            "data": {"source": str(data)},
+            "output": {"store": str(tmp_path / "run.zarr")},
+            "cluster": {"kind": "none"},
+        }
+    )
+    config = tmp_path / "bomb.yaml"
+    cfg = yaml.safe_load(body)
+    cfg.setdefault(section, {})[key] = "BOMB"
+    config.write_text(_bomb() + "\n" + yaml.safe_dump(cfg).replace("BOMB", "*a8"))
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert len(line) < 400 and "aliases" in line, line
+
+
+def test_error_messages_show_long_values_shortened(tmp_path, capsys):
+    config = write_config(tmp_path, "x" * 100_000, inference={"batch_size": list(range(10_000))})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "inference.batch_size" in line and len(line) < 400, line
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
+    if done.returncode != 0:
+        pytest.skip("mount -t tmpfs is not allowed here (no CAP_SYS_ADMIN)")
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    mounts: list[Path] = []
+
+    def make(name: str, size: str) -> Path:
+        path = tmp_path / name
+        _mount_tmpfs(path, size)
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        _umount(path)
+
+
+USER_MISTAKES = {
+    "config-is-a-list": (
+        lambda p: p.write_text("- a\n- b\n"),
+        ["--set", "model.seed=1"],
+        "mapping",
+    ),
+    "config-is-a-string": (lambda p: p.write_text("just words\n"), ["--set", "a.b=1"], "mapping"),
+    "config-not-utf8": (lambda p: p.write_bytes(b"model:\n  name: vit\xff\xfe\n"), [], "UTF-8"),
+    "config-is-a-folder": (lambda p: p.mkdir(), [], "is a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_MISTAKES))
+def test_config_file_mistakes_are_one_line(tmp_path, capsys, case):
+    make, args, message = USER_MISTAKES[case]
+    config = tmp_path / "config.yaml"
+    make(config)
+    assert run(config, *args) == 2
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.seed=18446744073709551616", r"model\.seed"),
+        ("model.kwargs={depth: 1, patch_size: 8, num_heads: 5}", r"model\.kwargs"),
+        ("cluster.address=notaurl", r"cluster\.address 'notaurl' is not a scheduler address"),
+        ("attention.layers=[true]", r"attention: layers: expected integers, got a boolean"),
+        ("inference.batch_size=true", r"inference: batch_size: expected integers"),
+        ("model.img_size=71", r"71.* not a multiple of the patch size \[8, 8\].*64 or 72"),
+    ],
+    ids=["seed-65-bits", "num-heads-5", "address-notaurl", "layers-true", "batch-true", "img-71"],
+)
+def test_model_and_cluster_mistakes_are_one_line(tmp_path, data, capsys, override, message):
+    import re
+
+    config = write_config(tmp_path, data)
+    extra = ["--set", "cluster.kind=address"] if override.startswith("cluster") else []
+    assert run(config, "--set", override, *extra) == 2
+    line = one_error_line(capsys)
+    assert re.search(message, line), line
+    assert not (tmp_path / "out" / "run.zarr").exists()
+
+
+def test_int8_checkpoint_is_refused(tmp_path, data, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from vit_attn.model import ModelSource, load_model
+
+    loaded = load_model(
+        ModelSource(TINY["name"], img_size=(32, 32), kwargs=TINY["kwargs"])  # type: ignore[arg-type]
+    )
+    state = {
+        k: v.to(torch.int8) if k.endswith("qkv.weight") else v
+        for k, v in loaded.model.state_dict().items()
+    }
+    save_file(state, str(tmp_path / "w.safetensors"))
+    config = write_config(tmp_path, data, model={"checkpoint": str(tmp_path / "w.safetensors")})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "qkv.weight is int8" in line and "float32" in line, line
+
+
+def test_overwrite_through_a_symlinked_store_path(tmp_path, data):
+    real = tmp_path / "real" / "run.zarr"
+    config = write_config(tmp_path, data, output={"store": str(real)})
+    assert run(config) == 0
+    (tmp_path / "link.zarr").symlink_to(real)
+    config = write_config(tmp_path, data, output={"store": str(tmp_path / "link.zarr")})
+    assert run(config, "--overwrite") == 0
+    assert (tmp_path / "link.zarr").is_symlink() and (status_of(real) == 1).all()
+
+
+def test_an_empty_mount_point_as_the_store(tmp_path, data, tmpfs):
+    store = tmpfs("mnt", "64m")
+    config = write_config(tmp_path, data, output={"store": str(store)})
+    assert run(config) == 0
+    assert (status_of(store) == 1).all()
+
+
+def test_no_space_while_creating_the_template_is_one_line(tmp_path, data, tmpfs, capsys):
+    small = tmpfs("small", "8k")
+    config = write_config(tmp_path, data, output={"store": str(small / "run.zarr")})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and str(small) in line, line
+    assert list(small.iterdir()) == []

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError
+from .errors import PipelineError, describe_os_error
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
 
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return _show(args)
     except PipelineError as exc:
         print(f"vit-attn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # disk full, permissions, a read-only mount: the environment's say
+        print(f"vit-attn: error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(

@@ -40,3 +40,12 @@ class BackendError(PipelineError, RuntimeError):
 
 class StoreError(PipelineError, OSError):
     """The output store is unusable: wrong format, fingerprint mismatch, or would be overwritten."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OS error: the path and the cause (`/out/run.zarr/x: No space left ...`)."""
+    where = exc.filename if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"{where}: {cause}" if where else cause

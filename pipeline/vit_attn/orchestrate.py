@@ -211,7 +211,7 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
             )
             try:
                 client = Client(timeout="30s", **kwargs)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError, TypeError) as exc:  # ValueError: no URL
                 where = cluster.scheduler_file or cluster.address
                 raise PipelineError(f"cannot reach the Dask scheduler at {where}: {exc}") from None
             with client:

@@ -314,10 +314,31 @@ def create_store(
     reserved = {"format", "format_version"} & set(attrs)
     if reserved:
         raise ValueError(f"attrs must not set {sorted(reserved)}: the store sets them")
+    path = Path(os.path.realpath(path))  # a symlinked store path: work on the real folder
     replace = _check_target(path, overwrite)
+    try:
+        return _create(path, spec, image_paths, attrs, replace)
+    except OSError as exc:
+        if isinstance(exc, StoreError):
+            raise
+        where = exc.filename or path
+        raise StoreError(
+            f"cannot create the store {path}: {where}: {exc.strerror or exc}; nothing was kept"
+        ) from None
 
+
+def _create(
+    path: Path,
+    spec: StoreSpec,
+    image_paths: Sequence[str],
+    attrs: Mapping[str, Any],
+    replace: bool,
+) -> zarr.Group:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # An existing empty folder (possibly a mount point, which cannot be replaced by a rename)
+    # is filled in place: the template is built inside it and moved up, zarr.json last.
+    in_place = not replace and path.is_dir()
+    tmp = (path if in_place else path.parent) / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         group = zarr.create_group(
             str(tmp), attributes={"format": FORMAT, "format_version": FORMAT_VERSION, **attrs}
@@ -336,13 +357,20 @@ def create_store(
         group["layer"][:] = np.asarray(spec.layers, dtype=np.int32)
         group["head"][:] = np.arange(spec.num_heads, dtype=np.int32)
         group["image_path"][:] = np.asarray([str(p) for p in image_paths], dtype=object)
-        if replace:
-            shutil.rmtree(path)
-        elif path.is_dir():
-            path.rmdir()  # an empty folder, checked above
-        os.replace(tmp, path)
+        if in_place:
+            names = sorted(os.listdir(tmp), key=lambda n: n == "zarr.json")
+            for name in names:
+                os.replace(tmp / name, path / name)
+            tmp.rmdir()
+        else:
+            if replace:
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if in_place and not is_store(path):
+            for child in path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     return zarr.open_group(str(path), mode="r+")
 
