@@ -9,6 +9,8 @@ tests take a second or two once the modules are imported.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +345,80 @@ def test_no_space_while_creating_the_template_is_one_line(tmp_path, data, tmpfs,
     line = one_error_line(capsys)
     assert "No space left on device" in line and str(small) in line, line
     assert list(small.iterdir()) == []
+
+
+# --------------------------------------------------------------------- 4. one writer per store
+
+
+def _hold_lock(store: Path) -> subprocess.Popen:
+    """A real process on this host holding the store's lock until it is killed."""
+    code = (
+        "import sys, time\n"
+        "from vit_attn.lock import lock_for\n"
+        f"lock = lock_for({str(store)!r}, 'first-run-id', 30)\n"
+        "lock.acquire()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(
+    tmp_path, data, capsys
+):
+    store = tmp_path / "out" / "run.zarr"
+    config = write_config(tmp_path, data)
+    holder = _hold_lock(store)
+    try:
+        assert run(config) == 2
+        line = one_error_line(capsys)
+        assert "in use by run first-run-id" in line and f"pid {holder.pid}" in line, line
+        assert not store.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(config) == 0  # the holder's process is gone: its lock is stale
+    assert (status_of(store) == 1).all()
+    assert not Path(str(store) + ".lock").exists()  # released at the end
+
+
+def test_a_lock_without_heartbeat_from_another_host_is_taken_over(tmp_path, data, capsys):
+    import json
+    import time
+
+    store = tmp_path / "out" / "run.zarr"
+    lock = Path(str(store) + ".lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"run_id": "r0", "host": "elsewhere", "pid": 1, "user": "u"}))
+    config = write_config(tmp_path, data, output={"lock_stale_seconds": 60})
+    assert run(config) == 2  # fresh heartbeat: the other host's run may be alive
+    assert "on elsewhere" in one_error_line(capsys)
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert run(config) == 0
+    assert (status_of(store) == 1).all()
+
+
+def test_a_stalled_writer_never_writes_into_the_store_that_replaced_its_own(tmp_path, data):
+    """Run 1 plans and stalls; run 2 replaces the store (--overwrite); run 1 wakes up."""
+    from vit_attn.config import load_config
+    from vit_attn.plan import prepare
+    from vit_attn.task import run_batch
+
+    config = write_config(tmp_path, data)
+    first = prepare(load_config(config))
+    second = prepare(load_config(config, ["attention.layers=all"]), overwrite=True)
+    store = tmp_path / "out" / "run.zarr"
+    with pytest.raises(Exception, match="belongs to run"):
+        run_batch(first.plan, first.tasks[0])
+    assert (status_of(store) == 0).all()
+    run_batch(second.plan, second.tasks[0])
+    assert (status_of(store)[:4] == 1).all()
+    # A resume is a new run too: the earlier run's writers are refused from then on.
+    third = prepare(load_config(config, ["attention.layers=all"]))
+    with pytest.raises(Exception, match="belongs to run"):
+        run_batch(second.plan, second.tasks[-1])
+    run_batch(third.plan, third.tasks[-1])
+    assert (status_of(store) == 1).all()

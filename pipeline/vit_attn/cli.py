@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError, describe_os_error
+from .errors import PipelineError, StoreError, describe_os_error
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
 
@@ -141,12 +142,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .lock import lock_for
+
+    cfg = load_config(args.config, args.overrides)
+    run_id = uuid.uuid4().hex
+    lock = lock_for(cfg.output.store, run_id, cfg.output.lock_stale_seconds)
+    lock.acquire()  # one writer per store, from planning to consolidation
+    try:
+        return _run_locked(args, cfg, run_id, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> int:
     from .orchestrate import execute
     from .plan import prepare
     from .store import consolidate, store_counts
 
-    cfg = load_config(args.config, args.overrides)
-    prepared = prepare(cfg, overwrite=args.overwrite)
+    prepared = prepare(cfg, overwrite=args.overwrite, run_id=run_id)
     plan, tasks = prepared.plan, prepared.tasks
     todo = sum(len(t.paths) for t in tasks)
     verb = "resuming" if prepared.resumed else "writing"
@@ -157,6 +170,11 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     summary = execute(plan, tasks, cfg.cluster, progress=not args.no_progress)
+    if lock.lost:
+        raise StoreError(
+            f"{plan.store_path} was taken over by another run while this one was stalled; "
+            "this run stopped writing (its finished batches are kept if that run resumed them)"
+        )
     consolidate(plan.store_path)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
     ok, failed, pending = store_counts(plan.store_path)  # the store's truth, not the tasks' word

@@ -144,6 +144,9 @@ class OutputConfig(_Section):
     png_heads: bool = False
     compression: Literal["default", "none", "zstd", "lz4"] = "default"
     overwrite: bool = False
+    lock_stale_seconds: float = Field(
+        120.0, ge=1.0, description="a store lock without heartbeat for this long is taken over"
+    )
 
 
 class SlurmConfig(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
-    """List images, load and export the model, create or reopen the store, list pending batches."""
+def prepare(cfg: Config, overwrite: bool = False, run_id: str | None = None) -> PreparedRun:
+    """List images, load and export the model, create or reopen the store, list pending batches.
+
+    `run_id` (a fresh one by default) is written into the store: every batch write checks it.
+    """
+    run_id = run_id or uuid.uuid4().hex
     images = list_images(cfg.data.source)
     loaded = load_model(model_source(cfg))
     outputs = output_spec(cfg, loaded)
@@ -185,6 +190,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         )
     if resumed:
         group = open_store_for_resume(store_path, fingerprint)
+        group.attrs["run_id"] = run_id  # from now on, writers of an earlier run are refused
     else:
         attrs = {
             "model": describe(loaded),
@@ -196,6 +202,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
             "attention_dtype": spec.attention_dtype,
             **({"stat_units": dict(STAT_UNITS)} if outputs.stats else {}),
             "versions": versions(),
+            "run_id": run_id,
         }
         group = create_store(store_path, spec, images.paths, attrs, overwrite=overwrite)
     pending = pending_batches(group, spec)
@@ -230,6 +237,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         png_dir=str(cfg.output.png_dir) if cfg.output.png_dir else None,
         png_heads=cfg.output.png_heads,
         decode_threads=cfg.data.decode_threads,
+        run_id=run_id,
     )
     tasks = []
     for b in pending:

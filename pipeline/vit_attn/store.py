@@ -486,24 +486,45 @@ def _write_region(array: zarr.Array, start: int, stop: int, data: np.ndarray) ->
     array[start:stop] = data
 
 
-def write_batch(group_or_path: zarr.Group | PathLike, result: BatchResult) -> None:
+def write_batch(
+    group_or_path: zarr.Group | PathLike, result: BatchResult, run_id: str | None = None
+) -> None:
     """Write one batch: data arrays, then `error`, then `status` last.
 
     A crash before the final status write leaves status 0, so the batch is redone on resume:
     status 1 always means the data is there. Accepts a path so a worker process opens the
-    store itself (a Group does not travel between processes cheaply).
+    store itself (a Group does not travel between processes cheaply). With `run_id`, the
+    store must still belong to that run, checked before the data and again before `status`:
+    a writer of a stalled run whose store was replaced (or taken over) never writes into it.
     """
     if isinstance(group_or_path, zarr.Group):
         group = group_or_path
     else:
         group = zarr.open_group(str(group_or_path), mode="r+")
+    if run_id is not None:
+        _check_run(group.attrs.get("run_id"), run_id, group_or_path, result.batch_index)
     arrays = dict(group.arrays())
     status, data = _checked_batch(arrays, result)  # everything checked before any write
     for name, values in data.items():
         _write_region(arrays[name], result.start, result.stop, values)
     errors = np.asarray(result.error, dtype=object)
     _write_region(arrays["error"], result.start, result.stop, errors)
+    if run_id is not None:
+        now = zarr.open_group(group.store, path=group.path, mode="r").attrs.get("run_id")
+        _check_run(now, run_id, group_or_path, result.batch_index)
     _write_region(arrays["status"], result.start, result.stop, status)
+
+
+class StoreTakenError(StoreError):
+    """The store now belongs to another run: this run's writers must stop."""
+
+
+def _check_run(current: Any, run_id: str, where: Any, batch: int) -> None:
+    if current != run_id:
+        raise StoreTakenError(
+            f"{where} now belongs to run {current}, not to this run {run_id} (replaced or taken "
+            f"over while this run was stalled); batch {batch} was not written"
+        )
 
 
 def _checked_batch(

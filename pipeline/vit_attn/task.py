@@ -43,6 +43,7 @@ class RunPlan:
     png_dir: str | None = None
     png_heads: bool = False
     decode_threads: int = 1
+    run_id: str | None = None  # the store's run id: write_batch refuses a store of another run
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         # Before the store write, whose status comes last: status 1 means the PNGs are there.
         _write_pngs(plan, task, result, images, ok)
         clock.lap("png")
-    write_batch(plan.store_path, result)
+    write_batch(plan.store_path, result, run_id=plan.run_id)
     clock.lap("write")
     n_ok = int((result.status == STATUS_OK).sum())
     return BatchSummary(task.batch_index, n_ok, len(ok) - n_ok, clock.laps, os.getpid())
