@@ -422,3 +422,70 @@ def test_a_stalled_writer_never_writes_into_the_store_that_replaced_its_own(tmp_
         run_batch(second.plan, second.tasks[-1])
     run_batch(third.plan, third.tasks[-1])
     assert (status_of(store) == 1).all()
+
+
+# --------------------------------------------------------------------- 5. data identity
+
+
+def _replace_image(path: Path, seed: int) -> None:
+    """Another picture under the same name (same size in pixels, different content)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+    pixels = imagefactory.synthetic_pixels(w, h, seed=seed)
+    Image.fromarray(pixels).save(path)
+
+
+def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    before = zarr.open_group(str(store), mode="r")["cls_attention"][:]
+    _replace_image(data / "img_42x32.png", seed=99)
+    capsys.readouterr()
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "1 input images changed" in line and "img_42x32.png" in line, line
+    assert "--redo-changed" in line
+    # With the flag, exactly the changed image's batch is redone; the store matches a fresh run.
+    assert run(config, "--redo-changed") == 0
+    assert "4 of 6 images in 1 batches" in capsys.readouterr().err  # its batch of 4
+    after = zarr.open_group(str(store), mode="r")["cls_attention"][:]
+    i = list(zarr.open_group(str(store), mode="r")["image_path"][:]).index("img_42x32.png")
+    assert not np.array_equal(before[i], after[i])
+    fresh = write_config(tmp_path / "fresh", data)
+    assert run(fresh) == 0
+    np.testing.assert_array_equal(
+        after,
+        zarr.open_group(str(tmp_path / "fresh" / "out" / "run.zarr"), mode="r")["cls_attention"][:],
+    )
+
+
+def test_verify_hash_sees_a_change_that_keeps_size_and_mtime(tmp_path, data, capsys):
+    config = write_config(tmp_path, data, data={"verify": "hash"})
+    assert run(config) == 0
+    target = data / "img_41x31.png"
+    st = target.stat()
+    raw = bytearray(target.read_bytes())
+    raw[-20] ^= 0xFF  # inside the IEND/IDAT tail: same size
+    target.write_bytes(bytes(raw))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run(config) == 2
+    assert "content differs" in one_error_line(capsys)
+
+
+def test_another_folder_with_the_same_names_is_another_run(tmp_path, data, capsys):
+    import shutil
+
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    config = write_config(tmp_path, other)
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "images.root" in line and str(other) in line, line
+    assert zarr.open_group(str(tmp_path / "out" / "run.zarr"), mode="r").attrs["image_root"] == str(
+        data
+    )

@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing store of a different run"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--redo-changed",
+        action="store_true",
+        help="on resume, redo exactly the images whose files changed (size, mtime, or hash)",
+    )
 
     exp = sub.add_parser(
         "export", help="export (or find in the cache) the ONNX graph; prints its path"
@@ -159,7 +164,7 @@ def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> i
     from .plan import prepare
     from .store import consolidate, store_counts
 
-    prepared = prepare(cfg, overwrite=args.overwrite, run_id=run_id)
+    prepared = prepare(cfg, overwrite=args.overwrite, run_id=run_id, redo_changed=args.redo_changed)
     plan, tasks = prepared.plan, prepared.tasks
     todo = sum(len(t.paths) for t in tasks)
     verb = "resuming" if prepared.resumed else "writing"

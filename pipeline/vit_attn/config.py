@@ -110,6 +110,9 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     source: str
     decode_threads: int = Field(1, ge=1, le=64)
+    verify: Literal["stat", "hash"] = Field(
+        "stat", description="how a resume recognises changed images: size+mtime, or + sha256"
+    )
 
 
 class AttentionConfig(_Section):

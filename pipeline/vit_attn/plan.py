@@ -9,16 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from . import __version__
 from .config import Config
 from .decode import preprocess_for_model
 from .errors import StoreError
 from .export import OutputSpec, export_onnx, weights_digest
+from .identity import Identities, changed_images, describe_change, identify
 from .model import LoadedModel, ModelSource, describe, load_model
 from .outputs import batches_missing_pngs, check_output_locations, check_png_targets
 from .runtime import RuntimeOptions, available_threads
@@ -96,6 +100,7 @@ def store_spec(cfg: Config, loaded: LoadedModel, outputs: OutputSpec, n_images: 
         overlays=cfg.output.overlays,
         stats=STAT_NAMES if outputs.stats else (),
         compression=cfg.output.compression,
+        identity=cfg.data.verify,
     )
 
 
@@ -137,7 +142,12 @@ def fingerprint_inputs(
             "precision": cfg.inference.precision,
             "batch_size": cfg.inference.batch_size,
         },
-        "images": {"count": len(images.paths), "sha256": listing},
+        "images": {
+            "count": len(images.paths),
+            "sha256": listing,
+            "root": os.path.realpath(images.root),
+            "verify": cfg.data.verify,
+        },
     }
 
 
@@ -160,13 +170,18 @@ def versions() -> dict[str, str]:
     }
 
 
-def prepare(cfg: Config, overwrite: bool = False, run_id: str | None = None) -> PreparedRun:
+def prepare(
+    cfg: Config, overwrite: bool = False, run_id: str | None = None, redo_changed: bool = False
+) -> PreparedRun:
     """List images, load and export the model, create or reopen the store, list pending batches.
 
     `run_id` (a fresh one by default) is written into the store: every batch write checks it.
+    A resume whose input files changed is refused naming them, or with `redo_changed` redoes
+    exactly the changed images.
     """
     run_id = run_id or uuid.uuid4().hex
     images = list_images(cfg.data.source)
+    ids = identify(images.root, images.paths, cfg.data.verify)
     loaded = load_model(model_source(cfg))
     outputs = output_spec(cfg, loaded)
     prep = preprocess_for_model(loaded.model, loaded.layout.input_size)
@@ -180,8 +195,10 @@ def prepare(cfg: Config, overwrite: bool = False, run_id: str | None = None) -> 
     if cfg.output.png_dir:
         check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
     resumed = is_store(store_path) and not overwrite
+    changed: list[int] = []
     if resumed:
         _check_same_run(store_path, fingerprint, inputs)
+        changed = _changed_inputs(store_path, images, ids, redo_changed)
     onnx_path = None
     if cfg.inference.backend == "onnxruntime":
         # Exported before the store is touched: a failed export leaves nothing half-made.
@@ -191,6 +208,8 @@ def prepare(cfg: Config, overwrite: bool = False, run_id: str | None = None) -> 
     if resumed:
         group = open_store_for_resume(store_path, fingerprint)
         group.attrs["run_id"] = run_id  # from now on, writers of an earlier run are refused
+        if changed:
+            _mark_for_redo(group, changed, ids)
     else:
         attrs = {
             "model": describe(loaded),
@@ -204,7 +223,9 @@ def prepare(cfg: Config, overwrite: bool = False, run_id: str | None = None) -> 
             "versions": versions(),
             "run_id": run_id,
         }
-        group = create_store(store_path, spec, images.paths, attrs, overwrite=overwrite)
+        group = create_store(
+            store_path, spec, images.paths, attrs, overwrite=overwrite, initial=ids.arrays()
+        )
     pending = pending_batches(group, spec)
     if resumed and cfg.output.png_dir:
         redo = batches_missing_pngs(
@@ -244,6 +265,49 @@ def prepare(cfg: Config, overwrite: bool = False, run_id: str | None = None) -> 
         start, stop = spec.batch_bounds(b)
         tasks.append(BatchTask(b, images.paths[start:stop]))
     return PreparedRun(plan=plan, tasks=tasks, images=images, loaded=loaded, resumed=resumed)
+
+
+def _stored_identities(group: Any) -> Identities | None:
+    names = {name for name, _ in group.arrays()}
+    if not {"image_bytes", "image_mtime_ns"} <= names:
+        return None
+    sha = list(group["image_sha256"][:]) if "image_sha256" in names else None
+    return Identities(
+        np.asarray(group["image_bytes"][:]),
+        np.asarray(group["image_mtime_ns"][:]),
+        [str(s) for s in sha] if sha is not None else None,
+    )
+
+
+def _changed_inputs(path: Path, images: ImageList, ids: Identities, redo: bool) -> list[int]:
+    """Indices of images that changed since the store recorded them; refused unless `redo`."""
+    import zarr
+
+    old = _stored_identities(zarr.open_group(str(path), mode="r"))
+    if old is None:
+        return []
+    changed = changed_images(old, ids).tolist()
+    if changed and not redo:
+        shown = "; ".join(describe_change(images.paths[i], i, old, ids) for i in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise StoreError(
+            f"{path}: {len(changed)} input images changed since the store recorded them "
+            f"({shown}{more}); rerun with --redo-changed to redo exactly these images, "
+            "or --overwrite to start over"
+        )
+    if changed:
+        log.warning("redoing %d changed images", len(changed))
+    return changed
+
+
+def _mark_for_redo(group: Any, changed: list[int], ids: Identities) -> None:
+    """Status 0 first, then the new identity: a crash in between only redoes them again."""
+    idx = np.asarray(changed)
+    group["status"].set_orthogonal_selection((idx,), np.zeros(idx.size, dtype=np.int8))
+    group["error"].set_orthogonal_selection((idx,), np.asarray([""] * idx.size, dtype=object))
+    for name, values in ids.arrays().items():
+        if name in group:
+            group[name].set_orthogonal_selection((idx,), np.asarray(values)[idx])
 
 
 def _check_same_run(path: Path, fingerprint: str, inputs: dict[str, Any]) -> None:

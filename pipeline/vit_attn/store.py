@@ -41,7 +41,8 @@ DEFAULT_COMPRESSION = "zstd"
 ATTENTION_DTYPES = ("float16", "float32")
 # Arrays with an `image` dim that are not batch outputs: written at creation or by write_batch
 # itself, never passed in BatchResult.arrays.
-BOOKKEEPING = ("image_path", "status", "error")
+BOOKKEEPING = ("image_path", "status", "error", "image_bytes", "image_mtime_ns", "image_sha256")
+IDENTITY_MODES = ("none", "stat", "hash")
 STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 # image_path is written once, at creation: shards of many batches keep the file count low
 # (reading every path is one read per ~64k images), chunks of one batch keep dask aligned.
@@ -95,6 +96,7 @@ class StoreSpec:
     stats: tuple[str, ...] = ()
     compression: str = "default"
     attention_dtype: str = "float16"
+    identity: str = "none"  # per-image input identity: 'stat' (size, mtime) or 'hash' (+ sha256)
 
     def __post_init__(self) -> None:
         # Sequences from YAML arrive as lists: store tuples so the spec stays hashable.
@@ -121,6 +123,7 @@ class StoreSpec:
             ("overlays", OVERLAY_MODES),
             ("compression", COMPRESSIONS),
             ("attention_dtype", ATTENTION_DTYPES),
+            ("identity", IDENTITY_MODES),
         ):
             value = getattr(self, name)
             _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
@@ -194,6 +197,17 @@ class StoreSpec:
             ArrayLayout("layer", ("layer",), "int32", (nl,), (nl,), None, False),
             ArrayLayout("head", ("head",), "int32", (nh,), (nh,), None, False),
         ]
+        # The input files' identity, written at creation (and by a resume that redoes changed
+        # images, before any task runs): laid out like image_path.
+        if self.identity != "none":
+            for name, dtype in (("image_bytes", "int64"), ("image_mtime_ns", "int64")):
+                arrays.append(
+                    ArrayLayout(name, ("image",), dtype, (n,), (bs,), (path_shard,), False)
+                )
+        if self.identity == "hash":
+            arrays.append(
+                ArrayLayout("image_sha256", ("image",), "str", (n,), (bs,), (path_shard,), False)
+            )
         per_image = [
             (self.topk is not None, "topk_index", ("k",), "int32", False),
             (self.topk is not None, "topk_prob", ("k",), "float32", False),
@@ -300,8 +314,11 @@ def create_store(
     image_paths: Sequence[str],
     attrs: Mapping[str, Any],
     overwrite: bool = False,
+    initial: Mapping[str, np.ndarray] | None = None,
 ) -> zarr.Group:
     """Create the empty store template at `path` and return it open for writing.
+
+    `initial` fills bookkeeping arrays (e.g. the input identity) in the template itself.
 
     Built in a hidden sibling folder and renamed into place, so an interrupted creation never
     leaves a half-made store that looks like ours. Refuses to touch anything that is not a
@@ -317,7 +334,7 @@ def create_store(
     path = Path(os.path.realpath(path))  # a symlinked store path: work on the real folder
     replace = _check_target(path, overwrite)
     try:
-        return _create(path, spec, image_paths, attrs, replace)
+        return _create(path, spec, image_paths, attrs, replace, initial or {})
     except OSError as exc:
         if isinstance(exc, StoreError):
             raise
@@ -333,6 +350,7 @@ def _create(
     image_paths: Sequence[str],
     attrs: Mapping[str, Any],
     replace: bool,
+    initial: Mapping[str, np.ndarray],
 ) -> zarr.Group:
     path.parent.mkdir(parents=True, exist_ok=True)
     # An existing empty folder (possibly a mount point, which cannot be replaced by a rename)
@@ -357,6 +375,10 @@ def _create(
         group["layer"][:] = np.asarray(spec.layers, dtype=np.int32)
         group["head"][:] = np.arange(spec.num_heads, dtype=np.int32)
         group["image_path"][:] = np.asarray([str(p) for p in image_paths], dtype=object)
+        for name, values in initial.items():
+            array = group[name]
+            assert isinstance(array, zarr.Array)
+            array[:] = values
         if in_place:
             names = sorted(os.listdir(tmp), key=lambda n: n == "zarr.json")
             for name in names:
