@@ -489,3 +489,74 @@ def test_another_folder_with_the_same_names_is_another_run(tmp_path, data, capsy
     assert zarr.open_group(str(tmp_path / "out" / "run.zarr"), mode="r").attrs["image_root"] == str(
         data
     )
+
+
+# --------------------------------------------------------------------- 6. no hangs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["scheduler_file", "address"])
+def test_a_missing_scheduler_fails_in_bounded_time(tmp_path, data, capsys, where):
+    import time
+
+    target = (
+        {"scheduler_file": str(tmp_path / "nowhere.json")}
+        if where == "scheduler_file"
+        else {"address": f"tcp://127.0.0.1:{_free_port()}"}
+    )
+    config = write_config(
+        tmp_path, data, cluster={"kind": "address", "connect_timeout": 2, **target}
+    )
+    start = time.monotonic()
+    assert run(config) == 2
+    assert time.monotonic() - start < 60
+    line = one_error_line(capsys)
+    assert str(next(iter(target.values()))) in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_run_without_progress_stops_with_one_line(tmp_path, data, capsys):
+    """A scheduler with no worker at all: nothing finishes; the watchdog says so."""
+    import time
+
+    sched_file = tmp_path / "scheduler.json"
+    dask = str(Path(sys.executable).parent / "dask")
+    proc = subprocess.Popen(
+        [
+            dask,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(sched_file),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        config = write_config(
+            tmp_path,
+            data,
+            cluster={"kind": "address", "scheduler_file": str(sched_file), "stall_minutes": 0.05},
+        )
+        start = time.monotonic()
+        assert run(config) == 2
+        assert time.monotonic() - start < 120
+        line = one_error_line(capsys)
+        assert "no batch finished for 0.05 minutes" in line and "0 workers" in line, line
+        assert (status_of(tmp_path / "out" / "run.zarr") == 0).all()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

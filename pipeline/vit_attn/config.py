@@ -188,6 +188,12 @@ class ClusterConfig(_Section):
         0, ge=0, description="batches submitted at once; 0 = batches_per_worker + 1 per worker"
     )
     retries: int = Field(2, ge=0)
+    connect_timeout: float = Field(
+        30.0, gt=0, description="seconds to wait for a scheduler file and a scheduler connection"
+    )
+    stall_minutes: float = Field(
+        30.0, ge=0, description="stop when no batch finishes for this long (0: never)"
+    )
     worker_env: dict[str, str] = Field(
         default_factory=dict, description="environment of local/SLURM worker processes"
     )

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from .config import ClusterConfig
@@ -131,21 +132,25 @@ def run_on_dask(
     on_done: Callable[[BatchSummary], None],
     max_in_flight: int,
     retries: int,
+    stall_minutes: float = 0.0,
 ) -> dict[int, str]:
     """Submit batches with at most `max_in_flight` outstanding, so memory stays flat.
 
-    Tasks carry paths and indices only; each worker process keeps its own session.
+    Tasks carry the (small) plan, paths and indices; each worker process keeps its own
+    session. The plan travels with every task rather than by a broadcast, which waits on a
+    worker that died while receiving it. With `stall_minutes`, a run where no batch finishes
+    for that long stops with a StallError instead of waiting for ever.
     """
-    from distributed import as_completed
+    from distributed import wait as dask_wait
 
     failed: dict[int, str] = {}
     pending = iter(tasks)
-    plan_future = client.scatter(plan, broadcast=True, hash=False)
+    timeout = stall_minutes * 60 if stall_minutes > 0 else None
 
     def submit(task: BatchTask):
         return client.submit(
             run_batch,
-            plan_future,
+            plan,
             task,
             key=f"vit-attn-batch-{task.batch_index}-{id(plan)}",
             pure=False,
@@ -157,22 +162,46 @@ def run_on_dask(
         futures[submit(task)] = task
         if len(futures) >= max_in_flight:
             break
-    queue = as_completed(list(futures))
-    for future in queue:
-        task = futures.pop(future)
+    while futures:
         try:
-            on_done(future.result())
-        except Exception as exc:  # a batch that failed after its retries: left pending for a rerun
-            failed[task.batch_index] = (
-                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            )
-        future.release()
-        nxt = next(pending, None)
-        if nxt is not None:
-            f = submit(nxt)
-            futures[f] = nxt
-            queue.add(f)
+            done, _ = dask_wait(list(futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            workers = len(client.scheduler_info().get("workers", {}))
+            raise StallError(
+                f"no batch finished for {stall_minutes:g} minutes ({len(futures)} in flight, "
+                f"{workers} workers connected); are the workers alive and able to reach the "
+                "store? Finished batches are kept: rerun to resume (cluster.stall_minutes)"
+            ) from None
+        for future in done:
+            task = futures.pop(future)
+            try:
+                on_done(future.result())
+            except Exception as exc:  # failed after its retries: left pending for a rerun
+                failed[task.batch_index] = (
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                )
+            future.release()
+            nxt = next(pending, None)
+            if nxt is not None:
+                futures[submit(nxt)] = nxt
     return failed
+
+
+class StallError(PipelineError, TimeoutError):
+    """No batch finished within cluster.stall_minutes."""
+
+
+def _wait_for_file(path: Path, seconds: float) -> None:
+    """A scheduler file may appear a moment after its scheduler starts; Client would wait on
+    a missing one for ever."""
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise PipelineError(
+                f"cluster.scheduler_file {path} does not exist after {seconds:g} s; start the "
+                "scheduler with --scheduler-file pointing there, or fix the path"
+            )
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -209,8 +238,10 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
                 if cluster.scheduler_file
                 else {"address": cluster.address}
             )
+            if cluster.scheduler_file:
+                _wait_for_file(Path(cluster.scheduler_file), cluster.connect_timeout)
             try:
-                client = Client(timeout="30s", **kwargs)
+                client = Client(timeout=f"{cluster.connect_timeout}s", **kwargs)
             except (OSError, TimeoutError, ValueError, TypeError) as exc:  # ValueError: no URL
                 where = cluster.scheduler_file or cluster.address
                 raise PipelineError(f"cannot reach the Dask scheduler at {where}: {exc}") from None
@@ -250,7 +281,7 @@ def execute(
             in_flight = cluster.max_in_flight or (cluster.batches_per_worker + 1) * workers
             start = bar.start = time.perf_counter()
             summary.failed_batches = run_on_dask(
-                client, plan, tasks, on_done, in_flight, cluster.retries
+                client, plan, tasks, on_done, in_flight, cluster.retries, cluster.stall_minutes
             )
     summary.seconds = time.perf_counter() - start
     return summary
