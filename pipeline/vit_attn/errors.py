@@ -5,6 +5,8 @@ Each subclass also derives from the builtin that fits, so callers can catch eith
 
 from __future__ import annotations
 
+import errno
+
 
 class PipelineError(Exception):
     """Base of every error caused by input, config or environment (not by a bug)."""
@@ -49,3 +51,21 @@ def describe_os_error(exc: OSError) -> str:
         where = f"{where} -> {exc.filename2}"
     cause = exc.strerror or str(exc) or type(exc).__name__
     return f"{where}: {cause}" if where else cause
+
+
+# OS errors that no retry fixes: the disk or quota is full, the file system is read-only, or
+# permission is denied. A task hitting one reports it instead of raising, so Dask does not
+# retry it on every worker (a retry storm of tracebacks), and the run stops with one line.
+UNRECOVERABLE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
+
+
+def unrecoverable(exc: BaseException, where: str = "") -> str | None:
+    """The one-line reason when `exc` is an OS error that retrying cannot fix, else None.
+
+    `where` names the place when the error carries no file name (zarr's writes do not)."""
+    if isinstance(exc, OSError) and exc.errno in UNRECOVERABLE_ERRNOS:
+        line = describe_os_error(exc)
+        return line if exc.filename is not None or not where else f"{where}: {line}"
+    return None

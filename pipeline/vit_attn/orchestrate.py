@@ -108,9 +108,13 @@ def run_in_process(
 
     def finish(task: BatchTask, future: Future) -> None:
         try:
-            on_done(future.result())
+            summary = future.result()
         except PipelineError as exc:
             failed[task.batch_index] = str(exc)
+            return
+        if summary.fatal:
+            raise FatalBatchError(summary.batch_index, summary.fatal)
+        on_done(summary)
 
     with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vit-attn-batch") as pool:
         running: dict[Future, BatchTask] = {}
@@ -174,6 +178,10 @@ def run_on_dask(
             ) from None
         for future in done:
             task = futures.pop(future)
+            summary = None if future.status != "finished" else future.result()
+            if summary is not None and summary.fatal:
+                client.cancel(list(futures))
+                raise FatalBatchError(summary.batch_index, summary.fatal)
             try:
                 on_done(future.result())
             except Exception as exc:  # failed after its retries: left pending for a rerun
@@ -185,6 +193,16 @@ def run_on_dask(
             if nxt is not None:
                 futures[submit(nxt)] = nxt
     return failed
+
+
+class FatalBatchError(PipelineError):
+    """A batch hit an error that no retry fixes (disk full, read-only, store taken over)."""
+
+    def __init__(self, batch_index: int, reason: str) -> None:
+        super().__init__(
+            f"{reason} (batch {batch_index}); the run stopped without retrying, finished "
+            "batches are kept: fix the cause and rerun the same command to resume"
+        )
 
 
 class StallError(PipelineError, TimeoutError):

@@ -15,13 +15,21 @@ from pathlib import Path
 import numpy as np
 
 from .decode import Preprocess, load_batch, normalize
-from .errors import PipelineError
-from .outputs import is_per_image_os_error, png_path, write_png
+from .errors import PipelineError, unrecoverable
+from .outputs import OutputError, is_per_image_os_error, png_path, write_png
 from .overlay import blend, head_grid
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
 from .specs import ModelSource, OutputSpec
 from .stats import STAT_NAMES
-from .store import STATUS_FAILED, STATUS_OK, BatchResult, StoreSpec, empty_batch, write_batch
+from .store import (
+    STATUS_FAILED,
+    STATUS_OK,
+    BatchResult,
+    StoreSpec,
+    StoreTakenError,
+    empty_batch,
+    write_batch,
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class BatchSummary:
     failed: int
     seconds: dict[str, float]
     worker_pid: int
+    fatal: str | None = None  # why the run must stop (disk full, store taken): never retried
 
 
 _runners: dict[tuple, Runner] = {}
@@ -131,11 +140,21 @@ def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         _add_overlays(plan, result, images, ok)
         clock.lap("maps")
         result.status[ok] = STATUS_OK
-    if plan.png_dir and ok.any():
-        # Before the store write, whose status comes last: status 1 means the PNGs are there.
-        _write_pngs(plan, task, result, images, ok)
-        clock.lap("png")
-    write_batch(plan.store_path, result, run_id=plan.run_id)
+    try:
+        if plan.png_dir and ok.any():
+            # Before the store write, whose status comes last: status 1 means the PNGs are there.
+            _write_pngs(plan, task, result, images, ok)
+            clock.lap("png")
+        write_batch(plan.store_path, result, run_id=plan.run_id)
+    except OSError as exc:
+        fatal = (
+            str(exc)
+            if isinstance(exc, StoreTakenError | OutputError)
+            else unrecoverable(exc, plan.store_path)
+        )
+        if fatal is None:
+            raise
+        return BatchSummary(task.batch_index, 0, 0, clock.laps, os.getpid(), fatal=fatal)
     clock.lap("write")
     n_ok = int((result.status == STATUS_OK).sum())
     return BatchSummary(task.batch_index, n_ok, len(ok) - n_ok, clock.laps, os.getpid())
