@@ -610,3 +610,80 @@ def test_disk_full_on_a_local_cluster_is_not_retried(tmp_path, tmpfs, capsys):
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err, err
     assert len(err) < 2000, err
+
+
+# --------------------------------------------------------------------- 8. signals, checkpoints
+
+
+def test_a_pickled_checkpoint_refusal_says_why(tmp_path, data, capsys):
+    import torch
+
+    torch.save({"weights": Path("not a tensor")}, tmp_path / "w.pth")  # any non-tensor object
+    config = write_config(tmp_path, data, model={"checkpoint": str(tmp_path / "w.pth")})
+    assert run(config) == 2
+    assert "arbitrary code execution" in one_error_line(capsys)
+
+
+def _start_run(config: Path, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "vit-attn"), "run", str(config), "--no-progress"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _signal_when_started(proc: subprocess.Popen, store: Path, sig: int, group: bool) -> None:
+    import signal as _signal  # noqa: F401 (documents the kind of `sig`)
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (store / "zarr.json").exists() and status_of(store).any():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    import signal
+
+    imagefactory.write_rgb_set(tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(300)])
+    config = write_config(tmp_path, tmp_path / "data", inference={"batch_size": 2})
+    store = tmp_path / "out" / "run.zarr"
+    proc = _start_run(config, tmp_path)
+    _signal_when_started(proc, store, signal.SIGTERM, group=False)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated; finished batches are kept, rerun the same command to resume" in err, err
+    assert "Traceback" not in err
+    assert (status_of(store) == 0).any()
+    assert run(config) == 0 and (status_of(store) == 1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_to_the_process_group_prints_no_worker_tracebacks(tmp_path):
+    import signal
+
+    imagefactory.write_rgb_set(tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(300)])
+    config = write_config(
+        tmp_path,
+        tmp_path / "data",
+        inference={"batch_size": 2},
+        cluster={"kind": "local", "n_workers": 2},
+    )
+    proc = _start_run(config, tmp_path)
+    _signal_when_started(proc, tmp_path / "out" / "run.zarr", signal.SIGINT, group=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted; finished batches are kept" in err

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -16,6 +18,15 @@ from typing import Any
 from .errors import PipelineError, StoreError, describe_os_error
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + signal number, as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`): handled exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "run":
             return _run(args)
@@ -137,12 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions, a read-only mount: the environment's say
         print(f"vit-attn: error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(
-            "vit-attn: interrupted; finished batches are kept, rerun the same command to resume",
+            f"vit-attn: {what}; finished batches are kept, rerun the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:

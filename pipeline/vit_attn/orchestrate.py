@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -209,6 +211,18 @@ class StallError(PipelineError, TimeoutError):
     """No batch finished within cluster.stall_minutes."""
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _wait_for_file(path: Path, seconds: float) -> None:
     """A scheduler file may appear a moment after its scheduler starts; Client would wait on
     a missing one for ever."""
@@ -239,16 +253,17 @@ def dask_client(cluster: ClusterConfig, device: str = "cpu") -> Iterator[Any]:
         if cluster.kind == "local":
             from distributed import LocalCluster
 
-            with (
-                LocalCluster(
+            # Worker processes ignore SIGINT (inherited through spawn): Ctrl-C reaches the whole
+            # process group, and this process alone answers it and closes them.
+            with _sigint_ignored():
+                lc = LocalCluster(
                     n_workers=cluster.n_workers,
                     threads_per_worker=cluster.batches_per_worker,
                     processes=True,
                     dashboard_address=None,
                     silence_logs=logging.ERROR,
-                ) as lc,
-                Client(lc) as client,
-            ):
+                )
+            with lc, Client(lc) as client:
                 yield client
         elif cluster.kind == "address":
             kwargs = (
