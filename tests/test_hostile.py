@@ -687,3 +687,34 @@ def test_ctrl_c_to_the_process_group_prints_no_worker_tracebacks(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "interrupted; finished batches are kept" in err
+
+
+def test_identity_arrays_are_laid_out_like_image_path(tmp_path):
+    from vit_attn.store import StoreSpec, create_store
+
+    spec = StoreSpec(
+        n_images=10,
+        batch_size=4,
+        layers=(0,),
+        num_heads=2,
+        grid=(2, 2),
+        input_size=(16, 16),
+        num_tokens=5,
+        topk=None,
+        full_attention=False,
+        rollout=False,
+        overlays="none",
+        identity="hash",
+    )
+    initial = {
+        "image_bytes": np.arange(10, dtype=np.int64),
+        "image_mtime_ns": np.arange(10, dtype=np.int64) * 7,
+        "image_sha256": np.asarray([f"{i:064x}" for i in range(10)], dtype=object),
+    }
+    paths = [f"{i}.png" for i in range(10)]
+    group = create_store(tmp_path / "s.zarr", spec, paths, {"fingerprint": "x"}, initial=initial)
+    for name, values in initial.items():
+        arr = group[name]
+        assert arr.metadata.dimension_names == ("image",)
+        assert arr.chunks == group["image_path"].chunks and arr.shards == group["image_path"].shards
+        assert [str(v) for v in arr[:]] == [str(v) for v in values], name
