@@ -718,3 +718,40 @@ def test_identity_arrays_are_laid_out_like_image_path(tmp_path):
         assert arr.metadata.dimension_names == ("image",)
         assert arr.chunks == group["image_path"].chunks and arr.shards == group["image_path"].shards
         assert [str(v) for v in arr[:]] == [str(v) for v in values], name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_killed_at_start_up_does_not_hang_the_run(tmp_path, data):
+    """SIGKILL one LocalCluster worker process the moment the run starts using it.
+
+    A guard, not a reproduction: with this timing the old broadcast of the plan did not hang
+    here either (the hang needed the kill in the middle of the replication)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    config = write_config(tmp_path, data, cluster={"kind": "local", "n_workers": 2})
+    me = psutil.Process()
+    killed: list[int] = []
+
+    def kill_first_worker() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            workers = [
+                p for p in me.children(recursive=True) if "multiprocessing" in " ".join(p.cmdline())
+            ]
+            if len(workers) >= 2:
+                time.sleep(1.0)  # registered, about to receive work
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed.append(workers[0].pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    assert run(config) == 0
+    killer.join(timeout=5)
+    assert killed, "no worker process was found to kill"
+    assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
