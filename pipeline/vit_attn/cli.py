@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError
+from .errors import PipelineError, StoreError, describe_os_error
 from .remote import is_url, location
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + signal number, as a shell reports it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`): handled exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing store of a different run"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--redo-changed",
+        action="store_true",
+        help="on resume, redo exactly the images whose files changed (size, mtime, or hash)",
+    )
 
     exp = sub.add_parser(
         "export", help="export (or find in the cache) the ONNX graph; prints its path"
@@ -128,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "run":
             return _run(args)
@@ -146,22 +166,43 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"vit-attn: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except OSError as exc:  # disk full, permissions, a read-only mount: the environment's say
+        print(f"vit-attn: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(
-            "vit-attn: interrupted; finished batches are kept, rerun the same command to resume",
+            f"vit-attn: {what}; finished batches are kept, rerun the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .orchestrate import execute
-    from .plan import prepare
-    from .store import consolidate
+    from .lock import lock_for
 
     cfg = load_config(args.config, args.overrides)
-    prepared = prepare(cfg, overwrite=args.overwrite)
+    run_id = uuid.uuid4().hex
+    lock = lock_for(
+        cfg.output.store, run_id, cfg.output.lock_stale_seconds, cfg.output.storage_options
+    )
+    lock.acquire()  # one writer per store, from planning to consolidation
+    try:
+        return _run_locked(args, cfg, run_id, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> int:
+    from .orchestrate import execute
+    from .plan import prepare
+    from .store import consolidate, store_counts
+
+    prepared = prepare(cfg, overwrite=args.overwrite, run_id=run_id, redo_changed=args.redo_changed)
     plan, tasks = prepared.plan, prepared.tasks
     todo = sum(len(t.paths) for t in tasks)
     verb = "resuming" if prepared.resumed else "writing"
@@ -178,11 +219,20 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     summary = execute(plan, tasks, cluster, progress=not args.no_progress)
+    if lock.lost:
+        raise StoreError(
+            f"{plan.store_path} was taken over by another run while this one was stalled; "
+            "this run stopped writing (its finished batches are kept if that run resumed them)"
+        )
     consolidate(plan.store_path, plan.store_options)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_seconds.items())
+    ok, failed, pending = store_counts(
+        plan.store_path, plan.store_options
+    )  # the store's truth, not the tasks' word
     print(
-        f"vit-attn: done: {summary.images_ok} ok, {summary.images_failed} failed, "
-        f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s (worker time: {stages or 'none'}; "
+        f"vit-attn: done: {ok} ok, {failed} failed, {pending} pending of {ok + failed + pending} "
+        f"images; this run {summary.images_per_second:.1f} img/s over {summary.seconds:.1f}s "
+        f"(worker time: {stages or 'none'}; "
         f"{summary.batches_overlapped} of {summary.batches_done} batches overlapped)",
         file=sys.stderr,
     )
@@ -191,11 +241,12 @@ def _run(args: argparse.Namespace) -> int:
         + (f", PNGs in {plan.png_dir}" if plan.png_dir else ""),
         file=sys.stderr,
     )
-    if summary.failed_batches:
-        first = next(iter(summary.failed_batches.items()))
+    if summary.failed_batches or pending:
+        first = next(iter(summary.failed_batches.items()), None)
+        why = f" (batch {first[0]}: {first[1]})" if first else ""
         print(
-            f"vit-attn: {len(summary.failed_batches)} batches could not be done (batch {first[0]}: {first[1]}); "
-            "they stay pending: rerun the same command to retry them",
+            f"vit-attn: {len(summary.failed_batches)} batches could not be done{why}; "
+            f"{pending} images stay pending: rerun the same command to retry them",
             file=sys.stderr,
         )
         return EXIT_FAILED_BATCHES

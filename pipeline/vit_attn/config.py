@@ -7,6 +7,9 @@ silently falls back to a default on a cluster job.
 from __future__ import annotations
 
 import copy
+import re
+import reprlib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,16 +19,77 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .specs import check_layer_selection, check_weight_source
 
+# Error messages show values through this: a huge or alias-expanded value stays one short line.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 3, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+# A config has a few hundred values; YAML aliases can expand a small file to billions.
+MAX_CONFIG_VALUES = 100_000
+# A Dask scheduler address: scheme://host:port, or host:port (tcp is implied).
+_ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://\S+|[^\s:/]+:\d+|\[[0-9a-fA-F:]+\]:\d+)$")
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
+
+
+def _check_size(data: Any, origin: str) -> None:
+    """Refuse a config that expands (through YAML aliases) to more values than any real one."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{origin}: the config expands to more than {MAX_CONFIG_VALUES:,} values "
+                "(nested YAML aliases?); write the values out"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+
+
+def _takes_int_not_bool(annotation: Any) -> bool:
+    found: set[Any] = set()
+
+    def walk(a: Any) -> None:
+        found.add(a)
+        for arg in typing.get_args(a):
+            walk(arg)
+
+    walk(annotation)
+    return int in found and bool not in found
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_int(cls, data: Any) -> Any:
+        """YAML `true` must not become block 1 or batch size 1 (pydantic's lax int takes bools)."""
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                if name in data and _takes_int_not_bool(info.annotation) and _has_bool(data[name]):
+                    raise ValueError(
+                        f"{name}: expected integers, got a boolean ({_short(data[name])})"
+                    )
+        return data
 
 
 class ModelConfig(_Section):
     name: str
     pretrained: bool = False
     checkpoint: Path | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="torch.manual_seed's range")
     img_size: int | tuple[int, int] | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -51,6 +115,9 @@ class DataConfig(_Section):
     image_column: str | None = None  # Parquet: the image bytes column (default "image")
     id_column: str | None = None  # Parquet: the column image_path is taken from
     label_key: str | None = None  # WebDataset member extension / Parquet column -> `label`
+    verify: Literal["stat", "hash"] = Field(
+        "stat", description="how a resume recognises changed images: size+mtime, or + sha256"
+    )
 
 
 class AttentionConfig(_Section):
@@ -86,6 +153,9 @@ class OutputConfig(_Section):
     png_heads: bool = False
     compression: Literal["default", "none", "zstd", "lz4"] = "default"
     overwrite: bool = False
+    lock_stale_seconds: float = Field(
+        120.0, ge=1.0, description="a store lock without heartbeat for this long is taken over"
+    )
 
     @field_validator("store", mode="before")
     @classmethod
@@ -132,6 +202,12 @@ class ClusterConfig(_Section):
         0, ge=0, description="batches submitted at once; 0 = batches_per_worker + 1 per worker"
     )
     retries: int = Field(2, ge=0)
+    connect_timeout: float = Field(
+        30.0, gt=0, description="seconds to wait for a scheduler file and a scheduler connection"
+    )
+    stall_minutes: float = Field(
+        30.0, ge=0, description="stop when no batch finishes for this long (0: never)"
+    )
     worker_env: dict[str, str] = Field(
         default_factory=dict, description="environment of local/SLURM worker processes"
     )
@@ -142,6 +218,11 @@ class ClusterConfig(_Section):
         if self.kind == "address" and not (self.address or self.scheduler_file):
             raise ValueError(
                 "cluster.kind 'address' needs cluster.address or cluster.scheduler_file"
+            )
+        if self.address is not None and not _ADDRESS.match(self.address):
+            raise ValueError(
+                f"cluster.address {_short(self.address)} is not a scheduler address; "
+                "give one such as tcp://head-node:8786"
             )
         return self
 
@@ -201,7 +282,10 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
             parts.append(f"{loc}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            got = f" (got {err['input']!r})" if kind != "value_error" and "input" in err else ""
+            msg = msg if len(msg) <= 300 else msg[:297] + "..."
+            got = (
+                f" (got {_short(err['input'])})" if kind != "value_error" and "input" in err else ""
+            )
             parts.append(f"{loc}: {msg}{got}")
     return (
         f"{origin}: "
@@ -244,6 +328,7 @@ def parse_config(data: Any, origin: str = "<config>", base: Path | None = None) 
     """Validate a config mapping; `base` is the folder relative paths refer to."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping with sections model, data, output, ...")
+    _check_size(data, origin)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
@@ -254,13 +339,28 @@ def parse_config(data: Any, origin: str = "<config>", base: Path | None = None) 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a YAML config file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
-    data = apply_overrides(data or {}, overrides or [])
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping with sections model, data, output, ... "
+            f"(the file holds a {type(data).__name__})"
+        )
+    _check_size(data, str(path))
+    data = apply_overrides(data, overrides or [])
     return parse_config(data, origin=str(path), base=path.resolve().parent)

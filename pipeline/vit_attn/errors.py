@@ -5,6 +5,7 @@ Each subclass also derives from the builtin that fits, so callers can catch eith
 
 from __future__ import annotations
 
+import errno
 import re
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -63,3 +64,30 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
         if line.strip():
             return line.strip()[:limit]
     return type(exc).__name__
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OS error: the path and the cause (`/out/run.zarr/x: No space left ...`)."""
+    where = exc.filename if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"{where}: {cause}" if where else cause
+
+
+# OS errors that no retry fixes: the disk or quota is full, the file system is read-only, or
+# permission is denied. A task hitting one reports it instead of raising, so Dask does not
+# retry it on every worker (a retry storm of tracebacks), and the run stops with one line.
+UNRECOVERABLE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
+
+
+def unrecoverable(exc: BaseException, where: str = "") -> str | None:
+    """The one-line reason when `exc` is an OS error that retrying cannot fix, else None.
+
+    `where` names the place when the error carries no file name (zarr's writes do not)."""
+    if isinstance(exc, OSError) and exc.errno in UNRECOVERABLE_ERRNOS:
+        line = describe_os_error(exc)
+        return line if exc.filename is not None or not where else f"{where}: {line}"
+    return None

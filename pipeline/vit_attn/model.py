@@ -76,6 +76,7 @@ def token_layout(model: nn.Module) -> TokenLayout:
         raise ModelError(
             f"model {name!r} has no fixed patch grid (patch_embed.grid_size); use a fixed-size ViT"
         )
+    _check_whole_patches(name, _to_pair(img_size), _to_pair(getattr(patch_embed, "patch_size", 1)))
     return TokenLayout(
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
         patch_size=_to_pair(patch_embed.patch_size),
@@ -85,6 +86,18 @@ def token_layout(model: nn.Module) -> TokenLayout:
         num_heads=int(attns[0].num_heads),
         num_classes=int(getattr(model, "num_classes", 0) or 0),
     )
+
+
+def _check_whole_patches(name: str, size: tuple[int, int], patch: tuple[int, int]) -> None:
+    """Refuse an input size the patches do not tile: the model would ignore the last pixels
+    while overlays stretch the grid over them."""
+    for side, p in zip(size, patch):
+        if side % p:
+            raise ModelError(
+                f"model {name!r}: img_size {list(size)} is not a multiple of the patch size "
+                f"{list(patch)} (the last {side % p} px would be ignored); use "
+                f"{side - side % p} or {side - side % p + p}"
+            )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -100,6 +113,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # every reader raises its own type for a corrupt file
+        if "arbitrary code execution" in str(exc):  # torch's weights_only refusal: say why
+            raise CheckpointError(
+                f"checkpoint {path} holds more than tensors and was not loaded: loading it could "
+                "result in arbitrary code execution; convert it to safetensors where it was made, "
+                "or load only weights you trust"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {first_line(exc)}); "
             "is it truncated or not a weights file?"
@@ -124,6 +143,7 @@ def _apply_checkpoint(model: nn.Module, path: Path) -> None:
             raise CheckpointError(
                 f"checkpoint {path} does not fit this model: {first_line(exc)}"
             ) from None
+    _check_dtypes(model, state, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -131,6 +151,20 @@ def _apply_checkpoint(model: nn.Module, path: Path) -> None:
             f"checkpoint {path} does not match the model: {first_line(exc)} "
             "(check model.name and model.kwargs)"
         ) from None
+
+
+def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """A float parameter must come from a float tensor: load_state_dict would silently cast
+    int8 (quantized) values, giving a model of garbage weights."""
+    own = model.state_dict()
+    for key, tensor in state.items():
+        target = own.get(key)
+        if target is not None and target.is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"checkpoint {path}: {key} is {str(tensor.dtype).removeprefix('torch.')}, "
+                f"the model needs {str(target.dtype).removeprefix('torch.')} (quantized "
+                "checkpoints are not supported; save the float weights)"
+            )
 
 
 def _create(source: ModelSource) -> nn.Module:
@@ -145,9 +179,10 @@ def _create(source: ModelSource) -> nn.Module:
         )
     try:
         return timm.create_model(source.name, pretrained=source.pretrained, **kwargs)
-    except TypeError as exc:
+    except (TypeError, AssertionError) as exc:  # timm asserts e.g. dim % num_heads == 0
         raise ModelError(
-            f"model {source.name!r} rejects the given arguments: {first_line(exc)}"
+            f"model {source.name!r} rejects the given arguments ({first_line(exc)}); "
+            "check model.kwargs"
         ) from None
     except (OSError, RuntimeError, ValueError) as exc:
         if source.pretrained:

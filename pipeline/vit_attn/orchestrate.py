@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from .config import ClusterConfig
@@ -114,9 +117,13 @@ def run_in_process(
 
     def finish(task: BatchTask, future: Future) -> None:
         try:
-            on_done(future.result())
+            summary = future.result()
         except Exception as exc:  # as on Dask: the batch stays pending for a rerun
             failed[task.batch_index] = batch_failure(exc)
+            return
+        if summary.fatal:
+            raise FatalBatchError(summary.batch_index, summary.fatal)
+        on_done(summary)
 
     with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vit-attn-batch") as pool:
         running: dict[Future, BatchTask] = {}
@@ -138,21 +145,25 @@ def run_on_dask(
     on_done: Callable[[BatchSummary], None],
     max_in_flight: int,
     retries: int,
+    stall_minutes: float = 0.0,
 ) -> dict[int, str]:
     """Submit batches with at most `max_in_flight` outstanding, so memory stays flat.
 
-    Tasks carry paths and indices only; each worker process keeps its own session.
+    Tasks carry the (small) plan, paths and indices; each worker process keeps its own
+    session. The plan travels with every task rather than by a broadcast, which waits on a
+    worker that died while receiving it. With `stall_minutes`, a run where no batch finishes
+    for that long stops with a StallError instead of waiting for ever.
     """
-    from distributed import as_completed
+    from distributed import wait as dask_wait
 
     failed: dict[int, str] = {}
     pending = iter(tasks)
-    plan_future = client.scatter(plan, broadcast=True, hash=False)
+    timeout = stall_minutes * 60 if stall_minutes > 0 else None
 
     def submit(task: BatchTask):
         return client.submit(
             run_batch,
-            plan_future,
+            plan,
             task,
             key=f"vit-attn-batch-{task.batch_index}-{id(plan)}",
             pure=False,
@@ -164,20 +175,70 @@ def run_on_dask(
         futures[submit(task)] = task
         if len(futures) >= max_in_flight:
             break
-    queue = as_completed(list(futures))
-    for future in queue:
-        task = futures.pop(future)
+    while futures:
         try:
-            on_done(future.result())
-        except Exception as exc:  # a batch that failed after its retries: left pending for a rerun
-            failed[task.batch_index] = batch_failure(exc)
-        future.release()
-        nxt = next(pending, None)
-        if nxt is not None:
-            f = submit(nxt)
-            futures[f] = nxt
-            queue.add(f)
+            done, _ = dask_wait(list(futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            workers = len(client.scheduler_info().get("workers", {}))
+            raise StallError(
+                f"no batch finished for {stall_minutes:g} minutes ({len(futures)} in flight, "
+                f"{workers} workers connected); are the workers alive and able to reach the "
+                "store? Finished batches are kept: rerun to resume (cluster.stall_minutes)"
+            ) from None
+        for future in done:
+            task = futures.pop(future)
+            summary = None if future.status != "finished" else future.result()
+            if summary is not None and summary.fatal:
+                client.cancel(list(futures))
+                raise FatalBatchError(summary.batch_index, summary.fatal)
+            try:
+                on_done(future.result())
+            except Exception as exc:  # failed after its retries: left pending for a rerun
+                failed[task.batch_index] = batch_failure(exc)
+            future.release()
+            nxt = next(pending, None)
+            if nxt is not None:
+                futures[submit(nxt)] = nxt
     return failed
+
+
+class FatalBatchError(PipelineError):
+    """A batch hit an error that no retry fixes (disk full, read-only, store taken over)."""
+
+    def __init__(self, batch_index: int, reason: str) -> None:
+        super().__init__(
+            f"{reason} (batch {batch_index}); the run stopped without retrying, finished "
+            "batches are kept: fix the cause and rerun the same command to resume"
+        )
+
+
+class StallError(PipelineError, TimeoutError):
+    """No batch finished within cluster.stall_minutes."""
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _wait_for_file(path: Path, seconds: float) -> None:
+    """A scheduler file may appear a moment after its scheduler starts; Client would wait on
+    a missing one for ever."""
+    deadline = time.monotonic() + seconds
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise PipelineError(
+                f"cluster.scheduler_file {path} does not exist after {seconds:g} s; start the "
+                "scheduler with --scheduler-file pointing there, or fix the path"
+            )
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -197,16 +258,17 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
         if cluster.kind == "local":
             from distributed import LocalCluster
 
-            with (
-                LocalCluster(
+            # Worker processes ignore SIGINT (inherited through spawn): Ctrl-C reaches the whole
+            # process group, and this process alone answers it and closes them.
+            with _sigint_ignored():
+                lc = LocalCluster(
                     n_workers=cluster.n_workers,
                     threads_per_worker=cluster.batches_per_worker,
                     processes=True,
                     dashboard_address=None,
                     silence_logs=logging.ERROR,
-                ) as lc,
-                Client(lc) as client,
-            ):
+                )
+            with lc, Client(lc) as client:
                 yield client
         elif cluster.kind == "address":
             kwargs = (
@@ -214,9 +276,11 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
                 if cluster.scheduler_file
                 else {"address": cluster.address}
             )
+            if cluster.scheduler_file:
+                _wait_for_file(Path(cluster.scheduler_file), cluster.connect_timeout)
             try:
-                client = Client(timeout="30s", **kwargs)
-            except (OSError, TimeoutError) as exc:
+                client = Client(timeout=f"{cluster.connect_timeout}s", **kwargs)
+            except (OSError, TimeoutError, ValueError, TypeError) as exc:  # ValueError: no URL
                 where = cluster.scheduler_file or cluster.address
                 raise PipelineError(f"cannot reach the Dask scheduler at {where}: {exc}") from None
             with client:
@@ -259,7 +323,7 @@ def execute(
             in_flight = cluster.max_in_flight or (cluster.batches_per_worker + 1) * workers
             start = bar.start = time.perf_counter()
             summary.failed_batches = run_on_dask(
-                client, plan, tasks, on_done, in_flight, cluster.retries
+                client, plan, tasks, on_done, in_flight, cluster.retries, cluster.stall_minutes
             )
     summary.seconds = time.perf_counter() - start
     return summary

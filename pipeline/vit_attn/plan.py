@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,8 @@ from .errors import StoreError
 from .executor import choose_executor
 from .graphcache import ModelFacts, model_source, package_version
 from .graphcache import resolve as resolve_model
+from .identity import Identities, changed_images, describe_change, identify
+from .outputs import batches_missing_pngs, check_output_locations, check_png_targets
 from .remote import is_url, location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
 from .sources import ImageList
@@ -38,6 +42,7 @@ from .store import (
     is_store,
     open_store_for_resume,
     pending_batches,
+    read_status,
 )
 from .task import BatchTask, RunPlan
 
@@ -96,6 +101,7 @@ def store_spec(
         overlays=cfg.output.overlays,
         stats=STAT_NAMES if outputs.stats else (),
         compression=cfg.output.compression,
+        identity=cfg.data.verify,
     )
 
 
@@ -137,8 +143,13 @@ def fingerprint_inputs(
             "precision": cfg.inference.precision,
             "batch_size": cfg.inference.batch_size,
         },
-        "images": {"count": len(images.paths), "sha256": listing},
-        # Only for shards and Parquet, so the fingerprints of folder stores stay valid.
+        "images": {
+            "count": len(images.paths),
+            "sha256": listing,
+            "root": str(images.root) if is_url(str(images.root)) else os.path.realpath(images.root),
+            "verify": cfg.data.verify if images.reader is None else "none",
+        },
+        # Only for shards and Parquet: what else identifies their images.
         **({"source": images.identity} if images.identity else {}),
     }
 
@@ -153,9 +164,17 @@ def versions() -> dict[str, str]:
     return {"vit_attn": __version__, **{name: package_version(name) for name in names}}
 
 
-def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
+def prepare(
+    cfg: Config, overwrite: bool = False, run_id: str | None = None, redo_changed: bool = False
+) -> PreparedRun:
     """List images, learn the model (cached facts, or build and export it), create or reopen
-    the store, list pending batches."""
+    the store, list pending batches.
+
+    `run_id` (a fresh one by default) is written into the store: every batch write checks it.
+    A resume whose input files changed is refused naming them, or with `redo_changed` redoes
+    exactly the changed images.
+    """
+    run_id = run_id or uuid.uuid4().hex
     data = cfg.data
     if is_url(cfg.output.store):  # fail fast on an unreachable store, before any work
         from .store_remote import probe_store
@@ -164,6 +183,9 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     images = open_source(
         data.source, data.storage_options, data.image_column, data.id_column, data.label_key
     )
+    # Size and mtime (or content hash) of local image files; shard and Parquet sources are
+    # identified through the fingerprint's `source` entry instead.
+    ids = identify(images.root, images.paths, data.verify) if images.reader is None else None
     # Exported before the store is touched: a failed export leaves nothing half-made.
     loaded = resolve_model(cfg)
     outputs = loaded.outputs
@@ -171,18 +193,29 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
     spec = store_spec(cfg, loaded, outputs, len(images.paths))
     if data.label_key is not None:
         spec = dataclasses.replace(spec, labels=True)
+    if ids is None:  # no per-file identity arrays for shard, Parquet and URL sources
+        spec = dataclasses.replace(spec, identity="none")
     inputs = fingerprint_inputs(cfg, loaded, outputs, prep.to_dict(), images)
     fingerprint = digest(inputs)
     store_path = location(cfg.output.store)
     store_options = dict(cfg.output.storage_options)
     overwrite = overwrite or cfg.output.overwrite
 
+    check_output_locations(cfg.data.source, store_path, cfg.output.png_dir)
+    if cfg.output.png_dir:
+        check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
     resumed = is_store(store_path, store_options) and not overwrite
+    changed: list[int] = []
     if resumed:
         _check_same_run(store_path, fingerprint, inputs, store_options, images.paths)
+        if ids is not None:
+            changed = _changed_inputs(store_path, images, ids, redo_changed, store_options)
     onnx_path = loaded.onnx_path if cfg.inference.backend == "onnxruntime" else None
     if resumed:
         group = open_store_for_resume(store_path, fingerprint, storage_options=store_options)
+        group.attrs["run_id"] = run_id  # from now on, writers of an earlier run are refused
+        if changed and ids is not None:
+            _mark_for_redo(group, changed, ids)
     else:
         attrs = {
             "model": loaded.description,
@@ -194,6 +227,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
             "attention_dtype": spec.attention_dtype,
             **({"stat_units": dict(STAT_UNITS)} if outputs.stats else {}),
             "versions": versions(),
+            "run_id": run_id,
         }
         group = create_store(
             store_path,
@@ -202,8 +236,19 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
             attrs,
             overwrite=overwrite,
             storage_options=store_options,
+            initial=ids.arrays() if ids is not None else None,
         )
     pending = pending_batches(group, spec)
+    if resumed and cfg.output.png_dir:
+        redo = batches_missing_pngs(
+            read_status(store_path, store_options),
+            spec.batch_size,
+            cfg.output.png_dir,
+            str(images.root),
+            images.paths,
+            cfg.output.png_heads,
+        )
+        pending = sorted(set(pending) | set(redo))
     cluster, cluster_reason = choose_executor(cfg.cluster, len(pending))
     plan = RunPlan(
         store_path=str(store_path),
@@ -228,6 +273,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> PreparedRun:
         decode_threads=cfg.data.decode_threads,
         reader=images.reader,
         store_options=store_options,
+        run_id=run_id,
     )
     tasks = []
     for b in pending:
@@ -252,6 +298,53 @@ def _redacted(config: dict[str, Any]) -> dict[str, Any]:
         if options:
             config[section]["storage_options"] = redact(options)
     return config
+
+
+def _stored_identities(group: Any) -> Identities | None:
+    names = {name for name, _ in group.arrays()}
+    if not {"image_bytes", "image_mtime_ns"} <= names:
+        return None
+    sha = list(group["image_sha256"][:]) if "image_sha256" in names else None
+    return Identities(
+        np.asarray(group["image_bytes"][:]),
+        np.asarray(group["image_mtime_ns"][:]),
+        [str(s) for s in sha] if sha is not None else None,
+    )
+
+
+def _changed_inputs(
+    path: Path | str, images: ImageList, ids: Identities, redo: bool, storage_options: Any = None
+) -> list[int]:
+    """Indices of images that changed since the store recorded them; refused unless `redo`."""
+    import zarr
+
+    old = _stored_identities(
+        zarr.open_group(zarr_store(path, storage_options, read_only=True), mode="r")
+    )
+    if old is None:
+        return []
+    changed = changed_images(old, ids).tolist()
+    if changed and not redo:
+        shown = "; ".join(describe_change(images.paths[i], i, old, ids) for i in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise StoreError(
+            f"{path}: {len(changed)} input images changed since the store recorded them "
+            f"({shown}{more}); rerun with --redo-changed to redo exactly these images, "
+            "or --overwrite to start over"
+        )
+    if changed:
+        log.warning("redoing %d changed images", len(changed))
+    return changed
+
+
+def _mark_for_redo(group: Any, changed: list[int], ids: Identities) -> None:
+    """Status 0 first, then the new identity: a crash in between only redoes them again."""
+    idx = np.asarray(changed)
+    group["status"].set_orthogonal_selection((idx,), np.zeros(idx.size, dtype=np.int8))
+    group["error"].set_orthogonal_selection((idx,), np.asarray([""] * idx.size, dtype=object))
+    for name, values in ids.arrays().items():
+        if name in group:
+            group[name].set_orthogonal_selection((idx,), np.asarray(values)[idx])
 
 
 def _check_same_run(

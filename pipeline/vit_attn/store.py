@@ -42,7 +42,8 @@ DEFAULT_COMPRESSION = "zstd"
 ATTENTION_DTYPES = ("float16", "float32")
 # Arrays with an `image` dim that are not batch outputs: written at creation or by write_batch
 # itself, never passed in BatchResult.arrays.
-BOOKKEEPING = ("image_path", "status", "error")
+BOOKKEEPING = ("image_path", "status", "error", "image_bytes", "image_mtime_ns", "image_sha256")
+IDENTITY_MODES = ("none", "stat", "hash")
 STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 # image_path is written once, at creation: shards of many batches keep the file count low
 # (reading every path is one read per ~64k images), chunks of one batch keep dask aligned.
@@ -97,6 +98,7 @@ class StoreSpec:
     compression: str = "default"
     attention_dtype: str = "float16"
     labels: bool = False  # a `label` array (data.label_key of shard and Parquet sources)
+    identity: str = "none"  # per-image input identity: 'stat' (size, mtime) or 'hash' (+ sha256)
 
     def __post_init__(self) -> None:
         # Sequences from YAML arrive as lists: store tuples so the spec stays hashable.
@@ -123,6 +125,7 @@ class StoreSpec:
             ("overlays", OVERLAY_MODES),
             ("compression", COMPRESSIONS),
             ("attention_dtype", ATTENTION_DTYPES),
+            ("identity", IDENTITY_MODES),
         ):
             value = getattr(self, name)
             _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
@@ -197,6 +200,17 @@ class StoreSpec:
             ArrayLayout("layer", ("layer",), "int32", (nl,), (nl,), None, False),
             ArrayLayout("head", ("head",), "int32", (nh,), (nh,), None, False),
         ]
+        # The input files' identity, written at creation (and by a resume that redoes changed
+        # images, before any task runs): laid out like image_path.
+        if self.identity != "none":
+            for name, dtype in (("image_bytes", "int64"), ("image_mtime_ns", "int64")):
+                arrays.append(
+                    ArrayLayout(name, ("image",), dtype, (n,), (bs,), (path_shard,), False)
+                )
+        if self.identity == "hash":
+            arrays.append(
+                ArrayLayout("image_sha256", ("image",), "str", (n,), (bs,), (path_shard,), False)
+            )
         # (wanted, name, dims after `image`, dtype, sharded)
         per_image: list[tuple[bool, str, tuple[str, ...], str, bool]] = [
             (self.topk is not None, "topk_index", ("k",), "int32", False),
@@ -335,8 +349,11 @@ def create_store(
     attrs: Mapping[str, Any],
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    initial: Mapping[str, np.ndarray] | None = None,
 ) -> zarr.Group:
     """Create the empty store template at `path` and return it open for writing.
+
+    `initial` fills bookkeeping arrays (e.g. the input identity) in the template itself.
 
     Built in a hidden sibling folder and renamed into place, so an interrupted creation never
     leaves a half-made store that looks like ours. Refuses to touch anything that is not a
@@ -352,24 +369,57 @@ def create_store(
     if is_url(path):
         from vit_attn.store_remote import create_remote
 
-        return create_remote(str(path), spec, image_paths, attrs, overwrite, storage_options)
-    path = Path(path)
+        group = create_remote(str(path), spec, image_paths, attrs, overwrite, storage_options)
+        for name, values in (initial or {}).items():
+            array(group, name)[:] = values
+        return group
+    path = Path(os.path.realpath(path))  # a symlinked store path: work on the real folder
     replace = _check_target(path, overwrite)
+    try:
+        return _create(path, spec, image_paths, attrs, replace, initial or {})
+    except OSError as exc:
+        if isinstance(exc, StoreError):
+            raise
+        where = exc.filename or path
+        raise StoreError(
+            f"cannot create the store {path}: {where}: {exc.strerror or exc}; nothing was kept"
+        ) from None
 
+
+def _create(
+    path: Path,
+    spec: StoreSpec,
+    image_paths: Sequence[str],
+    attrs: Mapping[str, Any],
+    replace: bool,
+    initial: Mapping[str, np.ndarray],
+) -> zarr.Group:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # An existing empty folder (possibly a mount point, which cannot be replaced by a rename)
+    # is filled in place: the template is built inside it and moved up, zarr.json last.
+    in_place = not replace and path.is_dir()
+    tmp = (path if in_place else path.parent) / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         group = zarr.create_group(
             str(tmp), attributes={"format": FORMAT, "format_version": FORMAT_VERSION, **attrs}
         )
         populate(group, spec, image_paths)
-        if replace:
-            shutil.rmtree(path)
-        elif path.is_dir():
-            path.rmdir()  # an empty folder, checked above
-        os.replace(tmp, path)
+        for name, values in initial.items():
+            array(group, name)[:] = values
+        if in_place:
+            names = sorted(os.listdir(tmp), key=lambda n: n == "zarr.json")
+            for name in names:
+                os.replace(tmp / name, path / name)
+            tmp.rmdir()
+        else:
+            if replace:
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if in_place and not is_store(path):
+            for child in path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     return zarr.open_group(str(path), mode="r+")
 
@@ -488,6 +538,23 @@ def pending_batches(group: zarr.Group, spec: StoreSpec) -> list[int]:
     return np.flatnonzero(pending).tolist()
 
 
+def read_status(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """The whole `status` array of a store."""
+    store = zarr_store(path, storage_options, read_only=True)
+    return np.asarray(zarr.open_array(store, path="status", mode="r")[:])
+
+
+def store_counts(
+    path: PathLike, storage_options: Mapping[str, Any] | None = None
+) -> tuple[int, int, int]:
+    """Images at status ok, failed and pending, as the store holds them."""
+    status = read_status(path, storage_options)
+    ok, failed, pending = (
+        int((status == s).sum()) for s in (STATUS_OK, STATUS_FAILED, STATUS_PENDING)
+    )
+    return ok, failed, pending
+
+
 def _write_region(array: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
     """Write rows [start, stop) of one array (one whole shard or chunk)."""
     array[start:stop] = data
@@ -496,25 +563,45 @@ def _write_region(array: zarr.Array, start: int, stop: int, data: np.ndarray) ->
 def write_batch(
     group_or_path: zarr.Group | PathLike,
     result: BatchResult,
+    run_id: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Write one batch: data arrays, then `error`, then `status` last.
 
     A crash before the final status write leaves status 0, so the batch is redone on resume:
     status 1 always means the data is there. Accepts a path so a worker process opens the
-    store itself (a Group does not travel between processes cheaply).
+    store itself (a Group does not travel between processes cheaply). With `run_id`, the
+    store must still belong to that run, checked before the data and again before `status`:
+    a writer of a stalled run whose store was replaced (or taken over) never writes into it.
     """
     if isinstance(group_or_path, zarr.Group):
         group = group_or_path
     else:
         group = zarr.open_group(zarr_store(group_or_path, storage_options), mode="r+")
+    if run_id is not None:
+        _check_run(group.attrs.get("run_id"), run_id, group_or_path, result.batch_index)
     arrays = dict(group.arrays())
     status, data = _checked_batch(arrays, result)  # everything checked before any write
     for name, values in data.items():
         _write_region(arrays[name], result.start, result.stop, values)
     errors = np.asarray(result.error, dtype=object)
     _write_region(arrays["error"], result.start, result.stop, errors)
+    if run_id is not None:
+        now = zarr.open_group(group.store, path=group.path, mode="r").attrs.get("run_id")
+        _check_run(now, run_id, group_or_path, result.batch_index)
     _write_region(arrays["status"], result.start, result.stop, status)
+
+
+class StoreTakenError(StoreError):
+    """The store now belongs to another run: this run's writers must stop."""
+
+
+def _check_run(current: Any, run_id: str, where: Any, batch: int) -> None:
+    if current != run_id:
+        raise StoreTakenError(
+            f"{where} now belongs to run {current}, not to this run {run_id} (replaced or taken "
+            f"over while this run was stalled); batch {batch} was not written"
+        )
 
 
 def _checked_batch(

@@ -17,13 +17,22 @@ from typing import Any
 import numpy as np
 
 from .decode import Preprocess, load_batch, normalize
-from .errors import PipelineError
+from .errors import PipelineError, unrecoverable
+from .outputs import OutputError, is_per_image_os_error, png_path, write_png
 from .overlap import OVERLAP, OverlapGate
-from .overlay import blend, head_grid, save_png
+from .overlay import blend, head_grid
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
 from .specs import ModelSource, OutputSpec
 from .stats import STAT_NAMES
-from .store import STATUS_OK, BatchResult, StoreSpec, empty_batch, write_batch
+from .store import (
+    STATUS_FAILED,
+    STATUS_OK,
+    BatchResult,
+    StoreSpec,
+    StoreTakenError,
+    empty_batch,
+    write_batch,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class RunPlan:
     # Sources other than local files: reads a batch's bytes in the worker (vit_attn.datasource).
     reader: Any = None
     store_options: dict[str, Any] | None = None  # fsspec options of a store behind a URL
+    run_id: str | None = None  # the store's run id: write_batch refuses a store of another run
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class BatchSummary:
     seconds: dict[str, float]
     worker_pid: int
     overlapped: bool = False  # ran while another batch of the process was in flight
+    fatal: str | None = None  # why the run must stop (disk full, store taken): never retried
 
 
 _runners: dict[tuple, Runner] = {}
@@ -155,12 +166,23 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         _add_overlays(plan, result, images, ok)
         clock.lap("maps")
         result.status[ok] = STATUS_OK
-    write_batch(plan.store_path, result, storage_options=plan.store_options)
+    try:
+        if plan.png_dir and ok.any():
+            # Before the store write, whose status comes last: status 1 means the PNGs are there.
+            _write_pngs(plan, task, result, images, ok)
+            clock.lap("png")
+        write_batch(plan.store_path, result, run_id=plan.run_id, storage_options=plan.store_options)
+    except OSError as exc:
+        fatal = (
+            str(exc)
+            if isinstance(exc, StoreTakenError | OutputError)
+            else unrecoverable(exc, plan.store_path)
+        )
+        if fatal is None:
+            raise
+        return BatchSummary(task.batch_index, 0, 0, clock.laps, os.getpid(), fatal=fatal)
     clock.lap("write")
-    if plan.png_dir and ok.any():
-        _write_pngs(plan, task, result, images, ok)
-        clock.lap("png")
-    n_ok = int(ok.sum())
+    n_ok = int((result.status == STATUS_OK).sum())
     return BatchSummary(task.batch_index, n_ok, len(ok) - n_ok, clock.laps, os.getpid())
 
 
@@ -196,34 +218,34 @@ def _add_overlays(plan: RunPlan, result: BatchResult, images: np.ndarray, ok: np
         arrays["overlay_heads"][ok] = blended.reshape(n, nh, *blended.shape[1:])
 
 
-def png_path(png_dir: str | Path, image_path: str, suffix: str = ".png") -> Path:
-    """Where the PNG of one image goes: its listed path, mirrored under `png_dir`."""
-    rel = Path(image_path)
-    if rel.is_absolute():
-        rel = Path(*rel.parts[1:])
-    return Path(png_dir) / rel.with_name(rel.name + suffix)
-
-
 def _write_pngs(
     plan: RunPlan, task: BatchTask, result: BatchResult, images: np.ndarray, ok: np.ndarray
 ) -> None:
+    """Write each ok image's PNGs; an image whose PNG name the file system refuses fails alone."""
     assert plan.png_dir is not None
     means = _head_mean_last_layer(result)
     for i in np.flatnonzero(ok):
         path = task.paths[i]
         if "overlay" in result.arrays:
-            save_png(result.arrays["overlay"][i], png_path(plan.png_dir, path))
+            overlay = result.arrays["overlay"][i]
         else:
-            save_png(
-                blend(images[i : i + 1], means[i : i + 1], plan.overlay_alpha, plan.colormap)[0],
-                png_path(plan.png_dir, path),
-            )
+            overlay = blend(images[i : i + 1], means[i : i + 1], plan.overlay_alpha, plan.colormap)[
+                0
+            ]
+        pngs = [(png_path(plan.png_dir, plan.image_root, path), overlay)]
         if plan.png_heads:
             heads = result.arrays["cls_attention"][i, -1].astype(np.float32)
-            save_png(
-                head_grid(images[i], heads, plan.overlay_alpha, plan.colormap),
-                png_path(plan.png_dir, path, ".heads.png"),
-            )
+            grid = head_grid(images[i], heads, plan.overlay_alpha, plan.colormap)
+            pngs.append((png_path(plan.png_dir, plan.image_root, path, ".heads.png"), grid))
+        for target, pixels in pngs:
+            try:
+                write_png(pixels, target, plan.png_dir, path)
+            except OSError as exc:
+                if isinstance(exc, PipelineError) or not is_per_image_os_error(exc):
+                    raise
+                result.status[i] = STATUS_FAILED
+                result.error[i] = f"PNG {target} not written: {exc.strerror or exc}"
+                break
 
 
 class _Clock:

@@ -1,0 +1,332 @@
+"""One writer per store: an exclusive lock held for a whole run.
+
+The lock is a file beside the store, `<store>.lock`, created with O_CREAT | O_EXCL (atomic
+on local file systems and on NFS v3+), holding who took it (run id, user, host, pid, start
+time). Its mtime is the heartbeat: a thread touches it every `stale_after / 6` seconds.
+
+A lock is stale, and a new run takes it over, when its process is gone (same host, pid not
+alive) or its heartbeat is older than `stale_after` seconds (any host: the process may be
+stopped, or its node dead). Taking over renames the stale file away first, so of two runs
+that find it stale only one gets it. Anything else is refused naming the holder. If a
+machine died and you cannot wait, delete the `.lock` file by hand.
+
+A store on object storage gets an `ObjectLease` instead (a `<store url>.lock` object with a
+heartbeat, taken by write-then-read-back). Both implement the same small interface:
+`acquire()`, `release()` and `lost`; `lock_for` chooses one for a store path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import StoreError
+
+DEFAULT_STALE_AFTER = 120.0  # seconds without a heartbeat after which a lock may be taken over
+
+
+class StoreLockedError(StoreError):
+    """Another live run holds the store."""
+
+
+class Lock(Protocol):
+    """What a run needs from a store lock, whatever holds it."""
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    @property
+    def lost(self) -> bool:
+        """True once another run has taken the lock over (this run must stop writing)."""
+        ...
+
+
+def lock_path(store: str | os.PathLike[str]) -> Path:
+    """`<store>.lock` beside the store (the store's real path: a symlink shares its lock)."""
+    real = Path(os.path.realpath(store))
+    return real.with_name(real.name + ".lock")
+
+
+def lock_for(
+    store: str | os.PathLike[str],
+    run_id: str,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Lock:
+    """The lock of a store: a lock file beside a local store, a lease object beside a store
+    on object storage (`<url>.lock`)."""
+    from .remote import is_url
+
+    if is_url(store):
+        return ObjectLease(str(store).rstrip("/") + ".lock", run_id, stale_after, storage_options)
+    return FileLock(lock_path(store), run_id, stale_after)
+
+
+class FileLock:
+    """An exclusive lock file with a heartbeat; use as a context manager."""
+
+    def __init__(self, path: Path, run_id: str, stale_after: float = DEFAULT_STALE_AFTER) -> None:
+        self.path = Path(path)
+        self.run_id = run_id
+        self.stale_after = float(stale_after)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lost = False
+
+    # ----------------------------------------------------------------- public
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; raise StoreLockedError if a live run has it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._create():
+                self._start_heartbeat()
+                return
+            holder = read_holder(self.path)
+            if holder is None:  # released (or taken away) between our two looks: try again
+                continue
+            why = self._stale_reason(holder)
+            if why is None:
+                raise StoreLockedError(_refusal(self.path, holder))
+            self._take_over(holder)
+        raise StoreLockedError(f"{self.path}: could not take the lock (other runs keep taking it)")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        holder = read_holder(self.path)
+        if holder is not None and holder.get("run_id") == self.run_id:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # ----------------------------------------------------------------- internals
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        info = {
+            "run_id": self.run_id,
+            "user": _user(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stale_after": self.stale_after,
+        }
+        try:
+            os.write(fd, json.dumps(info).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _stale_reason(self, holder: dict[str, Any]) -> str | None:
+        if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+            return "its process is gone"
+        age = _age(self.path)
+        if age is not None and age > self.stale_after:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def _take_over(self, holder: dict[str, Any]) -> None:
+        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another run moved it first; the next _create decides
+        moved = read_holder(aside)
+        if moved is not None and moved.get("run_id") != holder.get("run_id"):
+            # A fresh lock arrived between our look and the rename: give it back.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        with contextlib.suppress(FileNotFoundError):
+            aside.unlink()
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="vit-attn-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        interval = max(0.05, self.stale_after / 6)
+        while not self._stop.wait(interval):
+            holder = read_holder(self.path)
+            if holder is None or holder.get("run_id") != self.run_id:
+                self._lost = True
+                return
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+
+class ObjectLease:
+    """A lease object on object storage: `<store url>.lock`, a JSON record with a heartbeat.
+
+    Object stores have no exclusive create that every S3-compatible service honours, so the
+    lease is taken by writing the record and reading it back after a settle delay: of two
+    runs that write at once, the last write wins and the other sees a foreign run id and
+    refuses. S3 reads are strongly consistent after writes, which this relies on. The record's
+    `heartbeat` (epoch seconds) is rewritten every `stale_after / 6` s; a record whose
+    heartbeat is older than `stale_after` is taken over. A run that finds a foreign record
+    at its heartbeat has lost the lease (`lost`) and stops writing.
+    """
+
+    SETTLE_SECONDS = 0.5
+
+    def __init__(
+        self,
+        url: str,
+        run_id: str,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        from .remote import url_fs
+
+        self.url = url
+        self.run_id = run_id
+        self.stale_after = float(stale_after)
+        self._fs, self._path = url_fs(url, storage_options)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lost = False
+        self._info = {
+            "run_id": run_id,
+            "user": _user(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stale_after": self.stale_after,
+        }
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+    def acquire(self) -> None:
+        """Take the lease, taking over a stale one; raise StoreLockedError if a live run has it."""
+        holder = self._read()
+        if holder is not None and holder.get("run_id") != self.run_id:
+            age = time.time() - float(holder.get("heartbeat", 0))
+            if age <= float(holder.get("stale_after", self.stale_after)):
+                raise StoreLockedError(self._refusal(holder, age))
+        self._write()
+        time.sleep(self.SETTLE_SECONDS)
+        holder = self._read()
+        if holder is None or holder.get("run_id") != self.run_id:
+            raise StoreLockedError(self._refusal(holder or {}, 0.0))
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="vit-attn-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        holder = self._read()
+        if holder is not None and holder.get("run_id") == self.run_id:
+            with contextlib.suppress(OSError):
+                self._fs.rm(self._path)
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            with self._fs.open(self._path, "rb") as f:
+                data = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _write(self) -> None:
+        with self._fs.open(self._path, "wb") as f:
+            f.write(json.dumps({**self._info, "heartbeat": time.time()}).encode())
+
+    def _beat(self) -> None:
+        interval = max(0.05, self.stale_after / 6)
+        while not self._stop.wait(interval):
+            holder = self._read()
+            if holder is None or holder.get("run_id") != self.run_id:
+                self._lost = True
+                return
+            with contextlib.suppress(OSError):
+                self._write()
+
+    def _refusal(self, holder: dict[str, Any], age: float) -> str:
+        store = self.url.removesuffix(".lock")
+        return (
+            f"{store} is in use by run {holder.get('run_id')} of {holder.get('user')} on "
+            f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}, "
+            f"last heartbeat {age:.0f} s ago); wait for it to finish. A dead run's lease is "
+            f"taken over after {float(holder.get('stale_after', self.stale_after)):.0f} s "
+            f"without heartbeat, or delete {self.url} once you are sure it is not running"
+        )
+
+
+def read_holder(path: Path) -> dict[str, Any] | None:
+    """The lock file's content, or None when there is no (complete) lock file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _refusal(path: Path, holder: dict[str, Any]) -> str:
+    age = _age(path)
+    beat = f", last heartbeat {age:.0f} s ago" if age is not None else ""
+    store = path.with_name(path.name.removesuffix(".lock"))
+    return (
+        f"{store} is in use by run {holder.get('run_id')} of {holder.get('user')} on "
+        f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}{beat}); "
+        f"wait for it to finish. A dead run's lock is taken over after "
+        f"{float(holder.get('stale_after', DEFAULT_STALE_AFTER)):.0f} s without heartbeat, "
+        f"or delete {path} once you are sure it is not running"
+    )
+
+
+def _age(path: Path) -> float | None:
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return None
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return str(os.getuid())

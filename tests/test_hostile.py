@@ -1,0 +1,757 @@
+"""The edges a careless or hostile user hits (issue 13): outputs that must stay where they are
+configured, PNGs inside the resume guarantee, config mistakes, two runs on one store, changed
+data, dead workers, full disks and signals.
+
+Runs use a one-block ViT at 32 px with 8 px patches on the torch backend, in-process, so most
+tests take a second or two once the modules are imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from vit_attn.cli import main as cli_main
+
+from . import imagefactory
+
+TINY = {"name": "vit_tiny_patch16_224", "img_size": 32, "kwargs": {"depth": 1, "patch_size": 8}}
+
+
+def write_config(folder: Path, source: str | Path, **sections) -> Path:
+    cfg = {
+        "model": dict(TINY),
+        "data": {"source": str(source)},
+        "inference": {"backend": "torch", "batch_size": 4, "threads": 1},
+        "output": {"store": str(folder / "out" / "run.zarr")},
+        "cluster": {"kind": "none"},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(config: Path, *args: str) -> int:
+    return cli_main(["run", str(config), "--no-progress", *args])
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if line.startswith("vit-attn: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def files_under(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def status_of(store: Path) -> np.ndarray:
+    return zarr.open_group(str(store), mode="r")["status"][:]
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    """Six small images in tmp_path/data."""
+    imagefactory.write_rgb_set(tmp_path / "data", [(40 + i, 30 + i) for i in range(6)])
+    return tmp_path / "data"
+
+
+# --------------------------------------------------------------------- 1. outputs stay in place
+
+
+def test_climbing_list_entries_write_their_pngs_inside_png_dir(tmp_path, data):
+    """`../data/x.png` and a path with many `..` once wrote next to the user's files."""
+    names = sorted(p.name for p in data.iterdir())
+    user_file = data / (names[0] + ".png")
+    user_file.write_bytes(b"the user's own file")
+    lists = tmp_path / "lists" / "deep"
+    lists.mkdir(parents=True)
+    climb = "../" * 12 + str(data / names[1]).lstrip("/")
+    (lists / "images.txt").write_text(f"../../data/{names[0]}\n{climb}\n{data / names[2]}\n")
+    config = write_config(
+        tmp_path, lists / "images.txt", output={"png_dir": str(tmp_path / "png"), "png_heads": True}
+    )
+    before = files_under(data)
+    assert run(config) == 0
+    assert files_under(data) == before  # nothing written into, or replaced in, the data folder
+    pngs = sorted((tmp_path / "png").rglob("*.png"))
+    assert len(pngs) == 6
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - set(before)
+    outside = [
+        p
+        for p in written
+        if not p.is_relative_to(tmp_path / "png")
+        and not p.is_relative_to(tmp_path / "out")
+        and p.parent != lists
+        and p.name != "config.yaml"
+    ]
+    assert outside == []
+
+
+def test_png_dir_or_store_inside_the_listed_folder_is_refused(tmp_path, data, capsys):
+    before = files_under(data)
+    config = write_config(tmp_path, data, output={"png_dir": str(data)})
+    assert run(config) == 2
+    assert "inside the data folder" in one_error_line(capsys)
+    config = write_config(tmp_path, data, output={"store": str(data / "sub" / "run.zarr")})
+    assert run(config) == 2
+    assert "output.store" in one_error_line(capsys)
+    assert files_under(data) == before
+
+
+def test_a_file_the_tool_did_not_write_is_never_replaced(tmp_path, data, capsys):
+    png = tmp_path / "png"
+    png.mkdir()
+    name = sorted(p.name for p in data.iterdir())[3]
+    (png / f"{name}.png").write_bytes(b"precious")
+    config = write_config(tmp_path, data, output={"png_dir": str(png)})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert f"{name}.png" in line and "not written by vit-attn" in line
+    assert (png / f"{name}.png").read_bytes() == b"precious"
+    # PNGs the tool wrote itself are replaced on a rerun: move the user's file away first.
+    (png / f"{name}.png").unlink()
+    assert run(config) == 0
+    assert run(config, "--overwrite") == 0
+
+
+def test_a_symlink_inside_png_dir_does_not_lead_outside(tmp_path, capsys):
+    imagefactory.write_rgb_set(tmp_path / "data" / "sub", [(40, 30), (41, 31)])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "png").mkdir()
+    (tmp_path / "png" / "sub").symlink_to(elsewhere)
+    config = write_config(tmp_path, tmp_path / "data", output={"png_dir": str(tmp_path / "png")})
+    assert run(config) == 2
+    assert "outside output.png_dir" in one_error_line(capsys)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_two_images_never_share_a_png(tmp_path, data, capsys):
+    """`x.jpg` and a listed `x.jpg.heads` would both write `x.jpg.heads.png`."""
+    name = sorted(p.name for p in data.iterdir())[0]
+    (data / f"{name}.heads").write_bytes((data / name).read_bytes())
+    (data / "list.txt").write_text(f"{name}\n{name}.heads\n")
+    config = write_config(
+        tmp_path,
+        data / "list.txt",
+        output={"png_dir": str(tmp_path / "png"), "png_heads": True},
+    )
+    assert run(config) == 2
+    assert "would both write" in one_error_line(capsys)
+    assert not (tmp_path / "png").exists()
+
+
+# --------------------------------------------------------------------- 2. PNGs and the summary
+
+
+def test_a_png_that_cannot_be_written_never_leaves_status_ok(tmp_path, capsys):
+    """A name the file system accepts for the image but not for its PNG (NAME_MAX)."""
+    imagefactory.write_rgb_set(tmp_path / "data", [(40, 30), (41, 31)])
+    long = tmp_path / "data" / ("x" * 251 + ".png")
+    (tmp_path / "data" / "img_40x30.png").rename(long)
+    config = write_config(tmp_path, tmp_path / "data", output={"png_dir": str(tmp_path / "png")})
+    code = run(config)
+    err = capsys.readouterr().err
+    store = tmp_path / "out" / "run.zarr"
+    group = zarr.open_group(str(store), mode="r")
+    paths = list(group["image_path"][:])
+    i = paths.index(long.name)
+    assert group["status"][i] == 2 and "PNG" in str(group["error"][i])
+    assert code == 0 and "1 ok, 1 failed, 0 pending" in err, err
+    assert len(list((tmp_path / "png").glob("*.png"))) == 1
+
+
+def test_pngs_missing_on_resume_are_written(tmp_path, data, capsys):
+    """png_dir added after the run, or PNGs deleted: the rerun once said "0 to do"."""
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    config = write_config(tmp_path, data, output={"png_dir": str(tmp_path / "png")})
+    assert run(config) == 0
+    assert len(list((tmp_path / "png").glob("*.png"))) == 6
+    (tmp_path / "png" / "img_42x32.png.png").unlink()
+    capsys.readouterr()
+    assert run(config) == 0
+    assert "4 of 6 images in 1 batches" in capsys.readouterr().err
+    assert (tmp_path / "png" / "img_42x32.png.png").is_file()
+
+
+# --------------------------------------------------------------------- 3. config edge cases
+
+
+def _bomb(depth: int = 9, width: int = 9) -> str:
+    lines = ["a0: &a0 [x]"]
+    for i in range(1, depth):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["data.source", "attention.layers", "model.kwargs"])
+def test_a_yaml_alias_bomb_is_refused_quickly_in_one_short_line(tmp_path, data, capsys, where):
+    section, key = where.split(".")
+    body = yaml.safe_dump(
+        {
+            "model": dict(TINY),
+            "data": {"source": str(data)},
+            "output": {"store": str(tmp_path / "run.zarr")},
+            "cluster": {"kind": "none"},
+        }
+    )
+    config = tmp_path / "bomb.yaml"
+    cfg = yaml.safe_load(body)
+    cfg.setdefault(section, {})[key] = "BOMB"
+    config.write_text(_bomb() + "\n" + yaml.safe_dump(cfg).replace("BOMB", "*a8"))
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert len(line) < 400 and "aliases" in line, line
+
+
+def test_error_messages_show_long_values_shortened(tmp_path, capsys):
+    config = write_config(tmp_path, "x" * 100_000, inference={"batch_size": list(range(10_000))})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "inference.batch_size" in line and len(line) < 400, line
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
+    if done.returncode != 0:
+        pytest.skip("mount -t tmpfs is not allowed here (no CAP_SYS_ADMIN)")
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    mounts: list[Path] = []
+
+    def make(name: str, size: str) -> Path:
+        path = tmp_path / name
+        _mount_tmpfs(path, size)
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        _umount(path)
+
+
+USER_MISTAKES = {
+    "config-is-a-list": (
+        lambda p: p.write_text("- a\n- b\n"),
+        ["--set", "model.seed=1"],
+        "mapping",
+    ),
+    "config-is-a-string": (lambda p: p.write_text("just words\n"), ["--set", "a.b=1"], "mapping"),
+    "config-not-utf8": (lambda p: p.write_bytes(b"model:\n  name: vit\xff\xfe\n"), [], "UTF-8"),
+    "config-is-a-folder": (lambda p: p.mkdir(), [], "is a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_MISTAKES))
+def test_config_file_mistakes_are_one_line(tmp_path, capsys, case):
+    make, args, message = USER_MISTAKES[case]
+    config = tmp_path / "config.yaml"
+    make(config)
+    assert run(config, *args) == 2
+    assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.seed=18446744073709551616", r"model\.seed"),
+        ("model.kwargs={depth: 1, patch_size: 8, num_heads: 5}", r"model\.kwargs"),
+        ("cluster.address=notaurl", r"cluster\.address 'notaurl' is not a scheduler address"),
+        ("attention.layers=[true]", r"attention: layers: expected integers, got a boolean"),
+        ("inference.batch_size=true", r"inference: batch_size: expected integers"),
+        ("model.img_size=71", r"71.* not a multiple of the patch size \[8, 8\].*64 or 72"),
+    ],
+    ids=["seed-65-bits", "num-heads-5", "address-notaurl", "layers-true", "batch-true", "img-71"],
+)
+def test_model_and_cluster_mistakes_are_one_line(tmp_path, data, capsys, override, message):
+    import re
+
+    config = write_config(tmp_path, data)
+    extra = ["--set", "cluster.kind=address"] if override.startswith("cluster") else []
+    assert run(config, "--set", override, *extra) == 2
+    line = one_error_line(capsys)
+    assert re.search(message, line), line
+    assert not (tmp_path / "out" / "run.zarr").exists()
+
+
+def test_int8_checkpoint_is_refused(tmp_path, data, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from vit_attn.model import ModelSource, load_model
+
+    loaded = load_model(
+        ModelSource(TINY["name"], img_size=(32, 32), kwargs=TINY["kwargs"])  # type: ignore[arg-type]
+    )
+    state = {
+        k: v.to(torch.int8) if k.endswith("qkv.weight") else v
+        for k, v in loaded.model.state_dict().items()
+    }
+    save_file(state, str(tmp_path / "w.safetensors"))
+    config = write_config(tmp_path, data, model={"checkpoint": str(tmp_path / "w.safetensors")})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "qkv.weight is int8" in line and "float32" in line, line
+
+
+def test_overwrite_through_a_symlinked_store_path(tmp_path, data):
+    real = tmp_path / "real" / "run.zarr"
+    config = write_config(tmp_path, data, output={"store": str(real)})
+    assert run(config) == 0
+    (tmp_path / "link.zarr").symlink_to(real)
+    config = write_config(tmp_path, data, output={"store": str(tmp_path / "link.zarr")})
+    assert run(config, "--overwrite") == 0
+    assert (tmp_path / "link.zarr").is_symlink() and (status_of(real) == 1).all()
+
+
+def test_an_empty_mount_point_as_the_store(tmp_path, data, tmpfs):
+    store = tmpfs("mnt", "64m")
+    config = write_config(tmp_path, data, output={"store": str(store)})
+    assert run(config) == 0
+    assert (status_of(store) == 1).all()
+
+
+def test_no_space_while_creating_the_template_is_one_line(tmp_path, data, tmpfs, capsys):
+    small = tmpfs("small", "8k")
+    config = write_config(tmp_path, data, output={"store": str(small / "run.zarr")})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and str(small) in line, line
+    assert list(small.iterdir()) == []
+
+
+# --------------------------------------------------------------------- 4. one writer per store
+
+
+def _hold_lock(store: Path) -> subprocess.Popen:
+    """A real process on this host holding the store's lock until it is killed."""
+    code = (
+        "import sys, time\n"
+        "from vit_attn.lock import lock_for\n"
+        f"lock = lock_for({str(store)!r}, 'first-run-id', 30)\n"
+        "lock.acquire()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(
+    tmp_path, data, capsys
+):
+    store = tmp_path / "out" / "run.zarr"
+    config = write_config(tmp_path, data)
+    holder = _hold_lock(store)
+    try:
+        assert run(config) == 2
+        line = one_error_line(capsys)
+        assert "in use by run first-run-id" in line and f"pid {holder.pid}" in line, line
+        assert not store.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(config) == 0  # the holder's process is gone: its lock is stale
+    assert (status_of(store) == 1).all()
+    assert not Path(str(store) + ".lock").exists()  # released at the end
+
+
+def test_a_lock_without_heartbeat_from_another_host_is_taken_over(tmp_path, data, capsys):
+    import json
+    import time
+
+    store = tmp_path / "out" / "run.zarr"
+    lock = Path(str(store) + ".lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"run_id": "r0", "host": "elsewhere", "pid": 1, "user": "u"}))
+    config = write_config(tmp_path, data, output={"lock_stale_seconds": 60})
+    assert run(config) == 2  # fresh heartbeat: the other host's run may be alive
+    assert "on elsewhere" in one_error_line(capsys)
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert run(config) == 0
+    assert (status_of(store) == 1).all()
+
+
+def test_a_stalled_writer_never_writes_into_the_store_that_replaced_its_own(tmp_path, data):
+    """Run 1 plans and stalls; run 2 replaces the store (--overwrite); run 1 wakes up."""
+    from vit_attn.config import load_config
+    from vit_attn.plan import prepare
+    from vit_attn.task import run_batch
+
+    config = write_config(tmp_path, data)
+    first = prepare(load_config(config))
+    second = prepare(load_config(config, ["attention.layers=all"]), overwrite=True)
+    store = tmp_path / "out" / "run.zarr"
+    assert "belongs to run" in (run_batch(first.plan, first.tasks[0]).fatal or "")
+    assert (status_of(store) == 0).all()
+    run_batch(second.plan, second.tasks[0])
+    assert (status_of(store)[:4] == 1).all()
+    # A resume is a new run too: the earlier run's writers are refused from then on.
+    third = prepare(load_config(config, ["attention.layers=all"]))
+    assert "belongs to run" in (run_batch(second.plan, second.tasks[-1]).fatal or "")
+    run_batch(third.plan, third.tasks[-1])
+    assert (status_of(store) == 1).all()
+
+
+# --------------------------------------------------------------------- 5. data identity
+
+
+def _replace_image(path: Path, seed: int) -> None:
+    """Another picture under the same name (same size in pixels, different content)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+    pixels = imagefactory.synthetic_pixels(w, h, seed=seed)
+    Image.fromarray(pixels).save(path)
+
+
+def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    before = zarr.open_group(str(store), mode="r")["cls_attention"][:]
+    _replace_image(data / "img_42x32.png", seed=99)
+    capsys.readouterr()
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "1 input images changed" in line and "img_42x32.png" in line, line
+    assert "--redo-changed" in line
+    # With the flag, exactly the changed image's batch is redone; the store matches a fresh run.
+    assert run(config, "--redo-changed") == 0
+    assert "4 of 6 images in 1 batches" in capsys.readouterr().err  # its batch of 4
+    after = zarr.open_group(str(store), mode="r")["cls_attention"][:]
+    i = list(zarr.open_group(str(store), mode="r")["image_path"][:]).index("img_42x32.png")
+    assert not np.array_equal(before[i], after[i])
+    fresh = write_config(tmp_path / "fresh", data)
+    assert run(fresh) == 0
+    np.testing.assert_array_equal(
+        after,
+        zarr.open_group(str(tmp_path / "fresh" / "out" / "run.zarr"), mode="r")["cls_attention"][:],
+    )
+
+
+def test_verify_hash_sees_a_change_that_keeps_size_and_mtime(tmp_path, data, capsys):
+    config = write_config(tmp_path, data, data={"verify": "hash"})
+    assert run(config) == 0
+    target = data / "img_41x31.png"
+    st = target.stat()
+    raw = bytearray(target.read_bytes())
+    raw[-20] ^= 0xFF  # inside the IEND/IDAT tail: same size
+    target.write_bytes(bytes(raw))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run(config) == 2
+    assert "content differs" in one_error_line(capsys)
+
+
+def test_another_folder_with_the_same_names_is_another_run(tmp_path, data, capsys):
+    import shutil
+
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    config = write_config(tmp_path, other)
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "images.root" in line and str(other) in line, line
+    assert zarr.open_group(str(tmp_path / "out" / "run.zarr"), mode="r").attrs["image_root"] == str(
+        data
+    )
+
+
+# --------------------------------------------------------------------- 6. no hangs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["scheduler_file", "address"])
+def test_a_missing_scheduler_fails_in_bounded_time(tmp_path, data, capsys, where):
+    import time
+
+    target = (
+        {"scheduler_file": str(tmp_path / "nowhere.json")}
+        if where == "scheduler_file"
+        else {"address": f"tcp://127.0.0.1:{_free_port()}"}
+    )
+    config = write_config(
+        tmp_path, data, cluster={"kind": "address", "connect_timeout": 2, **target}
+    )
+    start = time.monotonic()
+    assert run(config) == 2
+    assert time.monotonic() - start < 60
+    line = one_error_line(capsys)
+    assert str(next(iter(target.values()))) in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_run_without_progress_stops_with_one_line(tmp_path, data, capsys):
+    """A scheduler with no worker at all: nothing finishes; the watchdog says so."""
+    import time
+
+    sched_file = tmp_path / "scheduler.json"
+    dask = str(Path(sys.executable).parent / "dask")
+    proc = subprocess.Popen(
+        [
+            dask,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(sched_file),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        config = write_config(
+            tmp_path,
+            data,
+            cluster={"kind": "address", "scheduler_file": str(sched_file), "stall_minutes": 0.05},
+        )
+        start = time.monotonic()
+        assert run(config) == 2
+        assert time.monotonic() - start < 120
+        line = one_error_line(capsys)
+        assert "no batch finished for 0.05 minutes" in line and "0 workers" in line, line
+        assert (status_of(tmp_path / "out" / "run.zarr") == 0).all()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------- 7. disk full
+
+
+FULL_DISK = {
+    "model": {"img_size": 64},
+    "attention": {"full": True},
+    "output": {"overlays": "heads", "compression": "none"},
+}
+
+
+def test_disk_full_is_one_line_and_the_store_stays_resumable(tmp_path, tmpfs, capsys):
+    import subprocess as sp
+
+    imagefactory.write_rgb_set(tmp_path / "data", [(40 + i, 30 + i) for i in range(16)])
+    disk = tmpfs("disk", "256k")  # the template fits, the first batches do not
+    store = disk / "run.zarr"
+    config = write_config(
+        tmp_path,
+        tmp_path / "data",
+        **{**FULL_DISK, "output": {**FULL_DISK["output"], "store": str(store)}},
+    )
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and str(store) in line, line
+    assert (status_of(store) != 1).sum() > 0
+    sp.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    assert run(config) == 0  # resumes: the same store, nothing to redo by hand
+    assert (status_of(store) == 1).all()
+    reference = write_config(tmp_path / "ref", tmp_path / "data", **FULL_DISK)
+    assert run(reference) == 0
+    from tests.test_pipeline import assert_stores_equal
+
+    assert_stores_equal(store, tmp_path / "ref" / "out" / "run.zarr")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_disk_full_on_a_local_cluster_is_not_retried(tmp_path, tmpfs, capsys):
+    imagefactory.write_rgb_set(tmp_path / "data", [(40 + i, 30 + i) for i in range(16)])
+    disk = tmpfs("disk", "256k")
+    config = write_config(
+        tmp_path,
+        tmp_path / "data",
+        **{**FULL_DISK, "output": {**FULL_DISK["output"], "store": str(disk / "run.zarr")}},
+        cluster={"kind": "local", "n_workers": 1, "retries": 2},
+    )
+    assert run(config) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err, err
+    assert len(err) < 2000, err
+
+
+# --------------------------------------------------------------------- 8. signals, checkpoints
+
+
+def test_a_pickled_checkpoint_refusal_says_why(tmp_path, data, capsys):
+    import torch
+
+    torch.save({"weights": Path("not a tensor")}, tmp_path / "w.pth")  # any non-tensor object
+    config = write_config(tmp_path, data, model={"checkpoint": str(tmp_path / "w.pth")})
+    assert run(config) == 2
+    assert "arbitrary code execution" in one_error_line(capsys)
+
+
+def _start_run(config: Path, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "vit-attn"), "run", str(config), "--no-progress"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _signal_when_started(proc: subprocess.Popen, store: Path, sig: int, group: bool) -> None:
+    import signal as _signal  # noqa: F401 (documents the kind of `sig`)
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (store / "zarr.json").exists() and status_of(store).any():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    import signal
+
+    imagefactory.write_rgb_set(tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(300)])
+    config = write_config(tmp_path, tmp_path / "data", inference={"batch_size": 2})
+    store = tmp_path / "out" / "run.zarr"
+    proc = _start_run(config, tmp_path)
+    _signal_when_started(proc, store, signal.SIGTERM, group=False)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated; finished batches are kept, rerun the same command to resume" in err, err
+    assert "Traceback" not in err
+    assert (status_of(store) == 0).any()
+    assert run(config) == 0 and (status_of(store) == 1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_to_the_process_group_prints_no_worker_tracebacks(tmp_path):
+    import signal
+
+    imagefactory.write_rgb_set(tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(300)])
+    config = write_config(
+        tmp_path,
+        tmp_path / "data",
+        inference={"batch_size": 2},
+        cluster={"kind": "local", "n_workers": 2},
+    )
+    proc = _start_run(config, tmp_path)
+    _signal_when_started(proc, tmp_path / "out" / "run.zarr", signal.SIGINT, group=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted; finished batches are kept" in err
+
+
+def test_identity_arrays_are_laid_out_like_image_path(tmp_path):
+    from vit_attn.store import StoreSpec, create_store
+
+    spec = StoreSpec(
+        n_images=10,
+        batch_size=4,
+        layers=(0,),
+        num_heads=2,
+        grid=(2, 2),
+        input_size=(16, 16),
+        num_tokens=5,
+        topk=None,
+        full_attention=False,
+        rollout=False,
+        overlays="none",
+        identity="hash",
+    )
+    initial = {
+        "image_bytes": np.arange(10, dtype=np.int64),
+        "image_mtime_ns": np.arange(10, dtype=np.int64) * 7,
+        "image_sha256": np.asarray([f"{i:064x}" for i in range(10)], dtype=object),
+    }
+    paths = [f"{i}.png" for i in range(10)]
+    group = create_store(tmp_path / "s.zarr", spec, paths, {"fingerprint": "x"}, initial=initial)
+    for name, values in initial.items():
+        arr = group[name]
+        assert arr.metadata.dimension_names == ("image",)
+        assert arr.chunks == group["image_path"].chunks and arr.shards == group["image_path"].shards
+        assert [str(v) for v in arr[:]] == [str(v) for v in values], name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_killed_at_start_up_does_not_hang_the_run(tmp_path, data):
+    """SIGKILL one LocalCluster worker process the moment the run starts using it.
+
+    A guard, not a reproduction: with this timing the old broadcast of the plan did not hang
+    here either (the hang needed the kill in the middle of the replication)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    config = write_config(tmp_path, data, cluster={"kind": "local", "n_workers": 2})
+    me = psutil.Process()
+    killed: list[int] = []
+
+    def kill_first_worker() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            workers = [
+                p for p in me.children(recursive=True) if "multiprocessing" in " ".join(p.cmdline())
+            ]
+            if len(workers) >= 2:
+                time.sleep(1.0)  # registered, about to receive work
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed.append(workers[0].pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    assert run(config) == 0
+    killer.join(timeout=5)
+    assert killed, "no worker process was found to kill"
+    assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
