@@ -1,0 +1,60 @@
+"""One writer per store on object storage: the lease object, against a real S3 server (moto)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from vit_attn.lock import ObjectLease, StoreLockedError, lock_for
+
+from .s3server import make_bucket, s3_endpoint, s3fs_client  # noqa: F401 (fixtures)
+
+
+@pytest.fixture()
+def store_url(s3_endpoint) -> str:  # noqa: F811
+    return f"s3://{make_bucket('lease')}/runs/val.zarr"
+
+
+def test_a_second_run_is_refused_naming_the_first_and_release_frees_the_store(store_url):
+    first = lock_for(store_url, "run-one", stale_after=60)
+    assert isinstance(first, ObjectLease)
+    first.acquire()
+    try:
+        second = lock_for(store_url, "run-two", stale_after=60)
+        with pytest.raises(StoreLockedError, match="in use by run run-one"):
+            second.acquire()
+        record = json.loads(s3fs_client().cat(store_url.removeprefix("s3://") + ".lock"))
+        assert record["run_id"] == "run-one" and record["heartbeat"] > 0
+    finally:
+        first.release()
+    assert not s3fs_client().exists(store_url.removeprefix("s3://") + ".lock")
+    again = lock_for(store_url, "run-two", stale_after=60)
+    again.acquire()
+    again.release()
+
+
+def test_a_stale_lease_is_taken_over_and_its_holder_learns_it_lost(store_url):
+    fs = s3fs_client()
+    key = store_url.removeprefix("s3://") + ".lock"
+    old = lock_for(store_url, "stalled", stale_after=0.6)
+    old.acquire()
+    old._stop.set()  # the holder stalls: no more heartbeats
+    old._thread.join()
+    old._thread = None
+    time.sleep(1.0)  # older than its stale_after
+    new = lock_for(store_url, "fresh", stale_after=60)
+    new.acquire()
+    try:
+        assert json.loads(fs.cat(key))["run_id"] == "fresh"
+        # The stalled run wakes: its next heartbeat finds a foreign record and gives up.
+        old._stop.clear()
+        beat = threading.Thread(target=old._beat)
+        beat.start()
+        beat.join(timeout=5)
+        assert old.lost
+        assert json.loads(fs.cat(key))["run_id"] == "fresh"  # never overwritten by the loser
+    finally:
+        new.release()
