@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import Preprocess, load_batch, normalize
+from .decode import Preprocess, load_batch
 from .errors import PipelineError
+from .graphinput import GraphInput
 from .overlap import OVERLAP, OverlapGate
 from .overlay import blend, head_grid, save_png
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
@@ -105,7 +106,8 @@ def _make_runner(plan: RunPlan) -> Runner:
 
     assert plan.model_source is not None
     loaded = load_model(plan.model_source)
-    return TorchRunner(AttentionGraph(loaded, plan.outputs), plan.runtime, plan.precision)
+    pixels = GraphInput.pixels(plan.preprocess.mean, plan.preprocess.std)
+    return TorchRunner(AttentionGraph(loaded, plan.outputs, pixels), plan.runtime, plan.precision)
 
 
 def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
@@ -130,7 +132,7 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
     for i, err in enumerate(errors):
         result.error[i] = err or ""
     if ok.any():
-        batch = normalize(images[ok], plan.preprocess)
+        batch = images[ok]  # uint8 NHWC: the graph normalises (vit_attn.graphinput)
         runner = get_runner(plan)
         clock.lap("decode")
         with _infer_lock:
