@@ -29,6 +29,7 @@ from .errors import CheckpointError
 from .graphinput import PIPELINE_INPUT, GraphInput
 from .layout import TokenLayout
 from .specs import ModelSource, OutputSpec
+from .variant import for_device as attention_for_device
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ GRAPH_MODULES = (
     "stats.py",
     "specs.py",
     "graphinput.py",
+    "variant.py",
 )
 # Distributions whose versions change the graph (torch's exporter, timm's model code, onnx).
 GRAPH_PACKAGES = ("torch", "timm", "onnx")
@@ -139,6 +141,8 @@ def cache_key(cfg: Config) -> str:
         "precision": cfg.inference.precision,
         # A graph takes one input format; a float32 graph must never be fed uint8 pixels.
         "input": PIPELINE_INPUT,
+        # Fused attention in uncaptured blocks on CUDA, the plain graph on the CPU (variant.py).
+        "attention_variant": attention_for_device(cfg.inference.device),
         "versions": {name: package_version(name) for name in GRAPH_PACKAGES},
         "vit_attn": __version__,
         "code": _code_digest(),

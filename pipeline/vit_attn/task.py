@@ -24,6 +24,7 @@ from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
 from .specs import ModelSource, OutputSpec
 from .stats import STAT_NAMES
 from .store import STATUS_OK, BatchResult, StoreSpec, empty_batch, write_batch
+from .variant import for_device
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def _make_runner(plan: RunPlan) -> Runner:
     assert plan.model_source is not None
     loaded = load_model(plan.model_source)
     pixels = GraphInput.pixels(plan.preprocess.mean, plan.preprocess.std)
-    return TorchRunner(AttentionGraph(loaded, plan.outputs, pixels), plan.runtime, plan.precision)
+    graph = AttentionGraph(loaded, plan.outputs, pixels, for_device(plan.runtime.device))
+    return TorchRunner(graph, plan.runtime, plan.precision)
 
 
 def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
