@@ -113,6 +113,11 @@ def test_io_binding_takes_uint8(model, spec, export_cache):
     bound = OrtRunner(path, RuntimeOptions(threads=1), io_binding=True)
     u8 = pixels(2, seed=3)
     np.testing.assert_array_equal(bound.run(u8)["attention"], plain.run(u8)["attention"])
+    # a batch already in a torch tensor (the device-decode path): its memory is bound as is
+    from_tensor = plain.run_tensor(torch.from_numpy(u8))
+    np.testing.assert_array_equal(from_tensor["attention"], plain.run(u8)["attention"])
+    with pytest.raises(BackendError, match="takes uint8-nhwc batches, got torch.float32"):
+        plain.run_tensor(torch.zeros((1, *SIZE, 3)))
 
 
 def test_wrong_input_format_is_one_clear_error(model, spec, export_cache):

@@ -49,6 +49,8 @@ class Runner(Protocol):
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
+    def run_tensor(self, pixels) -> dict[str, np.ndarray]: ...
+
 
 def available_threads() -> int:
     """Cores this process may use (affinity-aware, so containers and SLURM cgroups are respected)."""
@@ -170,6 +172,39 @@ class OrtRunner:
             binding = bindings[batch.shape] = _BatchBinding(self, batch.shape)
         return binding.run(batch)
 
+    def run_tensor(self, pixels) -> dict[str, np.ndarray]:
+        """Named outputs of a batch already on the device (a torch tensor, e.g. decoded by
+        nvJPEG): IO binding of its memory, no host copy of the input."""
+        import torch
+
+        x = pixels.contiguous()
+        want = torch.uint8 if self.input_format != FLOAT_NCHW else torch.float32
+        if x.dtype != want or x.dim() != 4:
+            raise BackendError(
+                f"{self._what} takes {self.input_format} batches, got {x.dtype} {list(x.shape)}"
+            )
+        on_cuda = x.device.type == "cuda"
+        if on_cuda != self.on_gpu:
+            raise BackendError(
+                f"a batch on {x.device} cannot feed a session on {self.providers[0]}; "
+                "decode on the inference device"
+            )
+        binding = self.session.io_binding()
+        binding.bind_input(
+            self.input_name,
+            "cuda" if on_cuda else "cpu",
+            x.device.index or 0,
+            np.uint8 if want == torch.uint8 else np.float32,
+            list(x.shape),
+            x.data_ptr(),
+        )
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        if on_cuda:
+            torch.cuda.current_stream(x.device).synchronize()  # decode done before ORT reads
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
     @property
     def _bindings(self) -> dict[tuple[int, ...], _BatchBinding]:
         """This thread's bindings: its output buffers are overwritten only by its own next batch."""
@@ -263,10 +298,19 @@ class TorchRunner:
         self.input_format = graph.graph_input.format
         self.autocast = precision == "mixed" and self.device.type == "cuda"
 
+    def run_tensor(self, pixels) -> dict[str, np.ndarray]:
+        """A batch already in a torch tensor (the device decode path)."""
+        with self.torch.inference_mode():
+            return self._forward(pixels.to(self.device))
+
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         batch = check_batch(batch, self.input_format, "the torch backend's graph")
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        return self._forward(x)
+
+    def _forward(self, x) -> dict[str, np.ndarray]:
+        torch = self.torch
         with (
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast),

@@ -46,6 +46,9 @@ class RunPlan:
     png_dir: str | None = None
     png_heads: bool = False
     decode_threads: int = 1
+    # Where images are decoded: None decodes JPEGs on the inference device when it is cuda
+    # (vit_attn.gpu_decode), else on the host; "cpu" runs the device path on the CPU (tests).
+    decode_device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,16 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         )
     root = Path(plan.image_root)
     files = [p if os.path.isabs(p) else root / p for p in task.paths]
-    images, errors = load_batch(files, plan.preprocess, threads=plan.decode_threads)
+    device = plan.decode_device or ("cuda" if plan.runtime.device == "cuda" else None)
+    pixels = None  # the batch on the device, when decoded there
+    if device is None:
+        images, errors = load_batch(files, plan.preprocess, threads=plan.decode_threads)
+    else:
+        from .gpu_decode import load_batch as device_load_batch
+
+        images, errors, pixels = device_load_batch(
+            files, plan.preprocess, device, threads=plan.decode_threads
+        )
     clock.lap("decode")
     ok = np.array([e is None for e in errors])
     for i, err in enumerate(errors):
@@ -139,7 +151,7 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         clock.lap("decode")
         with _infer_lock:
             clock.lap("wait")
-            outputs = runner.run(batch)
+            outputs = runner.run(batch) if pixels is None else runner.run_tensor(pixels[ok])
             clock.lap("infer")
         _fill(result, outputs, ok)
         _add_overlays(plan, result, images, ok)
