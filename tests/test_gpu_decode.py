@@ -134,3 +134,16 @@ def test_task_with_device_decode_matches_the_host_path(tmp_path, export_cache):
     a, b = host["cls_attention"][:][ok], device["cls_attention"][:][ok]
     assert a.max() > 0.2 and np.abs(a.astype(float) - b).max() < 0.05
     assert_close_to_pillow(device["overlay"][:][ok], host["overlay"][:][ok], "overlay")
+
+
+def test_no_cuda_torch_means_host_decoding_with_one_warning():
+    import torch
+
+    from vit_attn.gpu_decode import available
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    available.cache_clear()
+    with pytest.warns(UserWarning, match="JPEG decoding on cuda is not available.*on the host"):
+        assert not available("cuda")
+    assert available("cpu")

@@ -15,6 +15,8 @@ the tolerance the draft decoding already has (tests/test_gpu_decode.py).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,26 @@ from .errors import ImageDecodeError
 # (box, hamming, lanczos) decode on the host.
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 _DEVICE_MODES = ("RGB", "L")  # Pillow modes of JPEGs the device path takes (not CMYK, YCCK)
+
+
+@functools.cache
+def available(device: str) -> bool:
+    """Whether torch can decode on `device` (a CUDA onnxruntime next to a CPU-only torch
+    cannot): where not, the run decodes on the host as before, with one warning."""
+    try:
+        import torch
+        import torchvision.io  # noqa: F401
+    except ImportError:
+        ok = False
+    else:
+        ok = device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available())
+    if not ok:
+        warnings.warn(
+            f"JPEG decoding on {device} is not available (torch/torchvision without CUDA?); "
+            "decoding on the host",
+            stacklevel=2,
+        )
+    return ok
 
 
 def supports(prep: Preprocess) -> bool:

@@ -133,6 +133,10 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
     files = [p if os.path.isabs(p) else root / p for p in task.paths]
     device = plan.decode_device or ("cuda" if plan.runtime.device == "cuda" else None)
     pixels = None  # the batch on the device, when decoded there
+    if device is not None:
+        from . import gpu_decode
+
+        device = device if gpu_decode.available(device) else None
     if device is None:
         images, errors = load_batch(files, plan.preprocess, threads=plan.decode_threads)
     else:
