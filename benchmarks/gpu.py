@@ -2,32 +2,38 @@
 
 Usage (on a machine with an NVIDIA GPU; onnxruntime-gpu with CUDA 13 + cuDNN 9, e.g. docker/Dockerfile):
 
-    python benchmarks/gpu.py                         # vit_base_patch16_224, cuda, the full grid
+    python benchmarks/gpu.py                         # one command, one JSON (~10 min budget)
     python benchmarks/gpu.py --batches 128 --backends ort --json gpu.json
-    python benchmarks/gpu.py --device cpu --quick    # smoke run on the CPU (< 90 s on 2 cores)
+    python benchmarks/gpu.py --device cpu --quick    # smoke run on the CPU (a few minutes on 2 cores)
 
-Three sections, each printed as a Markdown table:
+Stdout is one JSON object (also written to --json); the Markdown tables go to stderr.
+Three sections:
 
 1. inference: images/s of the exported graph in onnxruntime (CUDA EP with IO binding, or the
-   TensorRT EP with --tensorrt) and of the same wrapper in eager torch (AMP autocast for
-   `mixed`), for every combination of
+   TensorRT EP with --tensorrt), of the same wrapper in eager torch (AMP autocast for `mixed`),
+   and of timm's own forward (logits only, its fused attention, torch AMP on CUDA: the bar the
+   bare graph is held to), for every combination of
      outputs    logits   logits only
-                cls      + last-layer cls_attention
-                full     + full last-layer attention
+                cls      + last-layer cls_attention            (default: cls full;
+                full     + full last-layer attention             --quick: cls all)
                 all      + cls_attention and full attention of every layer
      precision  fp32, mixed (fp16 matmuls; softmax, layer norms and head in fp32)
+     attention  plain, fused (the ONNX Attention op in blocks whose probabilities are not
+                captured, vit_attn.variant; `all` captures every block, so plain only)
      batch      --batches (default 64 128 256)
-   on random float32 inputs already in host memory (outputs copied back to the host, as the
-   pipeline needs them). One untimed warm-up pass, then --repeats timed passes of --images
-   images; the median is shown. A cell that fails (e.g. out of GPU memory) says why.
-2. decode: decode + resize + crop + normalise (vit_attn.decode.load_batch, then normalize) of
-   generated 640x480 JPEGs and 500x375 PNGs, with 1..N threads in one process and with 1..N
-   local Dask worker processes; median images/s of --repeats passes over --decode-images
-   images, images/s per core (how many cores feed the GPU), and how many of the machine's cores
-   were busy meanwhile (ours and everyone else's).
+   on random uint8 pixel batches already in host memory (the graph's input, normalised inside;
+   outputs copied back to the host, as the pipeline needs them). One untimed warm-up pass, then
+   --repeats timed passes of --images images; the median is shown. A cell that fails (e.g. out
+   of GPU memory) says why.
+2. decode: decode + resize + crop to uint8 pixels (vit_attn.decode.load_batch) of generated
+   640x480 JPEGs and 500x375 PNGs, with 1..N threads in one process and with 1..N local Dask
+   worker processes, and the JPEGs on the device (vit_attn.gpu_decode: nvJPEG on cuda); median
+   images/s of --repeats passes over --decode-images images, images/s per core (how many cores
+   feed the GPU), and how many of the machine's cores were busy meanwhile.
 3. pipeline: `vit-attn run` (vit_attn.plan.prepare + vit_attn.orchestrate.execute) on generated
    500x375 JPEGs, one local worker with --decode-threads threads, the grid's model and largest
-   batch, `mixed` on cuda; images/s from the first submission to the last write.
+   batch, `mixed` on cuda (so fused attention and nvJPEG decode), last-layer CLS maps and mean
+   overlays; images/s from the first submission to the last write.
 
 The model is random-init (seed 0): throughput does not depend on the weights, and nothing is
 downloaded. `--quick` (meant for `--device cpu`) cuts the model to 2 blocks and the counts to a
@@ -63,8 +69,9 @@ OUTPUTS = {
     "all": "+ cls_attention and full attention, all layers",
 }
 PRECISIONS = ("fp32", "mixed")
-BACKENDS = {"ort": "onnxruntime", "torch": "torch"}
+BACKENDS = {"ort": "onnxruntime", "torch": "torch", "timm": "timm forward (torch AMP on CUDA)"}
 QUICK_DEPTH = 2
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _log(msg: str) -> None:
@@ -115,6 +122,7 @@ def bench_inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     from vit_attn.export import AttentionGraph, export_onnx
+    from vit_attn.graphinput import GraphInput
     from vit_attn.model import ModelSource, load_model
     from vit_attn.runtime import OrtRunner, RuntimeOptions, TorchRunner
 
@@ -123,7 +131,9 @@ def bench_inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     depth = loaded.layout.depth
     h, w = loaded.layout.input_size
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((args.images, 3, h, w), dtype=np.float32)
+    # What the pipeline feeds the graph: uint8 pixels, normalised inside (vit_attn.graphinput).
+    images = rng.integers(0, 256, (args.images, h, w, 3), dtype=np.uint8)
+    pixels = GraphInput.pixels(IMAGENET_MEAN, IMAGENET_STD)
     options = RuntimeOptions(
         device=args.device,
         threads=args.threads,
@@ -132,46 +142,100 @@ def bench_inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     rows = []
-    for kind in args.outputs:
+    cells = [
+        (kind, precision, variant)
+        for kind in args.outputs
+        for precision in args.precisions
+        # every block is captured for `all`: the fused variant would be the same graph
+        for variant in (args.variants if kind != "all" else ["plain"])
+    ]
+    for kind, precision, variant in cells:
         spec = output_spec(kind, depth)
-        for precision in args.precisions:
-            runners: dict[str, Any] = {}
-            if "ort" in args.backends:
-                t0 = time.perf_counter()
-                path = export_onnx(loaded, spec, precision, args.cache_dir)
-                runners["ort"] = OrtRunner(path, options)
-                _log(
-                    f"  {kind}/{precision}: {path.name} ready in {time.perf_counter() - t0:.1f} s; "
-                    f"providers {runners['ort'].providers[:1]}"
-                )
-            if "torch" in args.backends and not (args.device == "cpu" and precision == "mixed"):
-                # TorchRunner autocasts to fp16 on CUDA only: torch `mixed` on the CPU would be fp32 again.
-                # A fresh model: the wrapper hooks the blocks it captures and moves the model to the device.
-                runners["torch"] = TorchRunner(
-                    AttentionGraph(load_model(source), spec), options, precision
-                )
-            for backend, runner in runners.items():
-                for batch in args.batches:
-                    row = {
-                        "outputs": kind,
-                        "precision": precision,
-                        "backend": backend,
-                        "batch": batch,
-                    }
-                    try:
-                        row.update(_timed_passes(runner.run, images, batch, args.repeats, sync))
-                        _log(f"    {backend} batch {batch}: {row['median']:.1f} img/s")
-                    except Exception as exc:  # out of memory and the like: report, go on
-                        row["error"] = (
-                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                        )
-                        _log(f"    {backend} batch {batch}: failed: {row['error']}")
-                        if args.device == "cuda":
-                            torch.cuda.empty_cache()
-                    rows.append(row)
-            del runners
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+        runners: dict[str, Any] = {}
+        if "ort" in args.backends:
+            t0 = time.perf_counter()
+            path = export_onnx(loaded, spec, precision, args.cache_dir, pixels, variant)
+            runners["ort"] = OrtRunner(path, options)
+            _log(
+                f"  {kind}/{precision}/{variant}: {path.name} ready in "
+                f"{time.perf_counter() - t0:.1f} s; providers {runners['ort'].providers[:1]}"
+            )
+        if (
+            "torch" in args.backends
+            and variant == "plain"
+            and not (args.device == "cpu" and precision == "mixed")
+        ):
+            # TorchRunner autocasts to fp16 on CUDA only: torch `mixed` on the CPU would be fp32 again.
+            # A fresh model: the wrapper hooks the blocks it captures and moves the model to the device.
+            runners["torch"] = TorchRunner(
+                AttentionGraph(load_model(source), spec, pixels), options, precision
+            )
+        for backend, runner in runners.items():
+            for batch in args.batches:
+                row = {
+                    "outputs": kind,
+                    "precision": precision,
+                    "variant": variant,
+                    "backend": backend,
+                    "batch": batch,
+                }
+                try:
+                    row.update(_timed_passes(runner.run, images, batch, args.repeats, sync))
+                    _log(f"    {backend} batch {batch}: {row['median']:.1f} img/s")
+                except Exception as exc:  # out of memory and the like: report, go on
+                    row["error"] = (
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    )
+                    _log(f"    {backend} batch {batch}: failed: {row['error']}")
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+        del runners
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    if "timm" in args.backends:
+        rows += _bench_timm(args, source, images, sync)
+    return rows
+
+
+def _bench_timm(args: argparse.Namespace, source, images: np.ndarray, sync) -> list[dict]:
+    """timm's own forward (fused attention as timm ships it, logits only), torch AMP on CUDA:
+    the bar the bare graph is compared with."""
+    import timm
+    import torch
+
+    kwargs = {**source.kwargs}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(source.name, pretrained=False, **kwargs).eval()
+    device = torch.device(args.device)
+    model = model.to(device)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    amp = args.device == "cuda"
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
+        with torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=amp):
+            return model((x / 255 - mean) / std).float().cpu().numpy()
+
+    rows = []
+    for batch in args.batches:
+        row = {
+            "outputs": "logits",
+            "precision": "mixed" if amp else "fp32",
+            "variant": "timm",
+            "backend": "timm",
+            "batch": batch,
+        }
+        try:
+            row.update(_timed_passes(run, images, batch, args.repeats, sync))
+            _log(f"    timm forward batch {batch}: {row['median']:.1f} img/s")
+        except Exception as exc:
+            row["error"] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
+        rows.append(row)
     return rows
 
 
@@ -200,13 +264,22 @@ def make_images(folder: Path, n: int, size: tuple[int, int], ext: str) -> list[P
 
 
 def _decode_chunk(paths: list[str], prep, threads: int, batch: int) -> int:
-    from vit_attn.decode import load_batch, normalize
+    from vit_attn.decode import load_batch
 
     done = 0
     for start in range(0, len(paths), batch):
         u8, _ = load_batch(paths[start : start + batch], prep, threads=threads)
-        normalize(u8, prep)
-        done += len(u8)
+        done += len(u8)  # uint8 pixels are what the graph takes: the host normalises nothing
+    return done
+
+
+def _device_decode_chunk(paths: list[str], prep, device: str, batch: int) -> int:
+    from vit_attn.gpu_decode import load_batch
+
+    done = 0
+    for start in range(0, len(paths), batch):
+        _, _, pixels = load_batch(paths[start : start + batch], prep, device)
+        done += len(pixels)
     return done
 
 
@@ -242,6 +315,16 @@ def bench_decode(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             _log(f"  decode {name}, {threads} thread(s): {row['images_per_s']:.1f} img/s")
     if args.decode_workers:
         rows += _bench_decode_dask(args, sets, prep)
+    # JPEGs on the inference device (nvJPEG on cuda; torchvision's libjpeg on the CPU)
+    paths = [str(p) for p in sets["JPEG 640x480"]]
+    row = _measure(
+        lambda: _device_decode_chunk(paths, prep, args.device, args.decode_batch), args.repeats
+    )
+    mode = "nvJPEG on the GPU" if args.device == "cuda" else "torchvision decode_jpeg, cpu"
+    rows.append(
+        {"images": "JPEG 640x480", "mode": mode, "cores": 1, **row, "per_core": row["images_per_s"]}
+    )
+    _log(f"  decode JPEG, {mode}: {row['images_per_s']:.1f} img/s")
     return rows
 
 
@@ -384,10 +467,14 @@ def bench_pipeline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def inference_table(rows: list[dict[str, Any]]) -> str:
     batches = sorted({r["batch"] for r in rows})
     lines = [
-        "| outputs | precision | backend | " + " | ".join(f"batch {b}" for b in batches) + " |",
-        "|---|---|---|" + "---|" * len(batches),
+        "| outputs | precision | attention | backend | "
+        + " | ".join(f"batch {b}" for b in batches)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(batches),
     ]
-    keys = list(dict.fromkeys((r["outputs"], r["precision"], r["backend"]) for r in rows))
+    keys = list(
+        dict.fromkeys((r["outputs"], r["precision"], r["variant"], r["backend"]) for r in rows)
+    )
     for key in keys:
         cells = []
         for b in batches:
@@ -395,7 +482,8 @@ def inference_table(rows: list[dict[str, Any]]) -> str:
                 (
                     r
                     for r in rows
-                    if (r["outputs"], r["precision"], r["backend"]) == key and r["batch"] == b
+                    if (r["outputs"], r["precision"], r["variant"], r["backend"]) == key
+                    and r["batch"] == b
                 ),
                 None,
             )
@@ -409,9 +497,9 @@ def inference_table(rows: list[dict[str, Any]]) -> str:
                     f"{r['median']:.1f}"
                     + (f" ({min(ips):.1f}-{max(ips):.1f})" if len(ips) > 1 else "")
                 )
-        kind, precision, backend = key
+        kind, precision, variant, backend = key
         lines.append(
-            f"| {kind}: {OUTPUTS[kind]} | {precision} | {BACKENDS[backend]} | "
+            f"| {kind}: {OUTPUTS[kind]} | {precision} | {variant} | {BACKENDS[backend]} | "
             + " | ".join(cells)
             + " |"
         )
@@ -461,9 +549,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--repeats", type=int, default=None, help="timed passes per cell (default 3; --quick: 1)"
     )
-    ap.add_argument("--outputs", nargs="+", choices=list(OUTPUTS), default=list(OUTPUTS))
+    ap.add_argument(
+        "--outputs",
+        nargs="+",
+        choices=list(OUTPUTS),
+        default=None,
+        help="default: cls full (--quick: cls all)",
+    )
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("plain", "fused"),
+        default=["plain", "fused"],
+        help="attention in uncaptured blocks (vit_attn.variant)",
+    )
     ap.add_argument(
         "--tensorrt", action="store_true", help="onnxruntime's TensorRT EP first (engines cached)"
     )
@@ -529,6 +630,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.model = args.model or ("vit_tiny_patch16_224" if q else "vit_base_patch16_224")
     args.depth = args.depth if args.depth is not None else (QUICK_DEPTH if q else None)
     args.batches = args.batches or ([2, 4] if q else [64, 128, 256])
+    args.outputs = args.outputs or (["cls", "all"] if q else ["cls", "full"])
     args.images = args.images or (8 if q else 1024)
     args.repeats = args.repeats or (1 if q else 3)
     args.decode_images = args.decode_images or (16 if q else 256)
@@ -582,7 +684,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["seconds"] = time.perf_counter() - t0
     report["loadavg_after"] = loadavg()
 
-    print()
+    _log("")
+    print = _log  # noqa: A001  (the tables go to stderr; stdout carries the one JSON)
     if report.get("inference"):
         print(
             f"## Inference, {args.model} at 224 px, {args.device} ({env.get('gpu', env['cpu'])}), images/s, "
@@ -590,7 +693,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         print(inference_table(report["inference"]) + "\n")
     if report.get("decode"):
-        print("## Decode + preprocess to 224 px (load_batch + normalize)\n")
+        print("## Decode + resize + crop to 224 px (uint8 pixels; host and device)\n")
         print(decode_table(report["decode"]) + "\n")
     if report.get("pipeline"):
         p = report["pipeline"]
@@ -604,9 +707,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"loadavg before {report['loadavg_before']}, after {report['loadavg_after']}"
         + ("  [--quick: smoke run, numbers not meaningful]" if args.quick else "")
     )
+    text = json.dumps(report, indent=2, default=str)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+        args.json.write_text(text)
+    sys.stdout.write(text + "\n")
     return report
 
 

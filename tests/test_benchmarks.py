@@ -41,13 +41,18 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path, export_cache):
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == report  # stdout is the one JSON
     cells = report["inference"]
-    assert {c["outputs"] for c in cells} == {"logits", "cls", "full", "all"}
-    assert {(c["precision"], c["backend"]) for c in cells} == {
-        ("fp32", "ort"),
-        ("mixed", "ort"),
-        ("fp32", "torch"),
+    assert {c["outputs"] for c in cells} == {"cls", "all", "logits"}  # logits: timm's forward
+    assert {(c["precision"], c["variant"], c["backend"]) for c in cells} == {
+        ("fp32", "plain", "ort"),
+        ("fp32", "fused", "ort"),
+        ("mixed", "plain", "ort"),
+        ("mixed", "fused", "ort"),
+        ("fp32", "plain", "torch"),
+        ("fp32", "timm", "timm"),
     }
+    assert not any(c["outputs"] == "all" and c["variant"] == "fused" for c in cells)
     assert all("error" not in c and c["median"] > 0 for c in cells), [
         c for c in cells if "error" in c
     ]
@@ -58,13 +63,14 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path, export_cache):
             kind,
             "2 Dask worker(s) x 1 thread",
         ) in modes
+    assert ("JPEG 640x480", "torchvision decode_jpeg, cpu") in modes
     assert all(r["images_per_s"] > 0 for r in report["decode"])
     pipe = report["pipeline"]
     assert pipe["images_per_s"] > 0 and not pipe["failed_batches"] and pipe["images"] == 12
     assert (
-        "## Inference" in proc.stdout
-        and "| all: " in proc.stdout
-        and "## Pipeline end to end" in proc.stdout
+        "## Inference" in proc.stderr
+        and "| all: " in proc.stderr
+        and "## Pipeline end to end" in proc.stderr
     )
     print(f"gpu.py --device cpu --quick: {seconds:.1f} s")
 

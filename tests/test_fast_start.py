@@ -104,6 +104,8 @@ def test_second_run_imports_no_torch_and_writes_the_same_store(tmp_path, images)
     # `vit-attn export` answers from the record too.
     exported = run_cli("export", str(config_file(tmp_path, images, ckpt, cache, "b")), cwd=tmp_path)
     assert exported["heavy"] == []
+    # and names the attention variant it wrote (the CPU keeps the plain graph)
+    assert "graph for inference.device cpu: plain" in exported["stderr"]
 
 
 def test_a_deleted_graph_or_a_corrupt_record_is_rebuilt(tmp_path, images):

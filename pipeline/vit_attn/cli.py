@@ -256,9 +256,16 @@ def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> i
 def _export(args: argparse.Namespace) -> int:
     from .config import load_config
     from .graphcache import resolve
+    from .variant import describe, for_device
 
     cfg = load_config(args.config, args.overrides)
     print(resolve(cfg, need_graph=True).onnx_path)
+    variant = for_device(cfg.inference.device)
+    print(
+        f"graph for inference.device {cfg.inference.device}: {variant}, {describe(variant)}; "
+        "input uint8 [B, H, W, 3] pixels",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 

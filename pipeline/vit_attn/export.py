@@ -22,15 +22,37 @@ from torch import nn
 
 from .cachedir import cache_root
 from .errors import ExportError, first_line
+from .graphinput import UINT8_NHWC, GraphInput
 from .model import LoadedModel, attention_modules
 from .specs import OutputSpec
 from .stats import STAT_NAMES, graph_stats
+from .variant import FUSED, OPSET, PLAIN
+from .variant import check as check_variant
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "pixel_values"
 PRECISIONS = ("fp32", "mixed")
-EXPORT_FORMAT_VERSION = 1  # bump when the wrapper's graph changes for the same spec
+EXPORT_FORMAT_VERSION = 2  # bump when the wrapper's graph changes for the same spec
+
+
+class PixelNormalize(nn.Module):
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W], ``(x / 255 - mean) / std`` in the graph.
+
+    The same float32 steps, in the same order, as `vit_attn.decode.normalize` (torchvision's
+    ToTensor + Normalize), so the graph's tensor equals the host's to float rounding.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+        return (x / 255.0 - self.mean) / self.std
 
 
 class AttentionGraph(nn.Module):
@@ -40,8 +62,23 @@ class AttentionGraph(nn.Module):
     probabilities (dropout is the identity in eval mode).
     """
 
-    def __init__(self, loaded: LoadedModel, spec: OutputSpec) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        spec: OutputSpec,
+        graph_input: GraphInput | None = None,
+        attention: str = PLAIN,
+    ) -> None:
+        """`attention`: `fused` keeps timm's SDPA in the blocks whose probabilities are not
+        captured (`vit_attn.variant`); `plain` computes the softmax in every block."""
         super().__init__()
+        self.attention = check_variant(attention)
+        self.graph_input = graph_input or GraphInput()
+        self.pixels = (
+            PixelNormalize(self.graph_input.mean, self.graph_input.std)
+            if self.graph_input.format == UINT8_NHWC
+            else None
+        )
         self.vit = loaded.model
         self.layout = loaded.layout
         self.spec = spec
@@ -51,9 +88,9 @@ class AttentionGraph(nn.Module):
         # Without classifier outputs, blocks after the last needed one are skipped entirely.
         self.stop_block = None if need_classifier else max(self.captured_blocks)
         self._captures: dict[int, torch.Tensor] = {}
-        attns = attention_modules(self.vit)
+        self._attns: list[nn.Module] = attention_modules(self.vit)
         for i in self.captured_blocks:
-            attns[i].attn_drop.register_forward_hook(self._hook(i))
+            self._attns[i].attn_drop.register_forward_hook(self._hook(i))
 
     def _hook(self, index: int):
         def capture(
@@ -74,8 +111,18 @@ class AttentionGraph(nn.Module):
             self.vit.forward_features(x)
         return None
 
+    def _set_kernels(self) -> None:
+        # Per forward, not once: several wrappers may share one model (tests, benchmarks).
+        fused = self.attention == FUSED
+        for i, attn in enumerate(self._attns):
+            if hasattr(attn, "fused_attn"):
+                attn.fused_attn = fused and i not in self.captured_blocks  # type: ignore[assignment]
+
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._captures.clear()
+        self._set_kernels()
+        if self.pixels is not None:
+            pixel_values = self.pixels(pixel_values)
         logits = self._run_model(pixel_values)
         missing = [i for i in self.captured_blocks if i not in self._captures]
         if missing:
@@ -141,7 +188,13 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def export_fingerprint(loaded: LoadedModel, spec: OutputSpec, precision: str) -> str:
+def export_fingerprint(
+    loaded: LoadedModel,
+    spec: OutputSpec,
+    precision: str,
+    graph_input: GraphInput | None = None,
+    attention: str = PLAIN,
+) -> str:
     """Digest of everything that changes the exported graph."""
     import timm
 
@@ -153,6 +206,8 @@ def export_fingerprint(loaded: LoadedModel, spec: OutputSpec, precision: str) ->
         "layout": loaded.layout.to_dict(),
         "spec": asdict(spec),
         "precision": precision,
+        "input": asdict(graph_input or GraphInput()),
+        "attention": attention,
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
@@ -165,13 +220,23 @@ def export_onnx(
     spec: OutputSpec,
     precision: str = "fp32",
     cache_dir: Path | None = None,
+    graph_input: GraphInput | None = None,
+    attention: str = PLAIN,
 ) -> Path:
-    """Return the path of the ONNX graph for this model/spec/precision, exporting it if not cached."""
+    """Return the path of the ONNX graph for this model/spec/precision, exporting it if not cached.
+
+    `graph_input`: what the graph takes (`vit_attn.graphinput`); default the model's own
+    float32 NCHW input, the pipeline passes uint8 NHWC pixels. `attention`: the kernel of the
+    blocks whose probabilities are not captured (`vit_attn.variant`).
+    """
+    check_variant(attention)
+    graph_input = graph_input or GraphInput()
     if precision not in PRECISIONS:
         raise ExportError(f"inference.precision must be one of {PRECISIONS}, got {precision!r}")
     cache_dir = cache_root(cache_dir)
-    digest = export_fingerprint(loaded, spec, precision)
-    path = cache_dir / "onnx" / f"{loaded.source.name}-{precision}-{digest[:20]}.onnx"
+    digest = export_fingerprint(loaded, spec, precision, graph_input, attention)
+    tag = "" if attention == PLAIN else f"-{attention}"
+    path = cache_dir / "onnx" / f"{loaded.source.name}-{precision}{tag}-{digest[:20]}.onnx"
     if path.is_file():
         log.info("export cache hit: %s", path)
         return path
@@ -181,7 +246,7 @@ def export_onnx(
         raise ExportError(
             f"cannot create the export cache folder {path.parent}: {exc.strerror}"
         ) from None
-    graph = AttentionGraph(loaded, spec).eval()
+    graph = AttentionGraph(loaded, spec, graph_input, attention).eval()
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -197,7 +262,12 @@ def export_onnx(
 
 
 def _export(graph: AttentionGraph, path: Path, input_size: tuple[int, int]) -> None:
-    example = torch.randn(2, 3, *input_size)
+    shape = graph.graph_input.example_shape(2, input_size)
+    if graph.pixels is not None:
+        example = torch.randint(0, 256, shape, dtype=torch.uint8)
+    else:
+        example = torch.randn(*shape)
+    opset = OPSET[graph.attention]
     batch = torch.export.Dim("batch", min=1, max=65536)
     chatter = io.StringIO()  # the exporter prints progress lines; keep them for failures only
     try:
@@ -213,6 +283,7 @@ def _export(graph: AttentionGraph, path: Path, input_size: tuple[int, int]) -> N
                 external_data=False,
                 dynamo=True,
                 verbose=False,
+                opset_version=opset,
             )
     except ExportError:
         raise

@@ -27,14 +27,25 @@ from . import __version__
 from .cachedir import cache_root
 from .config import Config
 from .errors import CheckpointError
+from .graphinput import PIPELINE_INPUT, GraphInput
 from .layout import TokenLayout
 from .specs import ModelSource, OutputSpec
+from .variant import for_device as attention_for_device
 
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
 # The modules whose code decides the exported graph: editing one invalidates every record.
-GRAPH_MODULES = ("export.py", "model.py", "layout.py", "precision.py", "stats.py", "specs.py")
+GRAPH_MODULES = (
+    "export.py",
+    "model.py",
+    "layout.py",
+    "precision.py",
+    "stats.py",
+    "specs.py",
+    "graphinput.py",
+    "variant.py",
+)
 # Distributions whose versions change the graph (torch's exporter, timm's model code, onnx).
 GRAPH_PACKAGES = ("torch", "timm", "onnx")
 
@@ -129,6 +140,10 @@ def cache_key(cfg: Config) -> str:
         "img_size": list(cfg.model.img_size_pair or ()),
         "attention": cfg.attention.model_dump(mode="json"),
         "precision": cfg.inference.precision,
+        # A graph takes one input format; a float32 graph must never be fed uint8 pixels.
+        "input": PIPELINE_INPUT,
+        # Fused attention in uncaptured blocks on CUDA, the plain graph on the CPU (variant.py).
+        "attention_variant": attention_for_device(cfg.inference.device),
         "versions": {name: package_version(name) for name in GRAPH_PACKAGES},
         "vit_attn": __version__,
         "code": _code_digest(),
@@ -251,8 +266,9 @@ def build(cfg: Config, export: bool) -> ModelFacts:
     prep = preprocess_for_model(loaded.model, loaded.layout.input_size)
     onnx_path = None
     if export:
+        pixels = GraphInput.pixels(prep.mean, prep.std)
         onnx_path = str(
-            export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir)
+            export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir, pixels)
         )
     return ModelFacts(
         layout=loaded.layout,

@@ -140,7 +140,9 @@ def scope_selector(
         if node.op_type in FP32_OPS:
             return True
         scopes = node_scopes(node)
-        if len(scopes) < 2 or scopes[1] != model_prefix:
+        # torch 2.14 writes full module paths (`vit.blocks.0.attn`), earlier versions the
+        # top module alone (`vit`) as the second scope: accept both.
+        if not any(s == model_prefix or s.startswith(model_prefix + ".") for s in scopes[1:2]):
             return True
         return any(s == p or s.startswith(p + ".") for s in scopes for p in fp32_prefixes)
 

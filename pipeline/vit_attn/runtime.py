@@ -1,7 +1,8 @@
 """Inference backends: an onnxruntime session (CPU or CUDA EP) and a torch reference.
 
-Both take one contiguous float32 NCHW batch and return the graph's outputs by name, so
-the rest of the pipeline never knows which one ran.
+Both take one batch in the graph's input format (`vit_attn.graphinput`: the pipeline's uint8
+NHWC pixels, or the model's float32 NCHW input) and return the graph's outputs by name, so the
+rest of the pipeline never knows which one ran.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from .cachedir import cache_root
 from .errors import BackendError, first_line
+from .graphinput import FLOAT_NCHW, check_batch, format_of_ort_type
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +46,11 @@ class Runner(Protocol):
     """One batch in, named outputs out."""
 
     output_names: list[str]
+    input_format: str
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
-
-def _check_batch(batch: np.ndarray) -> np.ndarray:
-    if batch.dtype != np.float32 or batch.ndim != 4:
-        raise BackendError(f"a batch must be float32 [B, 3, H, W], got {batch.dtype} {batch.shape}")
-    return np.ascontiguousarray(batch)
+    def run_tensor(self, pixels) -> dict[str, np.ndarray]: ...
 
 
 def available_threads() -> int:
@@ -89,7 +88,10 @@ class OrtRunner:
         self.providers = self.session.get_providers()
         self._check_device()
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.input_name = self.session.get_inputs()[0].name
+        graph_in = self.session.get_inputs()[0]
+        self.input_name = graph_in.name
+        self.input_format = format_of_ort_type(graph_in.type, graph_in.shape)
+        self._what = f"the graph {Path(onnx_path).name}"
         self.on_gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.io_binding = self.on_gpu if io_binding is None else io_binding
         self._ort = ort
@@ -159,7 +161,7 @@ class OrtRunner:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Named outputs of one batch. With IO binding (GPUs), the arrays are buffers that this
         thread's next batch of the same shape overwrites: copy what must outlive that."""
-        batch = _check_batch(batch)
+        batch = check_batch(batch, self.input_format, self._what)
         if not self.io_binding:
             outs = self.session.run(self.output_names, {self.input_name: batch})
             return dict(zip(self.output_names, outs))
@@ -170,6 +172,39 @@ class OrtRunner:
                 bindings.pop(next(iter(bindings)))
             binding = bindings[batch.shape] = _BatchBinding(self, batch.shape)
         return binding.run(batch)
+
+    def run_tensor(self, pixels) -> dict[str, np.ndarray]:
+        """Named outputs of a batch already on the device (a torch tensor, e.g. decoded by
+        nvJPEG): IO binding of its memory, no host copy of the input."""
+        import torch
+
+        x = pixels.contiguous()
+        want = torch.uint8 if self.input_format != FLOAT_NCHW else torch.float32
+        if x.dtype != want or x.dim() != 4:
+            raise BackendError(
+                f"{self._what} takes {self.input_format} batches, got {x.dtype} {list(x.shape)}"
+            )
+        on_cuda = x.device.type == "cuda"
+        if on_cuda != self.on_gpu:
+            raise BackendError(
+                f"a batch on {x.device} cannot feed a session on {self.providers[0]}; "
+                "decode on the inference device"
+            )
+        binding = self.session.io_binding()
+        binding.bind_input(
+            self.input_name,
+            "cuda" if on_cuda else "cpu",
+            x.device.index or 0,
+            np.uint8 if want == torch.uint8 else np.float32,
+            list(x.shape),
+            x.data_ptr(),
+        )
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        if on_cuda:
+            torch.cuda.current_stream(x.device).synchronize()  # decode done before ORT reads
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
     @property
     def _bindings(self) -> dict[tuple[int, ...], _BatchBinding]:
@@ -202,7 +237,10 @@ class _BatchBinding:
         self.session = session
         self.binding = session.io_binding()
         self.input = ort.OrtValue.ortvalue_from_shape_and_type(
-            list(shape), np.float32, device, device_id
+            list(shape),
+            np.float32 if runner.input_format == FLOAT_NCHW else np.uint8,
+            device,
+            device_id,
         )
         self.binding.bind_ortvalue_input(runner.input_name, self.input)
         self.buffers: dict[str, np.ndarray] = {}
@@ -252,11 +290,22 @@ class TorchRunner:
             torch.set_num_threads(options.threads)
         self.graph = graph.to(self.device).eval()
         self.output_names = list(graph.output_names)
+        self.input_format = graph.graph_input.format
         self.autocast = precision == "mixed" and self.device.type == "cuda"
+
+    def run_tensor(self, pixels) -> dict[str, np.ndarray]:
+        """A batch already in a torch tensor (the device decode path)."""
+        with self.torch.inference_mode():
+            return self._forward(pixels.to(self.device))
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
-        x = torch.from_numpy(_check_batch(batch)).to(self.device, non_blocking=True)
+        batch = check_batch(batch, self.input_format, "the torch backend's graph")
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        return self._forward(x)
+
+    def _forward(self, x) -> dict[str, np.ndarray]:
+        torch = self.torch
         with (
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast),

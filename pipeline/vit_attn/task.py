@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .decode import Preprocess, load_batch, normalize
+from .decode import Preprocess, load_batch
 from .errors import PipelineError, unrecoverable
+from .graphinput import GraphInput
 from .outputs import OutputError, is_per_image_os_error, png_path, write_png
 from .overlap import OVERLAP, OverlapGate
 from .overlay import blend, head_grid
@@ -33,6 +34,7 @@ from .store import (
     empty_batch,
     write_batch,
 )
+from .variant import for_device
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class RunPlan:
     reader: Any = None
     store_options: dict[str, Any] | None = None  # fsspec options of a store behind a URL
     run_id: str | None = None  # the store's run id: write_batch refuses a store of another run
+    # Where images are decoded: None decodes JPEGs on the inference device when it is cuda
+    # (vit_attn.gpu_decode), else on the host; "cpu" runs the device path on the CPU (tests).
+    decode_device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,9 @@ def _make_runner(plan: RunPlan) -> Runner:
 
     assert plan.model_source is not None
     loaded = load_model(plan.model_source)
-    return TorchRunner(AttentionGraph(loaded, plan.outputs), plan.runtime, plan.precision)
+    pixels = GraphInput.pixels(plan.preprocess.mean, plan.preprocess.std)
+    graph = AttentionGraph(loaded, plan.outputs, pixels, for_device(plan.runtime.device))
+    return TorchRunner(graph, plan.runtime, plan.precision)
 
 
 def run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
@@ -140,13 +147,27 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
             f"batch {task.batch_index} carries {len(task.paths)} paths for {result.stop - result.start} images"
         )
     labels = None
+    pixels = None  # the batch on the device, when decoded there
     if plan.reader is not None:  # bytes from object storage, a shard or a Parquet file
         read = plan.reader.read(task.paths, task.locators)
         files, labels = read.items, read.labels
+        images, errors = load_batch(files, plan.preprocess, threads=plan.decode_threads)
     else:
         root = Path(plan.image_root)
         files = [p if os.path.isabs(p) else root / p for p in task.paths]
-    images, errors = load_batch(files, plan.preprocess, threads=plan.decode_threads)
+        device = plan.decode_device or ("cuda" if plan.runtime.device == "cuda" else None)
+        if device is not None:
+            from . import gpu_decode
+
+            device = device if gpu_decode.available(device) else None
+        if device is None:
+            images, errors = load_batch(files, plan.preprocess, threads=plan.decode_threads)
+        else:
+            from .gpu_decode import load_batch as device_load_batch
+
+            images, errors, pixels = device_load_batch(
+                files, plan.preprocess, device, threads=plan.decode_threads
+            )
     if labels is not None and "label" in result.arrays:
         result.arrays["label"][:] = labels
     clock.lap("decode")
@@ -154,13 +175,13 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
     for i, err in enumerate(errors):
         result.error[i] = err or ""
     if ok.any():
-        batch = normalize(images[ok], plan.preprocess)
+        batch = images[ok]  # uint8 NHWC: the graph normalises (vit_attn.graphinput)
         clock.lap("decode")
         runner = get_runner(plan)  # the process's first batch builds the session
         clock.lap("session")
         with _infer_lock:
             clock.lap("wait")
-            outputs = runner.run(batch)
+            outputs = runner.run(batch) if pixels is None else runner.run_tensor(pixels[ok])
             clock.lap("infer")
         _fill(result, outputs, ok)
         _add_overlays(plan, result, images, ok)

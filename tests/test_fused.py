@@ -1,0 +1,141 @@
+"""Fused attention (the ONNX `Attention` op) in the blocks whose probabilities are not stored."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from timm.utils import AttentionExtract
+
+from vit_attn.export import AttentionGraph, export_onnx
+from vit_attn.graphinput import GraphInput
+from vit_attn.precision import node_scopes
+from vit_attn.runtime import OrtRunner, RuntimeOptions, TorchRunner
+from vit_attn.specs import OutputSpec
+from vit_attn.variant import FUSED, PLAIN, for_device
+
+from .conftest import sharpened_model
+
+NAME, SEED, SHARPEN = "vit_tiny_patch16_224", 7, 16.0
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PIXELS = GraphInput.pixels(MEAN, STD)
+# Block 1 captured; blocks 0 and 2 are not (2 runs for the logits).
+SPEC = OutputSpec(layers=(1,), attention=True, logits=True, topk=0)
+
+pytestmark = pytest.mark.slow  # exports of fused graphs (opset 23)
+
+
+def model():
+    return sharpened_model(NAME, factor=SHARPEN, seed=SEED, depth=3)
+
+
+def batch(n: int = 3) -> np.ndarray:
+    return np.random.default_rng(4).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+
+
+def host_normalised(u8: np.ndarray) -> torch.Tensor:
+    """float64 reference of the normalisation, then float32 for timm."""
+    x = (u8.transpose(0, 3, 1, 2) / 255.0 - np.array(MEAN)[:, None, None]) / np.array(STD)[
+        :, None, None
+    ]
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def block_of(node: onnx.NodeProto) -> int | None:
+    for s in node_scopes(node):
+        parts = s.split(".")
+        if len(parts) >= 3 and parts[:2] == ["vit", "blocks"] and parts[2].isdigit():
+            return int(parts[2])
+    return None
+
+
+@pytest.fixture(scope="module")
+def fused_fp32(export_cache):
+    loaded = model()
+    path = export_onnx(loaded, SPEC, "fp32", export_cache, PIXELS, attention=FUSED)
+    return loaded, path
+
+
+def test_attention_op_only_in_uncaptured_blocks(fused_fp32):
+    _, path = fused_fp32
+    nodes = onnx.load(str(path)).graph.node
+    fused_blocks = sorted(block_of(n) for n in nodes if n.op_type == "Attention")
+    softmax_blocks = {block_of(n) for n in nodes if n.op_type == "Softmax"}
+    assert fused_blocks == [0, 2]
+    assert 1 in softmax_blocks and not {0, 2} & softmax_blocks
+
+
+def test_fused_graph_equals_timm(fused_fp32):
+    loaded, path = fused_fp32
+    u8 = batch()
+    outs = OrtRunner(path, RuntimeOptions(threads=2)).run(u8)
+    twin = model()
+    x = host_normalised(u8)
+    with torch.no_grad():
+        maps = list(AttentionExtract(twin.model, method="hook")(x).values())
+        logits = twin.model(x).numpy()
+    assert maps[1].max() > 0.2
+    np.testing.assert_allclose(outs["attention"][:, 0], maps[1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        outs["cls_attention"][:, 0], maps[1][:, :, 0, 1:].reshape(3, -1, 14, 14), atol=1e-5
+    )
+    np.testing.assert_allclose(outs["logits"], logits, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_backend_runs_the_same_variant(fused_fp32):
+    loaded, path = fused_fp32
+    u8 = batch(2)
+    graph = AttentionGraph(loaded, SPEC, PIXELS, FUSED)
+    got = TorchRunner(graph, RuntimeOptions()).run(u8)
+    ort = OrtRunner(path, RuntimeOptions(threads=2)).run(u8)
+    np.testing.assert_allclose(got["attention"], ort["attention"], atol=1e-5)
+    # the captured block still computes its softmax; the others kept timm's fused path
+    flags = [a.fused_attn for a in graph._attns]
+    assert flags == [True, False, True]
+
+
+def test_mixed_fused_graph_keeps_the_guarantees(fused_fp32, export_cache):
+    """softmax, layer norms and head fp32; attention within 2e-3 of fp32 (16x sharpened)."""
+    loaded, fp32_path = fused_fp32
+    path = export_onnx(loaded, SPEC, "mixed", export_cache, PIXELS, attention=FUSED)
+    m = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(m)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    types.update({t.name: t.data_type for t in m.graph.initializer})
+    half, full = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    fused = [n for n in m.graph.node if n.op_type == "Attention"]
+    assert len(fused) == 2 and all(types.get(n.input[0]) == half for n in fused)
+    for n in m.graph.node:
+        if n.op_type in ("Softmax", "LayerNormalization") or any(
+            s.startswith("vit.head") for s in node_scopes(n)
+        ):
+            assert all(types.get(i, full) == full for i in n.input if i), (n.op_type, n.name)
+    u8 = batch()
+    fp32 = OrtRunner(fp32_path, RuntimeOptions(threads=2)).run(u8)
+    mixed = OrtRunner(path, RuntimeOptions(threads=2)).run(u8)  # CPU EP runs fp16 Attention
+    assert fp32["attention"].max() > 0.2
+    err = np.abs(mixed["attention"] - fp32["attention"]).max()
+    assert 0 < err < 2e-3, err  # > 0: the mixed pass really converted something
+    np.testing.assert_allclose(mixed["attention"].sum(-1), 1.0, atol=1e-3)
+
+
+def test_variant_by_device_and_in_the_cache_key(tmp_path):
+    from vit_attn import graphcache
+    from vit_attn.config import parse_config
+
+    assert (for_device("cpu"), for_device("cuda")) == (PLAIN, FUSED)
+    raw = {
+        "model": {"name": NAME, "kwargs": {"depth": 2}},
+        "data": {"source": str(tmp_path)},
+        "output": {"store": str(tmp_path / "s.zarr")},
+    }
+    keys = {
+        graphcache.cache_key(
+            parse_config(
+                {**raw, "inference": {"device": d, "allow_cpu_fallback": True}}, base=tmp_path
+            )
+        )
+        for d in ("cpu", "cuda")
+    }
+    assert len(keys) == 2
