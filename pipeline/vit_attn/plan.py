@@ -361,10 +361,11 @@ def _check_same_run(
     if attrs.get("fingerprint") == fingerprint:
         return
     changes = config_differences(attrs.get("fingerprint_inputs", {}), inputs)
-    if paths is not None and any(c.startswith("images.") for c in changes):
+    listed = ("images.count", "images.sha256")
+    if paths is not None and any(c.startswith(listed) for c in changes):
         # Name the images that came or went rather than two listing digests.
         listing = listing_changes(list(np.asarray(array(group, "image_path")[:])), paths)
-        changes = [listing] + [c for c in changes if not c.startswith("images.")]
+        changes = [listing] + [c for c in changes if not c.startswith(listed)]
     what = "; ".join(changes) if changes else "fingerprint differs"
     raise StoreError(
         f"{path} holds a different run ({what}); use the config it was made with to resume, "
