@@ -348,3 +348,53 @@ def test_exporter_chains_are_reduced_to_their_root_without_colour():
             raise RuntimeError("Failed to export the model with torch.export.") from inner
     except RuntimeError as outer:
         assert one_line(root_cause(outer)) == "ValueError: num_prefix must be >= 1"
+
+
+def test_pool_with_two_latent_queries_gets_a_latent_dim():
+    """No timm preset has more than one latent query: swap one in and check map and store dims."""
+    from timm.layers import AttentionPoolLatent
+
+    from vit_attn.export import AttentionGraph
+    from vit_attn.model import token_layout
+    from vit_attn.runtime import TorchRunner
+    from vit_attn.store import StoreSpec
+
+    name, kwargs, img_size, *_ = FAMILIES["siglip"]
+    loaded = build(name, kwargs, img_size)
+    torch.manual_seed(0)
+    pool = AttentionPoolLatent(64, num_heads=4, latent_len=2, pool_type="avg")
+    with torch.no_grad():
+        pool.latent *= 40.0  # sharpened: its queries are the latents themselves times W_q
+    pool.fused_attn = False
+    loaded.model.attn_pool = pool.eval()
+    loaded.layout = lay = token_layout(loaded.model)
+    assert (lay.pooling, lay.pool_latents, lay.maps) == ("attention_pool", 2, (POOL,))
+    x = torch.randn(2, 3, *img_size, generator=torch.Generator().manual_seed(5))
+    spec = dataclasses.replace(output_spec(lay), attention=False, stats=False)
+    out = TorchRunner(AttentionGraph(loaded, spec), RuntimeOptions()).run(x.numpy())[POOL]
+    with torch.no_grad():
+        ref = AttentionExtract(loaded.model, names=["attn_pool.softmax"], method="fx")(x)
+    ref = ref["attn_pool.softmax"].double().numpy()  # [B, H, latents, N]
+    assert ref.max() > 0.2 and not np.allclose(ref[:, :, 0], ref[:, :, 1], atol=1e-3)
+    want = ref.transpose(0, 2, 1, 3).reshape(2, 2, lay.num_heads, *lay.grid)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+
+    spec_store = StoreSpec(
+        n_images=3,
+        batch_size=2,
+        layers=(0, 1),
+        num_heads=lay.num_heads,
+        grid=lay.grid,
+        input_size=lay.input_size,
+        num_tokens=lay.num_tokens,
+        topk=None,
+        full_attention=False,
+        rollout=False,
+        overlays="heads",
+        maps=lay.maps,
+        pool_latents=lay.pool_latents,
+    )
+    arrays = {a.name: a for a in spec_store.layout()}
+    assert "cls_attention" not in arrays
+    assert arrays[POOL].dims == ("image", "latent", "head", "y", "x")
+    assert arrays[POOL].shape == (3, 2, lay.num_heads, *lay.grid)
