@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import StoreError
-from .stats import STAT_NAMES, STAT_UNITS, attention_stats, max_distance, patch_distances
+from .stats import (
+    STAT_NAMES,
+    STAT_UNITS,
+    attention_stats,
+    max_distance,
+    patch_distances,
+    stat_names_for,
+)
 from .store import (
     STATUS_OK,
     STATUS_PENDING,
@@ -71,6 +78,14 @@ def _layout(ds: xr.Dataset) -> tuple[int, tuple[int, int], tuple[int, int]]:
         ) from None
 
 
+def has_class_token(ds: xr.Dataset) -> bool:
+    """Whether the store's model has a class token (stores before `token_roles`: any prefix)."""
+    roles = ds.attrs.get("token_roles")
+    if isinstance(roles, dict) and "has_class_token" in roles:
+        return bool(roles["has_class_token"])
+    return _layout(ds)[0] >= 1
+
+
 def stat_names(ds: xr.Dataset) -> list[str]:
     """The statistics present in a Dataset, in `STAT_NAMES` order."""
     return [s for s in STAT_NAMES if s in ds.data_vars]
@@ -101,17 +116,19 @@ def compute_stats_from_attention(store: PathLike, write: bool = False) -> xr.Dat
             f"{store} holds no full `attention`: run with attention.full: true, or attention.stats: true"
         )
     num_prefix, grid, patch_size = _layout(ds)
+    class_token = has_class_token(ds)
+    names = stat_names_for(class_token)
     att = ds["attention"].data
     status = ds["status"].data.rechunk((att.chunks[0],))
     n_layers, n_heads = att.shape[1], att.shape[2]
 
     def block(a: np.ndarray, s: np.ndarray) -> np.ndarray:
-        out = np.zeros((a.shape[0], n_layers, n_heads, len(STAT_NAMES)), np.float32)
+        out = np.zeros((a.shape[0], n_layers, n_heads, len(names)), np.float32)
         for i in np.flatnonzero(
             s[:, 0, 0, 0, 0] == STATUS_OK
         ):  # one image at a time: float64 copies stay small
-            values = attention_stats(a[i], num_prefix, grid, patch_size)
-            out[i] = np.stack([values[k] for k in STAT_NAMES], axis=-1)
+            values = attention_stats(a[i], num_prefix, grid, patch_size, class_token)
+            out[i] = np.stack([values[k] for k in names], axis=-1)
         return out
 
     stacked = da.map_blocks(
@@ -120,18 +137,18 @@ def compute_stats_from_attention(store: PathLike, write: bool = False) -> xr.Dat
         status[:, None, None, None, None],
         drop_axis=[3, 4],
         new_axis=[3],
-        chunks=(att.chunks[0], (n_layers,), (n_heads,), (len(STAT_NAMES),)),
+        chunks=(att.chunks[0], (n_layers,), (n_heads,), (len(names),)),
         dtype=np.float32,
     )
     dims = ("image", "layer", "head")
     result = xr.Dataset(
-        {name: (dims, stacked[..., k]) for k, name in enumerate(STAT_NAMES)},
+        {name: (dims, stacked[..., k]) for k, name in enumerate(names)},
         coords={"layer": ds["layer"], "head": ds["head"]},
     )
     if not write:
         return result
     _write_stats(store, ds, result)
-    return open_dataset(store)[list(STAT_NAMES)]
+    return open_dataset(store)[list(names)]
 
 
 def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
@@ -148,7 +165,8 @@ def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
     group = zarr.open_group(str(store), mode="r+")
     batch = array(group, "status").chunks[0]
     targets: list[Any] = []
-    for name in STAT_NAMES:
+    names = [str(n) for n in result.data_vars]
+    for name in names:
         targets.append(
             group.create_array(
                 name,
@@ -160,7 +178,7 @@ def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
             )
         )
     # Dask chunks are batches, so every chunk has one writer and needs no lock.
-    da.store([result[n].data.rechunk({0: batch}) for n in STAT_NAMES], targets, lock=False)
+    da.store([result[n].data.rechunk({0: batch}) for n in names], targets, lock=False)
     group.attrs["stat_units"] = dict(STAT_UNITS)
     if is_consolidated(store):
         consolidate(store)
@@ -262,20 +280,31 @@ def _num(x: float) -> str:
 
 
 def dataset_scale(
-    ds: xr.Dataset, layer_index: int, percentile: float = DATASET_SCALE_PERCENTILE
+    ds: xr.Dataset,
+    layer_index: int,
+    percentile: float = DATASET_SCALE_PERCENTILE,
+    map_name: str = "cls_attention",
+    latent: int | None = None,
 ) -> np.ndarray:
     """[heads] top of a dataset-wide colour scale for one stored layer (position in `layer`).
 
-    The `percentile` over ok images of each head's CLS-map peak: read from the stored
-    `cls_max` statistic when present, else computed from `cls_attention` (a full read).
+    The `percentile` over ok images of each head's map peak: for `cls_attention` read from
+    the stored `cls_max` statistic when present, else computed from the map array (a full
+    read). `pool_attention` has no layer (`layer_index` is ignored); with several latent
+    queries the peak is of latent `latent`, or of their mean when None, as `show` draws it.
     """
     ok = ok_images(ds)
     if ok.size == 0:
         raise StoreError("the store has no processed images (status 1) for a dataset-wide scale")
-    if "cls_max" in ds.data_vars:
+    if map_name == "cls_attention" and "cls_max" in ds.data_vars:
         peaks = ds["cls_max"].isel(layer=layer_index, image=ok)
     else:
-        peaks = ds["cls_attention"].isel(layer=layer_index, image=ok).max(("y", "x"))
+        maps = ds[map_name].isel(image=ok)
+        if "layer" in maps.dims:
+            maps = maps.isel(layer=layer_index)
+        if "latent" in maps.dims:
+            maps = maps.mean("latent") if latent is None else maps.isel(latent=latent)
+        peaks = maps.max(("y", "x"))
     values = np.asarray(peaks.values, dtype=np.float64)  # [images, heads]
     return np.percentile(values, percentile, axis=0)
 

@@ -96,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="T",
         help="outline the smallest set of patches holding a fraction T of each map's mass (DINO)",
     )
+    show.add_argument(
+        "--map",
+        default=None,
+        choices=("cls", "pool", "received"),
+        help="which stored map: cls_attention, pool_attention or received_attention "
+        "(default: the pool's if the model has one, else CLS, else received)",
+    )
+    show.add_argument(
+        "--latent",
+        type=int,
+        default=None,
+        help="pool_attention with several latent queries: which one (default: their mean)",
+    )
     show.add_argument("-o", "--output", type=Path, required=True)
 
     st = sub.add_parser(
@@ -323,6 +336,7 @@ def _inspect(args: argparse.Namespace) -> int:
         f"heads {model.get('num_heads')}  prefix tokens {model.get('num_prefix_tokens')}  grid {model.get('grid')}  "
         f"input {model.get('input_size')}"
     )
+    print(_token_line(attrs))
     print(f"layers     {group['layer'][:].tolist()}")
     print(
         f"images     {status.size}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending"
@@ -344,6 +358,24 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _token_line(attrs: dict[str, Any]) -> str:
+    """Token roles for `inspect`; stores written before roles were recorded say so."""
+    from .roles import describe_prefix
+
+    roles = attrs.get("token_roles")
+    if not isinstance(roles, dict):
+        return "tokens     roles not recorded (store written before token_roles)"
+    pool = roles.get("pooling")
+    if pool == "attention_pool":
+        n = roles.get("pool_latents")
+        pool = f"attention_pool ({n} latent {'query' if n == 1 else 'queries'})"
+    return (
+        f"tokens     prefix [{describe_prefix(roles.get('prefix_roles', []))}]  "
+        f"class token {'yes' if roles.get('has_class_token') else 'no'}  pooling {pool}  "
+        f"maps {', '.join(roles.get('maps', []))}"
+    )
+
+
 def _show(args: argparse.Namespace) -> int:
     from .render import render_image
 
@@ -358,6 +390,8 @@ def _show(args: argparse.Namespace) -> int:
         cmap=args.colormap,
         normalize=args.normalize,
         mask=args.mask,
+        map_name=args.map,
+        latent=args.latent,
     )
     from .overlay import save_png
 

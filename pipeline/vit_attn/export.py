@@ -1,7 +1,8 @@
 """The attention-exposing wrapper and its ONNX export, cached on disk by fingerprint.
 
-The wrapper computes what users keep (CLS maps, rollout, top-k) inside the graph, so the
-full ``[B, L, H, T, T]`` matrices leave the runtime only when they are asked for.
+The wrapper computes what users keep (CLS, pool or received maps, rollout, top-k, statistics)
+inside the graph, so the full ``[B, L, H, T, T]`` matrices leave the runtime only when they are
+asked for.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ import json
 import logging
 import os
 import tempfile
+import traceback
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .cachedir import cache_root
-from .errors import ExportError, first_line
+from .errors import ExportError, ModelError, PipelineError, first_line
 from .graphinput import UINT8_NHWC, GraphInput
 from .model import LoadedModel, attention_modules
 from .specs import OutputSpec
-from .stats import STAT_NAMES, graph_stats
+from .stats import graph_stats
 from .variant import FUSED, OPSET, PLAIN
 from .variant import check as check_variant
 
@@ -59,7 +62,9 @@ class AttentionGraph(nn.Module):
     """Returns the selected outputs of a timm ViT; the same module serves export and the torch backend.
 
     Forward hooks on each needed block's ``attn.attn_drop`` see its input, the softmax
-    probabilities (dropout is the identity in eval mode).
+    probabilities (dropout is the identity in eval mode). For an attention pool, hooks on its
+    ``q_norm`` and ``k_norm`` see the pool's own latent queries and keys, and the graph takes
+    the pool's softmax of them (timm's `AttentionPoolLatent` has no dropout to hook).
     """
 
     def __init__(
@@ -79,18 +84,35 @@ class AttentionGraph(nn.Module):
             if self.graph_input.format == UINT8_NHWC
             else None
         )
-        self.vit = loaded.model
+        self.vit: Any = loaded.model  # a timm ViT: attributes are read by name
         self.layout = loaded.layout
         self.spec = spec
+        _check_spec_fits_model(loaded, spec)
         self.output_names = spec.names(self.layout.num_classes > 0)
         need_classifier = any(n in self.output_names for n in ("logits", "topk_index"))
         self.captured_blocks = tuple(range(self.layout.depth)) if spec.rollout else spec.layers
-        # Without classifier outputs, blocks after the last needed one are skipped entirely.
-        self.stop_block = None if need_classifier else max(self.captured_blocks)
+        # Without classifier outputs, blocks after the last needed one are skipped entirely;
+        # the attention pool sits after every block, so it needs the whole forward.
+        self.stop_block = (
+            None if need_classifier or spec.pool_attention else max(self.captured_blocks)
+        )
         self._captures: dict[int, torch.Tensor] = {}
-        self._attns: list[nn.Module] = attention_modules(self.vit)
+        self._pool: dict[str, torch.Tensor] = {}
+        self._attns: list[Any] = attention_modules(self.vit)
         for i in self.captured_blocks:
             self._attns[i].attn_drop.register_forward_hook(self._hook(i))
+        if spec.pool_attention:
+            pool: Any = self.vit.attn_pool
+            pool.q_norm.register_forward_hook(self._pool_hook("q"))
+            pool.k_norm.register_forward_hook(self._pool_hook("k"))
+
+    def _pool_hook(self, key: str):
+        def capture(
+            module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> None:
+            self._pool[key] = output
+
+        return capture
 
     def _hook(self, index: int):
         def capture(
@@ -102,7 +124,8 @@ class AttentionGraph(nn.Module):
 
     def _run_model(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.stop_block is None:
-            return self.vit(x)
+            out = self.vit(x)
+            return out if self.layout.num_classes > 0 else None
         if hasattr(self.vit, "forward_intermediates"):
             self.vit.forward_intermediates(
                 x, indices=[self.stop_block], stop_early=True, intermediates_only=True
@@ -116,7 +139,7 @@ class AttentionGraph(nn.Module):
         fused = self.attention == FUSED
         for i, attn in enumerate(self._attns):
             if hasattr(attn, "fused_attn"):
-                attn.fused_attn = fused and i not in self.captured_blocks  # type: ignore[assignment]
+                attn.fused_attn = fused and i not in self.captured_blocks
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._captures.clear()
@@ -132,6 +155,14 @@ class AttentionGraph(nn.Module):
         lay = self.layout
         p = lay.num_prefix_tokens
         batch = pixel_values.shape[0]
+        for i in self.captured_blocks:
+            shape = tuple(self._captures[i].shape[1:])
+            if shape != (lay.num_heads, lay.num_tokens, lay.num_tokens):
+                raise ModelError(
+                    f"block {i}'s attention has shape {list(shape)}, not [heads={lay.num_heads}, "
+                    f"tokens={lay.num_tokens}, tokens]: it is not attention over this model's "
+                    "tokens, so the model is not supported"
+                )
         out: dict[str, torch.Tensor] = {}
         if logits is not None:
             out["logits"] = logits
@@ -140,11 +171,20 @@ class AttentionGraph(nn.Module):
                 probs, index = torch.topk(logits.softmax(dim=-1), k, dim=-1)
                 out["topk_index"], out["topk_prob"] = index, probs
         selected = torch.stack([self._captures[i] for i in self.spec.layers], dim=1)
+        gh, gw = lay.grid
         if self.spec.cls_attention:
-            gh, gw = lay.grid
             out["cls_attention"] = selected[:, :, :, 0, p:].reshape(
                 batch, len(self.spec.layers), lay.num_heads, gh, gw
             )
+        if self.spec.received_attention:
+            # For each patch key: the mean over the patch queries of A[query, key].
+            out["received_attention"] = (
+                selected[:, :, :, p:, p:]
+                .mean(dim=-2)
+                .reshape(batch, len(self.spec.layers), lay.num_heads, gh, gw)
+            )
+        if self.spec.pool_attention:
+            out["pool_attention"] = self._pool_attention(batch)
         if self.spec.attention:
             out["attention"] = selected
         if self.spec.rollout:
@@ -154,13 +194,56 @@ class AttentionGraph(nn.Module):
         if self.spec.stats:
             # Per block, then stacked: the [B, H, T, T] temporaries stay one layer large.
             per_block = [
-                graph_stats(self._captures[i], p, lay.grid, lay.patch_size)
+                graph_stats(self._captures[i], p, lay.grid, lay.patch_size, self.spec.class_token)
                 for i in self.spec.layers
             ]
-            for name in STAT_NAMES:
+            for name in self.spec.stat_names:
                 out[name] = torch.stack([s[name] for s in per_block], dim=1)
         self._captures.clear()
+        self._pool.clear()
         return tuple(out[n] for n in self.output_names)
+
+    def _pool_attention(self, batch: int) -> torch.Tensor:
+        """The attention pool's softmax over the patch keys: [B, H, gh, gw] or [B, latents, H, gh, gw].
+
+        The pool's own q (after q_norm) and k (after k_norm), scaled and softmaxed over every
+        key the pool sees as it does itself; then the patch keys are kept (a pool that also
+        sees prefix tokens puts some mass on them, as a CLS row does).
+        """
+        if set(self._pool) != {"q", "k"}:
+            raise ExportError("the attention pool's queries and keys were not captured")
+        lay = self.layout
+        pool: Any = self.vit.attn_pool
+        attn = ((self._pool["q"] * pool.scale) @ self._pool["k"].transpose(-2, -1)).softmax(-1)
+        keys = attn.shape[-1]
+        if keys == lay.num_tokens:
+            attn = attn[..., lay.num_prefix_tokens :]
+        elif keys != lay.num_patches:
+            raise ModelError(
+                f"the attention pool sees {keys} tokens, neither the {lay.num_tokens} tokens "
+                f"nor the {lay.num_patches} patches; the model is not supported"
+            )
+        # [B, heads, latents, N] -> [B, latents, heads, gh, gw]
+        attn = attn.transpose(1, 2).reshape(batch, -1, lay.num_heads, *lay.grid)
+        return attn[:, 0] if lay.pool_latents == 1 else attn
+
+
+def _check_spec_fits_model(loaded: LoadedModel, spec: OutputSpec) -> None:
+    """Maps that would mislabel attention are refused: no CLS map without a class token."""
+    lay, name = loaded.layout, loaded.source.name
+    if not lay.has_class_token:
+        if spec.cls_attention or spec.rollout:
+            what = "cls_attention" if spec.cls_attention else "rollout (the CLS row of the product)"
+            raise ModelError(
+                f"model {name!r} has no class token ({lay.pooling} pooling), so it has no "
+                f"{what}; its maps are {', '.join(lay.maps)}"
+            )
+        if spec.stats and spec.class_token:
+            raise ModelError(
+                f"model {name!r} has no class token: its statistics need class_token=False"
+            )
+    if spec.pool_attention and lay.pooling != "attention_pool":
+        raise ModelError(f"model {name!r} has no attention pool ({lay.pooling} pooling)")
 
 
 def rollout_torch(
@@ -285,12 +368,37 @@ def _export(graph: AttentionGraph, path: Path, input_size: tuple[int, int]) -> N
                 verbose=False,
                 opset_version=opset,
             )
-    except ExportError:
+    except PipelineError:
         raise
     except Exception as exc:
-        first = first_line(exc)
-        log.debug("exporter output:\n%s", chatter.getvalue())
-        raise ExportError(f"ONNX export of {graph.layout} failed: {first}") from exc
+        cause = root_cause(exc)
+        log.info(
+            "exporter output:\n%s\n%s",
+            chatter.getvalue(),
+            "".join(traceback.format_exception(exc)),
+        )
+        if isinstance(cause, PipelineError):
+            raise cause from None  # our own check, raised while tracing: already one clear line
+        name = getattr(graph.vit, "default_cfg", {}).get("architecture", type(graph.vit).__name__)
+        raise ExportError(
+            f"ONNX export of {name!r} failed: {one_line(cause)} (vit-attn -v shows the exporter's log)"
+        ) from None
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain: the exporter wraps the real error in its own."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line` of an exception, without terminal colour codes (errors.first_line)."""
+    return f"{type(exc).__name__}: {first_line(exc)}"[:300]
 
 
 def _convert_mixed(path: Path) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from .errors import CheckpointError, ModelError, first_line
 from .graphcache import file_sha256
 from .layout import TokenLayout
+from .roles import POOLINGS
 from .specs import ModelSource
 
 
@@ -31,7 +32,7 @@ class LoadedModel:
     source: ModelSource
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: nn.Module) -> list[Any]:
     """The per-block attention modules whose `attn_drop` receives the softmax probabilities."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
@@ -50,7 +51,7 @@ def _disable_fused_attention(model: nn.Module) -> None:
     # module is switched to the explicit path that computes it.
     for module in model.modules():
         if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+            setattr(module, "fused_attn", False)  # noqa: B010 - typed as a Tensor/Module union
 
 
 def _to_pair(value: Any) -> tuple[int, int]:
@@ -60,9 +61,10 @@ def _to_pair(value: Any) -> tuple[int, int]:
 
 
 def token_layout(model: nn.Module) -> TokenLayout:
-    """Read the layout from a built timm ViT; refuse models that are not plain token ViTs."""
-    attns = attention_modules(model)
+    """Read the layout and token roles from a built timm ViT; refuse what has no token maps."""
     name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+    _refuse_unsupported_families(model, name)
+    attns = attention_modules(model)
     if not attns:
         raise ModelError(
             f"model {name!r} has no transformer blocks with an attention softmax to capture "
@@ -77,14 +79,28 @@ def token_layout(model: nn.Module) -> TokenLayout:
             f"model {name!r} has no fixed patch grid (patch_embed.grid_size); use a fixed-size ViT"
         )
     _check_whole_patches(name, _to_pair(img_size), _to_pair(getattr(patch_embed, "patch_size", 1)))
+    grid, img_size = _to_pair(grid), _to_pair(img_size)
+    prefix_roles = _prefix_roles(model, name)
+    pooling, pool_latents, pool_heads = _pooling(model, name, prefix_roles)
+    first: Any = attns[0]
+    num_heads = int(first.num_heads)
+    if pool_heads and pool_heads != num_heads:
+        raise ModelError(
+            f"model {name!r}: its attention pool has {pool_heads} heads and its blocks {num_heads}; "
+            "stores with two head counts are not supported"
+        )
     return TokenLayout(
-        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)),
-        patch_size=_to_pair(patch_embed.patch_size),
-        grid=_to_pair(grid),
-        input_size=_to_pair(img_size),
+        num_prefix_tokens=len(prefix_roles),
+        patch_size=_token_stride(patch_embed, grid, img_size, name),
+        grid=grid,
+        input_size=img_size,
         depth=len(attns),
-        num_heads=int(attns[0].num_heads),
+        num_heads=num_heads,
         num_classes=int(getattr(model, "num_classes", 0) or 0),
+        prefix_roles=prefix_roles,
+        pooling=pooling,
+        pool_latents=pool_latents,
+        pool_heads=pool_heads,
     )
 
 
@@ -100,11 +116,94 @@ def _check_whole_patches(name: str, size: tuple[int, int], patch: tuple[int, int
             )
 
 
+def _refuse_unsupported_families(model: nn.Module, name: str) -> None:
+    """Families whose captured softmax is not token attention: one line saying why."""
+    if hasattr(model, "blocks_token_only"):
+        raise ModelError(
+            f"model {name!r} (CaiT) is not supported: its `blocks` never see the class token "
+            "(it joins only in `blocks_token_only`), and their talking-heads attention mixes "
+            "heads after the softmax, so what they compute is not a probability map; "
+            "use a ViT, DeiT, EVA or BEiT model"
+        )
+    blocks = getattr(model, "blocks", None) or ()
+    if any(type(getattr(b, "attn", None)).__name__ == "XCA" for b in blocks):
+        raise ModelError(
+            f"model {name!r} (XCiT) is not supported: its cross-covariance attention is a "
+            "softmax across feature channels, not across tokens, so it has no attention maps "
+            "over the image; use a ViT, DeiT, EVA or BEiT model"
+        )
+
+
+def _prefix_roles(model: nn.Module, name: str) -> tuple[str, ...]:
+    """Class token, distillation token, registers: in timm's order, checked against the count."""
+    has_class: Any = getattr(model, "has_class_token", None)
+    if has_class is None:
+        has_class = getattr(model, "cls_token", None) is not None
+    distill = 1 if getattr(model, "dist_token", None) is not None else 0
+    registers = getattr(model, "num_reg_tokens", None)
+    if registers is None:
+        reg_token = getattr(model, "reg_token", None)
+        registers = int(reg_token.shape[1]) if reg_token is not None else 0
+    roles = ("class",) * int(bool(has_class)) + ("distillation",) * distill
+    roles += ("register",) * int(registers)
+    count = int(getattr(model, "num_prefix_tokens", len(roles)))
+    if count != len(roles):
+        raise ModelError(
+            f"model {name!r} has {count} prefix tokens, of which only {len(roles)} have a known "
+            f"role ({', '.join(roles) or 'none'}); its maps cannot be labelled, so it is not supported"
+        )
+    return roles
+
+
+def _pooling(model: nn.Module, name: str, roles: tuple[str, ...]) -> tuple[str, int, int]:
+    """How the model pools tokens into its output: (pooling, latent queries, pool heads)."""
+    from timm.layers import AttentionPoolLatent
+
+    pool: Any = getattr(model, "attn_pool", None)
+    if pool is not None:
+        if not isinstance(pool, AttentionPoolLatent):
+            raise ModelError(
+                f"model {name!r} pools with {type(pool).__name__}, whose attention is not "
+                "captured; use global_pool 'token', 'avg' or 'map' (model.kwargs)"
+            )
+        return "attention_pool", int(pool.latent_len), int(pool.num_heads)
+    global_pool = getattr(model, "global_pool", None)
+    if global_pool is None:  # a class without the attribute: it reads the class token if any
+        return ("class_token" if roles[:1] == ("class",) else "none"), 0, 0
+    if global_pool not in POOLINGS or global_pool == "map":
+        raise ModelError(
+            f"model {name!r} has global_pool {global_pool!r}, which is not understood; "
+            f"use one of {sorted(k for k in POOLINGS if k)} or '' (model.kwargs)"
+        )
+    return POOLINGS[global_pool], 0, 0
+
+
+def _token_stride(
+    patch_embed: Any, grid: tuple[int, int], img_size: tuple[int, int], name: str
+) -> tuple[int, int]:
+    """Pixels between neighbouring tokens: input size / grid (a hybrid stem's stride is not
+    `patch_embed.patch_size`); the patch size where the input does not divide evenly."""
+    patch = _to_pair(getattr(patch_embed, "patch_size", 0) or 0)
+    stride = []
+    for size, cells, p in zip(img_size, grid, patch):
+        if size % cells == 0:
+            stride.append(size // cells)
+        elif p and size // p == cells:
+            stride.append(p)
+        else:
+            raise ModelError(
+                f"model {name!r}: a {img_size[0]}x{img_size[1]} input gives a {grid[0]}x{grid[1]} "
+                "token grid with no whole-pixel stride; choose model.img_size divisible by the stride"
+            )
+    return (stride[0], stride[1])
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint without running code from it (safetensors, or torch.load weights_only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; fix model.checkpoint")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

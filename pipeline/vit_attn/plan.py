@@ -22,7 +22,7 @@ from . import __version__
 from .config import ClusterConfig, Config
 from .datasource import listing_changes, open_source
 from .decode import Preprocess
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .executor import choose_executor
 from .graphcache import ModelFacts, model_source, package_version
 from .graphcache import resolve as resolve_model
@@ -32,7 +32,7 @@ from .remote import is_url, location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
 from .sources import ImageList
 from .specs import OutputSpec
-from .stats import STAT_NAMES, STAT_UNITS
+from .stats import STAT_UNITS
 from .store import (
     FORMAT_VERSION,
     StoreSpec,
@@ -70,16 +70,25 @@ class PreparedRun:
 
 
 def output_spec(cfg: Config, loaded: LoadedModel | ModelFacts) -> OutputSpec:
-    layers = loaded.layout.resolve_layers(cfg.attention.layers)
-    topk = cfg.attention.topk if loaded.layout.num_classes > 0 else 0
+    lay = loaded.layout
+    layers = lay.resolve_layers(cfg.attention.layers)
+    topk = cfg.attention.topk if lay.num_classes > 0 else 0
+    if cfg.attention.rollout and not lay.has_class_token:
+        raise ConfigError(
+            f"attention.rollout: model {cfg.model.name!r} has no class token ({lay.pooling} "
+            "pooling), and rollout is the class token's row; set attention.rollout: false"
+        )
     return OutputSpec(
         layers=layers,
         logits=False,
-        topk=min(topk, loaded.layout.num_classes),
-        cls_attention=True,
+        topk=min(topk, lay.num_classes),
+        cls_attention="cls_attention" in lay.maps,
         attention=cfg.attention.full,
         rollout=cfg.attention.rollout,
         stats=cfg.attention.stats,
+        received_attention="received_attention" in lay.maps,
+        pool_attention="pool_attention" in lay.maps,
+        class_token=lay.has_class_token,
     )
 
 
@@ -99,9 +108,11 @@ def store_spec(
         full_attention=outputs.attention,
         rollout=outputs.rollout,
         overlays=cfg.output.overlays,
-        stats=STAT_NAMES if outputs.stats else (),
+        stats=outputs.stat_names,
         compression=cfg.output.compression,
         identity=cfg.data.verify,
+        maps=lay.maps,
+        pool_latents=max(lay.pool_latents, 1),
     )
 
 
@@ -135,7 +146,9 @@ def fingerprint_inputs(
             "overlay_alpha": cfg.output.overlay_alpha,
             "colormap": cfg.output.colormap,
             # Only when on, so the fingerprints of stores made without statistics stay valid.
-            **({"stats": list(STAT_NAMES)} if outputs.stats else {}),
+            **({"stats": list(outputs.stat_names)} if outputs.stats else {}),
+            # Only when not the plain CLS map, so the fingerprints of CLS stores stay valid.
+            **({"maps": list(loaded.layout.maps)} if not outputs.cls_attention else {}),
         },
         "inference": {
             "backend": cfg.inference.backend,
@@ -225,6 +238,7 @@ def prepare(
             "preprocess": prep.to_dict(),
             "image_root": str(images.root),
             "attention_dtype": spec.attention_dtype,
+            "token_roles": loaded.layout.roles(),
             **({"stat_units": dict(STAT_UNITS)} if outputs.stats else {}),
             "versions": versions(),
             "run_id": run_id,

@@ -14,6 +14,7 @@ from .errors import ImageDecodeError, PipelineError
 from .maps import HEAD_FUSIONS, fuse_heads, mass_threshold_mask
 from .overlay import blend, head_grid
 from .remote import is_url
+from .roles import MAP_ARRAYS, default_map
 from .store import STATUS_FAILED, STATUS_OK, find_image
 
 # per_map: each map's own min..max. per_image: 0..the largest value of any head of this image
@@ -50,11 +51,16 @@ def render_image(
     cmap: str = "inferno",
     normalize: str = "per_map",
     mask: float | None = None,
+    map_name: str | None = None,
+    latent: int | None = None,
 ) -> np.ndarray:
-    """One layer's CLS map of one image over the model input: a head, a fusion, or a grid of all.
+    """One layer's map of one image over the model input: a head, a fusion, or a grid of all.
 
-    `normalize` picks the colour scale (NORMALIZE_MODES); `mask`, a mass fraction t, draws the
-    outline of each shown map's `maps.mass_threshold_mask(map, t)` (computed on the raw map).
+    `map_name` is one of the store's map arrays (`roles.MAP_ARRAYS`; default: the attention
+    pool's map, else the CLS map, else received attention). `pool_attention` has no layer;
+    with several latent queries `latent` picks one (default: their mean). `normalize` picks
+    the colour scale (NORMALIZE_MODES); `mask`, a mass fraction t, draws the outline of each
+    shown map's `maps.mass_threshold_mask(map, t)` (computed on the raw map).
     """
     if normalize not in NORMALIZE_MODES:
         raise PipelineError(f"--normalize {normalize!r}: give one of {', '.join(NORMALIZE_MODES)}")
@@ -65,17 +71,32 @@ def render_image(
     if status != STATUS_OK:
         reason = f"failed: {group['error'][i]}" if status == STATUS_FAILED else "not processed yet"
         raise PipelineError(f"image {i} ({group['image_path'][i]}) has no attention: {reason}")
+    name = _map_name(group, map_name)
     layers = group["layer"][:].tolist()
-    if layer is None:
+    if name == "pool_attention":
+        if layer is not None:
+            raise PipelineError(
+                "--layer: pool_attention is the attention pool's map, after every block; "
+                "it has no layer (leave --layer out, or pick another --map)"
+            )
         li = len(layers) - 1
+        maps = _pool_maps(group[name][i].astype(np.float32), latent)
     else:
-        block = layer % group.attrs["model"]["depth"]
-        if block not in layers:
-            raise PipelineError(f"--layer {layer} is not stored; the store holds blocks {layers}")
-        li = layers.index(block)
-    maps = group["cls_attention"][i, li].astype(np.float32)  # [heads, gh, gw]
+        if latent is not None:
+            raise PipelineError(f"--latent: only pool_attention has latent queries, not {name}")
+        if layer is None:
+            li = len(layers) - 1
+        else:
+            block = layer % group.attrs["model"]["depth"]
+            if block not in layers:
+                raise PipelineError(
+                    f"--layer {layer} is not stored; the store holds blocks {layers}"
+                )
+            li = layers.index(block)
+        maps = group[name][i, li].astype(np.float32)  # [heads, gh, gw]
     base = model_input_image(group, i)
-    top = _scale_tops(store_path, maps, li, normalize)  # [heads] top of the colour scale, or None
+    # [heads] top of the colour scale, or None
+    top = _scale_tops(store_path, maps, li, normalize, name, latent)
     mode = "per_map" if top is None else "none"
     if head == "grid":
         shown = maps if top is None else maps / top[:, None, None]
@@ -108,8 +129,42 @@ def render_image(
     return out
 
 
+def _map_name(group: Any, requested: str | None) -> str:
+    """The map array to draw: the requested one if the store has it, else the default."""
+    present = [n for n in MAP_ARRAYS if n in group]
+    if not present:
+        raise PipelineError("the store holds no attention map array (cls/pool/received_attention)")
+    if requested is None:
+        return default_map(present)
+    full = requested if requested.endswith("_attention") else f"{requested}_attention"
+    if full not in present:
+        raise PipelineError(
+            f"--map {requested}: the store holds {', '.join(present)}"
+            + (" (its model has no class token)" if full == "cls_attention" else "")
+        )
+    return full
+
+
+def _pool_maps(maps: np.ndarray, latent: int | None) -> np.ndarray:
+    """[heads, gh, gw] from one image's pool_attention ([heads, ..] or [latents, heads, ..])."""
+    if maps.ndim == 3:
+        if latent not in (None, 0):
+            raise PipelineError(f"--latent {latent}: the attention pool has one latent query")
+        return maps
+    if latent is None:
+        return maps.mean(axis=0)
+    if not 0 <= latent < maps.shape[0]:
+        raise PipelineError(f"--latent {latent}: give 0..{maps.shape[0] - 1}")
+    return maps[latent]
+
+
 def _scale_tops(
-    store_path: Path, maps: np.ndarray, layer_index: int, normalize: str
+    store_path: Path,
+    maps: np.ndarray,
+    layer_index: int,
+    normalize: str,
+    map_name: str = "cls_attention",
+    latent: int | None = None,
 ) -> np.ndarray | None:
     """Per head, the value drawn in the colormap's top colour (the bottom is 0); None for per_map."""
     if normalize == "per_map":
@@ -120,7 +175,7 @@ def _scale_tops(
         from .analysis import dataset_scale
         from .store import open_dataset
 
-        top = dataset_scale(open_dataset(store_path), layer_index)
+        top = dataset_scale(open_dataset(store_path), layer_index, map_name=map_name, latent=latent)
     return np.maximum(top, np.finfo(np.float32).tiny)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExportError, ModelError
-from .stats import STAT_NAMES
+from .stats import stat_names_for
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,11 @@ def check_layer_selection(layers: object) -> list[int] | None:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """Which outputs the graph returns; `layers` are resolved, ascending block indices."""
+    """Which outputs the graph returns; `layers` are resolved, ascending block indices.
+
+    `cls_attention` and `rollout` need a class token, `pool_attention` an attention pool
+    (`roles`); `class_token` says whether the model has one, which decides the statistics.
+    """
 
     layers: tuple[int, ...]
     logits: bool = True
@@ -74,6 +78,14 @@ class OutputSpec:
     attention: bool = False
     rollout: bool = False
     stats: bool = False  # the per-(layer, head) statistics of vit_attn.stats, for `layers`
+    received_attention: bool = False
+    pool_attention: bool = False
+    class_token: bool = True
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """The statistics the graph returns: without a class token, the CLS-based ones go."""
+        return stat_names_for(self.class_token) if self.stats else ()
 
     def names(self, has_classifier: bool) -> list[str]:
         names = []
@@ -83,12 +95,15 @@ class OutputSpec:
             names += ["topk_index", "topk_prob"]
         if self.cls_attention:
             names.append("cls_attention")
+        if self.pool_attention:
+            names.append("pool_attention")
+        if self.received_attention:
+            names.append("received_attention")
         if self.attention:
             names.append("attention")
         if self.rollout:
             names.append("rollout")
-        if self.stats:
-            names += list(STAT_NAMES)
+        names += list(self.stat_names)
         if not names:
             raise ExportError(
                 "no outputs selected: enable cls_attention, attention, rollout or logits"

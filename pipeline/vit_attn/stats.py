@@ -29,6 +29,10 @@ Definitions (A is one head's attention, rows are queries, P the patch tokens, N 
 - ``cls_max``: the largest raw ``A[cls, P]`` value (not renormalised): the peak of the stored
   CLS map, whose dataset-wide percentiles give `vit-attn show --normalize dataset` its scale.
 
+Models without a class token (average- or attention-pooled, `roles`) get only the statistics
+that do not read a CLS row: ``attention_distance``, ``prefix_mass`` and ``patch_self``
+(`stat_names_for`); their prefix tokens, if any, are registers.
+
 Degenerate rows (no patch mass at all, e.g. the zero rows of a failed image) give 0 for the
 renormalised statistics, except ``concentration_60``, which is 1 (no subset reaches 60%).
 
@@ -65,6 +69,8 @@ STAT_UNITS: dict[str, str] = {
     "concentration_60": "fraction of patches",
     "cls_max": "probability",
 }
+# The statistics that read the class token's row or column: absent for models without one.
+CLS_STAT_NAMES: tuple[str, ...] = ("cls_entropy", "cls_self", "concentration_60", "cls_max")
 CONCENTRATION_MASS = 0.6
 # Guards divisions by a row's patch mass: a row with no patch mass gives 0, never NaN.
 _TINY = 1e-30
@@ -91,15 +97,24 @@ def max_distance(grid: tuple[int, int], patch_size: tuple[int, int]) -> float:
     return math.hypot((grid[0] - 1) * patch_size[0], (grid[1] - 1) * patch_size[1])
 
 
-def _check_shape(shape: tuple[int, ...], num_prefix: int, grid: tuple[int, int]) -> None:
+def stat_names_for(class_token: bool) -> tuple[str, ...]:
+    """The statistics defined for a model with or without a class token, in `STAT_NAMES` order."""
+    return STAT_NAMES if class_token else tuple(s for s in STAT_NAMES if s not in CLS_STAT_NAMES)
+
+
+def _check_shape(
+    shape: tuple[int, ...], num_prefix: int, grid: tuple[int, int], class_token: bool = True
+) -> None:
     tokens = num_prefix + grid[0] * grid[1]
     if len(shape) < 2 or shape[-1] != tokens or shape[-2] != tokens:
         raise ValueError(
             f"attention must be [..., T, T] with T = {num_prefix} prefix + {grid[0]}x{grid[1]} patches "
             f"= {tokens}, got shape {tuple(shape)}"
         )
-    if num_prefix < 1:
-        raise ValueError("num_prefix must be >= 1: the statistics need the CLS token")
+    if class_token and num_prefix < 1:
+        raise ValueError(
+            "class_token=True needs num_prefix >= 1 (the class token is the first prefix token)"
+        )
 
 
 def attention_stats(
@@ -107,6 +122,7 @@ def attention_stats(
     num_prefix: int,
     grid: tuple[int, int],
     patch_size: tuple[int, int],
+    class_token: bool = True,
 ) -> dict[str, np.ndarray]:
     """Every statistic of attention matrices ``[..., T, T]`` in float64 (module docstring).
 
@@ -116,31 +132,39 @@ def attention_stats(
         num_prefix: prefix tokens (CLS first).
         grid: (gh, gw) patches.
         patch_size: (ph, pw) pixels.
+        class_token: whether the first prefix token is a class token; without one only
+            `stat_names_for(False)` are returned.
 
     Returns:
         Name -> float64 array of the leading shape, in `STAT_NAMES` order.
     """
     a = np.asarray(attention, dtype=np.float64)
-    _check_shape(a.shape, num_prefix, grid)
+    _check_shape(a.shape, num_prefix, grid, class_token)
     p, n = num_prefix, grid[0] * grid[1]
-    cls = a[..., 0, p:]
-    q = cls / np.maximum(cls.sum(-1, keepdims=True), _TINY)
-    entropy = -(q * np.log(np.maximum(q, _TINY))).sum(-1)
-
     patches = a[..., p:, p:]
     row_mass = patches.sum(-1)
     weighted = (patches * patch_distances(grid, patch_size)).sum(-1)
     distance = (weighted / np.maximum(row_mass, _TINY)).mean(-1)
+    patch_stats = {
+        "attention_distance": distance,
+        "prefix_mass": a[..., p:, :p].sum(-1).mean(-1),
+        "patch_self": np.diagonal(patches, axis1=-2, axis2=-1).mean(-1),
+    }
+    if not class_token:
+        return patch_stats
+    cls = a[..., 0, p:]
+    q = cls / np.maximum(cls.sum(-1, keepdims=True), _TINY)
+    entropy = -(q * np.log(np.maximum(q, _TINY))).sum(-1)
 
     ordered = -np.sort(-q, axis=-1)
     before = np.cumsum(ordered, axis=-1) - ordered  # mass of the larger entries before each
     concentration = (before < CONCENTRATION_MASS).sum(-1) / n
     return {
         "cls_entropy": entropy,
-        "attention_distance": distance,
-        "prefix_mass": a[..., p:, :p].sum(-1).mean(-1),
+        "attention_distance": patch_stats["attention_distance"],
+        "prefix_mass": patch_stats["prefix_mass"],
         "cls_self": a[..., 0, 0],
-        "patch_self": np.diagonal(patches, axis1=-2, axis2=-1).mean(-1),
+        "patch_self": patch_stats["patch_self"],
         "concentration_60": concentration.astype(np.float64),
         "cls_max": cls.max(-1),
     }
@@ -151,24 +175,23 @@ def graph_stats(
     num_prefix: int,
     grid: tuple[int, int],
     patch_size: tuple[int, int],
+    class_token: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The same statistics as `attention_stats` as torch ops, for the exported graph.
 
     Args:
         attention: one block's softmax probabilities ``[B, H, T, T]`` (float32).
         num_prefix, grid, patch_size: the model's token layout.
+        class_token: as in `attention_stats`.
 
     Returns:
         Name -> ``[B, H]`` tensor in the attention's dtype, in `STAT_NAMES` order.
     """
     import torch
 
-    _check_shape(tuple(attention.shape), num_prefix, grid)
+    _check_shape(tuple(attention.shape), num_prefix, grid, class_token)
     p, n = num_prefix, grid[0] * grid[1]
     tiny = torch.tensor(_TINY, dtype=attention.dtype, device=attention.device)
-    cls = attention[:, :, 0, p:]
-    q = cls / torch.maximum(cls.sum(-1, keepdim=True), tiny)
-    entropy = -(q * torch.log(torch.maximum(q, tiny))).sum(-1)
 
     # Constants over all T keys, zero where they do not apply: the [B, H, T, T] tensor is read
     # whole, since slicing it first would copy it (onnxruntime's Slice materialises).
@@ -183,17 +206,27 @@ def graph_stats(
         :, :, p:
     ]  # [B, H, N, 2] per patch query
     distance = (weighted / torch.maximum(masses[..., 1], tiny)).mean(-1)
+    patch_stats = {
+        "attention_distance": distance,
+        "prefix_mass": masses[..., 0].mean(-1),
+        # Every (T+1)-th entry of the flattened matrix is the diagonal: one strided Slice.
+        "patch_self": attention.flatten(-2)[:, :, :: t + 1][:, :, p:].mean(-1),
+    }
+    if not class_token:
+        return patch_stats
 
+    cls = attention[:, :, 0, p:]
+    q = cls / torch.maximum(cls.sum(-1, keepdim=True), tiny)
+    entropy = -(q * torch.log(torch.maximum(q, tiny))).sum(-1)
     ordered, _ = torch.sort(q, dim=-1, descending=True)
     before = torch.cumsum(ordered, dim=-1) - ordered
     concentration = (before < CONCENTRATION_MASS).to(attention.dtype).sum(-1) / n
     return {
         "cls_entropy": entropy,
-        "attention_distance": distance,
-        "prefix_mass": masses[..., 0].mean(-1),
+        "attention_distance": patch_stats["attention_distance"],
+        "prefix_mass": patch_stats["prefix_mass"],
         "cls_self": attention[:, :, 0, 0],
-        # Every (T+1)-th entry of the flattened matrix is the diagonal: one strided Slice.
-        "patch_self": attention.flatten(-2)[:, :, :: t + 1][:, :, p:].mean(-1),
+        "patch_self": patch_stats["patch_self"],
         "concentration_60": concentration,
         "cls_max": cls.amax(-1),
     }

@@ -30,6 +30,7 @@ from zarr.errors import ZarrUserWarning
 
 from vit_attn.errors import ConfigError, ImageSelectionError, StoreError
 from vit_attn.remote import is_url, zarr_store
+from vit_attn.roles import MAP_ARRAYS
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -80,7 +81,12 @@ class StoreSpec:
         overlays: 'none', 'mean' (`overlay`) or 'heads' (`overlay` and `overlay_heads`).
         stats: names of float32 per-(image, layer, head) statistic arrays.
         compression: 'default' (= 'zstd'), 'zstd', 'lz4' or 'none'.
-        attention_dtype: dtype of `cls_attention` and `attention` ('float16' or 'float32').
+        attention_dtype: dtype of the attention maps and `attention` ('float16' or 'float32').
+        maps: which attention maps the store holds (`roles.MAP_ARRAYS`): `cls_attention`
+            only for models with a class token, `pool_attention` for attention-pooled
+            models, `received_attention` for the others.
+        pool_latents: latent queries of the attention pool; above 1, `pool_attention` gets
+            a `latent` dim.
     """
 
     n_images: int
@@ -99,12 +105,20 @@ class StoreSpec:
     attention_dtype: str = "float16"
     labels: bool = False  # a `label` array (data.label_key of shard and Parquet sources)
     identity: str = "none"  # per-image input identity: 'stat' (size, mtime) or 'hash' (+ sha256)
+    maps: tuple[str, ...] = ("cls_attention",)
+    pool_latents: int = 1
 
     def __post_init__(self) -> None:
         # Sequences from YAML arrive as lists: store tuples so the spec stays hashable.
         for name in ("layers", "grid", "input_size"):
             object.__setattr__(self, name, tuple(operator.index(i) for i in getattr(self, name)))
         object.__setattr__(self, "stats", tuple(self.stats))
+        object.__setattr__(self, "maps", tuple(self.maps))
+        _check(
+            bool(self.maps) and set(self.maps) <= set(MAP_ARRAYS),
+            f"maps must be a non-empty subset of {MAP_ARRAYS}, got {list(self.maps)}",
+        )
+        _check(self.pool_latents >= 1, f"pool_latents must be >= 1, got {self.pool_latents}")
         _check(self.n_images >= 1, f"n_images must be >= 1, got {self.n_images}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(
@@ -171,6 +185,8 @@ class StoreSpec:
             "pixel_x": w,
             "channel": 3,
         }
+        if self.pool_latents > 1:
+            sizes["latent"] = self.pool_latents
         if self.topk is not None:
             sizes["k"] = self.topk
         return sizes
@@ -215,7 +231,27 @@ class StoreSpec:
         per_image: list[tuple[bool, str, tuple[str, ...], str, bool]] = [
             (self.topk is not None, "topk_index", ("k",), "int32", False),
             (self.topk is not None, "topk_prob", ("k",), "float32", False),
-            (True, "cls_attention", ("layer", "head", "y", "x"), self.attention_dtype, True),
+            (
+                "cls_attention" in self.maps,
+                "cls_attention",
+                ("layer", "head", "y", "x"),
+                self.attention_dtype,
+                True,
+            ),
+            (
+                "pool_attention" in self.maps,
+                "pool_attention",
+                (("latent",) if self.pool_latents > 1 else ()) + ("head", "y", "x"),
+                self.attention_dtype,
+                True,
+            ),
+            (
+                "received_attention" in self.maps,
+                "received_attention",
+                ("layer", "head", "y", "x"),
+                self.attention_dtype,
+                True,
+            ),
             (
                 self.full_attention,
                 "attention",

@@ -22,6 +22,7 @@ from .graphinput import GraphInput
 from .outputs import OutputError, is_per_image_os_error, png_path, write_png
 from .overlap import OVERLAP, OverlapGate
 from .overlay import blend, head_grid
+from .roles import MAP_ARRAYS, default_map
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
 from .specs import ModelSource, OutputSpec
 from .stats import STAT_NAMES
@@ -209,14 +210,27 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
 
 def _fill(result: BatchResult, outputs: dict[str, np.ndarray], ok: np.ndarray) -> None:
     """Copy graph outputs into the batch's store arrays (store dtypes; failed rows stay 0)."""
-    for name in ("cls_attention", "attention", "rollout", "topk_index", "topk_prob", *STAT_NAMES):
+    for name in (*MAP_ARRAYS, "attention", "rollout", "topk_index", "topk_prob", *STAT_NAMES):
         if name in result.arrays and name in outputs:
             target = result.arrays[name]
             target[ok] = outputs[name].astype(target.dtype, copy=False)
 
 
+def overlay_maps(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """[n, heads, gh, gw] float32: the maps overlays show, from the store's default map.
+
+    The last stored layer of `cls_attention` or `received_attention`; `pool_attention` has
+    no layer (several latent queries are averaged).
+    """
+    name = default_map(arrays)
+    maps = arrays[name].astype(np.float32)
+    if name != "pool_attention":
+        return maps[:, -1]
+    return maps if maps.ndim == 4 else maps.mean(axis=1)
+
+
 def _head_mean_last_layer(result: BatchResult) -> np.ndarray:
-    return result.arrays["cls_attention"][:, -1].astype(np.float32).mean(axis=1)
+    return overlay_maps(result.arrays).mean(axis=1)
 
 
 def _add_overlays(plan: RunPlan, result: BatchResult, images: np.ndarray, ok: np.ndarray) -> None:
@@ -227,7 +241,7 @@ def _add_overlays(plan: RunPlan, result: BatchResult, images: np.ndarray, ok: np
             images[ok], maps, alpha=plan.overlay_alpha, cmap=plan.colormap
         )
     if "overlay_heads" in arrays:
-        heads = arrays["cls_attention"][ok, -1].astype(np.float32)  # [n, H, gh, gw]
+        heads = overlay_maps(arrays)[ok]  # [n, H, gh, gw]
         n, nh = heads.shape[:2]
         tiled = np.repeat(images[ok], nh, axis=0)
         blended = blend(
@@ -244,7 +258,8 @@ def _write_pngs(
 ) -> None:
     """Write each ok image's PNGs; an image whose PNG name the file system refuses fails alone."""
     assert plan.png_dir is not None
-    means = _head_mean_last_layer(result)
+    heads_all = overlay_maps(result.arrays)
+    means = heads_all.mean(axis=1)
     for i in np.flatnonzero(ok):
         path = task.paths[i]
         if "overlay" in result.arrays:
@@ -255,8 +270,7 @@ def _write_pngs(
             ]
         pngs = [(png_path(plan.png_dir, plan.image_root, path), overlay)]
         if plan.png_heads:
-            heads = result.arrays["cls_attention"][i, -1].astype(np.float32)
-            grid = head_grid(images[i], heads, plan.overlay_alpha, plan.colormap)
+            grid = head_grid(images[i], heads_all[i], plan.overlay_alpha, plan.colormap)
             pngs.append((png_path(plan.png_dir, plan.image_root, path, ".heads.png"), grid))
         for target, pixels in pngs:
             try:

@@ -1,0 +1,400 @@
+"""One row per ViT family of the README's coverage table: exact maps, or a one-line refusal.
+
+Each row builds a depth-2, random-init, 16x-sharpened model, exports the graph the pipeline
+would export for it (fp32 ONNX), runs it with onnxruntime and compares every stored map with
+timm's `AttentionExtract` (fx method: the model's own softmax nodes, block attention and the
+attention pool's) on a separate copy of the model: <= 1e-5. The token roles, the maps a store
+gets (never `cls_attention` without a class token) and the token stride are checked too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import yaml
+from safetensors.torch import save_file
+from timm.utils import AttentionExtract
+
+from vit_attn.analysis import compute_stats_from_attention
+from vit_attn.cli import main as cli_main
+from vit_attn.errors import ModelError
+from vit_attn.export import export_onnx, one_line, root_cause
+from vit_attn.model import ModelSource, TokenLayout, load_model
+from vit_attn.overlay import blend
+from vit_attn.render import model_input_image
+from vit_attn.runtime import OrtRunner, RuntimeOptions
+from vit_attn.specs import OutputSpec
+from vit_attn.stats import CLS_STAT_NAMES, STAT_NAMES
+
+from .conftest import sharpened_model
+from .test_stats import reference as stats_reference
+
+SHARPEN = 16.0
+# A random-init attention pool's logits are ~100x smaller than a block's: sharpened 16x like
+# the blocks it stays near uniform, so its queries get this much more.
+POOL_SHARPEN = 30.0
+SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4}
+CLS, POOL, RECEIVED = "cls_attention", "pool_attention", "received_attention"
+R = "register"
+
+# family -> (timm name, create kwargs, img_size, prefix roles, pooling, stored maps, stride)
+FAMILIES: dict[str, tuple] = {
+    "vit": ("vit_tiny_patch16_224", SMALL, (48, 80), ("class",), "class_token", (CLS,), 16),
+    "deit_distilled": (
+        "deit_tiny_distilled_patch16_224",
+        SMALL,
+        (48, 64),
+        ("class", "distillation"),
+        "class_token",
+        (CLS,),
+        16,
+    ),
+    "deit3": ("deit3_small_patch16_224", SMALL, (48, 64), ("class",), "class_token", (CLS,), 16),
+    "dinov2": ("vit_small_patch14_dinov2", SMALL, (42, 56), ("class",), "class_token", (CLS,), 14),
+    "dinov2_reg4": (
+        "vit_small_patch14_reg4_dinov2",
+        SMALL,
+        (42, 56),
+        ("class", R, R, R, R),
+        "class_token",
+        (CLS,),
+        14,
+    ),
+    "clip": ("vit_base_patch16_clip_224", SMALL, (48, 64), ("class",), "class_token", (CLS,), 16),
+    "eva02": ("eva02_tiny_patch14_224", SMALL, (42, 56), ("class",), "average", (CLS,), 14),
+    "beit": ("beit_base_patch16_224", SMALL, (48, 64), ("class",), "average", (CLS,), 16),
+    "flexivit": ("flexivit_small", SMALL, (48, 64), ("class",), "class_token", (CLS,), 16),
+    "hybrid_resnet": (
+        "vit_tiny_r_s16_p8_224",
+        {"depth": 2},
+        (96, 128),
+        ("class",),
+        "class_token",
+        (CLS,),
+        32,
+    ),
+    "gap": ("vit_medium_patch16_gap_256", SMALL, (48, 64), (), "average", (RECEIVED,), 16),
+    "reg_gap": (
+        "vit_base_patch16_reg4_gap_256",
+        SMALL,
+        (48, 64),
+        (R, R, R, R),
+        "average",
+        (RECEIVED,),
+        16,
+    ),
+    "rope_reg1_gap": (
+        "vit_base_patch16_rope_reg1_gap_256",
+        SMALL,
+        (48, 64),
+        (R,),
+        "average",
+        (RECEIVED,),
+        16,
+    ),
+    "siglip": (
+        "vit_base_patch16_siglip_224",
+        SMALL,
+        (48, 64),
+        (),
+        "attention_pool",
+        (POOL,),
+        16,
+    ),
+    "siglip_reg4_map": (
+        "vit_so150m_patch16_reg4_map_256",
+        SMALL,
+        (48, 64),
+        (R, R, R, R),
+        "attention_pool",
+        (POOL,),
+        16,
+    ),
+    "pe_core": (
+        "vit_pe_core_tiny_patch16_384",
+        {"depth": 2, "attn_pool_num_heads": 3},
+        (48, 64),
+        ("class",),
+        "attention_pool",
+        (POOL, CLS),
+        16,
+    ),
+}
+REFUSED = {
+    "cait": (
+        "cait_xxs24_224",
+        r"\(CaiT\) is not supported: its `blocks` never see the class token",
+    ),
+    "xcit": ("xcit_nano_12_p16_224", r"\(XCiT\) is not supported: .* across feature channels"),
+}
+
+
+def build(name: str, kwargs: dict, img_size):
+    """The sharpened model of one row (conftest.sharpen, and more for an attention pool)."""
+    loaded = sharpened_model(name, factor=SHARPEN, img_size=img_size, **kwargs)
+    pool = getattr(loaded.model, "attn_pool", None)
+    if pool is not None:
+        with torch.no_grad():
+            pool.q.weight *= POOL_SHARPEN
+            pool.q.bias *= POOL_SHARPEN
+    return loaded
+
+
+def reference(name: str, kwargs: dict, img_size, x: torch.Tensor):
+    """timm's AttentionExtract on the softmax nodes of a separate copy of the sharpened model."""
+    twin = build(name, kwargs, img_size).model
+    names = ["*attn.softmax"] + (["attn_pool.softmax"] if getattr(twin, "attn_pool", None) else [])
+    with torch.no_grad():
+        found = AttentionExtract(twin, names=names, method="fx")(x)
+    blocks = [v.double().numpy() for k, v in found.items() if k.startswith("blocks.")]
+    pool = found.get("attn_pool.softmax")
+    return blocks, None if pool is None else pool.double().numpy()
+
+
+def output_spec(layout) -> OutputSpec:
+    """What `plan.output_spec` asks for with layers: all, full: true, and stats: true for models
+    without a class token (the statistics add ~60% to an export; CLS models' statistics are
+    tested in tests/test_stats.py, the patch-only ones of CLS-free models here)."""
+    return OutputSpec(
+        layers=tuple(range(layout.depth)),
+        logits=False,
+        topk=min(5, layout.num_classes),
+        cls_attention=CLS in layout.maps,
+        attention=True,
+        stats=not layout.has_class_token,
+        received_attention=RECEIVED in layout.maps,
+        pool_attention=POOL in layout.maps,
+        class_token=layout.has_class_token,
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + list(REFUSED))
+def test_family(family, export_cache):
+    if family in REFUSED:
+        name, reason = REFUSED[family]
+        with pytest.raises(ModelError, match=reason) as caught:
+            load_model(ModelSource(name, kwargs={"depth": 2}))
+        assert "\n" not in str(caught.value)
+        return
+    name, kwargs, img_size, roles, pooling, maps, stride = FAMILIES[family]
+    loaded = build(name, kwargs, img_size)
+    lay = loaded.layout
+    assert (lay.prefix_roles, lay.pooling, lay.maps) == (roles, pooling, maps)
+    assert lay.patch_size == (stride, stride)
+    assert lay.input_size == (lay.grid[0] * stride, lay.grid[1] * stride)
+    assert TokenLayout.from_dict(json.loads(json.dumps(dataclasses.asdict(lay)))) == lay
+    p, (gh, gw), nh = lay.num_prefix_tokens, lay.grid, lay.num_heads
+
+    spec = output_spec(lay)
+    path = export_onnx(loaded, spec, "fp32", cache_dir=export_cache)
+    x = torch.randn(2, 3, *img_size, generator=torch.Generator().manual_seed(3))
+    outs = OrtRunner(path, RuntimeOptions(threads=2)).run(x.numpy())
+    blocks, pool = reference(name, kwargs, img_size, x)
+    assert len(blocks) == lay.depth
+
+    stored = {n for n in outs if n.endswith("_attention")}
+    assert stored == set(maps)  # no model without a class token gets a cls_attention
+    ref = np.stack(blocks, axis=1)  # [B, L, H, T, T]
+    assert ref.max() > 0.2  # sharpened: an index error would show
+    np.testing.assert_allclose(outs["attention"], ref, atol=1e-5, rtol=0)
+    if CLS in maps:
+        want = ref[:, :, :, 0, p:].reshape(2, lay.depth, nh, gh, gw)
+        np.testing.assert_allclose(outs[CLS], want, atol=1e-5, rtol=0)
+    if RECEIVED in maps:
+        # For each patch key: the mean over patch queries of A[query, key].
+        want = ref[:, :, :, p:, p:].mean(axis=-2).reshape(2, lay.depth, nh, gh, gw)
+        np.testing.assert_allclose(outs[RECEIVED], want, atol=1e-5, rtol=0)
+        assert outs[RECEIVED].sum(axis=(-2, -1)) == pytest.approx(
+            1 - ref[:, :, :, p:, :p].sum(-1).mean(-1), abs=1e-5
+        )
+    if POOL in maps:
+        assert pool is not None and pool.shape[2] == 1  # [B, H, latents, keys]
+        keys = pool[:, :, 0, p:] if pool.shape[-1] == lay.num_tokens else pool[:, :, 0]
+        assert pool.max() > 0.2
+        np.testing.assert_allclose(outs[POOL], keys.reshape(2, nh, gh, gw), atol=1e-5, rtol=0)
+
+    expected_stats = () if spec.class_token else [s for s in STAT_NAMES if s not in CLS_STAT_NAMES]
+    assert [n for n in STAT_NAMES if n in outs] == list(expected_stats)
+    for b in range(2):
+        for layer in range(lay.depth):
+            for h in range(nh):
+                want = stats_reference(ref[b, layer, h], p, lay.grid, lay.patch_size)
+                for stat in expected_stats:
+                    assert outs[stat][b, layer, h] == pytest.approx(want[stat], abs=2e-4), stat
+
+
+# ----------------------------------------------------------------- stores of models without CLS
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from . import imagefactory
+
+    root = tmp_path_factory.mktemp("family-images")
+    imagefactory.write_rgb_set(root, [(40 + 7 * i, 50 + 5 * i) for i in range(5)])
+    return root
+
+
+def run_store(tmp_path, family: str, images, export_cache, **attention) -> tuple[int, object]:
+    """`vit-attn run` on the row's sharpened weights (the export is the row test's, cached)."""
+    name, kwargs, img_size, *_ = FAMILIES[family]
+    weights = tmp_path / "w.safetensors"
+    state = build(name, kwargs, img_size).model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    cfg = {
+        "model": {
+            "name": name,
+            "checkpoint": str(weights),
+            "img_size": list(img_size),
+            "kwargs": kwargs,
+        },
+        "data": {"source": str(images)},
+        "attention": {"layers": "all", "full": True, "stats": True, **attention},
+        "inference": {"batch_size": 4, "threads": 1, "cache_dir": str(export_cache)},
+        "output": {"store": "run.zarr", "overlays": "heads"},
+        "cluster": {"kind": "none"},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return cli_main(["run", str(config), "--no-progress"]), tmp_path / "run.zarr"
+
+
+@pytest.mark.parametrize("family", ["reg_gap", "siglip"])
+def test_store_of_a_model_without_class_token(tmp_path, family, images, export_cache, capsys):
+    code, store = run_store(tmp_path, family, images, export_cache)
+    assert code == 0
+    _, _, _, roles, pooling, maps, _ = FAMILIES[family]
+    ds = xr.open_zarr(str(store))
+    (map_name,) = maps
+    assert "cls_attention" not in ds.data_vars and "rollout" not in ds.data_vars
+    dims = (
+        ("image", "layer", "head", "y", "x")
+        if map_name == RECEIVED
+        else ("image", "head", "y", "x")
+    )
+    assert ds[map_name].dims == dims
+    assert ds.attrs["token_roles"] == {
+        "prefix_roles": list(roles),
+        "has_class_token": False,
+        "num_distillation_tokens": 0,
+        "num_register_tokens": len(roles),
+        "pooling": pooling,
+        "pool_latents": 1 if pooling == "attention_pool" else 0,
+        "maps": [map_name],
+    }
+    assert not set(CLS_STAT_NAMES) & set(ds.data_vars)
+    assert {"attention_distance", "prefix_mass", "patch_self"} <= set(ds.data_vars)
+    assert (ds["status"].values == 1).all()
+
+    # The overlay is the head mean of the stored map (its last layer) over the model input.
+    group_map = ds[map_name].values.astype(np.float32)
+    last = group_map[:, -1] if map_name == RECEIVED else group_map
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    for i in range(ds.sizes["image"]):
+        want = blend(model_input_image(group, i)[None], last[i].mean(0)[None])[0]
+        np.testing.assert_array_equal(ds["overlay"].values[i], want)
+
+    # Statistics recomputed from the stored (float16) full attention agree with the graph's.
+    again = compute_stats_from_attention(store)
+    assert sorted(again.data_vars) == sorted(["attention_distance", "prefix_mass", "patch_self"])
+    for stat in again.data_vars:
+        np.testing.assert_allclose(again[stat].values, ds[stat].values, atol=2e-3, rtol=1e-3)
+
+    capsys.readouterr()
+    assert cli_main(["inspect", str(store)]) == 0
+    tokens = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tokens"))
+    assert f"pooling {pooling}" in tokens and f"maps {map_name}" in tokens
+    assert "class token no" in tokens
+    assert cli_main(["stats", str(store)]) == 0
+    table = capsys.readouterr().out
+    assert "attention_distance" in table and "cls_entropy" not in table
+    png = tmp_path / "grid.png"
+    args = ["show", str(store), "--image", "1", "--head", "grid", "--mask", "0.6"]
+    assert cli_main([*args, "--normalize", "dataset", "-o", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert cli_main(["show", str(store), "--image", "0", "--map", "cls", "-o", str(png)]) == 2
+    assert "no class token" in capsys.readouterr().err
+
+
+def test_rollout_without_class_token_is_refused(tmp_path, images, export_cache, capsys):
+    code, store = run_store(tmp_path, "gap", images, export_cache, rollout=True)
+    assert code == 2 and not store.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "attention.rollout" in err and "no class token" in err
+
+
+def test_export_failure_names_the_cause_in_one_line(export_cache):
+    """A layout that does not fit the model: our check, raised while tracing, reaches the user."""
+    name, kwargs, img_size, *_ = FAMILIES["vit"]
+    loaded = build(name, kwargs, img_size)
+    loaded.layout = dataclasses.replace(loaded.layout, num_heads=loaded.layout.num_heads + 1)
+    with pytest.raises(ModelError, match=r"block 0's attention has shape \[4, 16, 16\]") as caught:
+        export_onnx(loaded, OutputSpec(layers=(0,)), "fp32", export_cache)
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
+def test_exporter_chains_are_reduced_to_their_root_without_colour():
+    try:
+        try:
+            raise ValueError("\x1b[31mnum_prefix must be >= 1\x1b[0m\nmore detail")
+        except ValueError as inner:
+            raise RuntimeError("Failed to export the model with torch.export.") from inner
+    except RuntimeError as outer:
+        assert one_line(root_cause(outer)) == "ValueError: num_prefix must be >= 1"
+
+
+def test_pool_with_two_latent_queries_gets_a_latent_dim():
+    """No timm preset has more than one latent query: swap one in and check map and store dims."""
+    from timm.layers import AttentionPoolLatent
+
+    from vit_attn.export import AttentionGraph
+    from vit_attn.model import token_layout
+    from vit_attn.runtime import TorchRunner
+    from vit_attn.store import StoreSpec
+
+    name, kwargs, img_size, *_ = FAMILIES["siglip"]
+    loaded = build(name, kwargs, img_size)
+    torch.manual_seed(0)
+    pool = AttentionPoolLatent(64, num_heads=4, latent_len=2, pool_type="avg")
+    with torch.no_grad():
+        pool.latent *= 40.0  # sharpened: its queries are the latents themselves times W_q
+    pool.fused_attn = False
+    loaded.model.attn_pool = pool.eval()
+    loaded.layout = lay = token_layout(loaded.model)
+    assert (lay.pooling, lay.pool_latents, lay.maps) == ("attention_pool", 2, (POOL,))
+    x = torch.randn(2, 3, *img_size, generator=torch.Generator().manual_seed(5))
+    spec = dataclasses.replace(output_spec(lay), attention=False, stats=False)
+    out = TorchRunner(AttentionGraph(loaded, spec), RuntimeOptions()).run(x.numpy())[POOL]
+    with torch.no_grad():
+        ref = AttentionExtract(loaded.model, names=["attn_pool.softmax"], method="fx")(x)
+    ref = ref["attn_pool.softmax"].double().numpy()  # [B, H, latents, N]
+    assert ref.max() > 0.2 and not np.allclose(ref[:, :, 0], ref[:, :, 1], atol=1e-3)
+    want = ref.transpose(0, 2, 1, 3).reshape(2, 2, lay.num_heads, *lay.grid)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+
+    spec_store = StoreSpec(
+        n_images=3,
+        batch_size=2,
+        layers=(0, 1),
+        num_heads=lay.num_heads,
+        grid=lay.grid,
+        input_size=lay.input_size,
+        num_tokens=lay.num_tokens,
+        topk=None,
+        full_attention=False,
+        rollout=False,
+        overlays="heads",
+        maps=lay.maps,
+        pool_latents=lay.pool_latents,
+    )
+    arrays = {a.name: a for a in spec_store.layout()}
+    assert "cls_attention" not in arrays
+    assert arrays[POOL].dims == ("image", "latent", "head", "y", "x")
+    assert arrays[POOL].shape == (3, 2, lay.num_heads, *lay.grid)
