@@ -16,6 +16,7 @@ import math
 import operator
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,11 @@ STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 # image_path is written once, at creation: shards of many batches keep the file count low
 # (reading every path is one read per ~64k images), chunks of one batch keep dask aligned.
 _PATH_SHARD_TARGET = 65536
+# A per-image array whose whole batch is at most this large is one plain chunk per batch, not a
+# shard of per-image chunks: zarr spends ~1-3 ms per inner chunk, far more than such a chunk's
+# bytes cost (cls_attention of ViT-Ti: 1.2 KB per image), and reading one image still reads
+# little. Larger arrays (full attention, overlays) keep per-image chunks for single-image reads.
+SMALL_BATCH_BYTES = 4 << 20
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part in the Zarr format 3"
 
 PathLike = str | os.PathLike[str]
@@ -173,13 +179,15 @@ class StoreSpec:
     def _per_image(self, name: str, dims: tuple[str, ...], dtype: str, shard: bool) -> ArrayLayout:
         """A data array over (image, *dims): one shard per batch, one chunk per image inside.
 
-        Tiny per-image records (top-k, stats) are not sharded: one plain chunk per batch has
-        the same single writer and the same boundary, with one file instead of an index.
+        Small per-image records (top-k, stats, and CLS maps or rollout up to SMALL_BATCH_BYTES
+        per batch) are not sharded: one plain chunk per batch has the same single writer and
+        the same boundary, with one file instead of an index and per-image chunks.
         """
         sizes = self.dim_sizes()
         inner = tuple(sizes[d] for d in dims)
         shape, batch = (self.n_images, *inner), (self.batch_size, *inner)
-        if shard:
+        batch_bytes = math.prod(batch) * np.dtype(dtype).itemsize
+        if shard and batch_bytes > SMALL_BATCH_BYTES:
             return ArrayLayout(name, ("image", *dims), dtype, shape, (1, *inner), batch)
         return ArrayLayout(name, ("image", *dims), dtype, shape, batch, None)
 
@@ -263,9 +271,14 @@ def _compressors(compression: str, dtype: str) -> list[Any] | None:
 
     zstd level 1 is the measured default (benchmarks/codecs.py, docs/STORE.md): ~1.3x smaller
     than raw at ~60% of its write speed, and a core Zarr v3 codec that every reader has.
-    lz4 with bitshuffle (Blosc) is the faster, weaker alternative.
+    lz4 with bitshuffle (Blosc) is the faster, weaker alternative. By default the uint8
+    overlays are stored raw: they are pictures re-made from the maps, zstd gains them 1.2-1.35x
+    for ~10 ms per image of per-head overlays, the largest write cost of a run
+    (benchmarks/write.py); `zstd` compresses them too.
     """
     if compression == "default":
+        if dtype == "uint8":
+            return None
         compression = DEFAULT_COMPRESSION
     if compression == "none":
         return None
@@ -452,16 +465,48 @@ def write_batch(group_or_path: zarr.Group | PathLike, result: BatchResult) -> No
     store itself (a Group does not travel between processes cheaply).
     """
     if isinstance(group_or_path, zarr.Group):
-        group = group_or_path
+        arrays = {n: _for_writing(a) for n, a in group_or_path.arrays()}
     else:
-        group = zarr.open_group(str(group_or_path), mode="r+")
-    arrays = dict(group.arrays())
+        arrays = _arrays_for_writing(group_or_path)
     status, data = _checked_batch(arrays, result)  # everything checked before any write
     for name, values in data.items():
         _write_region(arrays[name], result.start, result.stop, values)
     errors = np.asarray(result.error, dtype=object)
     _write_region(arrays["error"], result.start, result.stop, errors)
     _write_region(arrays["status"], result.start, result.stop, status)
+
+
+def _for_writing(array: zarr.Array) -> zarr.Array:
+    # zarr's default skips chunks equal to the fill value, which means comparing every element
+    # of every chunk: a third of the write time of an overlay batch. Writing them is cheaper.
+    return array.with_config({"write_empty_chunks": True})
+
+
+_open_arrays: dict[str, tuple[tuple[int, int, int], dict[str, zarr.Array]]] = {}
+_open_lock = threading.Lock()
+
+
+def _arrays_for_writing(path: PathLike) -> dict[str, zarr.Array]:
+    """The store's arrays, opened once per process and store (opening and reading every
+    array's metadata costs more than writing a small batch), reopened when the root metadata
+    file changes: a store replaced by `--overwrite` is a new file."""
+    key = os.path.abspath(path)
+    try:
+        st = os.stat(os.path.join(key, "zarr.json"))
+    except OSError:
+        st = None
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
+    with _open_lock:
+        hit = _open_arrays.get(key)
+        if stamp is not None and hit is not None and hit[0] == stamp:
+            return hit[1]
+    group = zarr.open_group(str(path), mode="r+")
+    arrays = {n: _for_writing(a) for n, a in group.arrays()}
+    if stamp is not None:
+        with _open_lock:
+            _open_arrays.clear()  # one store per process at a time
+            _open_arrays[key] = (stamp, arrays)
+    return arrays
 
 
 def _checked_batch(
