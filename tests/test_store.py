@@ -57,12 +57,12 @@ CONFIG = {"model": {"name": "vit_tiny"}, "attention": {"layers": [11], "full": F
 ATTRS = {"model": {"name": "vit_tiny", "grid": [2, 3]}, "config": CONFIG, "fingerprint": "abc123"}
 
 
-def _batch_bytes(spec: StoreSpec, shape: tuple[int, ...], dtype: str) -> int:
-    return spec.batch_size * int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+def _image_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    return int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
 
 
 def test_large_cls_maps_and_overlays_keep_per_image_chunks_in_shards(tmp_path: Path) -> None:
-    # ViT-L/14 at 448, 24 layers x 16 heads x 32 x 32 float16: 786 KB per image, 25 MB a batch
+    # ViT-L/14 at 448, 24 layers x 16 heads x 32 x 32 float16: 786 KB per image
     spec = StoreSpec(
         **{**MINIMAL.__dict__, "overlays": "mean"}
         | {"layers": tuple(range(24)), "num_heads": 16, "grid": (32, 32), "num_tokens": 1025}
@@ -164,7 +164,7 @@ def test_contract_layout(tmp_path: Path, spec: StoreSpec) -> None:
             assert arr.chunks == shape and arr.shards is None, name
         elif name == "image_path":  # written once: chunks of one batch in shards of many
             assert arr.chunks == (spec.batch_size,) and arr.shards[0] % spec.batch_size == 0
-        elif name in small or _batch_bytes(spec, shape, dtype) <= 4 << 20:
+        elif name in small or _image_bytes(shape, dtype) <= 64 << 10:
             # one plain chunk per batch: one writer per chunk, no per-image chunk overhead
             assert arr.shards is None, name
             assert arr.chunks == (spec.batch_size, *shape[1:]), name
@@ -420,7 +420,7 @@ def test_consolidated_store_opens_in_xarray_and_accepts_writes(tmp_path: Path) -
     [("default", None), ("zstd", "zstd"), ("lz4", "blosc"), ("none", None)],
 )
 def test_compression_options(tmp_path: Path, compression: str, codec: str | None) -> None:
-    # 32 x 32 pixels of 64 images per batch: 196 KB, a shard of per-image chunks at 256 x 256
+    # overlays of 256 x 256 pixels: 196 KB per image, a shard of per-image chunks
     spec = StoreSpec(
         **{**MINIMAL.__dict__, "overlays": "mean", "compression": compression}
         | {"input_size": (256, 256), "batch_size": 32, "n_images": 40}

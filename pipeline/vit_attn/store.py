@@ -30,6 +30,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ZarrUserWarning
 
 from vit_attn.errors import ConfigError, StoreError
+from vit_attn.rawshard import raw_shard_writer
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -47,11 +48,12 @@ STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 # image_path is written once, at creation: shards of many batches keep the file count low
 # (reading every path is one read per ~64k images), chunks of one batch keep dask aligned.
 _PATH_SHARD_TARGET = 65536
-# A per-image array whose whole batch is at most this large is one plain chunk per batch, not a
+# A per-image array of at most this many bytes per image is one plain chunk per batch, not a
 # shard of per-image chunks: zarr spends ~1-3 ms per inner chunk, far more than such a chunk's
-# bytes cost (cls_attention of ViT-Ti: 1.2 KB per image), and reading one image still reads
-# little. Larger arrays (full attention, overlays) keep per-image chunks for single-image reads.
-SMALL_BATCH_BYTES = 4 << 20
+# bytes cost (cls_attention of ViT-Ti: 1.2 KB per image; ViT-B, 12 layers: 56 KB), and reading
+# one image reads at most batch x this. Larger records (full attention, overlays) keep
+# per-image chunks in shards, for single-image reads.
+SMALL_IMAGE_BYTES = 64 << 10
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part in the Zarr format 3"
 
 PathLike = str | os.PathLike[str]
@@ -179,15 +181,15 @@ class StoreSpec:
     def _per_image(self, name: str, dims: tuple[str, ...], dtype: str, shard: bool) -> ArrayLayout:
         """A data array over (image, *dims): one shard per batch, one chunk per image inside.
 
-        Small per-image records (top-k, stats, and CLS maps or rollout up to SMALL_BATCH_BYTES
-        per batch) are not sharded: one plain chunk per batch has the same single writer and
+        Small per-image records (top-k, stats, and CLS maps or rollout up to SMALL_IMAGE_BYTES
+        per image) are not sharded: one plain chunk per batch has the same single writer and
         the same boundary, with one file instead of an index and per-image chunks.
         """
         sizes = self.dim_sizes()
         inner = tuple(sizes[d] for d in dims)
         shape, batch = (self.n_images, *inner), (self.batch_size, *inner)
-        batch_bytes = math.prod(batch) * np.dtype(dtype).itemsize
-        if shard and batch_bytes > SMALL_BATCH_BYTES:
+        image_bytes = math.prod(inner) * np.dtype(dtype).itemsize
+        if shard and image_bytes > SMALL_IMAGE_BYTES:
             return ArrayLayout(name, ("image", *dims), dtype, shape, (1, *inner), batch)
         return ArrayLayout(name, ("image", *dims), dtype, shape, batch, None)
 
@@ -454,6 +456,9 @@ def pending_batches(group: zarr.Group, spec: StoreSpec) -> list[int]:
 
 def _write_region(array: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
     """Write rows [start, stop) of one array (one whole shard or chunk)."""
+    writer = raw_shard_writer(array)
+    if writer is not None and writer.write(start, stop, data):
+        return  # the same bytes zarr would write, without its per-chunk pipeline (rawshard.py)
     array[start:stop] = data
 
 
