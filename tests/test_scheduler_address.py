@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from .smallrun import (
+from .smallrun import (  # noqa: F401 (fixtures are used by name)
     assert_stores_equal,
+    reference_store,
+    small_checkpoint,
+    small_dataset,
     write_config,
-)  # noqa: F401
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -102,7 +105,7 @@ def scheduler_address(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_run_on_a_scheduler_address_gives_the_in_process_store(
-    tmp_path, scheduler_address, small_dataset, small_checkpoint, export_cache, reference_store
+    tmp_path, scheduler_address, small_dataset, small_checkpoint, export_cache, reference_store  # noqa: F811
 ):
     config = write_config(tmp_path, small_dataset, small_checkpoint, export_cache)
     t0 = time.perf_counter()

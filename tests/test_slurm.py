@@ -23,10 +23,13 @@ from vit_attn.orchestrate import WORKER_ENV
 from vit_attn.slurm import job_script, slurm_kwargs, worker_env_prologue
 
 from . import slurm_cluster
-from .smallrun import (
+from .smallrun import (  # noqa: F401 (fixtures are used by name)
     assert_stores_equal,
+    reference_store,
+    small_checkpoint,
+    small_dataset,
     write_config,
-)  # noqa: F401
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -217,7 +220,7 @@ def slurm_section(logs: Path, **extra) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_slurm_run_gives_the_in_process_store(
-    tmp_path, slurm_env, small_dataset, small_checkpoint, export_cache, reference_store
+    tmp_path, slurm_env, small_dataset, small_checkpoint, export_cache, reference_store  # noqa: F811
 ):
     logs = tmp_path / "logs"
     config = write_config(
@@ -266,7 +269,7 @@ def test_slurm_workers_retire_at_lifetime_and_are_replaced(tmp_path, slurm_env):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sbatch_script_runs_a_config_in_one_allocation(
-    tmp_path, slurm, small_dataset, small_checkpoint, export_cache, reference_store
+    tmp_path, slurm, small_dataset, small_checkpoint, export_cache, reference_store  # noqa: F811
 ):
     config = write_config(tmp_path, small_dataset, small_checkpoint, export_cache)
     log = tmp_path / "job.out"
