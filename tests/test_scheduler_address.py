@@ -4,6 +4,7 @@
 real `dask scheduler` / `dask worker` processes; the run is the CLI command docs/RUNNING.md shows.
 """
 
+# ruff: noqa: F811 (the smallrun fixtures are imported and then requested by name)
 from __future__ import annotations
 
 import os
@@ -105,7 +106,7 @@ def scheduler_address(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_run_on_a_scheduler_address_gives_the_in_process_store(
-    tmp_path, scheduler_address, small_dataset, small_checkpoint, export_cache, reference_store  # noqa: F811
+    tmp_path, scheduler_address, small_dataset, small_checkpoint, export_cache, reference_store
 ):
     config = write_config(tmp_path, small_dataset, small_checkpoint, export_cache)
     t0 = time.perf_counter()

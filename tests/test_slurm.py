@@ -5,6 +5,7 @@ localhost (tests/slurm_cluster.py) and skip, saying why, where that cannot run (
 Debian's slurm-wlm/munge packages missing; `.ci/run` installs them).
 """
 
+# ruff: noqa: F811 (the smallrun fixtures are imported and then requested by name)
 from __future__ import annotations
 
 import os
@@ -220,7 +221,7 @@ def slurm_section(logs: Path, **extra) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_slurm_run_gives_the_in_process_store(
-    tmp_path, slurm_env, small_dataset, small_checkpoint, export_cache, reference_store  # noqa: F811
+    tmp_path, slurm_env, small_dataset, small_checkpoint, export_cache, reference_store
 ):
     logs = tmp_path / "logs"
     config = write_config(
@@ -269,7 +270,7 @@ def test_slurm_workers_retire_at_lifetime_and_are_replaced(tmp_path, slurm_env):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sbatch_script_runs_a_config_in_one_allocation(
-    tmp_path, slurm, small_dataset, small_checkpoint, export_cache, reference_store  # noqa: F811
+    tmp_path, slurm, small_dataset, small_checkpoint, export_cache, reference_store
 ):
     config = write_config(tmp_path, small_dataset, small_checkpoint, export_cache)
     log = tmp_path / "job.out"
