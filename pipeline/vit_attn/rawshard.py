@@ -56,7 +56,7 @@ class RawShardWriter:
         fd, tmp = tempfile.mkstemp(prefix=".shard-", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(memoryview(body).cast("B"))
+                f.write(body.data.cast("B"))
                 f.write(index_bytes)
                 f.write(crc)
             os.replace(tmp, path)
