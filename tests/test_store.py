@@ -266,32 +266,36 @@ def test_write_batch_from_separate_processes(tmp_path: Path) -> None:
 def test_status_written_last_and_not_on_failure(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "s.zarr"
     create_store(path, FULL, _paths(FULL), ATTRS)
-    real = store_mod._write_region
-    order: list[str] = []
+    real_one, real_many = store_mod._write_region, store_mod._write_regions
+    order: list[list[str]] = []
 
-    def recording(array, start, stop, data):
-        order.append(array.basename)
-        real(array, start, stop, data)
+    def one(array, start, stop, data):
+        order.append([array.basename])
+        real_one(array, start, stop, data)
 
-    monkeypatch.setattr(store_mod, "_write_region", recording)
+    def many(regions, start, stop):
+        order.append(sorted(a.basename for a, _ in regions))
+        real_many(regions, start, stop)
+
+    monkeypatch.setattr(store_mod, "_write_region", one)
+    monkeypatch.setattr(store_mod, "_write_regions", many)
     write_batch(path, _batch(FULL, 0))
-    assert order[-2:] == ["error", "status"]
-    assert set(order[:-2]) == set(FULL.data_arrays())
+    # data and error first (together), status alone and last
+    assert order == [sorted([*FULL.data_arrays(), "error"]), ["status"]]
 
-    first, second = order[0], order[1]
+    began: list[str] = []
 
-    def crashing(array, start, stop, data):
-        if array.basename == second:
-            raise OSError("disk full")
-        real(array, start, stop, data)
+    def crashing(regions, start, stop):
+        real_one(regions[0][0], start, stop, regions[0][1])  # the write began ...
+        began.append(regions[0][0].basename)
+        raise OSError("disk full")
 
-    monkeypatch.setattr(store_mod, "_write_region", crashing)
+    monkeypatch.setattr(store_mod, "_write_regions", crashing)
     with pytest.raises(OSError, match="disk full"):
         write_batch(path, _batch(FULL, 1, failed=(0,)))
     group = zarr.open_group(str(path), mode="r")
-    assert group[first][4:8].any()  # the write began ...
+    assert group[began[0]][4:8].any()
     assert group["status"][4:8].tolist() == [0, 0, 0, 0]  # ... but the batch is still pending
-    assert list(group["error"][4:8]) == [""] * 4
     assert pending_batches(group, FULL) == [1, 2]
 
 
