@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vit-attn-overlap")
     p.add_argument("--quick", action="store_true", help="32 images, batch 8, 1 repeat")
+    p.add_argument("--cases", nargs="+", help="a subset of: tiny-heads small-mean tiny-full")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.quick:
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
         "vit_small mean": ("vit_small_patch16_224", {"overlays": "mean"}, {}),
         "vit_tiny full attention": ("vit_tiny_patch16_224", {"overlays": "mean"}, {"full": True}),
     }
+    keys = dict(zip(("tiny-heads", "small-mean", "tiny-full"), cases))
+    cases = {keys[c]: cases[keys[c]] for c in args.cases} if args.cases else cases
     work = args.workdir
     results: dict[str, list[dict[str, float]]] = {}
     configs: dict[str, tuple[Path, str | None]] = {}

@@ -4,6 +4,7 @@
 real `dask scheduler` / `dask worker` processes; the run is the CLI command docs/RUNNING.md shows.
 """
 
+# ruff: noqa: F811 (the smallrun fixtures are imported and then requested by name)
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ localhost (tests/slurm_cluster.py) and skip, saying why, where that cannot run (
 Debian's slurm-wlm/munge packages missing; `.ci/run` installs them).
 """
 
+# ruff: noqa: F811 (the smallrun fixtures are imported and then requested by name)
 from __future__ import annotations
 
 import os

@@ -57,6 +57,23 @@ CONFIG = {"model": {"name": "vit_tiny"}, "attention": {"layers": [11], "full": F
 ATTRS = {"model": {"name": "vit_tiny", "grid": [2, 3]}, "config": CONFIG, "fingerprint": "abc123"}
 
 
+def _image_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    return int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+
+
+def test_large_cls_maps_and_overlays_keep_per_image_chunks_in_shards(tmp_path: Path) -> None:
+    # ViT-L/14 at 448, 24 layers x 16 heads x 32 x 32 float16: 786 KB per image
+    spec = StoreSpec(
+        **{**MINIMAL.__dict__, "overlays": "mean"}
+        | {"layers": tuple(range(24)), "num_heads": 16, "grid": (32, 32), "num_tokens": 1025}
+        | {"input_size": (448, 448), "batch_size": 32, "n_images": 40}
+    )
+    group = create_store(tmp_path / "s.zarr", spec, _paths(spec), ATTRS)
+    for name in ("cls_attention", "overlay"):
+        assert group[name].shards == (32, *group[name].shape[1:]), name
+        assert group[name].chunks == (1, *group[name].shape[1:]), name
+
+
 def _paths(spec: StoreSpec) -> list[str]:
     return [f"img/{i:03d}.jpg" for i in range(spec.n_images)]
 
@@ -147,7 +164,8 @@ def test_contract_layout(tmp_path: Path, spec: StoreSpec) -> None:
             assert arr.chunks == shape and arr.shards is None, name
         elif name == "image_path":  # written once: chunks of one batch in shards of many
             assert arr.chunks == (spec.batch_size,) and arr.shards[0] % spec.batch_size == 0
-        elif name in small:  # one plain chunk per batch: one writer per chunk
+        elif name in small or _image_bytes(shape, dtype) <= 64 << 10:
+            # one plain chunk per batch: one writer per chunk, no per-image chunk overhead
             assert arr.shards is None, name
             assert arr.chunks == (spec.batch_size, *shape[1:]), name
         else:  # one shard per batch, one inner chunk per image
@@ -248,32 +266,36 @@ def test_write_batch_from_separate_processes(tmp_path: Path) -> None:
 def test_status_written_last_and_not_on_failure(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "s.zarr"
     create_store(path, FULL, _paths(FULL), ATTRS)
-    real = store_mod._write_region
-    order: list[str] = []
+    real_one, real_many = store_mod._write_region, store_mod._write_regions
+    order: list[list[str]] = []
 
-    def recording(array, start, stop, data):
-        order.append(array.basename)
-        real(array, start, stop, data)
+    def one(array, start, stop, data):
+        order.append([array.basename])
+        real_one(array, start, stop, data)
 
-    monkeypatch.setattr(store_mod, "_write_region", recording)
+    def many(regions, start, stop):
+        order.append(sorted(a.basename for a, _ in regions))
+        real_many(regions, start, stop)
+
+    monkeypatch.setattr(store_mod, "_write_region", one)
+    monkeypatch.setattr(store_mod, "_write_regions", many)
     write_batch(path, _batch(FULL, 0))
-    assert order[-2:] == ["error", "status"]
-    assert set(order[:-2]) == set(FULL.data_arrays())
+    # data and error first (together), status alone and last
+    assert order == [sorted([*FULL.data_arrays(), "error"]), ["status"]]
 
-    first, second = order[0], order[1]
+    began: list[str] = []
 
-    def crashing(array, start, stop, data):
-        if array.basename == second:
-            raise OSError("disk full")
-        real(array, start, stop, data)
+    def crashing(regions, start, stop):
+        real_one(regions[0][0], start, stop, regions[0][1])  # the write began ...
+        began.append(regions[0][0].basename)
+        raise OSError("disk full")
 
-    monkeypatch.setattr(store_mod, "_write_region", crashing)
+    monkeypatch.setattr(store_mod, "_write_regions", crashing)
     with pytest.raises(OSError, match="disk full"):
         write_batch(path, _batch(FULL, 1, failed=(0,)))
     group = zarr.open_group(str(path), mode="r")
-    assert group[first][4:8].any()  # the write began ...
+    assert group[began[0]][4:8].any()
     assert group["status"][4:8].tolist() == [0, 0, 0, 0]  # ... but the batch is still pending
-    assert list(group["error"][4:8]) == [""] * 4
     assert pending_batches(group, FULL) == [1, 2]
 
 
@@ -399,13 +421,21 @@ def test_consolidated_store_opens_in_xarray_and_accepts_writes(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("compression", "codec"),
-    [("default", "zstd"), ("zstd", "zstd"), ("lz4", "blosc"), ("none", None)],
+    [("default", None), ("zstd", "zstd"), ("lz4", "blosc"), ("none", None)],
 )
 def test_compression_options(tmp_path: Path, compression: str, codec: str | None) -> None:
-    spec = StoreSpec(**{**MINIMAL.__dict__, "overlays": "mean", "compression": compression})
+    # overlays of 256 x 256 pixels: 196 KB per image, a shard of per-image chunks
+    spec = StoreSpec(
+        **{**MINIMAL.__dict__, "overlays": "mean", "compression": compression}
+        | {"input_size": (256, 256), "batch_size": 32, "n_images": 40}
+    )
     group = create_store(tmp_path / "s.zarr", spec, _paths(spec), ATTRS)
     inner = group["overlay"].metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
     assert [c["name"] for c in inner] == ["bytes"] + ([codec] if codec else [])
+    # Attention keeps zstd under the default: only the uint8 overlays are stored raw.
+    cls = group["cls_attention"].metadata.to_dict()["codecs"]
+    expect = {"default": "zstd", "none": None}.get(compression, codec)
+    assert [c["name"] for c in cls] == ["bytes"] + ([expect] if expect else [])
     result = _batch(spec, 0)
     write_batch(group, result)
-    np.testing.assert_array_equal(group["overlay"][:], result.arrays["overlay"])
+    np.testing.assert_array_equal(group["overlay"][:32], result.arrays["overlay"])

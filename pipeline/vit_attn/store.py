@@ -11,11 +11,13 @@ open the store by path in any process (Dask workers).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import operator
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +31,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ZarrUserWarning
 
 from vit_attn.errors import ConfigError, ImageSelectionError, StoreError
+from vit_attn.rawshard import raw_shard_writer
 from vit_attn.remote import is_url, zarr_store
 from vit_attn.roles import MAP_ARRAYS
 
@@ -49,6 +52,12 @@ STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 # image_path is written once, at creation: shards of many batches keep the file count low
 # (reading every path is one read per ~64k images), chunks of one batch keep dask aligned.
 _PATH_SHARD_TARGET = 65536
+# A per-image array of at most this many bytes per image is one plain chunk per batch, not a
+# shard of per-image chunks: zarr spends ~1-3 ms per inner chunk, far more than such a chunk's
+# bytes cost (cls_attention of ViT-Ti: 1.2 KB per image; ViT-B, 12 layers: 56 KB), and reading
+# one image reads at most batch x this. Larger records (full attention, overlays) keep
+# per-image chunks in shards, for single-image reads.
+SMALL_IMAGE_BYTES = 64 << 10
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part in the Zarr format 3"
 
 PathLike = str | os.PathLike[str]
@@ -194,13 +203,15 @@ class StoreSpec:
     def _per_image(self, name: str, dims: tuple[str, ...], dtype: str, shard: bool) -> ArrayLayout:
         """A data array over (image, *dims): one shard per batch, one chunk per image inside.
 
-        Tiny per-image records (top-k, stats) are not sharded: one plain chunk per batch has
-        the same single writer and the same boundary, with one file instead of an index.
+        Small per-image records (top-k, stats, and CLS maps or rollout up to SMALL_IMAGE_BYTES
+        per image) are not sharded: one plain chunk per batch has the same single writer and
+        the same boundary, with one file instead of an index and per-image chunks.
         """
         sizes = self.dim_sizes()
         inner = tuple(sizes[d] for d in dims)
         shape, batch = (self.n_images, *inner), (self.batch_size, *inner)
-        if shard:
+        image_bytes = math.prod(inner) * np.dtype(dtype).itemsize
+        if shard and image_bytes > SMALL_IMAGE_BYTES:
             return ArrayLayout(name, ("image", *dims), dtype, shape, (1, *inner), batch)
         return ArrayLayout(name, ("image", *dims), dtype, shape, batch, None)
 
@@ -334,9 +345,14 @@ def _compressors(compression: str, dtype: str) -> list[Any] | None:
 
     zstd level 1 is the measured default (benchmarks/compression.py, docs/STORE.md): ~1.3x smaller
     than raw at ~60% of its write speed, and a core Zarr v3 codec that every reader has.
-    lz4 with bitshuffle (Blosc) is the faster, weaker alternative.
+    lz4 with bitshuffle (Blosc) is the faster, weaker alternative. By default the uint8
+    overlays are stored raw: they are pictures re-made from the maps, zstd gains them 1.2-1.35x
+    for ~10 ms per image of per-head overlays, the largest write cost of a run
+    (benchmarks/write.py); `zstd` compresses them too.
     """
     if compression == "default":
+        if dtype == "uint8":
+            return None
         compression = DEFAULT_COMPRESSION
     if compression == "none":
         return None
@@ -593,6 +609,9 @@ def store_counts(
 
 def _write_region(array: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
     """Write rows [start, stop) of one array (one whole shard or chunk)."""
+    writer = raw_shard_writer(array)
+    if writer is not None and writer.write(start, stop, data):
+        return  # the same bytes zarr would write, without its per-chunk pipeline (rawshard.py)
     array[start:stop] = data
 
 
@@ -610,22 +629,35 @@ def write_batch(
     store must still belong to that run, checked before the data and again before `status`:
     a writer of a stalled run whose store was replaced (or taken over) never writes into it.
     """
+    group: zarr.Group | None = None
     if isinstance(group_or_path, zarr.Group):
         group = group_or_path
-    else:
+        arrays = {n: _for_writing(a) for n, a in group.arrays()}
+    elif is_url(group_or_path):
         group = zarr.open_group(zarr_store(group_or_path, storage_options), mode="r+")
+        arrays = {n: _for_writing(a) for n, a in group.arrays()}
+    else:
+        arrays = _arrays_for_writing(group_or_path)
     if run_id is not None:
-        _check_run(group.attrs.get("run_id"), run_id, group_or_path, result.batch_index)
-    arrays = dict(group.arrays())
+        _check_run(_current_run_id(group_or_path, group), run_id, group_or_path, result.batch_index)
     status, data = _checked_batch(arrays, result)  # everything checked before any write
-    for name, values in data.items():
-        _write_region(arrays[name], result.start, result.stop, values)
-    errors = np.asarray(result.error, dtype=object)
-    _write_region(arrays["error"], result.start, result.stop, errors)
+    regions = [(arrays[name], values) for name, values in data.items()]
+    regions.append((arrays["error"], np.asarray(result.error, dtype=object)))
+    _write_regions(regions, result.start, result.stop)
     if run_id is not None:
-        now = zarr.open_group(group.store, path=group.path, mode="r").attrs.get("run_id")
-        _check_run(now, run_id, group_or_path, result.batch_index)
+        _check_run(_current_run_id(group_or_path, group), run_id, group_or_path, result.batch_index)
     _write_region(arrays["status"], result.start, result.stop, status)
+
+
+def _current_run_id(path: Any, group: zarr.Group | None) -> Any:
+    """The store's `run_id` as it is now on disk (another run may have replaced the store)."""
+    if group is not None:
+        return zarr.open_group(group.store, path=group.path, mode="r").attrs.get("run_id")
+    try:
+        with open(os.path.join(os.fspath(path), "zarr.json"), "rb") as f:
+            return json.loads(f.read()).get("attributes", {}).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 class StoreTakenError(StoreError):
@@ -638,6 +670,63 @@ def _check_run(current: Any, run_id: str, where: Any, batch: int) -> None:
             f"{where} now belongs to run {current}, not to this run {run_id} (replaced or taken "
             f"over while this run was stalled); batch {batch} was not written"
         )
+
+
+def _write_regions(regions: list[tuple[zarr.Array, np.ndarray]], start: int, stop: int) -> None:
+    """Write rows [start, stop) of several arrays; the ones zarr writes in one event-loop trip.
+
+    Each synchronous zarr write is a round trip to zarr's event-loop thread (~1 ms of CPU
+    here); a batch writes five or more small arrays, which made small batches cost several
+    times more per image than large ones.
+    """
+    rest = []
+    for array, values in regions:
+        writer = raw_shard_writer(array)
+        if writer is None or not writer.write(start, stop, values):
+            rest.append((array, values))
+    if len(rest) <= 1:
+        for array, values in rest:
+            array[start:stop] = values
+        return
+    from zarr.core.sync import sync
+
+    async def write_all() -> None:
+        await asyncio.gather(*(a.async_array.setitem(slice(start, stop), v) for a, v in rest))
+
+    sync(write_all())
+
+
+def _for_writing(array: zarr.Array) -> zarr.Array:
+    # zarr's default skips chunks equal to the fill value, which means comparing every element
+    # of every chunk: a third of the write time of an overlay batch. Writing them is cheaper.
+    return array.with_config({"write_empty_chunks": True})
+
+
+_open_arrays: dict[str, tuple[tuple[int, int, int], dict[str, zarr.Array]]] = {}
+_open_lock = threading.Lock()
+
+
+def _arrays_for_writing(path: PathLike) -> dict[str, zarr.Array]:
+    """The store's arrays, opened once per process and store (opening and reading every
+    array's metadata costs more than writing a small batch), reopened when the root metadata
+    file changes: a store replaced by `--overwrite` is a new file."""
+    key = os.path.abspath(path)
+    try:
+        st = os.stat(os.path.join(key, "zarr.json"))
+    except OSError:
+        st = None
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
+    with _open_lock:
+        hit = _open_arrays.get(key)
+        if stamp is not None and hit is not None and hit[0] == stamp:
+            return hit[1]
+    group = zarr.open_group(str(path), mode="r+")
+    arrays = {n: _for_writing(a) for n, a in group.arrays()}
+    if stamp is not None:
+        with _open_lock:
+            _open_arrays.clear()  # one store per process at a time
+            _open_arrays[key] = (stamp, arrays)
+    return arrays
 
 
 def _checked_batch(
