@@ -43,6 +43,11 @@ def write_config(folder: Path, dataset: Path, checkpoint: Path, cache: Path, **s
         "output": {"store": "run.zarr", "overlays": "heads"},
         "cluster": {"kind": "none"},
     }
+    return save_config(folder, cfg, **sections)
+
+
+def save_config(folder: Path, cfg: dict, **sections) -> Path:
+    """Write `cfg` as `folder/config.yaml`, sections overriding its keys one level deep."""
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}
     folder.mkdir(parents=True, exist_ok=True)

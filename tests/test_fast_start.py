@@ -26,7 +26,7 @@ from vit_attn.graphcache import _rebuild, cache_key, record_path, resolve
 
 from . import imagefactory
 from .conftest import sharpened_model
-from .test_pipeline import MODEL, assert_stores_equal
+from .helpers import MODEL, assert_stores_equal
 
 HEAVY = ("torch", "timm", "onnx")
 # Runs the CLI and reports, on its last stdout line, which heavy modules the run imported.

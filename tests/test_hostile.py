@@ -21,6 +21,7 @@ import zarr
 from vit_attn.cli import main as cli_main
 
 from . import imagefactory
+from .helpers import save_config
 
 TINY = {"name": "vit_tiny_patch16_224", "img_size": 32, "kwargs": {"depth": 1, "patch_size": 8}}
 
@@ -33,12 +34,7 @@ def write_config(folder: Path, source: str | Path, **sections) -> Path:
         "output": {"store": str(folder / "out" / "run.zarr")},
         "cluster": {"kind": "none"},
     }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return save_config(folder, cfg, **sections)
 
 
 def run(config: Path, *args: str) -> int:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import zarr
 
 import vit_attn
@@ -33,6 +32,7 @@ from vit_attn.render import model_input_image
 from vit_attn.store import is_store
 
 from . import imagefactory
+from .helpers import MODEL, save_config, save_sharpened_checkpoint
 from .packing import folder_files, write_parquet, write_shards
 from .s3server import (  # noqa: F401 (fixtures)
     env_without_credentials,
@@ -41,7 +41,6 @@ from .s3server import (  # noqa: F401 (fixtures)
     s3_endpoint,
     s3fs_client,
 )
-from .test_pipeline import MODEL, save_sharpened_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -80,12 +79,7 @@ def config(
         "output": {"store": store, "overlays": "mean"},
         "cluster": {"kind": "none"},
     }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return save_config(folder, cfg, **sections)
 
 
 def run(path: Path, *args: str) -> int:
