@@ -58,3 +58,47 @@ def test_a_stale_lease_is_taken_over_and_its_holder_learns_it_lost(store_url):
         assert json.loads(fs.cat(key))["run_id"] == "fresh"  # never overwritten by the loser
     finally:
         new.release()
+
+
+def _dead_pid() -> int:
+    """A pid that no process has: a child that has exited and been reaped."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["this-host", "other-host"])
+def test_a_killed_runs_fresh_lease_is_taken_over_only_when_its_death_is_known(store_url, same_host):
+    # SIGKILL leaves a lease whose heartbeat is seconds old. On this host the missing pid
+    # proves the run dead, so a rerun takes over at once; from another host nothing proves
+    # it, so the rerun is refused until the heartbeat is stale.
+    import socket
+
+    fs = s3fs_client()
+    key = store_url.removeprefix("s3://") + ".lock"
+    record = {
+        "run_id": "killed",
+        "user": "someone",
+        "host": socket.gethostname() if same_host else "another-node",
+        "pid": _dead_pid(),
+        "started": "2026-12-01T00:00:00+0000",
+        "stale_after": 120.0,
+        "heartbeat": time.time(),
+    }
+    fs.pipe(key, json.dumps(record).encode())
+    rerun = lock_for(store_url, "rerun", stale_after=60)
+    if not same_host:
+        with pytest.raises(
+            StoreLockedError, match="in use by run killed of someone on another-node"
+        ):
+            rerun.acquire()
+        assert json.loads(fs.cat(key))["run_id"] == "killed"
+        return
+    rerun.acquire()
+    try:
+        assert json.loads(fs.cat(key))["run_id"] == "rerun"
+    finally:
+        rerun.release()

@@ -145,17 +145,13 @@ def test_s3_folder_into_s3_store_equals_the_local_run(reference, s3_store):
     assert attrs["image_root"] == "s3://runs/images" and "consolidated_metadata" not in attrs
 
 
-@pytest.mark.xfail(
-    reason="broken by merging the lock/identity work with S3 stores this session; see the issue 16 note",
-    strict=False,
-)
 def test_readers_work_on_the_s3_store(s3_store, reference, dataset, tmp_path, capsys):
     ds = vit_attn.open_store(s3_store)
     np.testing.assert_array_equal(ds["cls_attention"].values, reference["cls_attention"])
     assert cli_main(["inspect", s3_store]) == 0
     out = capsys.readouterr().out
     assert "24 ok, 1 failed, 0 pending" in out and "b/truncated.jpg" in out
-    assert re.search(r"total\s+\d+\.\d KB", out)
+    assert re.search(r"total\s+\d+\.\d [KM]B", out)
     png = tmp_path / "show.png"
     assert cli_main(["show", s3_store, "--image", "a/img_48x40.png", "-o", str(png)]) == 0
     assert png.stat().st_size > 1000
@@ -342,10 +338,6 @@ def test_a_source_that_changed_is_refused_on_resume(
     ), proc.stderr
 
 
-@pytest.mark.xfail(
-    reason="broken by merging the lock/identity work with S3 stores this session; see the issue 16 note",
-    strict=False,
-)
 @pytest.mark.parametrize("trouble", ["unreachable-endpoint", "no-credentials"])
 def test_access_problems_end_before_any_work(bucket, tmp_path, checkpoint, export_cache, trouble):
     env = dict(os.environ, AWS_MAX_ATTEMPTS="1")

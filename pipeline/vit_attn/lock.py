@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import StoreError
+from .remote import access_error, is_url, url_fs
 
 DEFAULT_STALE_AFTER = 120.0  # seconds without a heartbeat after which a lock may be taken over
 
@@ -65,8 +66,6 @@ def lock_for(
 ) -> Lock:
     """The lock of a store: a lock file beside a local store, a lease object beside a store
     on object storage (`<url>.lock`)."""
-    from .remote import is_url
-
     if is_url(store):
         return ObjectLease(str(store).rstrip("/") + ".lock", run_id, stale_after, storage_options)
     return FileLock(lock_path(store), run_id, stale_after)
@@ -145,7 +144,7 @@ class FileLock:
         return True
 
     def _stale_reason(self, holder: dict[str, Any]) -> str | None:
-        if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+        if _process_gone(holder):
             return "its process is gone"
         age = _age(self.path)
         if age is not None and age > self.stale_after:
@@ -190,7 +189,8 @@ class ObjectLease:
     runs that write at once, the last write wins and the other sees a foreign run id and
     refuses. S3 reads are strongly consistent after writes, which this relies on. The record's
     `heartbeat` (epoch seconds) is rewritten every `stale_after / 6` s; a record whose
-    heartbeat is older than `stale_after` is taken over. A run that finds a foreign record
+    heartbeat is older than `stale_after`, or whose process ran on this host and is gone,
+    is taken over. A run that finds a foreign record
     at its heartbeat has lost the lease (`lost`) and stops writing.
     """
 
@@ -203,9 +203,8 @@ class ObjectLease:
         stale_after: float = DEFAULT_STALE_AFTER,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        from .remote import url_fs
-
         self.url = url
+        self._store = url.removesuffix(".lock")
         self.run_id = run_id
         self.stale_after = float(stale_after)
         self._fs, self._path = url_fs(url, storage_options)
@@ -230,7 +229,8 @@ class ObjectLease:
         holder = self._read()
         if holder is not None and holder.get("run_id") != self.run_id:
             age = time.time() - float(holder.get("heartbeat", 0))
-            if age <= float(holder.get("stale_after", self.stale_after)):
+            fresh = age <= float(holder.get("stale_after", self.stale_after))
+            if fresh and not _process_gone(holder):
                 raise StoreLockedError(self._refusal(holder, age))
         self._write()
         time.sleep(self.SETTLE_SECONDS)
@@ -246,37 +246,50 @@ class ObjectLease:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        holder = self._read()
-        if holder is not None and holder.get("run_id") == self.run_id:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):  # never mask the run's own outcome
+            holder = self._read()
+            if holder is not None and holder.get("run_id") == self.run_id:
                 self._fs.rm(self._path)
 
     def _read(self) -> dict[str, Any] | None:
+        """The lease record; None when there is none (or it is not a record).
+
+        Raises:
+            StoreError: the storage cannot be reached or refuses access (one line).
+        """
         try:
-            with self._fs.open(self._path, "rb") as f:
-                data = json.loads(f.read())
-        except (OSError, ValueError):
+            data = json.loads(self._fs.cat_file(self._path))
+        except FileNotFoundError:
             return None
+        except ValueError:
+            return None  # half-written or foreign content: no valid holder
+        except Exception as e:  # botocore and aiohttp errors share no base class
+            raise StoreError(access_error(self._store, e, "cannot read the store")) from None
         return data if isinstance(data, dict) else None
 
     def _write(self) -> None:
-        with self._fs.open(self._path, "wb") as f:
-            f.write(json.dumps({**self._info, "heartbeat": time.time()}).encode())
+        record = json.dumps({**self._info, "heartbeat": time.time()}).encode()
+        try:
+            self._fs.pipe_file(self._path, record)
+        except Exception as e:  # as in _read
+            raise StoreError(access_error(self._store, e, "cannot write the store")) from None
 
     def _beat(self) -> None:
         interval = max(0.05, self.stale_after / 6)
         while not self._stop.wait(interval):
-            holder = self._read()
+            try:
+                holder = self._read()
+            except StoreError:
+                continue  # a passing network fault is not a lost lease; the next beat retries
             if holder is None or holder.get("run_id") != self.run_id:
                 self._lost = True
                 return
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(StoreError):
                 self._write()
 
     def _refusal(self, holder: dict[str, Any], age: float) -> str:
-        store = self.url.removesuffix(".lock")
         return (
-            f"{store} is in use by run {holder.get('run_id')} of {holder.get('user')} on "
+            f"{self._store} is in use by run {holder.get('run_id')} of {holder.get('user')} on "
             f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}, "
             f"last heartbeat {age:.0f} s ago); wait for it to finish. A dead run's lease is "
             f"taken over after {float(holder.get('stale_after', self.stale_after)):.0f} s "
@@ -311,6 +324,15 @@ def _age(path: Path) -> float | None:
         return max(0.0, time.time() - path.stat().st_mtime)
     except OSError:
         return None
+
+
+def _process_gone(holder: Mapping[str, Any]) -> bool:
+    """True when the holder ran on this host and its process no longer exists.
+
+    A run killed with SIGKILL leaves its lock or lease behind with a fresh heartbeat; on the
+    same host the missing pid says it is dead, so a rerun need not wait `stale_after`.
+    """
+    return holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
 
 
 def _pid_alive(pid: Any) -> bool:
