@@ -37,16 +37,6 @@ from pathlib import Path
 
 import numpy as np
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 GRID, HEADS, INPUT, PATCH, BATCH = (14, 14), 12, (224, 224), (16, 16), 64
 
 
@@ -231,10 +221,14 @@ def main() -> None:
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
+    from vit_attn.view.headless import CHROMIUM_ARGS, chromium_executable
+
     sources = source_images(args.workdir / "images", 64)
     results = {}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(
+            executable_path=chromium_executable(), args=list(CHROMIUM_ARGS)
+        )
         for n in (args.small, args.images):
             store = args.workdir / f"store_{n}.zarr"
             t0 = time.perf_counter()

@@ -17,17 +17,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from vit_attn.view import make_server
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from vit_attn.view.headless import CHROMIUM_ARGS, chromium_executable
 
 
 def wait(page, condition: str, timeout: float = 60.0) -> None:
@@ -66,7 +56,9 @@ def main() -> None:
         ("view_stats.png", "#/stats?stat=attention_distance&slayer=5&shead=0", "stats-ready", True),
     ]
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(
+            executable_path=chromium_executable(), args=list(CHROMIUM_ARGS)
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 820})
         for name, route, ready, full in shots:
             page.goto(server.url + route)

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,18 +34,8 @@ from PIL import Image
 from vit_attn.demo import main as demo_main
 from vit_attn.store import FORMAT
 from vit_attn.view import make_server
+from vit_attn.view.headless import CHROMIUM_ARGS, chromium_executable
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 N_IMAGES = 12
 
 
@@ -473,12 +462,12 @@ def test_cli_refuses_what_is_not_a_store(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    executable = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    executable = chromium_executable()
     if executable is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=executable, args=list(CHROMIUM_ARGS))
         yield b
         b.close()
 
