@@ -49,7 +49,7 @@ def _through(transforms, img: Image.Image) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, export_cache) -> Path:
-    """`python -m vit_attn.demo` (LocalCluster, 2 workers) with the hub unreachable."""
+    """`python -m vit_attn.demo` (cluster `auto`) with the hub unreachable."""
     out = tmp_path_factory.mktemp("demo")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
