@@ -189,3 +189,41 @@ def test_records_rebuild_dataclasses_field_by_field():
     assert _rebuild(_Roles, json.loads(json.dumps(asdict(value)))) == value
     with pytest.raises(ValueError, match="fields changed"):
         _rebuild(_Roles, {"grid": [14, 14]})
+
+
+def test_checkpoint_digest_is_remembered_but_never_outlives_a_change_of_the_file(tmp_path):
+    import hashlib
+    import os
+    import time
+
+    from vit_attn.graphcache import file_sha256
+
+    ckpt = tmp_path / "w.bin"
+    ckpt.write_bytes(b"a" * 4096)
+    memo = tmp_path / "cache"
+    assert file_sha256(ckpt, memo) and not (memo / "digests").exists()  # just written: racy
+    time.sleep(0.2)
+    first = file_sha256(ckpt, memo)
+    assert first == hashlib.sha256(b"a" * 4096).hexdigest()
+    (record,) = (memo / "digests").glob("*.json")
+    # The rerun trusts the remembered digest (no read of the file): shown by planting one.
+    held = json.loads(record.read_text())
+    record.write_text(json.dumps({**held, "sha256": "planted"}))
+    assert file_sha256(ckpt, memo) == "planted"
+    # Rewritten in place, same size, mtime put back (as `cp -p` or rsync -t would leave it):
+    # the ctime moved, so the file is hashed again.
+    st = ckpt.stat()
+    time.sleep(0.2)  # past the kernel's timestamp tick
+    ckpt.write_bytes(b"b" * 4096)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_sha256(ckpt, memo) == hashlib.sha256(b"b" * 4096).hexdigest()
+    # Replaced by another file under the same name (new inode): hashed again.
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"c" * 4096)
+    os.replace(other, ckpt)
+    time.sleep(0.2)
+    assert file_sha256(ckpt, memo) == hashlib.sha256(b"c" * 4096).hexdigest()
+    # A read-only or corrupt memo costs time, never the answer.
+    for r in (memo / "digests").glob("*.json"):
+        r.write_text("{not json")
+    assert file_sha256(ckpt, memo) == hashlib.sha256(b"c" * 4096).hexdigest()

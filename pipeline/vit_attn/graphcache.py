@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -35,6 +36,7 @@ from .variant import for_device as attention_for_device
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
+_RACY_SECONDS = 0.1
 # The modules whose code decides the exported graph: editing one invalidates every record.
 GRAPH_MODULES = (
     "export.py",
@@ -106,17 +108,50 @@ def weights_identity(cfg: Config) -> str:
         path = Path(m.checkpoint)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist; fix model.checkpoint")
-        return f"checkpoint:{file_sha256(path)}"
+        return f"checkpoint:{file_sha256(path, cache_root(cfg.inference.cache_dir))}"
     return f"random:{m.seed}"
 
 
-def file_sha256(path: Path) -> str:
-    """Hash a file in 1 MiB reads (checkpoints can be GBs)."""
+def file_sha256(path: Path, memo_root: Path | None = None) -> str:
+    """The file's sha256, hashed in 1 MiB reads (checkpoints can be GBs).
+
+    With `memo_root`, the digest is remembered under `memo_root/digests/` with the file's
+    identity as `stat` gives it (device, inode, size, mtime and ctime in ns), as git's index
+    does: a rerun with the same file skips reading it again (a ViT-L checkpoint takes seconds
+    to hash), and any write, replacement or move of the file changes its ctime and so hashes
+    it again.
+    """
+    path = Path(path)
+    memo = None
+    if memo_root is not None:
+        st = path.stat()
+        ident = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+        memo = memo_root / "digests" / f"{name}.json"
+        try:
+            held = json.loads(memo.read_text())
+            if held.get("stat") == ident and isinstance(held.get("sha256"), str):
+                return str(held["sha256"])
+        except (OSError, ValueError, AttributeError):
+            pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    # Kernel timestamps are coarse (a few ms): a file changed within that tick of its last
+    # change could keep its ctime, so a just-written file is not remembered ("racy git").
+    if memo is not None and time.time() - st.st_ctime_ns / 1e9 > _RACY_SECONDS:
+        record = {"path": str(path.resolve()), "stat": ident, "sha256": digest}
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".json", dir=memo.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, memo)
+        except OSError as exc:  # a read-only cache costs time, not correctness
+            log.info("cannot remember the digest of %s: %s", path, exc)
+    return digest
 
 
 def _code_digest() -> str:
