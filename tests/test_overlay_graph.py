@@ -294,3 +294,16 @@ def test_torch_runner_overlays_match_ort(model, export_cache):
     with torch.inference_mode():
         torch_outs = run_backend("torch", model, spec, export_cache, u8)
     assert_same_picture(torch_outs["overlay_heads"], ort_outs["overlay_heads"])
+
+
+def test_io_binding_returns_the_overlays(model, export_cache):
+    """uint8 outputs get preallocated host buffers under IO binding (the GPU path's code)."""
+    u8 = pixels(2, seed=7)
+    path = export_onnx(model, heads_spec(), "fp32", export_cache, PIXELS)
+    bound = OrtRunner(path, RuntimeOptions(threads=1), io_binding=True)
+    plain = OrtRunner(path, RuntimeOptions(threads=1)).run(u8)
+    got = bound.run(u8)
+    binding = next(iter(bound._bindings.values()))
+    assert "overlay_heads" in binding.buffers and not binding.dynamic
+    for name in ("overlay", "overlay_heads"):
+        np.testing.assert_array_equal(got[name], plain[name])
