@@ -27,6 +27,8 @@ from .cachedir import cache_root
 from .errors import ExportError, ModelError, PipelineError, first_line
 from .graphinput import UINT8_NHWC, GraphInput
 from .model import LoadedModel, attention_modules
+from .overlay import colormap_lut
+from .overlay_graph import OverlayGraph
 from .specs import OutputSpec
 from .stats import graph_stats
 from .variant import FUSED, OPSET, PLAIN
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "pixel_values"
 PRECISIONS = ("fp32", "mixed")
-EXPORT_FORMAT_VERSION = 2  # bump when the wrapper's graph changes for the same spec
+EXPORT_FORMAT_VERSION = 3  # bump when the wrapper's graph changes for the same spec
 
 
 class PixelNormalize(nn.Module):
@@ -89,6 +91,14 @@ class AttentionGraph(nn.Module):
         self.spec = spec
         _check_spec_fits_model(loaded, spec)
         self.output_names = spec.names(self.layout.num_classes > 0)
+        # Overlays blend the graph's own uint8 pixels: a float32-input graph has none.
+        self.overlays = (
+            OverlayGraph(spec, self.layout, self.output_names)
+            if self.pixels is not None and spec.overlays != "none"
+            else None
+        )
+        if self.overlays is not None:
+            self.output_names = [*self.output_names, *self.overlays.names]
         need_classifier = any(n in self.output_names for n in ("logits", "topk_index"))
         self.captured_blocks = tuple(range(self.layout.depth)) if spec.rollout else spec.layers
         # Without classifier outputs, blocks after the last needed one are skipped entirely;
@@ -144,6 +154,7 @@ class AttentionGraph(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._captures.clear()
         self._set_kernels()
+        pixels = pixel_values
         if self.pixels is not None:
             pixel_values = self.pixels(pixel_values)
         logits = self._run_model(pixel_values)
@@ -199,6 +210,8 @@ class AttentionGraph(nn.Module):
             ]
             for name in self.spec.stat_names:
                 out[name] = torch.stack([s[name] for s in per_block], dim=1)
+        if self.overlays is not None:
+            out.update(self.overlays(pixels, out))
         self._captures.clear()
         self._pool.clear()
         return tuple(out[n] for n in self.output_names)
@@ -288,6 +301,12 @@ def export_fingerprint(
         "weights": weights_digest(loaded.model),
         "layout": loaded.layout.to_dict(),
         "spec": asdict(spec),
+        # The colour table itself (matplotlib's), not only its name, when the graph blends.
+        "colormap_lut": (
+            hashlib.sha256(colormap_lut(spec.colormap).tobytes()).hexdigest()
+            if spec.overlays != "none"
+            else None
+        ),
         "precision": precision,
         "input": asdict(graph_input or GraphInput()),
         "attention": attention,

@@ -47,6 +47,9 @@ GRAPH_MODULES = (
     "specs.py",
     "graphinput.py",
     "variant.py",
+    "overlay.py",
+    "overlay_graph.py",
+    "roles.py",
 )
 # Distributions whose versions change the graph (torch's exporter, timm's model code, onnx).
 GRAPH_PACKAGES = ("torch", "timm", "onnx")
@@ -179,12 +182,27 @@ def cache_key(cfg: Config) -> str:
         "input": PIPELINE_INPUT,
         # Fused attention in uncaptured blocks on CUDA, the plain graph on the CPU (variant.py).
         "attention_variant": attention_for_device(cfg.inference.device),
+        # The graph blends the overlays (overlay_graph.py): their settings and matplotlib's
+        # colour tables decide it; without overlays nothing of them does.
+        "overlays": _overlay_key(cfg),
         "versions": {name: package_version(name) for name in GRAPH_PACKAGES},
         "vit_attn": __version__,
         "code": _code_digest(),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _overlay_key(cfg: Config) -> dict[str, Any] | None:
+    out = cfg.output
+    if out.overlays == "none":
+        return None
+    return {
+        "mode": out.overlays,
+        "alpha": out.overlay_alpha,
+        "colormap": out.colormap,
+        "matplotlib": package_version("matplotlib"),
+    }
 
 
 def record_path(cfg: Config, key: str) -> Path:

@@ -45,31 +45,46 @@ def colormap_lut(name: str = "inferno") -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] float32 weights of 1-D linear interpolation with half-pixel centres.
+def interp_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """1-D linear interpolation with half-pixel centres as two taps per output pixel.
 
     Same convention as torch's `F.interpolate(mode="bilinear", align_corners=False)`:
-    output pixel i samples the input at (i + 0.5) * n_in / n_out - 0.5, clamped at 0.
+    output pixel i samples the input at (i + 0.5) * n_in / n_out - 0.5, clamped at 0, so
+    ``out[i] = x[i0[i]] * w0[i] + x[i1[i]] * w1[i]`` (int64 indices, float32 weights).
+
+    Written out as two products and one sum (not a matrix product, whose rounding depends on
+    the BLAS kernel), so the exported graph (`vit_attn.overlay_graph`), which does the same
+    float32 operations, gives the same bits and hence the same colour levels.
     """
     src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
     src = np.maximum(src, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     w1 = src - i0
-    mat = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    np.add.at(mat, (rows, i0), 1.0 - w1)
-    np.add.at(mat, (rows, i1), w1)
-    mat = mat.astype(np.float32)
-    mat.flags.writeable = False
-    return mat
+    taps = (i0, i1, (1.0 - w1).astype(np.float32), w1.astype(np.float32))
+    for a in taps:
+        a.flags.writeable = False
+    return taps
+
+
+def _interp_axis(maps: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    i0, i1, w0, w1 = interp_taps(maps.shape[axis], n_out)
+    shape = [1] * maps.ndim
+    shape[axis] = n_out
+    out = np.take(maps, i0, axis=axis)
+    out *= w0.reshape(shape)
+    right = np.take(maps, i1, axis=axis)
+    right *= w1.reshape(shape)
+    out += right
+    return out
 
 
 def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinearly resize maps [..., gh, gw] to [..., H, W] (float32), row-major as stored.
 
     Patch (r, c) lands on the pixel block rows r*H/gh.., cols c*W/gw..: no transpose, no
-    flip. Separable (two small matrices), so a whole batch is two matmuls.
+    flip. Separable: columns first, then rows, each output value two products and a sum
+    (`interp_taps`), the same float32 steps as the exported graph's overlays.
     """
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim < 2:
@@ -77,17 +92,7 @@ def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out_h, out_w = int(size[0]), int(size[1])
     if out_h < 1 or out_w < 1:
         raise ValueError(f"size must be positive, got {size}")
-    *lead, gh, gw = maps.shape
-    n = math.prod(lead)
-    wy = _interp_matrix(gh, out_h)  # [H, gh]
-    wx = _interp_matrix(gw, out_w)  # [W, gw]
-    # Two single GEMMs over the whole stack rather than one small GEMM per map (numpy's
-    # broadcast matmul loops in Python-land and oversubscribes BLAS threads): columns
-    # first, then rows with the stack folded into the columns, [H, N*W].
-    cols = (maps.reshape(n * gh, gw) @ wx.T).reshape(n, gh, out_w)
-    rows = wy @ np.ascontiguousarray(cols.transpose(1, 0, 2)).reshape(gh, n * out_w)
-    # [H, N, W] -> [N, H, W] as a view (rows stay contiguous); splitting N keeps it a view.
-    return rows.reshape(out_h, n, out_w).transpose(1, 0, 2).reshape(*lead, out_h, out_w)
+    return _interp_axis(_interp_axis(maps, out_w, -1), out_h, -2)
 
 
 def normalize_maps(
@@ -120,7 +125,8 @@ def normalize_maps(
     return (maps - lo) * scale
 
 
-def _alpha_weight(alpha: float) -> int:
+def alpha_weight(alpha: float) -> int:
+    """The blend weight of the colour in 1/256 steps (8.8 fixed point): round(alpha * 256)."""
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     return int(round(alpha * 256))
@@ -140,7 +146,9 @@ def blend(
 
     Normalisation runs at grid resolution (bilinear weights are convex, so it commutes with
     upsampling) and the blend is 8.8 fixed-point integer arithmetic: the per-batch cost is
-    two small matmuls, one table gather and a few uint16 passes. alpha=0 returns the images.
+    the separable upsampling, one table gather and a few uint16 passes. alpha=0 returns the
+    images. The exported graph makes the same bytes (`vit_attn.overlay_graph`); the pipeline
+    blends here only for graphs without overlay outputs.
     """
     images_u8 = np.asarray(images_u8)
     if images_u8.dtype != np.uint8 or images_u8.ndim != 4 or images_u8.shape[-1] != 3:
@@ -150,7 +158,7 @@ def blend(
     maps = np.asarray(maps)
     if maps.ndim != 3 or maps.shape[0] != images_u8.shape[0]:
         raise ValueError(f"maps must be [B, gh, gw] with B={images_u8.shape[0]}, got {maps.shape}")
-    a8 = _alpha_weight(alpha)
+    a8 = alpha_weight(alpha)
     if a8 == 0:
         return images_u8.copy()
     table = _weighted_lut(cmap, a8)  # first: an unknown colormap fails before any work
@@ -205,12 +213,30 @@ def head_grid(
     tiles = blend(
         np.broadcast_to(image_u8, (n, *image_u8.shape)), tiles_maps, alpha, cmap, normalize
     )
-    labels = ["mean"] + [f"h{i}" for i in range(maps.shape[0])]
+    return tile_grid(tiles, head_labels(maps.shape[0]), ncols, titles, border=border)
+
+
+def head_labels(num_heads: int) -> list[str]:
+    """The tile labels of `head_grid`: "mean", "h0", "h1", ..."""
+    return ["mean"] + [f"h{i}" for i in range(num_heads)]
+
+
+def tile_grid(
+    tiles: np.ndarray,
+    labels: list[str],
+    ncols: int | None = None,
+    titles: bool = True,
+    *,
+    border: int = 2,
+) -> np.ndarray:
+    """Tiles [n, H, W, 3] uint8 side by side, `head_grid`'s layout: framed by `border` white
+    pixels, each labelled in its top-left corner; for overlays already blended (the graph's)."""
+    n = tiles.shape[0]
     ncols = int(ncols) if ncols else math.ceil(math.sqrt(n))
     if ncols < 1:
         raise ValueError(f"ncols must be positive, got {ncols}")
     nrows = math.ceil(n / ncols)
-    h, w = image_u8.shape[:2]
+    h, w = tiles.shape[1:3]
     grid = np.full(
         (nrows * h + (nrows + 1) * border, ncols * w + (ncols + 1) * border, 3), 255, np.uint8
     )

@@ -89,7 +89,17 @@ def output_spec(cfg: Config, loaded: LoadedModel | ModelFacts) -> OutputSpec:
         received_attention="received_attention" in lay.maps,
         pool_attention="pool_attention" in lay.maps,
         class_token=lay.has_class_token,
+        **overlay_fields(cfg),
     )
+
+
+def overlay_fields(cfg: Config) -> dict[str, Any]:
+    """The graph's overlay outputs (vit_attn.overlay_graph); alpha and colormap only when on,
+    so that they never change a graph that does not blend."""
+    out = cfg.output
+    if out.overlays == "none":
+        return {}
+    return {"overlays": out.overlays, "overlay_alpha": out.overlay_alpha, "colormap": out.colormap}
 
 
 def store_spec(

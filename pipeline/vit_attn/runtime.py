@@ -219,6 +219,7 @@ _ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
     "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,  # the graph's overlays
 }
 
 

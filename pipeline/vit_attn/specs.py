@@ -81,6 +81,13 @@ class OutputSpec:
     received_attention: bool = False
     pool_attention: bool = False
     class_token: bool = True
+    # Overlays the graph makes from its uint8 input pixels (vit_attn.overlay_graph): 'none',
+    # 'mean' (`overlay`) or 'heads' (also `overlay_heads`), with the blend's alpha and colormap.
+    overlays: str = "none"
+    overlay_alpha: float = 0.5
+    colormap: str = "inferno"
+    # The dtype the store keeps maps in: overlays are made from the maps as stored.
+    map_dtype: str = "float16"
 
     @property
     def stat_names(self) -> tuple[str, ...]:

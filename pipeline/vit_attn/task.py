@@ -21,7 +21,7 @@ from .errors import PipelineError, unrecoverable
 from .graphinput import GraphInput
 from .outputs import OutputError, is_per_image_os_error, png_path, write_png
 from .overlap import OVERLAP, OverlapGate
-from .overlay import blend, head_grid
+from .overlay import blend, head_grid, head_labels, tile_grid
 from .roles import MAP_ARRAYS, default_map
 from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
 from .specs import ModelSource, OutputSpec
@@ -185,7 +185,7 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
             outputs = runner.run(batch) if pixels is None else runner.run_tensor(pixels[ok])
             clock.lap("infer")
         _fill(result, outputs, ok)
-        _add_overlays(plan, result, images, ok)
+        _add_overlays(plan, result, images, ok, outputs)
         clock.lap("maps")
         result.status[ok] = STATUS_OK
     try:
@@ -229,19 +229,30 @@ def overlay_maps(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return maps if maps.ndim == 4 else maps.mean(axis=1)
 
 
-def _head_mean_last_layer(result: BatchResult) -> np.ndarray:
-    return overlay_maps(result.arrays).mean(axis=1)
-
-
-def _add_overlays(plan: RunPlan, result: BatchResult, images: np.ndarray, ok: np.ndarray) -> None:
+def _add_overlays(
+    plan: RunPlan,
+    result: BatchResult,
+    images: np.ndarray,
+    ok: np.ndarray,
+    outputs: dict[str, np.ndarray] | None = None,
+) -> None:
+    """The batch's overlays: the graph's own (vit_attn.overlay_graph) when it returned them,
+    else blended here from the stored maps (graphs without overlay outputs). Failed rows stay 0."""
     arrays = result.arrays
-    if "overlay" in arrays:
-        maps = _head_mean_last_layer(result)[ok]
+    outputs = outputs or {}
+    todo = [name for name in ("overlay", "overlay_heads") if name in arrays]
+    for name in todo:
+        if name in outputs:
+            arrays[name][ok] = outputs[name]
+    todo = [name for name in todo if name not in outputs]
+    if not todo:
+        return
+    heads = overlay_maps(arrays)[ok]  # [n, H, gh, gw]
+    if "overlay" in todo:
         arrays["overlay"][ok] = blend(
-            images[ok], maps, alpha=plan.overlay_alpha, cmap=plan.colormap
+            images[ok], heads.mean(axis=1), alpha=plan.overlay_alpha, cmap=plan.colormap
         )
-    if "overlay_heads" in arrays:
-        heads = overlay_maps(arrays)[ok]  # [n, H, gh, gw]
+    if "overlay_heads" in todo:
         n, nh = heads.shape[:2]
         tiled = np.repeat(images[ok], nh, axis=0)
         blended = blend(
@@ -258,19 +269,22 @@ def _write_pngs(
 ) -> None:
     """Write each ok image's PNGs; an image whose PNG name the file system refuses fails alone."""
     assert plan.png_dir is not None
-    heads_all = overlay_maps(result.arrays)
-    means = heads_all.mean(axis=1)
+    arrays = result.arrays
+    heads_all = overlay_maps(arrays)
     for i in np.flatnonzero(ok):
         path = task.paths[i]
-        if "overlay" in result.arrays:
-            overlay = result.arrays["overlay"][i]
+        if "overlay" in arrays:
+            overlay = arrays["overlay"][i]
         else:
-            overlay = blend(images[i : i + 1], means[i : i + 1], plan.overlay_alpha, plan.colormap)[
-                0
-            ]
+            mean = heads_all[i : i + 1].mean(axis=1)
+            overlay = blend(images[i : i + 1], mean, plan.overlay_alpha, plan.colormap)[0]
         pngs = [(png_path(plan.png_dir, plan.image_root, path), overlay)]
         if plan.png_heads:
-            grid = head_grid(images[i], heads_all[i], plan.overlay_alpha, plan.colormap)
+            if "overlay_heads" in arrays:  # the same tiles, already blended (by the graph)
+                tiles = np.concatenate([overlay[None], arrays["overlay_heads"][i]])
+                grid = tile_grid(tiles, head_labels(heads_all.shape[1]))
+            else:
+                grid = head_grid(images[i], heads_all[i], plan.overlay_alpha, plan.colormap)
             pngs.append((png_path(plan.png_dir, plan.image_root, path, ".heads.png"), grid))
         for target, pixels in pngs:
             try:
