@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip", nargs="*", default=[], choices=["bare", "dino", "memory"])
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vit-attn-whole")
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--cases", nargs="*", default=list(VS_BARE), choices=list(VS_BARE), metavar="CASE",
+        help=f"whole command vs bare session cases (default all: {', '.join(VS_BARE)})",
+    )  # fmt: skip
+    p.add_argument("--formats", nargs="*", default=["png", "jpeg"], choices=["png", "jpeg"])
     args = p.parse_args(argv)
 
     def n(count: int) -> int:
@@ -156,9 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "bare" not in args.skip:
         rows = []
-        for fmt in ("png", "jpeg"):
+        for fmt in args.formats:
             images = make_folder(work / f"{fmt}_{n(640)}", n(640), fmt)
-            for case, (model, overlays, goal) in VS_BARE.items():
+            for case in args.cases:
+                model, overlays, goal = VS_BARE[case]
                 config = write_config(
                     work / f"{fmt}-{model}-{overlays}", images, model, overlays, cache
                 )
