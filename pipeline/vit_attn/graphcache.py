@@ -30,6 +30,7 @@ from .errors import CheckpointError
 from .graphinput import PIPELINE_INPUT, GraphInput
 from .layout import TokenLayout
 from .specs import ModelSource, OutputSpec
+from .variant import ROWS
 from .variant import for_device as attention_for_device
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def cache_key(cfg: Config) -> str:
         "input": PIPELINE_INPUT,
         # Fused attention in uncaptured blocks on CUDA, the plain graph on the CPU (variant.py).
         "attention_variant": attention_for_device(cfg.inference.device),
+        # Captured blocks compute only the stored query rows (export.AttentionGraph).
+        "capture": ROWS,
         "versions": {name: package_version(name) for name in GRAPH_PACKAGES},
         "vit_attn": __version__,
         "code": _code_digest(),
