@@ -172,3 +172,28 @@ def test_capture_mode_is_in_the_export_key():
     loaded, spec = model(), OutputSpec(layers=(1,), logits=False, topk=0)
     keys = {export_fingerprint(loaded, spec, "fp32", PIXELS, PLAIN, c) for c in ("rows", "full")}
     assert len(keys) == 2
+
+
+def test_the_pipeline_exports_the_device_variant(tmp_path, monkeypatch):
+    """`graphcache.build` (what `vit-attn run` and `export` call) exports the variant of
+    `inference.device` with the rows capture, as its cache key says."""
+    from vit_attn import export, graphcache
+    from vit_attn.config import parse_config
+    from vit_attn.variant import ROWS
+
+    asked: list[tuple[str, str]] = []
+
+    def fake_export(*args, attention=PLAIN, capture="full", **kwargs):
+        asked.append((attention, capture))
+        return tmp_path / "graph.onnx"
+
+    monkeypatch.setattr(export, "export_onnx", fake_export)
+    raw = {
+        "model": {"name": NAME, "kwargs": {"depth": 1}},
+        "data": {"source": str(tmp_path)},
+        "output": {"store": str(tmp_path / "s.zarr")},
+    }
+    for device in ("cpu", "cuda"):
+        inference = {"device": device, "allow_cpu_fallback": True, "cache_dir": str(tmp_path)}
+        graphcache.build(parse_config({**raw, "inference": inference}, base=tmp_path), export=True)
+    assert asked == [(PLAIN, ROWS), (FUSED, ROWS)]

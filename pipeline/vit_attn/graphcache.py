@@ -271,7 +271,15 @@ def build(cfg: Config, export: bool) -> ModelFacts:
     if export:
         pixels = GraphInput.pixels(prep.mean, prep.std)
         onnx_path = str(
-            export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir, pixels)
+            export_onnx(
+                loaded,
+                outputs,
+                cfg.inference.precision,
+                cfg.inference.cache_dir,
+                pixels,
+                attention=attention_for_device(cfg.inference.device),
+                capture=ROWS,
+            )
         )
     return ModelFacts(
         layout=loaded.layout,
