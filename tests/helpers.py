@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -79,3 +80,45 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+# ------------------------------------------------------------------ what an exported graph holds
+
+
+def block_of(node: Any) -> int | None:
+    """The ViT block an ONNX node belongs to (from the exporter's name scopes), or None."""
+    from vit_attn.precision import node_scopes
+
+    for s in node_scopes(node):
+        parts = s.split(".")
+        if len(parts) >= 3 and parts[:2] == ["vit", "blocks"] and parts[2].isdigit():
+            return int(parts[2])
+    return None
+
+
+def softmax_shapes(path: Path) -> dict[int | None, list[tuple[int, ...]]]:
+    """Per block, the shapes of its Softmax outputs without the batch: (heads, rows, keys)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    info = {v.name: v for v in model.graph.value_info}
+    found: dict[int | None, list[tuple[int, ...]]] = {}
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            dims = info[node.output[0]].type.tensor_type.shape.dim
+            found.setdefault(block_of(node), []).append(tuple(d.dim_value for d in dims[1:]))
+    return found
+
+
+def block_output_nodes(path: Path, block: int) -> list[str]:
+    """Nodes of a block's output path: its attention projection, second norm and MLP."""
+    import onnx
+
+    from vit_attn.precision import node_scopes
+
+    prefixes = tuple(f"vit.blocks.{block}.{m}" for m in ("attn.proj", "norm2", "mlp"))
+    return [
+        n.op_type
+        for n in onnx.load(str(path)).graph.node
+        if any(s == p or s.startswith(p + ".") for s in node_scopes(n) for p in prefixes)
+    ]

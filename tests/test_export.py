@@ -11,6 +11,7 @@ from vit_attn.export import AttentionGraph, OutputSpec, export_onnx
 from vit_attn.runtime import OrtRunner, RuntimeOptions, TorchRunner
 
 from .conftest import sharpened_model
+from .helpers import block_output_nodes, softmax_shapes
 
 # (timm name, extra create kwargs): CLS only, CLS + distillation token, CLS + 4 registers
 # at a small non-default size, and a non-square input.
@@ -130,6 +131,47 @@ def test_torch_backend_equals_onnxruntime(exported_case):
     torch_outs = runner.run(x.numpy())
     for name in ("cls_attention", "attention", "rollout"):
         np.testing.assert_allclose(torch_outs[name], outs[name], atol=1e-5)
+
+
+def test_cls_maps_alone_compute_the_cls_rows_only(exported_case, export_cache):
+    """Blocks 0 and -1, CLS maps only: each block computes its CLS row from q and k (block 0
+    still runs its own attention for block 1), the last one stops after q and k, in the graph
+    and in eager torch; the maps equal those of the full graph."""
+    loaded, spec, x, outs, _ = exported_case
+    lay = loaded.layout
+    rows_spec = OutputSpec(layers=spec.layers, logits=False, topk=0)
+    graph = AttentionGraph(loaded, rows_spec)
+    assert (graph.rows_blocks, graph.query_rows, graph.stop_block) == (
+        spec.layers,
+        1,
+        lay.depth - 1,
+    )
+    path = export_onnx(loaded, rows_spec, "fp32", cache_dir=export_cache)
+    got = OrtRunner(path, RuntimeOptions(threads=2)).run(x.numpy())
+    assert list(got) == ["cls_attention"]
+    np.testing.assert_allclose(got["cls_attention"], outs["cls_attention"], atol=1e-5, rtol=0)
+    row = (lay.num_heads, 1, lay.num_tokens)
+    whole = (lay.num_heads, lay.num_tokens, lay.num_tokens)
+    shapes = softmax_shapes(path)
+    assert sorted(shapes[0]) == sorted([whole, row]) and shapes[lay.depth - 1] == [row]
+    assert block_output_nodes(path, 0) and not block_output_nodes(path, lay.depth - 1)
+
+    last = loaded.model.blocks[-1]
+    calls: list[str] = []
+    hooks = [
+        last.attn.proj.register_forward_hook(lambda *_: calls.append("proj")),
+        last.mlp.register_forward_hook(lambda *_: calls.append("mlp")),
+    ]
+    try:
+        eager = TorchRunner(graph, RuntimeOptions()).run(x.numpy())
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []  # eager torch stops after the last block's q and k
+    np.testing.assert_allclose(eager["cls_attention"], outs["cls_attention"], atol=1e-5, rtol=0)
+    # The full graph's wrapper on the same model is neither stopped nor captured into by it.
+    again = TorchRunner(AttentionGraph(loaded, spec), RuntimeOptions()).run(x.numpy())
+    np.testing.assert_allclose(again["attention"], outs["attention"], atol=1e-5)
 
 
 @pytest.mark.slow  # two exports: fp32 and mixed

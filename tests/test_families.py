@@ -23,7 +23,7 @@ from timm.utils import AttentionExtract
 from vit_attn.analysis import compute_stats_from_attention
 from vit_attn.cli import main as cli_main
 from vit_attn.errors import ModelError
-from vit_attn.export import export_onnx, one_line, root_cause
+from vit_attn.export import AttentionGraph, export_onnx, one_line, root_cause
 from vit_attn.model import ModelSource, TokenLayout, load_model
 from vit_attn.overlay import blend
 from vit_attn.render import model_input_image
@@ -32,6 +32,7 @@ from vit_attn.specs import OutputSpec
 from vit_attn.stats import CLS_STAT_NAMES, STAT_NAMES
 
 from .conftest import sharpened_model
+from .helpers import block_output_nodes, softmax_shapes
 from .test_stats import reference as stats_reference
 
 SHARPEN = 16.0
@@ -125,6 +126,19 @@ FAMILIES: dict[str, tuple] = {
         16,
     ),
 }
+# Families whose blocks are timm's plain `Attention`: with CLS maps alone, each captured block
+# computes its CLS query row only. The others add terms inside the softmax (rope, relative
+# position bias) and keep capturing the whole softmax.
+ROWS_ONLY = {
+    "vit",
+    "deit_distilled",
+    "deit3",
+    "dinov2",
+    "dinov2_reg4",
+    "clip",
+    "flexivit",
+    "hybrid_resnet",
+}
 REFUSED = {
     "cait": (
         "cait_xxs24_224",
@@ -205,6 +219,7 @@ def test_family(family, export_cache):
     if CLS in maps:
         want = ref[:, :, :, 0, p:].reshape(2, lay.depth, nh, gh, gw)
         np.testing.assert_allclose(outs[CLS], want, atol=1e-5, rtol=0)
+        check_cls_rows_only(family, loaded, x, want, export_cache)
     if RECEIVED in maps:
         # For each patch key: the mean over patch queries of A[query, key].
         want = ref[:, :, :, p:, p:].mean(axis=-2).reshape(2, lay.depth, nh, gh, gw)
@@ -226,6 +241,26 @@ def test_family(family, export_cache):
                 want = stats_reference(ref[b, layer, h], p, lay.grid, lay.patch_size)
                 for stat in expected_stats:
                     assert outs[stat][b, layer, h] == pytest.approx(want[stat], abs=2e-4), stat
+
+
+def check_cls_rows_only(family: str, loaded, x: torch.Tensor, want: np.ndarray, export_cache):
+    """CLS maps alone: the same maps; where the blocks allow it (`ROWS_ONLY`) every block
+    computes its CLS row only, and the last block nothing after it (no projection, no MLP)."""
+    lay = loaded.layout
+    spec = OutputSpec(layers=tuple(range(lay.depth)), logits=False, topk=0)
+    rows = family in ROWS_ONLY
+    assert AttentionGraph(loaded, spec).rows_blocks == (spec.layers if rows else ())
+    path = export_onnx(loaded, spec, "fp32", cache_dir=export_cache)
+    out = OrtRunner(path, RuntimeOptions(threads=2)).run(x.numpy())[CLS]
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+    shapes, last = softmax_shapes(path), lay.depth - 1
+    row, whole = (lay.num_heads, 1, lay.num_tokens), (lay.num_heads, lay.num_tokens, lay.num_tokens)
+    if rows:
+        assert all(row in shapes[b] for b in spec.layers), shapes
+        assert shapes[last] == [row], shapes  # the last block: no whole softmax of its own
+    else:
+        assert shapes[last] == [whole], shapes
+    assert block_output_nodes(path, last) == []
 
 
 # ----------------------------------------------------------------- stores of models without CLS
@@ -354,7 +389,6 @@ def test_pool_with_two_latent_queries_gets_a_latent_dim():
     """No timm preset has more than one latent query: swap one in and check map and store dims."""
     from timm.layers import AttentionPoolLatent
 
-    from vit_attn.export import AttentionGraph
     from vit_attn.model import token_layout
     from vit_attn.runtime import TorchRunner
     from vit_attn.store import StoreSpec

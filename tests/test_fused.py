@@ -16,6 +16,7 @@ from vit_attn.specs import OutputSpec
 from vit_attn.variant import FUSED, PLAIN, for_device
 
 from .conftest import sharpened_model
+from .helpers import block_of, block_output_nodes, softmax_shapes
 
 NAME, SEED, SHARPEN = "vit_tiny_patch16_224", 7, 16.0
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -40,14 +41,6 @@ def host_normalised(u8: np.ndarray) -> torch.Tensor:
         :, None, None
     ]
     return torch.from_numpy(x.astype(np.float32))
-
-
-def block_of(node: onnx.NodeProto) -> int | None:
-    for s in node_scopes(node):
-        parts = s.split(".")
-        if len(parts) >= 3 and parts[:2] == ["vit", "blocks"] and parts[2].isdigit():
-            return int(parts[2])
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +132,68 @@ def test_variant_by_device_and_in_the_cache_key(tmp_path):
         for d in ("cpu", "cuda")
     }
     assert len(keys) == 2
+
+
+@pytest.mark.parametrize("logits", [True, False])
+def test_cls_rows_beside_the_fused_kernel(export_cache, logits):
+    """CLS maps alone: the captured block computes its CLS row from q and k and, when its
+    output is needed (logits), runs the fused kernel like the others; without logits it stops
+    after q and k and no later block exists in the graph. The maps are timm's."""
+    loaded = model()
+    spec = OutputSpec(layers=(1,), logits=logits, topk=0)
+    graph = AttentionGraph(loaded, spec, PIXELS, FUSED)
+    assert (graph.rows_blocks, graph.query_rows) == ((1,), 1)
+    path = export_onnx(loaded, spec, "fp32", export_cache, PIXELS, attention=FUSED)
+    nodes = onnx.load(str(path)).graph.node
+    fused_blocks = sorted(block_of(n) for n in nodes if n.op_type == "Attention")
+    assert fused_blocks == ([0, 1, 2] if logits else [0])
+    assert softmax_shapes(path) == {1: [(3, 1, 197)]}
+    assert bool(block_output_nodes(path, 1)) == logits
+    assert logits or not [n for n in nodes if block_of(n) == 2]
+
+    u8 = batch()
+    outs = OrtRunner(path, RuntimeOptions(threads=2)).run(u8)
+    twin = model()
+    x = host_normalised(u8)
+    with torch.no_grad():
+        maps = list(AttentionExtract(twin.model, method="hook")(x).values())
+        want_logits = twin.model(x).numpy()
+    want = maps[1][:, :, 0, 1:].reshape(3, 1, -1, 14, 14).numpy()
+    np.testing.assert_allclose(outs["cls_attention"], want, atol=1e-5, rtol=0)
+    if logits:
+        np.testing.assert_allclose(outs["logits"], want_logits, atol=1e-4, rtol=1e-4)
+    eager = TorchRunner(graph, RuntimeOptions()).run(u8)
+    np.testing.assert_allclose(eager["cls_attention"], want, atol=1e-5, rtol=0)
+
+
+def test_capture_mode_is_in_the_export_key():
+    from vit_attn.export import export_fingerprint
+
+    loaded, spec = model(), OutputSpec(layers=(1,), logits=False, topk=0)
+    keys = {export_fingerprint(loaded, spec, "fp32", PIXELS, PLAIN, c) for c in ("rows", "full")}
+    assert len(keys) == 2
+
+
+def test_the_pipeline_exports_the_device_variant(tmp_path, monkeypatch):
+    """`graphcache.build` (what `vit-attn run` and `export` call) exports the variant of
+    `inference.device` with the rows capture, as its cache key says."""
+    from vit_attn import export, graphcache
+    from vit_attn.config import parse_config
+    from vit_attn.variant import ROWS
+
+    asked: list[tuple[str, str]] = []
+
+    def fake_export(*args, attention=PLAIN, capture="full", **kwargs):
+        asked.append((attention, capture))
+        return tmp_path / "graph.onnx"
+
+    monkeypatch.setattr(export, "export_onnx", fake_export)
+    raw = {
+        "model": {"name": NAME, "kwargs": {"depth": 1}},
+        "data": {"source": str(tmp_path)},
+        "output": {"store": str(tmp_path / "s.zarr")},
+    }
+    for device in ("cpu", "cuda"):
+        inference = {"device": device, "allow_cpu_fallback": True, "cache_dir": str(tmp_path)}
+        graphcache.build(parse_config({**raw, "inference": inference}, base=tmp_path), export=True)
+    assert asked == [(PLAIN, ROWS), (FUSED, ROWS)]

@@ -31,14 +31,14 @@ from .overlay import colormap_lut
 from .overlay_graph import OverlayGraph
 from .specs import OutputSpec
 from .stats import graph_stats
-from .variant import FUSED, OPSET, PLAIN
+from .variant import FULL, FUSED, OPSET, PLAIN, ROWS, check_capture
 from .variant import check as check_variant
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "pixel_values"
 PRECISIONS = ("fp32", "mixed")
-EXPORT_FORMAT_VERSION = 3  # bump when the wrapper's graph changes for the same spec
+EXPORT_FORMAT_VERSION = 4  # bump when the wrapper's graph changes for the same spec
 
 
 class PixelNormalize(nn.Module):
@@ -60,13 +60,46 @@ class PixelNormalize(nn.Module):
         return (x / 255.0 - self.mean) / self.std
 
 
+class _StopForward(Exception):
+    """Raised in eager torch by the last needed capture when nothing after it is needed: the
+    model's forward ends there, without the rest of that block (attention output, projection,
+    MLP). Never while exporting: the tracer's module stack does not survive an exception, and
+    the exporter drops those nodes anyway, since no output uses them (tests count the nodes)."""
+
+
+def _tracing() -> bool:
+    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling())
+
+
+def rows_capturable(attn: nn.Module) -> bool:
+    """Whether a block's probabilities can be computed from its own q and k rows alone.
+
+    Only timm's plain `Attention` (ViT, DeiT, DINOv2, CLIP, SigLIP, ...): its softmax is of
+    ``(q * scale) @ k^T`` and nothing else. Look-alikes add terms inside the softmax (EVA's and
+    PE's rope, BEiT's relative position bias; BEiT's class is even named `Attention`), so the
+    test is the exact class, never its name or a subclass.
+    """
+    from timm.layers.attention import Attention
+
+    return type(attn) is Attention
+
+
 class AttentionGraph(nn.Module):
     """Returns the selected outputs of a timm ViT; the same module serves export and the torch backend.
 
-    Forward hooks on each needed block's ``attn.attn_drop`` see its input, the softmax
-    probabilities (dropout is the identity in eval mode). For an attention pool, hooks on its
-    ``q_norm`` and ``k_norm`` see the pool's own latent queries and keys, and the graph takes
-    the pool's softmax of them (timm's `AttentionPoolLatent` has no dropout to hook).
+    Captured blocks compute only the probabilities that are stored (`capture="rows"`): with
+    `cls_attention` alone, the CLS query row ``[B, H, 1, T]``, as
+    ``softmax((q[:, :, :1] * scale) @ k^T)`` from forward hooks on the block's ``attn.q_norm``
+    and ``attn.k_norm`` (`rows_capturable` blocks), while the block's own output runs the
+    variant's kernel like any other block. Full attention, rollout, statistics and received
+    attention need every row: forward hooks on those blocks' ``attn.attn_drop`` see its input,
+    the whole softmax (dropout is the identity in eval mode), as do blocks that are not
+    `rows_capturable` and every captured block with `capture="full"`. When nothing after the
+    last captured block is needed (no classifier outputs, no attention pool), no later block
+    runs, and that block computes nothing after its capture: its q and k rows only, when rows
+    are captured (`_StopForward`). For an attention pool, hooks on its ``q_norm`` and ``k_norm``
+    see the pool's own latent queries and keys, and the graph takes the pool's softmax of them
+    (timm's `AttentionPoolLatent` has no dropout to hook).
     """
 
     def __init__(
@@ -75,11 +108,15 @@ class AttentionGraph(nn.Module):
         spec: OutputSpec,
         graph_input: GraphInput | None = None,
         attention: str = PLAIN,
+        capture: str = ROWS,
     ) -> None:
-        """`attention`: `fused` keeps timm's SDPA in the blocks whose probabilities are not
-        captured (`vit_attn.variant`); `plain` computes the softmax in every block."""
+        """`attention`: `fused` keeps timm's SDPA in the blocks whose whole softmax is not
+        captured (`vit_attn.variant`); `plain` computes the softmax in every block.
+        `capture`: `rows` computes only the stored query rows; `full` every captured block's
+        whole softmax (the graphs before the rows capture; kept for comparisons)."""
         super().__init__()
         self.attention = check_variant(attention)
+        self.capture = check_capture(capture)
         self.graph_input = graph_input or GraphInput()
         self.pixels = (
             PixelNormalize(self.graph_input.mean, self.graph_input.std)
@@ -100,17 +137,43 @@ class AttentionGraph(nn.Module):
         if self.overlays is not None:
             self.output_names = [*self.output_names, *self.overlays.names]
         need_classifier = any(n in self.output_names for n in ("logits", "topk_index"))
-        self.captured_blocks = tuple(range(self.layout.depth)) if spec.rollout else spec.layers
-        # Without classifier outputs, blocks after the last needed one are skipped entirely;
-        # the attention pool sits after every block, so it needs the whole forward.
-        self.stop_block = (
-            None if need_classifier or spec.pool_attention else max(self.captured_blocks)
+        lay = self.layout
+        all_rows = spec.attention or spec.stats or spec.received_attention or spec.rollout
+        # Query rows each captured block computes: all, the CLS row, or none (a store of
+        # pool maps alone needs no block's probabilities).
+        self.query_rows = (
+            lay.num_tokens if all_rows or capture == FULL else 1 if spec.cls_attention else 0
         )
+        if spec.rollout:
+            self.captured_blocks: tuple[int, ...] = tuple(range(lay.depth))
+        else:
+            self.captured_blocks = spec.layers if self.query_rows else ()
+        # Without classifier outputs, nothing after the last needed block is computed; the
+        # attention pool sits after every block, so it needs the whole forward.
+        self.stop_block = (
+            None
+            if need_classifier or spec.pool_attention or not self.captured_blocks
+            else max(self.captured_blocks)
+        )
+        self._active = False
         self._captures: dict[int, torch.Tensor] = {}
+        self._shapes: dict[int, tuple[int, ...]] = {}
+        self._queries: dict[int, torch.Tensor] = {}
         self._pool: dict[str, torch.Tensor] = {}
         self._attns: list[Any] = attention_modules(self.vit)
+        partial = self.capture == ROWS and self.query_rows < lay.num_tokens
+        # Blocks whose stored rows come from q and k; the others' whole softmax is captured.
+        self.rows_blocks = tuple(
+            i for i in self.captured_blocks if partial and rows_capturable(self._attns[i])
+        )
         for i in self.captured_blocks:
-            self._attns[i].attn_drop.register_forward_hook(self._hook(i))
+            attn = self._attns[i]
+            if i in self.rows_blocks:
+                attn.register_forward_pre_hook(self._unmasked_hook(i), with_kwargs=True)
+                attn.q_norm.register_forward_hook(self._query_hook(i))
+                attn.k_norm.register_forward_hook(self._key_hook(i))
+            else:
+                attn.attn_drop.register_forward_hook(self._softmax_hook(i))
         if spec.pool_attention:
             pool: Any = self.vit.attn_pool
             pool.q_norm.register_forward_hook(self._pool_hook("q"))
@@ -120,39 +183,91 @@ class AttentionGraph(nn.Module):
         def capture(
             module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
         ) -> None:
-            self._pool[key] = output
+            if self._active:
+                self._pool[key] = output
 
         return capture
 
-    def _hook(self, index: int):
+    def _store(self, index: int, probs: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self._captures[index] = probs
+        self._shapes[index] = shape
+        if index == self.stop_block and not _tracing():
+            raise _StopForward
+
+    def _softmax_hook(self, index: int):
         def capture(
             module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
         ) -> None:
-            self._captures[index] = args[0]
+            if not self._active:
+                return
+            probs = args[0]
+            self._store(index, probs[:, :, : self.query_rows], tuple(probs.shape[1:]))
+
+        return capture
+
+    def _unmasked_hook(self, index: int):
+        def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            masked = kwargs.get("attn_mask") is not None or kwargs.get("is_causal", False)
+            if self._active and masked:
+                raise ModelError(
+                    f"block {index}'s attention is called with a mask, which the captured "
+                    "rows would not apply; the model is not supported"
+                )
+
+        return check
+
+    def _query_hook(self, index: int):
+        def capture(module: nn.Module, args: tuple[torch.Tensor, ...], q: torch.Tensor) -> None:
+            if self._active:
+                self._queries[index] = q
+
+        return capture
+
+    def _key_hook(self, index: int):
+        attn = self._attns[index]
+
+        def capture(module: nn.Module, args: tuple[torch.Tensor, ...], k: torch.Tensor) -> None:
+            if not self._active:
+                return
+            # timm's own steps for the rows kept: (q * scale) @ k^T, softmax over the keys.
+            q = self._queries.pop(index)
+            logits = (q[:, :, : self.query_rows] * attn.scale) @ k.transpose(-2, -1)
+            self._store(index, logits.softmax(dim=-1), (q.shape[1], q.shape[2], k.shape[2]))
 
         return capture
 
     def _run_model(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.stop_block is None:
-            out = self.vit(x)
-            return out if self.layout.num_classes > 0 else None
-        if hasattr(self.vit, "forward_intermediates"):
-            self.vit.forward_intermediates(
-                x, indices=[self.stop_block], stop_early=True, intermediates_only=True
-            )
-        else:
-            self.vit.forward_features(x)
+        # Hooks act only while this wrapper runs the model: another wrapper of the same model
+        # (tests, benchmarks) must not capture into this one, nor be stopped by it.
+        self._active = True
+        try:
+            if self.stop_block is None:
+                out = self.vit(x)
+                return out if self.layout.num_classes > 0 else None
+            if hasattr(self.vit, "forward_intermediates"):
+                self.vit.forward_intermediates(
+                    x, indices=[self.stop_block], stop_early=True, intermediates_only=True
+                )
+            else:
+                self.vit.forward_features(x)
+        except _StopForward:
+            pass
+        finally:
+            self._active = False
         return None
 
     def _set_kernels(self) -> None:
         # Per forward, not once: several wrappers may share one model (tests, benchmarks).
         fused = self.attention == FUSED
+        whole = set(self.captured_blocks) - set(self.rows_blocks)
         for i, attn in enumerate(self._attns):
             if hasattr(attn, "fused_attn"):
-                attn.fused_attn = fused and i not in self.captured_blocks
+                attn.fused_attn = fused and i not in whole
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._captures.clear()
+        self._shapes.clear()
+        self._queries.clear()
         self._set_kernels()
         pixels = pixel_values
         if self.pixels is not None:
@@ -167,7 +282,7 @@ class AttentionGraph(nn.Module):
         p = lay.num_prefix_tokens
         batch = pixel_values.shape[0]
         for i in self.captured_blocks:
-            shape = tuple(self._captures[i].shape[1:])
+            shape = self._shapes[i]
             if shape != (lay.num_heads, lay.num_tokens, lay.num_tokens):
                 raise ModelError(
                     f"block {i}'s attention has shape {list(shape)}, not [heads={lay.num_heads}, "
@@ -181,13 +296,21 @@ class AttentionGraph(nn.Module):
                 k = min(self.spec.topk, lay.num_classes)
                 probs, index = torch.topk(logits.softmax(dim=-1), k, dim=-1)
                 out["topk_index"], out["topk_prob"] = index, probs
-        selected = torch.stack([self._captures[i] for i in self.spec.layers], dim=1)
+        # [B, layers, H, query_rows, T]: the CLS row alone, or every row (None: no block's
+        # probabilities are stored, only the attention pool's).
+        selected = (
+            torch.stack([self._captures[i] for i in self.spec.layers], dim=1)
+            if self.query_rows
+            else None
+        )
         gh, gw = lay.grid
         if self.spec.cls_attention:
+            assert selected is not None
             out["cls_attention"] = selected[:, :, :, 0, p:].reshape(
                 batch, len(self.spec.layers), lay.num_heads, gh, gw
             )
         if self.spec.received_attention:
+            assert selected is not None and self.query_rows == lay.num_tokens
             # For each patch key: the mean over the patch queries of A[query, key].
             out["received_attention"] = (
                 selected[:, :, :, p:, p:]
@@ -197,6 +320,7 @@ class AttentionGraph(nn.Module):
         if self.spec.pool_attention:
             out["pool_attention"] = self._pool_attention(batch)
         if self.spec.attention:
+            assert selected is not None and self.query_rows == lay.num_tokens
             out["attention"] = selected
         if self.spec.rollout:
             out["rollout"] = rollout_torch(
@@ -213,6 +337,7 @@ class AttentionGraph(nn.Module):
         if self.overlays is not None:
             out.update(self.overlays(pixels, out))
         self._captures.clear()
+        self._shapes.clear()
         self._pool.clear()
         return tuple(out[n] for n in self.output_names)
 
@@ -290,6 +415,7 @@ def export_fingerprint(
     precision: str,
     graph_input: GraphInput | None = None,
     attention: str = PLAIN,
+    capture: str = ROWS,
 ) -> str:
     """Digest of everything that changes the exported graph."""
     import timm
@@ -310,6 +436,7 @@ def export_fingerprint(
         "precision": precision,
         "input": asdict(graph_input or GraphInput()),
         "attention": attention,
+        "capture": capture,
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
@@ -324,20 +451,26 @@ def export_onnx(
     cache_dir: Path | None = None,
     graph_input: GraphInput | None = None,
     attention: str = PLAIN,
+    capture: str = ROWS,
 ) -> Path:
     """Return the path of the ONNX graph for this model/spec/precision, exporting it if not cached.
 
     `graph_input`: what the graph takes (`vit_attn.graphinput`); default the model's own
     float32 NCHW input, the pipeline passes uint8 NHWC pixels. `attention`: the kernel of the
-    blocks whose probabilities are not captured (`vit_attn.variant`).
+    blocks whose whole softmax is not captured; `capture`: only the stored query rows (`rows`,
+    what the pipeline exports) or every captured block's whole softmax (`full`), see
+    `vit_attn.variant`.
     """
     check_variant(attention)
+    check_capture(capture)
     graph_input = graph_input or GraphInput()
     if precision not in PRECISIONS:
         raise ExportError(f"inference.precision must be one of {PRECISIONS}, got {precision!r}")
     cache_dir = cache_root(cache_dir)
-    digest = export_fingerprint(loaded, spec, precision, graph_input, attention)
-    tag = "" if attention == PLAIN else f"-{attention}"
+    digest = export_fingerprint(loaded, spec, precision, graph_input, attention, capture)
+    tag = ("" if attention == PLAIN else f"-{attention}") + (
+        "" if capture == ROWS else f"-{capture}"
+    )
     path = cache_dir / "onnx" / f"{loaded.source.name}-{precision}{tag}-{digest[:20]}.onnx"
     if path.is_file():
         log.info("export cache hit: %s", path)
@@ -348,7 +481,7 @@ def export_onnx(
         raise ExportError(
             f"cannot create the export cache folder {path.parent}: {exc.strerror}"
         ) from None
-    graph = AttentionGraph(loaded, spec, graph_input, attention).eval()
+    graph = AttentionGraph(loaded, spec, graph_input, attention, capture).eval()
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -31,6 +31,7 @@ from .errors import CheckpointError
 from .graphinput import PIPELINE_INPUT, GraphInput
 from .layout import TokenLayout
 from .specs import ModelSource, OutputSpec
+from .variant import ROWS
 from .variant import for_device as attention_for_device
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,8 @@ def cache_key(cfg: Config) -> str:
         # The graph blends the overlays (overlay_graph.py): their settings and matplotlib's
         # colour tables decide it; without overlays nothing of them does.
         "overlays": _overlay_key(cfg),
+        # Captured blocks compute only the stored query rows (export.AttentionGraph).
+        "capture": ROWS,
         "versions": {name: package_version(name) for name in GRAPH_PACKAGES},
         "vit_attn": __version__,
         "code": _code_digest(),
@@ -321,7 +324,15 @@ def build(cfg: Config, export: bool) -> ModelFacts:
     if export:
         pixels = GraphInput.pixels(prep.mean, prep.std)
         onnx_path = str(
-            export_onnx(loaded, outputs, cfg.inference.precision, cfg.inference.cache_dir, pixels)
+            export_onnx(
+                loaded,
+                outputs,
+                cfg.inference.precision,
+                cfg.inference.cache_dir,
+                pixels,
+                attention=attention_for_device(cfg.inference.device),
+                capture=ROWS,
+            )
         )
     return ModelFacts(
         layout=loaded.layout,

@@ -1,11 +1,16 @@
-"""Which attention kernel the blocks whose probabilities are not captured run, per device.
+"""Which attention kernel blocks run for their own output, per device; how probabilities are captured.
 
-A captured block must compute its softmax explicitly (the probabilities are an output). Every
-other block may keep timm's fused attention (`F.scaled_dot_product_attention`), which torch's
-dynamo exporter writes as the ONNX opset-23 `Attention` op: onnxruntime's CUDA EP runs it with
-flash / memory-efficient kernels in fp16 (no `[B, H, T, T]` tensor in memory), while its CPU
-EP runs it slower than the plain graph (docs/PERFORMANCE.md, "Fused attention on the CPU").
-So the variant is chosen by device, by measurement; it is part of the graph-cache key.
+A block whose whole softmax is captured computes it explicitly (the probabilities are an
+output). Every other block may keep timm's fused attention (`F.scaled_dot_product_attention`),
+which torch's dynamo exporter writes as the ONNX opset-23 `Attention` op: onnxruntime's CUDA EP
+runs it with flash / memory-efficient kernels in fp16 (no `[B, H, T, T]` tensor in memory),
+while its CPU EP runs it slower than the plain graph (docs/PERFORMANCE.md, "Fused attention on
+the CPU"). So the variant is chosen by device, by measurement; it is part of the graph-cache key.
+
+The capture mode says how the stored probabilities are computed (`CAPTURES`): `rows`, the
+default, computes only the query rows that are stored (the CLS row for `cls_attention` alone)
+from the block's own q and k, beside the block's kernel; `full` takes every captured block's
+whole softmax, as graphs did before. Both are part of the graph-cache key.
 Torch-free: the cache key is computed before any model is built.
 """
 
@@ -13,9 +18,14 @@ from __future__ import annotations
 
 from .errors import ExportError
 
-PLAIN = "plain"  # every block: matmul, softmax, matmul (today's graph)
-FUSED = "fused"  # uncaptured blocks: one ONNX `Attention` node (opset 23)
+PLAIN = "plain"  # every block: matmul, softmax, matmul
+FUSED = "fused"  # blocks whose whole softmax is not captured: one ONNX `Attention` node (opset 23)
 ATTENTION_VARIANTS = (PLAIN, FUSED)
+
+# How captured probabilities are computed (`vit_attn.export.AttentionGraph`).
+ROWS = "rows"  # only the stored query rows, from q and k, where the block allows it
+FULL = "full"  # the block's whole softmax, sliced afterwards (graphs before the rows capture)
+CAPTURES = (ROWS, FULL)
 
 # Measured, not assumed: the plain graph beats the `Attention` op on onnxruntime's CPU EP.
 _BY_DEVICE = {"cpu": PLAIN, "cuda": FUSED}
@@ -36,10 +46,14 @@ def check(variant: str) -> str:
     return variant
 
 
+def check_capture(capture: str) -> str:
+    if capture not in CAPTURES:
+        raise ExportError(f"capture mode must be one of {CAPTURES}, got {capture!r}")
+    return capture
+
+
 def describe(variant: str) -> str:
     """One line for `vit-attn export`."""
     if variant == FUSED:
-        return (
-            "fused attention (ONNX Attention op) in the blocks whose probabilities are not stored"
-        )
+        return "fused attention (ONNX Attention op) in the blocks whose whole softmax is not stored"
     return "plain attention (matmul + softmax) in every block"
