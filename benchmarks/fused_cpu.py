@@ -48,8 +48,18 @@ MODELS = {"vit_small_patch14_dinov2": 518, "vit_small_patch16_224": 224}
 def parse_graph(label: str) -> tuple[str, str]:
     from vit_attn.variant import ROWS, check, check_capture
 
-    variant, _, capture = label.partition(":")
+    graph, _, _ = label.partition("@")
+    variant, _, capture = graph.partition(":")
     return check(variant), check_capture(capture or ROWS)
+
+
+def memory_pattern(label: str) -> str:
+    """`@on` / `@off` after a graph label: onnxruntime's memory pattern for that child
+    (`RuntimeOptions.memory_pattern`); none: the runner's default."""
+    _, _, pattern = label.partition("@")
+    if pattern not in ("", "on", "off"):
+        raise SystemExit(f"{label}: the memory pattern is @on or @off")
+    return pattern or "default"
 
 
 def child(args: argparse.Namespace) -> None:
@@ -57,7 +67,10 @@ def child(args: argparse.Namespace) -> None:
     from vit_attn.runtime import OrtRunner, RuntimeOptions
 
     batch = np.load(args.child_batch)
-    runner = OrtRunner(Path(args.child), RuntimeOptions(threads=args.threads))
+    pattern = {"on": True, "off": False, "default": None}[args.child_pattern]
+    runner = OrtRunner(
+        Path(args.child), RuntimeOptions(threads=args.threads, memory_pattern=pattern)
+    )
     cls = runner.run(batch)["cls_attention"]  # warm-up, untimed
     rates = []
     for _ in range(args.repeats):
@@ -92,7 +105,7 @@ def run_isolated(
         np.save(batch_file, batch)
         for _ in range(args.rounds):
             for graph, path in paths.items():
-                out_file = Path(tmp) / f"{graph.replace(':', '-')}.npy"
+                out_file = Path(tmp) / f"{graph.replace(':', '-').replace('@', '-')}.npy"
                 cmd = [
                     sys.executable,
                     __file__,
@@ -106,6 +119,8 @@ def run_isolated(
                     str(args.threads),
                     "--repeats",
                     str(args.repeats),
+                    "--child-pattern",
+                    memory_pattern(graph),
                 ]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -135,7 +150,9 @@ def run_in_process(
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--graphs", nargs="+", default=["plain", "fused"], help="VARIANT[:CAPTURE]")
+    ap.add_argument(
+        "--graphs", nargs="+", default=["plain", "fused"], help="VARIANT[:CAPTURE][@on|@off]"
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--isolate", action="store_true", help="one child process per graph: RSS")
@@ -146,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-batch", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    ap.add_argument("--child-pattern", default="default", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(args)

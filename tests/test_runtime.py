@@ -49,6 +49,18 @@ def test_io_binding_equals_plain_run(graphs, precision):
     assert len(bound._bindings) == 2  # at most two shapes are kept bound
 
 
+@pytest.mark.parametrize("pattern", [None, True, False])
+def test_memory_pattern_off_on_the_cpu_unless_asked_and_results_unchanged(graphs, pattern):
+    # The pattern only plans memory: with it on or off the outputs are the same bytes.
+    runner = OrtRunner(graphs["fp32"], RuntimeOptions(threads=1, memory_pattern=pattern))
+    assert runner.session.get_session_options().enable_mem_pattern is bool(pattern)
+    reference = OrtRunner(graphs["fp32"], RuntimeOptions(threads=1, memory_pattern=True))
+    for x in batches([4, 3, 4], seed=1):
+        got, expected = runner.run(x), reference.run(x)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
 def test_io_binding_from_several_threads(graphs):
     """Dask workers with --nthreads > 1 share one runner: each thread binds its own buffers."""
     from concurrent.futures import ThreadPoolExecutor

@@ -36,6 +36,10 @@ class RuntimeOptions:
     device_id: int = 0
     tensorrt: bool = False
     trt_cache_dir: Path | None = None
+    # onnxruntime's memory pattern (plans one block of memory from the first runs' shapes).
+    # None: off on the CPU EP, where it adds 44-90% to the peak for the same speed
+    # (docs/PERFORMANCE.md, "Only the rows asked"); onnxruntime's default elsewhere.
+    memory_pattern: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -78,6 +82,8 @@ class OrtRunner:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        pattern = options.memory_pattern
+        so.enable_mem_pattern = options.device != "cpu" if pattern is None else pattern
         providers = self._providers(ort)
         try:
             self.session = ort.InferenceSession(
