@@ -120,6 +120,7 @@ SLOW_FIXTURES = frozenset(
         "reference_store",  # test_pipeline / the small run above: end-to-end runs
         "slurm",
         "external_cluster",
+        "demo_store",  # test_view: the demo run with full attention behind the viewer
     }
 )
 

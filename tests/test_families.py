@@ -187,7 +187,11 @@ def output_spec(layout) -> OutputSpec:
     )
 
 
-@pytest.mark.parametrize("family", list(FAMILIES) + list(REFUSED))
+@pytest.mark.parametrize(
+    "family",
+    [f if f == "vit" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+    + list(REFUSED),  # `make test-fast` keeps one exact family and the refusals
+)
 def test_family(family, export_cache):
     if family in REFUSED:
         name, reason = REFUSED[family]
@@ -299,6 +303,7 @@ def run_store(tmp_path, family: str, images, export_cache, **attention) -> tuple
     return cli_main(["run", str(config), "--no-progress"]), tmp_path / "run.zarr"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["reg_gap", "siglip"])
 def test_store_of_a_model_without_class_token(tmp_path, family, images, export_cache, capsys):
     code, store = run_store(tmp_path, family, images, export_cache)

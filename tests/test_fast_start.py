@@ -82,6 +82,7 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_second_run_imports_no_torch_and_writes_the_same_store(tmp_path, images):
     cache = tmp_path / "cache"
     ckpt = save_checkpoint(tmp_path / "w.safetensors", 16.0)
@@ -108,6 +109,7 @@ def test_second_run_imports_no_torch_and_writes_the_same_store(tmp_path, images)
     assert "graph for inference.device cpu: plain" in exported["stderr"]
 
 
+@pytest.mark.slow
 def test_a_deleted_graph_or_a_corrupt_record_is_rebuilt(tmp_path, images):
     cache = tmp_path / "cache"
     ckpt = save_checkpoint(tmp_path / "w.safetensors", 16.0)

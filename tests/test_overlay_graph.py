@@ -75,7 +75,14 @@ def run_backend(backend: str, model, spec, export_cache, u8):
     return OrtRunner(path, RuntimeOptions(threads=1)).run(u8)
 
 
-@pytest.mark.parametrize("backend", ["fp32", "mixed", "torch"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "fp32",
+        pytest.param("mixed", marks=pytest.mark.slow),
+        pytest.param("torch", marks=pytest.mark.slow),
+    ],
+)
 def test_graph_overlays_equal_numpy_blend(model, export_cache, backend):
     spec = heads_spec()
     u8 = pixels(5)
@@ -99,6 +106,7 @@ def _with_mean_map_output(path, out_path) -> str:
     return name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "mixed"])
 def test_graph_mean_map_is_the_stored_head_mean(model, export_cache, tmp_path, precision):
     path = export_onnx(model, heads_spec(), precision, export_cache, PIXELS)
@@ -111,6 +119,7 @@ def test_graph_mean_map_is_the_stored_head_mean(model, export_cache, tmp_path, p
     np.testing.assert_allclose(outs[name], ref, rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mean_graph_returns_the_same_overlay(model, export_cache):
     u8 = pixels(3, seed=2)
     mean_spec = dataclasses.replace(heads_spec(), overlays="mean")
@@ -128,6 +137,7 @@ def test_float_input_graph_has_no_overlays(model):
     assert "overlay" not in AttentionGraph(model, OutputSpec(layers=(1,)), PIXELS).output_names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("alpha", "cmap"), [(0.0, "inferno"), (1.0, "viridis"), (0.3, "gray"), (0.7, "jet")]
 )
@@ -146,6 +156,7 @@ def test_alpha_and_colormap(model, export_cache, alpha, cmap):
         assert {tuple(c) for c in outs["overlay"].reshape(-1, 3)} <= lut
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("pool", "map_name", "latents"),
     [("avg", "received_attention", 0), ("map", "pool_attention", 1), ("map", "pool_attention", 2)],
@@ -195,6 +206,7 @@ def test_models_without_class_token(export_cache, pool, map_name, latents):
         assert_same_picture(outs["overlay_heads"], per_head)
 
 
+@pytest.mark.slow
 def test_mixed_graph_keeps_overlay_nodes_fp32(model, export_cache):
     path = export_onnx(model, heads_spec(), "mixed", export_cache, PIXELS)
     graph = onnx.load(str(path)).graph
@@ -245,6 +257,7 @@ def test_overlay_settings_are_in_the_export_and_cache_keys(model, tmp_path):
     assert key(overlays="none") == key(overlays="none", colormap="viridis", overlay_alpha=0.2)
 
 
+@pytest.mark.slow
 def test_run_stores_the_graph_overlays_and_pngs(
     tmp_path, small_dataset, small_checkpoint, export_cache, monkeypatch
 ):
@@ -286,6 +299,7 @@ def test_run_stores_the_graph_overlays_and_pngs(
         assert_same_picture(grid, head_grid(image, heads[i], 0.5, "viridis"))
 
 
+@pytest.mark.slow
 def test_torch_runner_overlays_match_ort(model, export_cache):
     """The torch backend's graph and the exported one return the same overlays."""
     u8 = pixels(2, seed=6)
@@ -296,6 +310,7 @@ def test_torch_runner_overlays_match_ort(model, export_cache):
     assert_same_picture(torch_outs["overlay_heads"], ort_outs["overlay_heads"])
 
 
+@pytest.mark.slow
 def test_io_binding_returns_the_overlays(model, export_cache):
     """uint8 outputs get preallocated host buffers under IO binding (the GPU path's code)."""
     u8 = pixels(2, seed=7)
