@@ -6,6 +6,7 @@ Test modules import from here (never from each other), so each test file can be 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -122,3 +123,38 @@ def block_output_nodes(path: Path, block: int) -> list[str]:
         for n in onnx.load(str(path)).graph.node
         if any(s == p or s.startswith(p + ".") for s in node_scopes(n) for p in prefixes)
     ]
+
+
+def stats_reference(
+    a: np.ndarray, p: int, grid: tuple[int, int], patch: tuple[int, int]
+) -> dict[str, float]:
+    """One head's statistics with plain loops, written from the definitions in docs/ANALYSIS.md."""
+    gh, gw = grid
+    ph, pw = patch
+    n = gh * gw
+    centre = [((k // gw + 0.5) * ph, (k % gw + 0.5) * pw) for k in range(n)]
+    cls = [float(a[0, p + j]) for j in range(n)]
+    total = sum(cls)
+    shares = [c / total for c in cls]
+    entropy = -sum(s * math.log(s) for s in shares if s > 0)
+    distances, prefix = [], []
+    for i in range(n):
+        row = [float(a[p + i, p + j]) for j in range(n)]
+        mass = sum(row)
+        distances.append(sum(w * math.dist(centre[i], centre[j]) for j, w in enumerate(row)) / mass)
+        prefix.append(sum(float(a[p + i, k]) for k in range(p)))
+    taken, count = 0.0, 0
+    for s in sorted(shares, reverse=True):
+        if taken >= 0.6:
+            break
+        taken += s
+        count += 1
+    return {
+        "cls_entropy": entropy,
+        "attention_distance": sum(distances) / n,
+        "prefix_mass": sum(prefix) / n,
+        "cls_self": float(a[0, 0]),
+        "patch_self": sum(float(a[p + i, p + i]) for i in range(n)) / n,
+        "concentration_60": count / n,
+        "cls_max": max(cls),
+    }

@@ -32,8 +32,7 @@ from vit_attn.specs import OutputSpec
 from vit_attn.stats import CLS_STAT_NAMES, STAT_NAMES
 
 from .conftest import sharpened_model
-from .helpers import block_output_nodes, softmax_shapes
-from .test_stats import reference as stats_reference
+from .helpers import block_output_nodes, softmax_shapes, stats_reference
 
 SHARPEN = 16.0
 # A random-init attention pool's logits are ~100x smaller than a block's: sharpened 16x like

@@ -586,7 +586,7 @@ def test_disk_full_is_one_line_and_the_store_stays_resumable(tmp_path, tmpfs, ca
     assert (status_of(store) == 1).all()
     reference = write_config(tmp_path / "ref", tmp_path / "data", **FULL_DISK)
     assert run(reference) == 0
-    from tests.test_pipeline import assert_stores_equal
+    from .helpers import assert_stores_equal
 
     assert_stores_equal(store, tmp_path / "ref" / "out" / "run.zarr")
 

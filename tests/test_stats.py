@@ -15,47 +15,13 @@ from vit_attn.specs import OutputSpec
 from vit_attn.stats import STAT_NAMES, attention_stats, graph_stats, max_distance
 
 from .conftest import sharpened_model
+from .helpers import stats_reference
 
 # Two prefix tokens, a 3 x 4 grid and non-square patches (rows 14 px, columns 16 px): a swapped
 # axis, a wrong prefix offset or a square-grid assumption changes the numbers.
 P, GRID, PATCH = 2, (3, 4), (14, 16)
 N = GRID[0] * GRID[1]
 T = P + N
-
-
-def reference(
-    a: np.ndarray, p: int, grid: tuple[int, int], patch: tuple[int, int]
-) -> dict[str, float]:
-    """One head's statistics with plain loops, written from the definitions in docs/ANALYSIS.md."""
-    gh, gw = grid
-    ph, pw = patch
-    n = gh * gw
-    centre = [((k // gw + 0.5) * ph, (k % gw + 0.5) * pw) for k in range(n)]
-    cls = [float(a[0, p + j]) for j in range(n)]
-    total = sum(cls)
-    shares = [c / total for c in cls]
-    entropy = -sum(s * math.log(s) for s in shares if s > 0)
-    distances, prefix = [], []
-    for i in range(n):
-        row = [float(a[p + i, p + j]) for j in range(n)]
-        mass = sum(row)
-        distances.append(sum(w * math.dist(centre[i], centre[j]) for j, w in enumerate(row)) / mass)
-        prefix.append(sum(float(a[p + i, k]) for k in range(p)))
-    taken, count = 0.0, 0
-    for s in sorted(shares, reverse=True):
-        if taken >= 0.6:
-            break
-        taken += s
-        count += 1
-    return {
-        "cls_entropy": entropy,
-        "attention_distance": sum(distances) / n,
-        "prefix_mass": sum(prefix) / n,
-        "cls_self": float(a[0, 0]),
-        "patch_self": sum(float(a[p + i, p + i]) for i in range(n)) / n,
-        "concentration_60": count / n,
-        "cls_max": max(cls),
-    }
 
 
 def _stats1(a: np.ndarray) -> dict[str, float]:
@@ -137,7 +103,7 @@ def test_numpy_stats_equal_loop_reference():
     a = random_attention(rng, (2, 3, 4))  # [image, layer, head, T, T]
     got = attention_stats(a, P, GRID, PATCH)
     for idx in np.ndindex(2, 3, 4):
-        ref = reference(a[idx], P, GRID, PATCH)
+        ref = stats_reference(a[idx], P, GRID, PATCH)
         for name in STAT_NAMES:
             assert got[name].shape == (2, 3, 4)
             assert got[name][idx] == pytest.approx(ref[name], rel=1e-10, abs=1e-12), (name, idx)
