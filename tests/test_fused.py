@@ -43,6 +43,20 @@ def host_normalised(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32))
 
 
+def graph_and_timm(
+    path,
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[torch.Tensor], np.ndarray]:
+    """The batch, the graph's outputs on it, and timm's attention maps and logits for it."""
+    u8 = batch()
+    outs = OrtRunner(path, RuntimeOptions(threads=2)).run(u8)
+    twin = model()
+    x = host_normalised(u8)
+    with torch.no_grad():
+        maps = list(AttentionExtract(twin.model, method="hook")(x).values())
+        logits = twin.model(x).numpy()
+    return u8, outs, maps, logits
+
+
 @pytest.fixture(scope="module")
 def fused_fp32(export_cache):
     loaded = model()
@@ -61,13 +75,7 @@ def test_attention_op_only_in_uncaptured_blocks(fused_fp32):
 
 def test_fused_graph_equals_timm(fused_fp32):
     loaded, path = fused_fp32
-    u8 = batch()
-    outs = OrtRunner(path, RuntimeOptions(threads=2)).run(u8)
-    twin = model()
-    x = host_normalised(u8)
-    with torch.no_grad():
-        maps = list(AttentionExtract(twin.model, method="hook")(x).values())
-        logits = twin.model(x).numpy()
+    u8, outs, maps, logits = graph_and_timm(path)
     assert maps[1].max() > 0.2
     np.testing.assert_allclose(outs["attention"][:, 0], maps[1].numpy(), atol=1e-5)
     np.testing.assert_allclose(
@@ -151,13 +159,7 @@ def test_cls_rows_beside_the_fused_kernel(export_cache, logits):
     assert bool(block_output_nodes(path, 1)) == logits
     assert logits or not [n for n in nodes if block_of(n) == 2]
 
-    u8 = batch()
-    outs = OrtRunner(path, RuntimeOptions(threads=2)).run(u8)
-    twin = model()
-    x = host_normalised(u8)
-    with torch.no_grad():
-        maps = list(AttentionExtract(twin.model, method="hook")(x).values())
-        want_logits = twin.model(x).numpy()
+    u8, outs, maps, want_logits = graph_and_timm(path)
     want = maps[1][:, :, 0, 1:].reshape(3, 1, -1, 14, 14).numpy()
     np.testing.assert_allclose(outs["cls_attention"], want, atol=1e-5, rtol=0)
     if logits:

@@ -10,12 +10,13 @@ import logging
 import signal
 import sys
 import threading
+import time
 import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import PipelineError, StoreError, describe_os_error
+from .errors import ConfigError, PipelineError, StoreError, describe_os_error
 from .remote import is_url, location
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
@@ -137,6 +138,28 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1: this machine only)",
     )
+    cache = sub.add_parser(
+        "cache", help="list the export cache (graphs, records); --prune what is unused"
+    )
+    cache.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="the cache folder (default: $VIT_ATTN_CACHE, else ~/.cache/vit-attn)",
+    )
+    cache.add_argument(
+        "--prune", action="store_true", help="remove what was not used for --older-than days"
+    )
+    cache.add_argument(
+        "--older-than",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="age of last use beyond which --prune removes (default 30)",
+    )
+    cache.add_argument(
+        "--dry-run", action="store_true", help="with --prune: list what would go, remove nothing"
+    )
     sub.add_parser(
         "demo",
         add_help=False,
@@ -170,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "stats":
             return _stats(args)
+        if args.command == "cache":
+            return _cache(args)
         if args.command == "view":
             from .view import serve
 
@@ -192,6 +217,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .cachedir import cache_root
+    from .cacheprune import prune, scan
+
+    root = cache_root(args.dir)
+    if args.older_than < 0:
+        raise ConfigError(f"--older-than must be >= 0 days, got {args.older_than}")
+    if args.prune:
+        gone = prune(root, args.older_than, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for e in gone:
+            print(f"{verb} {e.kind:9s} {_mb(e.size):>9s}  {e.path.name}")
+        print(
+            f"{verb} {len(gone)} files, {_mb(sum(e.size for e in gone))}, unused for more than "
+            f"{args.older_than:g} days, from {root}"
+        )
+        return EXIT_OK
+    entries = scan(root)
+    now = time.time()
+    for e in entries:
+        age = (now - e.last_used) / 86400
+        print(f"{e.kind:9s} {_mb(e.size):>9s}  last used {age:6.1f} days ago  {e.path.name}")
+    print(f"{len(entries)} files, {_mb(sum(e.size for e in entries))} in {root}")
+    return EXIT_OK
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -474,6 +474,8 @@ def export_onnx(
     path = cache_dir / "onnx" / f"{loaded.source.name}-{precision}{tag}-{digest[:20]}.onnx"
     if path.is_file():
         log.info("export cache hit: %s", path)
+        with contextlib.suppress(OSError):  # last use, for `vit-attn cache --prune`
+            os.utime(path)
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ path, another timm) rebuilds the model and exports again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -304,6 +305,8 @@ def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
         not need_graph or (facts.onnx_path is not None and Path(facts.onnx_path).is_file())
     ):
         log.info("model record cache hit: %s", path)
+        with contextlib.suppress(OSError):  # last use, for `vit-attn cache --prune`
+            os.utime(path)
         return facts
     facts = build(cfg, export=need_graph or (facts is not None and facts.onnx_path is not None))
     write_facts(path, facts)

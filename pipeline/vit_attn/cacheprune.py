@@ -1,0 +1,123 @@
+"""What the cache holds and what can go: `vit-attn cache [--prune --older-than DAYS]`.
+
+Every change of model, outputs, precision, library versions or the graph-building code writes a
+new graph (tens to hundreds of MB) beside the old ones, which nothing else ever deletes. A graph
+counts as used when it, or a model record that names it, was last used (records are touched on
+every cache hit, `graphcache.resolve`). Pruning removes records and graphs unused for longer
+than the given age, graphs no record names once they are that old (the torch backend and
+`vit-attn export` can leave those), interrupted exports' temporary files, remembered
+checkpoint digests and TensorRT engines of that age. Deleting a graph a running job has open
+is safe on POSIX (the session holds its copy); the next run re-exports it.
+Standard library only, like `cachedir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CacheEntry", "prune", "scan"]
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One file of the cache: `kind` is graph, record, temporary, digest or tensorrt."""
+
+    kind: str
+    path: Path
+    size: int
+    last_used: float  # epoch seconds
+    graph: Path | None = None  # the graph a record names
+
+
+def scan(root: Path) -> list[CacheEntry]:
+    """Every file of the cache at `root`, oldest use first; nothing when it does not exist."""
+    entries: list[CacheEntry] = []
+    onnx = root / "onnx"
+    records: list[CacheEntry] = []
+    for path in sorted(onnx.glob("*.facts.json")):
+        st = _stat(path)
+        if st is None:
+            continue
+        records.append(CacheEntry("record", path, st.st_size, st.st_mtime, _named_graph(path)))
+    used_by_record: dict[Path, float] = {}
+    for r in records:
+        if r.graph is not None:
+            used_by_record[r.graph] = max(used_by_record.get(r.graph, 0.0), r.last_used)
+    for path in sorted(onnx.glob("*.onnx")):
+        st = _stat(path)
+        if st is None:
+            continue
+        kind = "temporary" if path.name.startswith("tmp") else "graph"
+        last = max(st.st_mtime, used_by_record.get(path.resolve(), 0.0))
+        entries.append(CacheEntry(kind, path, st.st_size, last))
+    for path in sorted(onnx.glob("tmp*.json")):
+        st = _stat(path)
+        if st is not None:
+            entries.append(CacheEntry("temporary", path, st.st_size, st.st_mtime))
+    for kind, folder in (("digest", root / "digests"), ("tensorrt", root / "trt")):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            st = _stat(path)
+            if st is not None:
+                entries.append(CacheEntry(kind, path, st.st_size, st.st_mtime))
+    entries.extend(records)
+    return sorted(entries, key=lambda e: (e.last_used, str(e.path)))
+
+
+def prune(
+    root: Path, older_than_days: float, dry_run: bool = False, now: float | None = None
+) -> list[CacheEntry]:
+    """Remove what was last used more than `older_than_days` ago, and temporary files more
+    than a day old (never younger ones); a record goes with its graph. Returns what was (or, dry, would be) removed."""
+    if older_than_days < 0:
+        raise ValueError("older_than_days must be >= 0")
+    now = time.time() if now is None else now
+    cutoff = now - older_than_days * DAY
+    entries = scan(root)
+    gone: list[CacheEntry] = []
+    removed_graphs: set[Path] = set()
+    for e in entries:
+        if e.kind == "temporary":
+            # Garbage once a day old whatever the age asked; younger, an export may be writing it.
+            stale = e.last_used < now - DAY
+        elif e.kind == "record":
+            continue  # decided below, after the graphs
+        else:
+            stale = e.last_used < cutoff
+        if stale:
+            gone.append(e)
+            if e.kind == "graph":
+                removed_graphs.add(e.path.resolve())
+    for e in entries:
+        if e.kind == "record" and (
+            e.last_used < cutoff or (e.graph is not None and e.graph in removed_graphs)
+        ):
+            gone.append(e)
+    if not dry_run:
+        for e in gone:
+            try:
+                e.path.unlink()
+            except FileNotFoundError:
+                pass  # another prune, or the export replaced it
+    return gone
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def _named_graph(record: Path) -> Path | None:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    name = data.get("onnx_path") if isinstance(data, dict) else None
+    return Path(name).resolve() if isinstance(name, str) else None

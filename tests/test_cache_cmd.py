@@ -1,0 +1,130 @@
+"""`vit-attn cache`: what the export cache holds, and pruning what is unused (real files, ages
+set with os.utime; one record made by a real export to check that a cache hit counts as use)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vit_attn.cacheprune import DAY, prune, scan
+from vit_attn.cli import main as cli_main
+from vit_attn.config import parse_config
+from vit_attn.graphcache import cache_key, record_path, resolve
+
+from .helpers import MODEL
+
+NOW = time.time()
+
+
+def put(path: Path, size: int, days_ago: float, content: bytes | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if content is not None else b"x" * size)
+    t = NOW - days_ago * DAY
+    os.utime(path, (t, t))
+    return path
+
+
+def record(cache: Path, name: str, graph: Path | None, days_ago: float) -> Path:
+    data = json.dumps({"record": 1, "onnx_path": str(graph) if graph else None}).encode()
+    return put(cache / "onnx" / f"{name}.facts.json", 0, days_ago, data)
+
+
+@pytest.fixture()
+def cache(tmp_path) -> Path:
+    root = tmp_path / "cache"
+    onnx = root / "onnx"
+    old_graph = put(onnx / "vit-fp32-old.onnx", 3000, 90)
+    record(root, "vit-fp32-old", old_graph, 90)
+    # Exported long ago, but its record was used yesterday: the graph is in use.
+    kept_graph = put(onnx / "vit-fp32-kept.onnx", 2000, 90)
+    record(root, "vit-fp32-kept", kept_graph, 1)
+    put(onnx / "vit-fp32-orphan.onnx", 1000, 60)  # no record names it
+    put(onnx / "vit-fp32-young.onnx", 500, 2)  # no record yet: an export just finished
+    record(root, "torch-only", None, 45)  # torch backend: a record without a graph
+    put(onnx / "tmpab12cd.onnx", 700, 3)  # an export killed three days ago
+    put(onnx / "tmpnow.onnx", 700, 0.01)  # an export writing right now
+    put(root / "digests" / "0123.json", 10, 40)
+    put(root / "trt" / "engine.plan", 4000, 31)
+    return root
+
+
+def names(entries) -> set[str]:
+    return {e.path.name for e in entries}
+
+
+def test_prune_removes_only_what_is_unused_and_keeps_what_a_record_uses(cache):
+    assert len(scan(cache)) == 11
+    dry = prune(cache, 30, dry_run=True, now=NOW)
+    expected = {
+        "vit-fp32-old.onnx",
+        "vit-fp32-old.facts.json",
+        "vit-fp32-orphan.onnx",
+        "torch-only.facts.json",
+        "tmpab12cd.onnx",
+        "0123.json",
+        "engine.plan",
+    }
+    assert names(dry) == expected
+    assert len(scan(cache)) == 11  # a dry run removes nothing
+    gone = prune(cache, 30, now=NOW)
+    assert names(gone) == expected
+    left = names(scan(cache))
+    assert left == {
+        "vit-fp32-kept.onnx",
+        "vit-fp32-kept.facts.json",
+        "vit-fp32-young.onnx",
+        "tmpnow.onnx",
+    }
+    # Pruning everything unused for 0 days still leaves an export in progress alone.
+    prune(cache, 0, now=NOW)
+    assert names(scan(cache)) == {"tmpnow.onnx"}
+
+
+def test_a_record_goes_with_its_graph(cache, tmp_path):
+    young_record = record(cache, "young-record", cache / "onnx" / "vit-fp32-orphan.onnx", 0)
+    os.utime(young_record, (NOW - 60 * DAY, NOW - 60 * DAY))
+    gone = names(prune(cache, 30, now=NOW))
+    assert {"vit-fp32-orphan.onnx", "young-record.facts.json"} <= gone
+
+
+def test_cli_lists_and_prunes_in_one_line_each(cache, capsys):
+    assert cli_main(["cache", "--dir", str(cache)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("11 files, 0.0 MB in ") and len(out) == 12
+    assert any(
+        line.startswith("graph") and "last used   90.0 days ago" in line
+        for line in out
+        if line.endswith("vit-fp32-old.onnx")
+    )
+    assert cli_main(["cache", "--dir", str(cache), "--prune", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("would remove 7 files")
+    assert cli_main(["cache", "--dir", str(cache), "--prune", "--older-than", "-1"]) == 2
+    assert "--older-than must be >= 0" in capsys.readouterr().err
+    assert cli_main(["cache", "--dir", str(cache / "nothing-here")]) == 0
+    assert capsys.readouterr().out.strip().startswith("0 files")
+
+
+def test_a_cache_hit_counts_as_use(tmp_path, small_dataset, export_cache):
+    cfg_dict = {
+        "model": MODEL,
+        "data": {"source": str(small_dataset)},
+        "attention": {"layers": [1]},
+        "inference": {"cache_dir": str(export_cache)},
+        "output": {"store": str(tmp_path / "run.zarr")},
+    }
+    cfg = parse_config(yaml.safe_load(yaml.safe_dump(cfg_dict)), base=tmp_path)
+    facts = resolve(cfg)
+    path = record_path(cfg, cache_key(cfg))
+    old = NOW - 100 * DAY
+    os.utime(path, (old, old))
+    os.utime(facts.onnx_path, (old, old))
+    assert resolve(cfg).cached
+    entries = {e.path.name: e for e in scan(Path(export_cache))}
+    assert entries[path.name].last_used > NOW - DAY
+    assert entries[Path(facts.onnx_path).name].last_used > NOW - DAY  # used via its record
+    assert Path(facts.onnx_path).name not in names(prune(Path(export_cache), 30, dry_run=True))
