@@ -109,6 +109,7 @@ def test_cli_lists_and_prunes_in_one_line_each(cache, capsys):
     assert capsys.readouterr().out.strip().startswith("0 files")
 
 
+@pytest.mark.slow  # an export
 def test_a_cache_hit_counts_as_use(tmp_path, small_dataset, export_cache):
     cfg_dict = {
         "model": MODEL,
