@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from .cachedir import cache_root
-    from .cacheprune import prune, scan
+    from .cacheprune import DAY, prune, scan
 
     root = cache_root(args.dir)
     if args.older_than < 0:
@@ -239,7 +239,7 @@ def _cache(args: argparse.Namespace) -> int:
     entries = scan(root)
     now = time.time()
     for e in entries:
-        age = (now - e.last_used) / 86400
+        age = (now - e.last_used) / DAY
         print(f"{e.kind:9s} {_mb(e.size):>9s}  last used {age:6.1f} days ago  {e.path.name}")
     print(f"{len(entries)} files, {_mb(sum(e.size for e in entries))} in {root}")
     return EXIT_OK

@@ -127,11 +127,12 @@ def file_sha256(path: Path, memo_root: Path | None = None) -> str:
     it again.
     """
     path = Path(path)
+    where = str(path.resolve())
     memo = None
     if memo_root is not None:
         st = path.stat()
         ident = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-        name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+        name = hashlib.sha256(where.encode()).hexdigest()[:32]
         memo = memo_root / "digests" / f"{name}.json"
         try:
             held = json.loads(memo.read_text())
@@ -147,13 +148,9 @@ def file_sha256(path: Path, memo_root: Path | None = None) -> str:
     # Kernel timestamps are coarse (a few ms): a file changed within that tick of its last
     # change could keep its ctime, so a just-written file is not remembered ("racy git").
     if memo is not None and time.time() - st.st_ctime_ns / 1e9 > _RACY_SECONDS:
-        record = {"path": str(path.resolve()), "stat": ident, "sha256": digest}
+        record = {"path": where, "stat": ident, "sha256": digest}
         try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".json", dir=memo.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
-            os.replace(tmp, memo)
+            _write_atomically(memo, json.dumps(record))
         except OSError as exc:  # a read-only cache costs time, not correctness
             log.info("cannot remember the digest of %s: %s", path, exc)
     return digest
@@ -280,15 +277,25 @@ def write_facts(path: Path, facts: ModelFacts) -> bool:
         log.warning("the model facts do not survive JSON; the fast start is off for this model")
         return False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        _write_atomically(path, text)
     except OSError as exc:  # a read-only cache costs speed, not correctness
         log.warning("cannot write the model record %s: %s", path, exc)
         return False
     return True
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: readers
+    (other runs sharing the cache) see the old file or the new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
