@@ -1,0 +1,118 @@
+"""What the pictures cost per image, on the CPU: overlays blended in the graph vs numpy, and
+encoding the PNGs `output.png_dir` writes.
+
+- the same vit_tiny_patch16_224 graph (random init, seed 0, last block's CLS maps, uint8
+  input) exported without overlays and with per-head overlays (`overlays: heads`), run on one
+  onnxruntime thread, batch 32, rounds interleaved: CPU time per image (`time.process_time`);
+- numpy's `overlay.blend` of the same head-mean and per-head overlays on the host (what
+  `task.py` did before the graph blended them);
+- Pillow's PNG encoding (zlib level 1, as `outputs.write_png`) of one image's overlay and of
+  its head grid (`overlay.tile_grid`).
+
+Images: generated PNGs (240-320 px, benchmarks/imagesets.py) decoded as a run decodes them.
+
+    python benchmarks/picture_cost.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "pipeline"))
+sys.path.insert(0, str(HERE))
+
+from imagesets import make_folder  # noqa: E402
+
+
+def cpu_ms_per_image(fn, n_images: int) -> float:
+    t = time.process_time()
+    fn()
+    return (time.process_time() - t) * 1000 / n_images
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vit-attn-pict")
+    args = p.parse_args(argv)
+
+    from PIL import Image
+
+    from vit_attn.decode import load_batch, preprocess_for_model
+    from vit_attn.export import export_onnx
+    from vit_attn.graphinput import GraphInput
+    from vit_attn.model import load_model
+    from vit_attn.overlay import blend, head_labels, tile_grid
+    from vit_attn.runtime import OrtRunner, RuntimeOptions
+    from vit_attn.specs import ModelSource, OutputSpec
+    from vit_attn.task import overlay_maps
+
+    loaded = load_model(ModelSource("vit_tiny_patch16_224", seed=0))
+    prep = preprocess_for_model(loaded.model, loaded.layout.input_size)
+    pixels = GraphInput.pixels(prep.mean, prep.std)
+    last = (loaded.layout.depth - 1,)
+    graphs = {
+        name: OrtRunner(
+            export_onnx(loaded, OutputSpec(layers=last, logits=False, topk=0, **kw), "fp32",
+                        args.workdir / "cache", pixels),
+            RuntimeOptions(threads=1),
+        )
+        for name, kw in (("no overlays", {}), ("per-head overlays", {"overlays": "heads"}))
+    }  # fmt: skip
+    folder = make_folder(args.workdir / "png", args.batch, "png")
+    u8 = load_batch(sorted(folder.iterdir()), prep)[0]
+    outs = graphs["per-head overlays"].run(u8)
+    stored = {"cls_attention": outs["cls_attention"].astype(np.float16)}
+    heads = overlay_maps(stored)
+    n, nh = heads.shape[:2]
+
+    def numpy_blend() -> None:
+        blend(u8, heads.mean(axis=1))
+        blend(np.repeat(u8, nh, 0), heads.reshape(n * nh, *heads.shape[2:]))
+
+    def encode(picture: np.ndarray) -> None:
+        Image.fromarray(picture).save(io.BytesIO(), format="PNG", compress_level=1)
+
+    grids = [
+        tile_grid(np.concatenate([outs["overlay"][i][None], outs["overlay_heads"][i]]),
+                  head_labels(nh))
+        for i in range(n)
+    ]  # fmt: skip
+    cases = {
+        **{f"graph, {name}": (lambda r=r: r.run(u8)) for name, r in graphs.items()},
+        "numpy blend (mean + per head)": numpy_blend,
+        "PNG encode, overlay 224x224": lambda: [encode(o) for o in outs["overlay"]],
+        f"PNG encode, head grid {grids[0].shape[1]}x{grids[0].shape[0]}": lambda: [
+            encode(g) for g in grids
+        ],
+    }
+    for fn in cases.values():
+        fn()  # warm-up
+    rounds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, fn in cases.items():
+            rounds[name].append(cpu_ms_per_image(fn, n))
+    report = {
+        "batch": n,
+        "heads": nh,
+        "rounds": args.rounds,
+        "cpu_ms_per_image_median": {k: statistics.median(v) for k, v in rounds.items()},
+        "cpu_ms_per_image_rounds": rounds,
+    }
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
