@@ -27,8 +27,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's kill, `kill PID`): handled exactly like Ctrl-C."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+# Dask's and tornado's loggers, silenced the moment a signal arrives: while the cluster is torn
+# down they report cancelled keys and, from distributed's own `sync` (a known race when the
+# interrupt lands before its future exists), a NameError traceback. None of it is the user's news.
+TEARDOWN_LOGGERS = ("distributed", "tornado", "dask_jobqueue")
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM: quiet the cluster's teardown, then unwind like KeyboardInterrupt."""
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        # distributed configures children such as tornado.application itself: set each one
+        for name in list(logging.root.manager.loggerDict):
+            if name.split(".")[0] in TEARDOWN_LOGGERS:
+                logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,9 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
-    previous = None
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        # a handler someone else chose (SIGINT ignored in a background job) stays theirs
+        for sig, default in (
+            (signal.SIGINT, signal.default_int_handler),
+            (signal.SIGTERM, signal.SIG_DFL),
+        ):
+            if signal.getsignal(sig) is default:
+                previous[sig] = signal.signal(sig, _on_signal)
     try:
         if args.command == "run":
             return _run(args)
@@ -215,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _cache(args: argparse.Namespace) -> int:
