@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _cache(args: argparse.Namespace) -> int:
