@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PipelineError
+from .pngencode import encode_png
 
 # Images listed outside the source root (absolute, or climbing out with `..`) are mirrored
 # under this folder of png_dir by their absolute path.
@@ -120,14 +122,7 @@ def write_png(
     The folder is resolved (a symlink inside png_dir must not lead out of it) and an existing
     file is replaced only when it is ours.
     """
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    array_u8 = np.asarray(array_u8)
-    if array_u8.dtype != np.uint8 or array_u8.ndim not in (2, 3):
-        raise ValueError(
-            f"expected uint8 [H, W] or [H, W, 3], got {array_u8.dtype} {array_u8.shape}"
-        )
+    data = encode_png(array_u8, {PNG_MARKER: image})  # before any file exists: bad input fails
     target.parent.mkdir(parents=True, exist_ok=True)
     if not resolved_inside(target.parent, png_dir):
         raise OutputError(
@@ -135,14 +130,10 @@ def write_png(
             "(a symbolic link?); refusing to write there"
         )
     check_replaceable(target)
-    info = PngInfo()
-    info.add_text(PNG_MARKER, image)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        # Level 1: several times faster than the default 6 for ~10% larger files.
-        Image.fromarray(np.ascontiguousarray(array_u8)).save(
-            tmp, format="PNG", compress_level=1, pnginfo=info
-        )
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import threading
 from collections import OrderedDict
@@ -22,6 +21,7 @@ from PIL import Image
 
 from ..maps import mass_threshold_mask
 from ..overlay import blend, colormap_lut, head_grid, normalize_maps
+from ..pngencode import encode_png
 from ..render import _draw_outline, model_input_image
 from ..store import STATUS_FAILED, STATUS_OK
 from .data import Selection, StoreData, thumb_factor, thumb_size
@@ -31,13 +31,6 @@ PENDING_RGB = (70, 70, 70)
 GRID_BORDER = 2  # overlay.head_grid's default border, in pixels
 GRID_TILE = 160  # largest tile side of the head grid, in pixels
 THUMB_CACHE = 2000  # thumbnails kept in memory (~40 KB each at 112 px)
-
-
-def encode_png(array_u8: np.ndarray) -> bytes:
-    """PNG bytes of an RGB or grey uint8 array (zlib level 1: these are sent, not archived)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array_u8)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def map_colours(values: np.ndarray, cmap: str) -> np.ndarray:
