@@ -10,6 +10,7 @@ import dataclasses
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .outputs import OutputError, is_per_image_os_error, png_path, write_png
 from .overlap import OVERLAP, OverlapGate
 from .overlay import blend, head_grid, head_labels, tile_grid
 from .roles import MAP_ARRAYS, default_map
-from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner
+from .runtime import OrtRunner, Runner, RuntimeOptions, TorchRunner, available_threads
 from .specs import ModelSource, OutputSpec
 from .stats import STAT_NAMES
 from .store import (
@@ -267,34 +268,52 @@ def _add_overlays(
 def _write_pngs(
     plan: RunPlan, task: BatchTask, result: BatchResult, images: np.ndarray, ok: np.ndarray
 ) -> None:
-    """Write each ok image's PNGs; an image whose PNG name the file system refuses fails alone."""
+    """Write each ok image's PNGs; an image whose PNG name the file system refuses fails alone.
+
+    Encoding is most of a picture's cost and releases the GIL (numpy's filter, zlib), so the
+    batch's images are written on the worker's share of cores: during this stage the
+    batch's own inference is over.
+    """
     assert plan.png_dir is not None
+    png_dir = plan.png_dir
     arrays = result.arrays
     heads_all = overlay_maps(arrays)
-    for i in np.flatnonzero(ok):
+
+    def one(i: int) -> str | None:
         path = task.paths[i]
         if "overlay" in arrays:
             overlay = arrays["overlay"][i]
         else:
             mean = heads_all[i : i + 1].mean(axis=1)
             overlay = blend(images[i : i + 1], mean, plan.overlay_alpha, plan.colormap)[0]
-        pngs = [(png_path(plan.png_dir, plan.image_root, path), overlay)]
+        pngs = [(png_path(png_dir, plan.image_root, path), overlay)]
         if plan.png_heads:
             if "overlay_heads" in arrays:  # the same tiles, already blended (by the graph)
                 tiles = np.concatenate([overlay[None], arrays["overlay_heads"][i]])
                 grid = tile_grid(tiles, head_labels(heads_all.shape[1]))
             else:
                 grid = head_grid(images[i], heads_all[i], plan.overlay_alpha, plan.colormap)
-            pngs.append((png_path(plan.png_dir, plan.image_root, path, ".heads.png"), grid))
+            pngs.append((png_path(png_dir, plan.image_root, path, ".heads.png"), grid))
         for target, pixels in pngs:
             try:
-                write_png(pixels, target, plan.png_dir, path)
+                write_png(pixels, target, png_dir, path)
             except OSError as exc:
                 if isinstance(exc, PipelineError) or not is_per_image_os_error(exc):
                     raise
-                result.status[i] = STATUS_FAILED
-                result.error[i] = f"PNG {target} not written: {exc.strerror or exc}"
-                break
+                return f"PNG {target} not written: {exc.strerror or exc}"
+        return None
+
+    todo = np.flatnonzero(ok).tolist()
+    threads = min(len(todo), plan.runtime.threads or available_threads())
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="vit-attn-png") as pool:
+            errors = list(pool.map(one, todo))  # the first exception is raised here
+    else:
+        errors = [one(i) for i in todo]
+    for i, err in zip(todo, errors, strict=True):
+        if err is not None:
+            result.status[i] = STATUS_FAILED
+            result.error[i] = err
 
 
 class _Clock:
