@@ -6,8 +6,9 @@ encoding the PNGs `output.png_dir` writes.
   onnxruntime thread, batch 32, rounds interleaved: CPU time per image (`time.process_time`);
 - numpy's `overlay.blend` of the same head-mean and per-head overlays on the host (what
   `task.py` did before the graph blended them);
-- Pillow's PNG encoding (zlib level 1, as `outputs.write_png`) of one image's overlay and of
-  its head grid (`overlay.tile_grid`).
+- PNG encoding of one image's overlay and of its head grid (`overlay.tile_grid`): Pillow at
+  zlib level 1 (what `outputs.write_png` used before) and `vit_attn.pngencode` (what it uses
+  now), with the bytes each produces.
 
 Images: generated PNGs (240-320 px, benchmarks/imagesets.py) decoded as a run decodes them.
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vit_attn.graphinput import GraphInput
     from vit_attn.model import load_model
     from vit_attn.overlay import blend, head_labels, tile_grid
+    from vit_attn.pngencode import encode_png
     from vit_attn.runtime import OrtRunner, RuntimeOptions
     from vit_attn.specs import ModelSource, OutputSpec
     from vit_attn.task import overlay_maps
@@ -81,8 +83,13 @@ def main(argv: list[str] | None = None) -> dict:
         blend(u8, heads.mean(axis=1))
         blend(np.repeat(u8, nh, 0), heads.reshape(n * nh, *heads.shape[2:]))
 
-    def encode(picture: np.ndarray) -> None:
-        Image.fromarray(picture).save(io.BytesIO(), format="PNG", compress_level=1)
+    def pillow(picture: np.ndarray) -> int:
+        buf = io.BytesIO()
+        Image.fromarray(picture).save(buf, format="PNG", compress_level=1)
+        return len(buf.getvalue())
+
+    def ours(picture: np.ndarray) -> int:
+        return len(encode_png(picture))
 
     grids = [
         tile_grid(np.concatenate([outs["overlay"][i][None], outs["overlay_heads"][i]]),
@@ -92,11 +99,16 @@ def main(argv: list[str] | None = None) -> dict:
     cases = {
         **{f"graph, {name}": (lambda r=r: r.run(u8)) for name, r in graphs.items()},
         "numpy blend (mean + per head)": numpy_blend,
-        "PNG encode, overlay 224x224": lambda: [encode(o) for o in outs["overlay"]],
-        f"PNG encode, head grid {grids[0].shape[1]}x{grids[0].shape[0]}": lambda: [
-            encode(g) for g in grids
-        ],
     }
+    grid_name = f"head grid {grids[0].shape[1]}x{grids[0].shape[0]}"
+    pictures = {"overlay 224x224": list(outs["overlay"]), grid_name: grids}
+    sizes = {}
+    for what, pics in pictures.items():
+        for name, enc in (("Pillow level 1", pillow), ("pngencode", ours)):
+            cases[f"PNG encode ({name}), {what}"] = lambda enc=enc, pics=pics: [
+                enc(q) for q in pics
+            ]
+            sizes[f"{name}, {what}"] = statistics.mean(enc(q) for q in pics)
     for fn in cases.values():
         fn()  # warm-up
     rounds: dict[str, list[float]] = {name: [] for name in cases}
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "cpu_ms_per_image_median": {k: statistics.median(v) for k, v in rounds.items()},
         "cpu_ms_per_image_rounds": rounds,
+        "png_bytes_mean": sizes,
     }
     print(json.dumps(report, indent=1))
     return report
