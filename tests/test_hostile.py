@@ -631,8 +631,23 @@ def _start_run(config: Path, cwd: Path) -> subprocess.Popen:
     )
 
 
-def _signal_when_started(proc: subprocess.Popen, store: Path, sig: int, group: bool) -> None:
-    import signal as _signal  # noqa: F401 (documents the kind of `sig`)
+def _worker_pids(parent: int) -> set[int]:
+    """The live spawned children (Dask workers) under `parent`: not multiprocessing's
+    resource tracker, not zombies."""
+    import psutil
+
+    pids = set()
+    for child in psutil.Process(parent).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:  # gone, or a zombie, between the listing and the look
+            pass
+    return pids
+
+
+def _wait_until_started(proc: subprocess.Popen, store: Path) -> None:
+    """Until the run has written its first batch."""
     import time
 
     deadline = time.time() + 240
@@ -641,6 +656,10 @@ def _signal_when_started(proc: subprocess.Popen, store: Path, sig: int, group: b
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be signalled"
+
+
+def _signal_when_started(proc: subprocess.Popen, store: Path, sig: int, group: bool) -> None:
+    _wait_until_started(proc, store)
     if group:
         os.killpg(proc.pid, sig)
     else:
@@ -683,6 +702,47 @@ def test_ctrl_c_to_the_process_group_prints_no_worker_tracebacks(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "interrupted; finished batches are kept" in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_after_a_worker_restart_prints_no_worker_tracebacks(tmp_path):
+    """A worker killed mid-run is restarted by its nanny from a process that answers SIGINT;
+    Ctrl-C afterwards must still reach only the client."""
+    import signal
+    import time
+
+    imagefactory.write_rgb_set(
+        tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(2000)]
+    )
+    config = write_config(
+        tmp_path,
+        tmp_path / "data",
+        inference={"batch_size": 2},
+        cluster={"kind": "local", "n_workers": 2},
+    )
+    proc = _start_run(config, tmp_path)
+    _wait_until_started(proc, tmp_path / "out" / "run.zarr")
+
+    def workers() -> set[int]:
+        return _worker_pids(proc.pid)
+
+    first = workers()
+    assert len(first) >= 2, first
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (workers() - first) and proc.poll() is None:
+        time.sleep(0.1)
+    assert workers() - first, "the nanny did not restart the killed worker"
+    time.sleep(2.0)  # the new worker has started (its preload ran) and taken work
+    assert proc.poll() is None, (
+        f"the run ended before it could be interrupted: {proc.communicate()}"
+    )
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
 # distributed's `sync` logs a NameError traceback when Ctrl-C lands before its future exists
@@ -770,22 +830,17 @@ def test_a_worker_killed_at_start_up_does_not_hang_the_run(tmp_path, data):
     import threading
     import time
 
-    import psutil
-
     config = write_config(tmp_path, data, cluster={"kind": "local", "n_workers": 2})
-    me = psutil.Process()
     killed: list[int] = []
 
     def kill_first_worker() -> None:
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            workers = [
-                p for p in me.children(recursive=True) if "multiprocessing" in " ".join(p.cmdline())
-            ]
+            workers = sorted(_worker_pids(os.getpid()))
             if len(workers) >= 2:
                 time.sleep(1.0)  # registered, about to receive work
-                os.kill(workers[0].pid, signal.SIGKILL)
-                killed.append(workers[0].pid)
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_first_worker, daemon=True)

@@ -267,6 +267,7 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
                     processes=True,
                     dashboard_address=None,
                     silence_logs=logging.ERROR,
+                    preload=["vit_attn.worker_signals"],  # restarted workers too
                 )
             with lc, Client(lc) as client:
                 yield client
