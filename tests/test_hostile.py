@@ -713,11 +713,13 @@ def test_ctrl_c_after_a_worker_restart_prints_no_worker_tracebacks(tmp_path):
     import time
 
     imagefactory.write_rgb_set(
-        tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(2000)]
+        tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(1000)]
     )
     config = write_config(
         tmp_path,
         tmp_path / "data",
+        # 785 tokens on one thread: the run lasts well past the restart on any machine
+        model={"img_size": 224, "kwargs": {"depth": 2, "patch_size": 8}},
         inference={"batch_size": 2},
         cluster={"kind": "local", "n_workers": 2},
     )
