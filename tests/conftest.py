@@ -20,8 +20,9 @@ def sharpen(model: torch.nn.Module, factor: float) -> None:
     root = factor**0.5
     with torch.no_grad():
         for attn in attention_modules(model):
-            if not hasattr(attn, "qkv"):  # separate projections (e.g. EVA with qkv_fused=False)
-                for proj in (attn.q_proj, attn.k_proj):
+            if not hasattr(attn, "qkv"):  # separate projections (EVA with qkv_fused=False, CaiT)
+                pair = (attn.q_proj, attn.k_proj) if hasattr(attn, "q_proj") else (attn.q, attn.k)
+                for proj in pair:
                     proj.weight *= root
                     if proj.bias is not None:
                         proj.bias *= root

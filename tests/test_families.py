@@ -124,6 +124,8 @@ FAMILIES: dict[str, tuple] = {
         (POOL, CLS),
         16,
     ),
+    # Layers are the class-attention blocks (`blocks_token_only`): the class token's row only.
+    "cait": ("cait_xxs24_224", SMALL, (48, 64), ("class",), "class_token", (CLS,), 16),
 }
 # Families whose blocks are timm's plain `Attention`: with CLS maps alone, each captured block
 # computes its CLS query row only. The others add terms inside the softmax (rope, relative
@@ -139,11 +141,16 @@ ROWS_ONLY = {
     "hybrid_resnet",
 }
 REFUSED = {
-    "cait": (
+    "cait_without_class_attention": (
         "cait_xxs24_224",
-        r"\(CaiT\) is not supported: its `blocks` never see the class token",
+        {"depth": 2, "depth_token_only": 0},
+        r"\(CaiT\) has no class-attention blocks: .* mixes heads after the softmax",
     ),
-    "xcit": ("xcit_nano_12_p16_224", r"\(XCiT\) is not supported: .* across feature channels"),
+    "xcit": (
+        "xcit_nano_12_p16_224",
+        {"depth": 2},
+        r"\(XCiT\) is not supported: .* across feature channels",
+    ),
 }
 
 
@@ -159,12 +166,14 @@ def build(name: str, kwargs: dict, img_size):
 
 
 def reference(name: str, kwargs: dict, img_size, x: torch.Tensor):
-    """timm's AttentionExtract on the softmax nodes of a separate copy of the sharpened model."""
+    """timm's AttentionExtract on the softmax nodes of a separate copy of the sharpened model:
+    the blocks' (for CaiT the class-attention blocks') and the attention pool's."""
     twin = build(name, kwargs, img_size).model
     names = ["*attn.softmax"] + (["attn_pool.softmax"] if getattr(twin, "attn_pool", None) else [])
+    layers = "blocks_token_only." if getattr(twin, "blocks_token_only", None) else "blocks."
     with torch.no_grad():
         found = AttentionExtract(twin, names=names, method="fx")(x)
-    blocks = [v.double().numpy() for k, v in found.items() if k.startswith("blocks.")]
+    blocks = [v.double().numpy() for k, v in found.items() if k.startswith(layers)]
     pool = found.get("attn_pool.softmax")
     return blocks, None if pool is None else pool.double().numpy()
 
@@ -178,7 +187,7 @@ def output_spec(layout) -> OutputSpec:
         logits=False,
         topk=min(5, layout.num_classes),
         cls_attention=CLS in layout.maps,
-        attention=True,
+        attention=not layout.class_queries_only,  # CaiT: the class token's rows only
         stats=not layout.has_class_token,
         received_attention=RECEIVED in layout.maps,
         pool_attention=POOL in layout.maps,
@@ -193,9 +202,9 @@ def output_spec(layout) -> OutputSpec:
 )
 def test_family(family, export_cache):
     if family in REFUSED:
-        name, reason = REFUSED[family]
+        name, kwargs, reason = REFUSED[family]
         with pytest.raises(ModelError, match=reason) as caught:
-            load_model(ModelSource(name, kwargs={"depth": 2}))
+            load_model(ModelSource(name, kwargs=kwargs))
         assert "\n" not in str(caught.value)
         return
     name, kwargs, img_size, roles, pooling, maps, stride = FAMILIES[family]
@@ -216,9 +225,13 @@ def test_family(family, export_cache):
 
     stored = {n for n in outs if n.endswith("_attention")}
     assert stored == set(maps)  # no model without a class token gets a cls_attention
-    ref = np.stack(blocks, axis=1)  # [B, L, H, T, T]
+    ref = np.stack(blocks, axis=1)  # [B, L, H, T, T]; CaiT [B, L, H, 1, T]
+    assert ref.shape[-2:] == ((1,) if lay.class_queries_only else (lay.num_tokens,)) + (
+        lay.num_tokens,
+    )
     assert ref.max() > 0.2  # sharpened: an index error would show
-    np.testing.assert_allclose(outs["attention"], ref, atol=1e-5, rtol=0)
+    if spec.attention:
+        np.testing.assert_allclose(outs["attention"], ref, atol=1e-5, rtol=0)
     if CLS in maps:
         want = ref[:, :, :, 0, p:].reshape(2, lay.depth, nh, gh, gw)
         np.testing.assert_allclose(outs[CLS], want, atol=1e-5, rtol=0)
@@ -238,7 +251,7 @@ def test_family(family, export_cache):
 
     expected_stats = () if spec.class_token else [s for s in STAT_NAMES if s not in CLS_STAT_NAMES]
     assert [n for n in STAT_NAMES if n in outs] == list(expected_stats)
-    for b in range(2):
+    for b in range(2 if expected_stats else 0):
         for layer in range(lay.depth):
             for h in range(nh):
                 want = stats_reference(ref[b, layer, h], p, lay.grid, lay.patch_size)
@@ -258,6 +271,12 @@ def check_cls_rows_only(family: str, loaded, x: torch.Tensor, want: np.ndarray, 
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
     shapes, last = softmax_shapes(path), lay.depth - 1
     row, whole = (lay.num_heads, 1, lay.num_tokens), (lay.num_heads, lay.num_tokens, lay.num_tokens)
+    if lay.class_queries_only:  # CaiT: a class row per class-attention block, and the
+        every = [shape for found in shapes.values() for shape in found]  # patch-only blocks'
+        patches = (lay.num_heads, lay.num_patches, lay.num_patches)  # (talking-heads) softmax
+        assert every.count(row) == lay.depth and whole not in every, shapes
+        assert every.count(patches) == loaded.model.blocks.__len__(), shapes
+        return
     if rows:
         assert all(row in shapes[b] for b in spec.layers), shapes
         assert shapes[last] == [row], shapes  # the last block: no whole softmax of its own
@@ -360,6 +379,37 @@ def test_store_of_a_model_without_class_token(tmp_path, family, images, export_c
     assert png.stat().st_size > 0
     assert cli_main(["show", str(store), "--image", "0", "--map", "cls", "-o", str(png)]) == 2
     assert "no class token" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_store_of_cait_holds_class_attention_maps(tmp_path, images, export_cache, capsys):
+    """CaiT's layers are its class-attention blocks: a CLS map per block, opened, inspected
+    and shown like any store; what needs every token's row is refused in one line."""
+    (tmp_path / "refused").mkdir()
+    code, store = run_store(tmp_path / "refused", "cait", images, export_cache)
+    assert code == 2 and not store.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "(CaiT)" in err and "attention.full" in err
+
+    code, store = run_store(tmp_path, "cait", images, export_cache, full=False, stats=False)
+    assert code == 0
+    ds = xr.open_zarr(str(store))
+    assert ds["cls_attention"].dims == ("image", "layer", "head", "y", "x")
+    assert ds["layer"].values.tolist() == [0, 1] and "attention" not in ds.data_vars
+    assert ds.attrs["model"]["layer_kind"] == "class_attention"
+    assert ds.attrs["token_roles"]["maps"] == [CLS]
+    assert (ds["status"].values == 1).all()
+    # Each class-attention row: a probability over [class, patches], the patches' share < 1.
+    sums = ds["cls_attention"].values.astype(np.float32).sum(axis=(-2, -1))
+    assert ((sums > 0.0) & (sums < 1.0 + 1e-3)).all()
+
+    capsys.readouterr()
+    assert cli_main(["inspect", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "class-attention blocks" in out and "class token yes" in out
+    png = tmp_path / "grid.png"
+    assert cli_main(["show", str(store), "--image", "1", "--head", "grid", "-o", str(png)]) == 0
+    assert png.stat().st_size > 0
 
 
 def test_rollout_without_class_token_is_refused(tmp_path, images, export_cache, capsys):

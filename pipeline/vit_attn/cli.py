@@ -410,7 +410,13 @@ def _inspect(args: argparse.Namespace) -> int:
         f"input {model.get('input_size')}"
     )
     print(_token_line(attrs))
-    print(f"layers     {group['layer'][:].tolist()}")
+    kind = model.get("layer_kind", "self_attention")
+    what = (
+        "  (class-attention blocks: the class token's row only)"
+        if kind == "class_attention"
+        else ""
+    )
+    print(f"layers     {group['layer'][:].tolist()}{what}")
     print(
         f"images     {status.size}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending"
     )

@@ -26,6 +26,7 @@ from torch import nn
 from .cachedir import cache_root
 from .errors import ExportError, ModelError, PipelineError, first_line
 from .graphinput import UINT8_NHWC, GraphInput
+from .layout import class_attention_refusal
 from .model import LoadedModel, attention_modules
 from .overlay import colormap_lut
 from .overlay_graph import OverlayGraph
@@ -144,6 +145,8 @@ class AttentionGraph(nn.Module):
         self.query_rows = (
             lay.num_tokens if all_rows or capture == FULL else 1 if spec.cls_attention else 0
         )
+        if lay.class_queries_only:  # CaiT: the class token is the layers' only query
+            self.query_rows = min(self.query_rows, 1)
         if spec.rollout:
             self.captured_blocks: tuple[int, ...] = tuple(range(lay.depth))
         else:
@@ -152,7 +155,10 @@ class AttentionGraph(nn.Module):
         # attention pool sits after every block, so it needs the whole forward.
         self.stop_block = (
             None
-            if need_classifier or spec.pool_attention or not self.captured_blocks
+            if need_classifier
+            or spec.pool_attention
+            or not self.captured_blocks
+            or lay.class_queries_only  # CaiT's class-attention blocks have no early stop
             else max(self.captured_blocks)
         )
         self._active = False
@@ -281,13 +287,14 @@ class AttentionGraph(nn.Module):
         lay = self.layout
         p = lay.num_prefix_tokens
         batch = pixel_values.shape[0]
+        queries = 1 if lay.class_queries_only else lay.num_tokens
         for i in self.captured_blocks:
             shape = self._shapes[i]
-            if shape != (lay.num_heads, lay.num_tokens, lay.num_tokens):
+            if shape != (lay.num_heads, queries, lay.num_tokens):
                 raise ModelError(
                     f"block {i}'s attention has shape {list(shape)}, not [heads={lay.num_heads}, "
-                    f"tokens={lay.num_tokens}, tokens]: it is not attention over this model's "
-                    "tokens, so the model is not supported"
+                    f"queries={queries}, tokens={lay.num_tokens}]: it is not attention over "
+                    "this model's tokens, so the model is not supported"
                 )
         out: dict[str, torch.Tensor] = {}
         if logits is not None:
@@ -380,6 +387,8 @@ def _check_spec_fits_model(loaded: LoadedModel, spec: OutputSpec) -> None:
             raise ModelError(
                 f"model {name!r} has no class token: its statistics need class_token=False"
             )
+    if lay.class_queries_only and (spec.attention or spec.rollout or spec.stats):
+        raise ModelError(class_attention_refusal(name))
     if spec.pool_attention and lay.pooling != "attention_pool":
         raise ModelError(f"model {name!r} has no attention pool ({lay.pooling} pooling)")
 

@@ -14,6 +14,18 @@ from .errors import ModelError
 from .roles import POOLINGS, PREFIX_ROLES, map_arrays
 from .specs import check_layer_selection
 
+LAYER_KINDS = ("self_attention", "class_attention")
+
+
+def class_attention_refusal(name: str) -> str:
+    """Why a CaiT store has CLS maps only (one line, for the config and the API)."""
+    return (
+        f"model {name!r} (CaiT): its attention layers are class-attention blocks, where only "
+        "the class token queries, and its other blocks mix heads after the softmax; "
+        "attention.full, attention.rollout and attention.stats need every token's row: "
+        "set them false (cls_attention is stored)"
+    )
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -40,6 +52,10 @@ class TokenLayout:
     pooling: str = "class_token"
     pool_latents: int = 0
     pool_heads: int = 0
+    # What a layer is (`LAYER_KINDS`): a transformer block where every token queries, or
+    # CaiT's class-attention block, where only the class token queries [cls, patches];
+    # `depth` counts the layers of that kind.
+    layer_kind: str = "self_attention"
 
     def __post_init__(self) -> None:
         roles = self.prefix_roles
@@ -56,6 +72,10 @@ class TokenLayout:
         unknown = sorted(set(roles) - set(PREFIX_ROLES))
         if unknown or "class" in roles[1:]:
             raise ModelError(f"prefix roles {list(roles)}: expected {PREFIX_ROLES}, class first")
+        if self.layer_kind not in LAYER_KINDS:
+            raise ModelError(f"layer kind {self.layer_kind!r}: expected one of {LAYER_KINDS}")
+        if self.layer_kind == "class_attention" and not self.has_class_token:
+            raise ModelError("class-attention layers need a class token")
         if self.pooling not in POOLINGS.values():
             raise ModelError(
                 f"pooling {self.pooling!r}: expected one of {sorted(POOLINGS.values())}"
@@ -100,6 +120,11 @@ class TokenLayout:
             "pool_latents": self.pool_latents,
             "maps": list(self.maps),
         }
+
+    @property
+    def class_queries_only(self) -> bool:
+        """Whether only the class token queries in the layers (CaiT): no full matrices."""
+        return self.layer_kind == "class_attention"
 
     @property
     def num_patches(self) -> int:

@@ -33,8 +33,9 @@ class LoadedModel:
 
 
 def attention_modules(model: nn.Module) -> list[Any]:
-    """The per-block attention modules whose `attn_drop` receives the softmax probabilities."""
-    blocks = getattr(model, "blocks", None)
+    """The per-layer attention modules whose `attn_drop` receives the softmax probabilities:
+    each transformer block's, or for CaiT each class-attention block's (`blocks_token_only`)."""
+    blocks = getattr(model, "blocks_token_only", None) or getattr(model, "blocks", None)
     if blocks is None:
         return []
     found = []
@@ -101,6 +102,9 @@ def token_layout(model: nn.Module) -> TokenLayout:
         pooling=pooling,
         pool_latents=pool_latents,
         pool_heads=pool_heads,
+        layer_kind="class_attention"
+        if getattr(model, "blocks_token_only", None)
+        else "self_attention",
     )
 
 
@@ -118,12 +122,12 @@ def _check_whole_patches(name: str, size: tuple[int, int], patch: tuple[int, int
 
 def _refuse_unsupported_families(model: nn.Module, name: str) -> None:
     """Families whose captured softmax is not token attention: one line saying why."""
-    if hasattr(model, "blocks_token_only"):
+    if hasattr(model, "blocks_token_only") and not model.blocks_token_only:
         raise ModelError(
-            f"model {name!r} (CaiT) is not supported: its `blocks` never see the class token "
-            "(it joins only in `blocks_token_only`), and their talking-heads attention mixes "
-            "heads after the softmax, so what they compute is not a probability map; "
-            "use a ViT, DeiT, EVA or BEiT model"
+            f"model {name!r} (CaiT) has no class-attention blocks: its maps come from them, "
+            "and its other blocks' talking-heads attention mixes heads after the softmax, so "
+            "what they compute is not a probability map; keep the class token (global_pool "
+            "'token' or 'avg')"
         )
     blocks = getattr(model, "blocks", None) or ()
     if any(type(getattr(b, "attn", None)).__name__ == "XCA" for b in blocks):
@@ -326,4 +330,6 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         "grid": list(lay.grid),
         "input_size": [3, *lay.input_size],
         "num_classes": lay.num_classes,
+        # Only for CaiT, so that the fingerprints of other stores stay valid.
+        **({"layer_kind": lay.layer_kind} if lay.class_queries_only else {}),
     }

@@ -27,6 +27,7 @@ from .executor import choose_executor
 from .graphcache import ModelFacts, model_source, package_version
 from .graphcache import resolve as resolve_model
 from .identity import Identities, changed_images, describe_change, identify
+from .layout import class_attention_refusal
 from .outputs import batches_missing_pngs, check_output_locations, check_png_targets
 from .remote import is_url, location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
@@ -73,6 +74,9 @@ def output_spec(cfg: Config, loaded: LoadedModel | ModelFacts) -> OutputSpec:
     lay = loaded.layout
     layers = lay.resolve_layers(cfg.attention.layers)
     topk = cfg.attention.topk if lay.num_classes > 0 else 0
+    att = cfg.attention
+    if lay.class_queries_only and (att.full or att.rollout or att.stats):
+        raise ConfigError(class_attention_refusal(cfg.model.name))
     if cfg.attention.rollout and not lay.has_class_token:
         raise ConfigError(
             f"attention.rollout: model {cfg.model.name!r} has no class token ({lay.pooling} "
