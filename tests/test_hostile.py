@@ -713,7 +713,7 @@ def test_ctrl_c_after_a_worker_restart_prints_no_worker_tracebacks(tmp_path):
     import time
 
     imagefactory.write_rgb_set(
-        tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(1000)]
+        tmp_path / "data", [(40 + i % 50, 30 + i // 50) for i in range(2000)]
     )
     config = write_config(
         tmp_path,
