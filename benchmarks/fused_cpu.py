@@ -10,8 +10,9 @@ last-layer CLS maps and uint8 pixel input, once per graph of --graphs, `VARIANT[
 (`vit_attn.variant`): `plain` (matmul + softmax in every block) or `fused` (the ONNX
 `Attention` op in the blocks whose whole softmax is not captured); capture `rows` (default,
 what the pipeline exports: the captured block computes the CLS row only and nothing after it)
-or `full` (the captured block's whole softmax: the graph before the rows capture). Export
-time is excluded.
+or `full` (the captured block's whole softmax: the graph before the rows capture); `+mean` or
+`+heads` adds the in-graph overlays (`output.overlays`, alpha 0.5, inferno). Export time is
+excluded.
 
 In-process (default) the sessions run the same pre-generated batch alternately (warm-up
 untimed, then --repeats rounds), so machine noise hits all alike. With --isolate each graph
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +47,16 @@ sys.path.insert(0, str(HERE.parent / "pipeline"))
 MODELS = {"vit_small_patch14_dinov2": 518, "vit_small_patch16_224": 224}
 
 
-def parse_graph(label: str) -> tuple[str, str]:
+def parse_graph(label: str) -> tuple[str, str, str]:
+    """`VARIANT[:CAPTURE][+OVERLAYS][@on|@off]` -> (variant, capture, overlays)."""
     from vit_attn.variant import ROWS, check, check_capture
 
     graph, _, _ = label.partition("@")
+    graph, _, overlays = graph.partition("+")
+    if overlays not in ("", "mean", "heads"):
+        raise SystemExit(f"{label}: the overlays are +mean or +heads")
     variant, _, capture = graph.partition(":")
-    return check(variant), check_capture(capture or ROWS)
+    return check(variant), check_capture(capture or ROWS), overlays or "none"
 
 
 def memory_pattern(label: str) -> str:
@@ -151,7 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument(
-        "--graphs", nargs="+", default=["plain", "fused"], help="VARIANT[:CAPTURE][@on|@off]"
+        "--graphs",
+        nargs="+",
+        default=["plain", "fused"],
+        help="VARIANT[:CAPTURE][+mean|+heads][@on|@off]",
     )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
@@ -190,11 +199,13 @@ def main(argv: list[str] | None = None) -> dict:
         spec = OutputSpec(layers=(loaded.layout.depth - 1,), logits=False, topk=0)
         pixels = GraphInput.pixels((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         paths = {}
-        for label, (variant, capture) in graphs.items():
+        for label, (variant, capture, overlays) in graphs.items():
             t = time.perf_counter()
+            with_overlays = spec if overlays == "none" else replace(spec, overlays=overlays)
             paths[label] = export_onnx(
-                loaded, spec, "fp32", args.cache_dir, pixels, attention=variant, capture=capture
-            )
+                loaded, with_overlays, "fp32", args.cache_dir, pixels, attention=variant,
+                capture=capture,
+            )  # fmt: skip
             print(f"{name} {label}: export {time.perf_counter() - t:.0f} s", file=sys.stderr)
         rng = np.random.default_rng(0)
         batch = rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
