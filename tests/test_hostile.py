@@ -790,6 +790,27 @@ def test_ctrl_c_during_a_dask_call_prints_no_teardown_traceback():
     assert "Traceback" not in err and "NameError" not in err, err
 
 
+def test_a_reader_that_stops_early_gets_no_error_line(tmp_path, data):
+    """`vit-attn inspect STORE | head -1`: the closed pipe ends the command quietly (141)."""
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "vit-attn"),
+            "inspect",
+            str(tmp_path / "out" / "run.zarr"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # before it writes: its first line meets a closed pipe
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=60) == 141, err
+    assert err == "", err
+
+
 def test_identity_arrays_are_laid_out_like_image_path(tmp_path):
     from vit_attn.store import StoreSpec, create_store
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from .errors import ConfigError, PipelineError, StoreError, describe_os_error
 from .remote import is_url, location
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + signal number, as a shell reports it
+EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143  # 128 + signal number, as a shell says
 
 
 class Terminated(KeyboardInterrupt):
@@ -222,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"vit-attn: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `vit-attn inspect STORE | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush cannot fail again
+        return EXIT_SIGPIPE
     except OSError as exc:  # disk full, permissions, a read-only mount: the environment's say
         print(f"vit-attn: error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
