@@ -426,3 +426,13 @@ def test_one_image_is_found_again_from_what_a_store_records(folder, tmp_path):
 def test_unknown_protocols_are_one_line(source, message):
     with pytest.raises(DataSourceError, match=message):
         open_source(source)
+
+
+def test_runs_group_consecutive_equal_keys_only():
+    from vit_attn.sources_remote import runs
+
+    assert list(runs([])) == []
+    assert list(runs(["a"])) == [range(0, 1)]
+    # a key met again later is a new run: a batch may leave a shard and come back to it
+    got = list(runs([0, 0, 1, 0, (2, 1), (2, 1), ("placeholder", 6)]))
+    assert got == [range(0, 2), range(2, 3), range(3, 4), range(4, 6), range(6, 7)]

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import DataSourceError, ImageDecodeError
 from .remote import access_error, url_fs
 from .sources import ImageList
-from .sources_remote import ReadBatch, expand_files, file_url, is_fatal
+from .sources_remote import ReadBatch, expand_files, file_url, is_fatal, runs
 
 __all__ = ["ParquetReader", "is_parquet_source", "list_parquet"]
 
@@ -180,37 +180,32 @@ class ParquetReader:
         items: list[bytes | ImageDecodeError] = [ImageDecodeError("not read")] * n
         labels = np.full(n, -1, np.int64) if self.label_column else None
         columns = (self.image_column,) + ((self.label_column,) if self.label_column else ())
-        i = 0
-        while i < n:
-            loc = locators[i]
-            if len(loc) == 2:  # a placeholder: the listing already knows why
-                items[i] = ImageDecodeError(loc[1])
-                i += 1
+        # (file, row group) per image; a placeholder (the listing already knows why it
+        # fails) is a run of its own
+        keys = [loc[:2] if len(loc) == 3 else ("placeholder", k) for k, loc in enumerate(locators)]
+        for idx in runs(keys):
+            loc = locators[idx[0]]
+            if len(loc) == 2:
+                items[idx[0]] = ImageDecodeError(loc[1])
                 continue
-            j = i + 1
-            while j < n and len(locators[j]) == 3 and locators[j][:2] == loc[:2]:
-                j += 1
             url = self.files[loc[0]]
             try:
                 table = self._row_group(url, loc[1], columns)
             except FileNotFoundError:
                 err = ImageDecodeError(f"file not found: {url}")
-                items[i:j] = [err] * (j - i)
-                i = j
+                items[idx.start : idx.stop] = [err] * len(idx)
                 continue
             except Exception as e:
                 err = ImageDecodeError(access_error(url, e, f"cannot read row group {loc[1]}"))
-                items[i:j] = [err] * (j - i)
-                i = j
+                items[idx.start : idx.stop] = [err] * len(idx)
                 continue
             images = table.column(self.image_column)
-            for k in range(i, j):
+            for k in idx:
                 row = locators[k][2]
                 items[k] = _image_bytes(images[row].as_py())
                 if labels is not None:
                     value = table.column(self.label_column)[row].as_py()
                     labels[k] = -1 if value is None else int(value)
-            i = j
         return ReadBatch(items, labels)
 
     def _row_group(self, url: str, rg: int, columns: tuple[str, ...]) -> Any:

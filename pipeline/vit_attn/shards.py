@@ -27,7 +27,7 @@ import numpy as np
 from .errors import DataSourceError, ImageDecodeError
 from .remote import access_error, url_fs
 from .sources import IMAGE_EXTENSIONS, ImageList
-from .sources_remote import ReadBatch, expand_files, file_url, is_fatal
+from .sources_remote import ReadBatch, expand_files, file_url, is_fatal, runs
 
 __all__ = ["ShardReader", "is_shard_source", "list_shards"]
 
@@ -197,13 +197,8 @@ class ShardReader:
         n = len(paths)
         items: list[bytes | ImageDecodeError] = [ImageDecodeError("not read")] * n
         labels = np.full(n, -1, np.int64) if self.labels else None
-        start = 0
-        while start < n:
-            stop = start + 1
-            while stop < n and locators[stop][0] == locators[start][0]:
-                stop += 1
-            self._read_shard(locators, range(start, stop), items, labels)
-            start = stop
+        for idx in runs([loc[0] for loc in locators]):  # one shard each
+            self._read_shard(locators, idx, items, labels)
         return ReadBatch(items, labels)
 
     def _read_shard(

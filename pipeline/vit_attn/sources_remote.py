@@ -11,7 +11,7 @@ import csv
 import io
 import os
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,18 @@ class ReadBatch:
 
     items: list[bytes | ImageDecodeError]
     labels: np.ndarray | None = None
+
+
+def runs(keys: Sequence[Hashable]) -> Iterator[range]:
+    """Index ranges of consecutive equal keys: a batch's images that one read can serve
+    (one shard's byte span, one Parquet row group), in order."""
+    start = 0
+    while start < len(keys):
+        stop = start + 1
+        while stop < len(keys) and keys[stop] == keys[start]:
+            stop += 1
+        yield range(start, stop)
+        start = stop
 
 
 def _listing_error(url: str, exc: BaseException) -> DataSourceError:
