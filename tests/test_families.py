@@ -124,6 +124,16 @@ FAMILIES: dict[str, tuple] = {
         (POOL, CLS),
         16,
     ),
+    # The pretrained config's pool: 8 heads over blocks of 4 (the store's `pool_head` dim).
+    "pe_core_pool_heads": (
+        "vit_pe_core_tiny_patch16_384",
+        SMALL,
+        (48, 64),
+        ("class",),
+        "attention_pool",
+        (POOL, CLS),
+        16,
+    ),
     # Layers are the class-attention blocks (`blocks_token_only`): the class token's row only.
     "cait": ("cait_xxs24_224", SMALL, (48, 64), ("class",), "class_token", (CLS,), 16),
 }
@@ -247,7 +257,11 @@ def test_family(family, export_cache):
         assert pool is not None and pool.shape[2] == 1  # [B, H, latents, keys]
         keys = pool[:, :, 0, p:] if pool.shape[-1] == lay.num_tokens else pool[:, :, 0]
         assert pool.max() > 0.2
-        np.testing.assert_allclose(outs[POOL], keys.reshape(2, nh, gh, gw), atol=1e-5, rtol=0)
+        pool_heads = lay.pool_heads or nh
+        assert pool.shape[1] == pool_heads
+        np.testing.assert_allclose(
+            outs[POOL], keys.reshape(2, pool_heads, gh, gw), atol=1e-5, rtol=0
+        )
 
     expected_stats = () if spec.class_token else [s for s in STAT_NAMES if s not in CLS_STAT_NAMES]
     assert [n for n in STAT_NAMES if n in outs] == list(expected_stats)
@@ -410,6 +424,51 @@ def test_store_of_cait_holds_class_attention_maps(tmp_path, images, export_cache
     png = tmp_path / "grid.png"
     assert cli_main(["show", str(store), "--image", "1", "--head", "grid", "-o", str(png)]) == 0
     assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_store_of_a_pool_with_its_own_head_count(tmp_path, images, export_cache, capsys):
+    """PE-core's pool has 8 heads over blocks of 4: `pool_attention` and the per-head overlays
+    get a `pool_head` dim; the store opens, renders, and the viewer offers the pool's heads."""
+    from vit_attn.view.data import Selection, StoreData, ViewError
+
+    code, store = run_store(tmp_path, "pe_core_pool_heads", images, export_cache, stats=False)
+    assert code == 0
+    ds = xr.open_zarr(str(store))
+    assert (ds.sizes["head"], ds.sizes["pool_head"]) == (4, 8)
+    assert ds[POOL].dims == ("image", "pool_head", "y", "x")
+    assert ds[CLS].dims == ("image", "layer", "head", "y", "x")
+    assert ds["overlay_heads"].dims == ("image", "pool_head", "pixel_y", "pixel_x", "channel")
+    assert ds["pool_head"].values.tolist() == list(range(8))
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    pool = ds[POOL].values.astype(np.float32)
+    for i in range(ds.sizes["image"]):
+        base = model_input_image(group, i)[None]
+        np.testing.assert_array_equal(
+            ds["overlay"].values[i], blend(base, pool[i].mean(0)[None])[0]
+        )
+        np.testing.assert_array_equal(
+            ds["overlay_heads"].values[i, 7], blend(base, pool[i, 7:8])[0]
+        )
+
+    png = tmp_path / "p.png"
+    assert cli_main(["show", str(store), "--image", "0", "--head", "7", "-o", str(png)]) == 0
+    assert (
+        cli_main(
+            ["show", str(store), "--image", "0", "--map", "cls", "--head", "7", "-o", str(png)]
+        )
+        == 2
+    )
+    assert "--head '7'" in capsys.readouterr().err
+
+    data = StoreData(store)
+    sources = {s["name"]: s for s in data.meta()["sources"]}
+    assert sources[POOL]["head_count"] == 8 and sources[CLS]["head_count"] == 0
+    np.testing.assert_array_equal(data.chosen_map(1, Selection(POOL, -1, "7")), pool[1, 7])
+    with pytest.raises(ViewError, match="head must be 0..3"):
+        data.chosen_map(1, Selection(CLS, -1, "7"))
 
 
 def test_rollout_without_class_token_is_refused(tmp_path, images, export_cache, capsys):

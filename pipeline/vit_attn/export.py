@@ -368,8 +368,8 @@ class AttentionGraph(nn.Module):
                 f"the attention pool sees {keys} tokens, neither the {lay.num_tokens} tokens "
                 f"nor the {lay.num_patches} patches; the model is not supported"
             )
-        # [B, heads, latents, N] -> [B, latents, heads, gh, gw]
-        attn = attn.transpose(1, 2).reshape(batch, -1, lay.num_heads, *lay.grid)
+        # [B, heads, latents, N] -> [B, latents, heads, gh, gw] (the pool's own head count)
+        attn = attn.transpose(1, 2).reshape(batch, -1, attn.shape[1], *lay.grid)
         return attn[:, 0] if lay.pool_latents == 1 else attn
 
 

@@ -85,11 +85,6 @@ def token_layout(model: nn.Module) -> TokenLayout:
     pooling, pool_latents, pool_heads = _pooling(model, name, prefix_roles)
     first: Any = attns[0]
     num_heads = int(first.num_heads)
-    if pool_heads and pool_heads != num_heads:
-        raise ModelError(
-            f"model {name!r}: its attention pool has {pool_heads} heads and its blocks {num_heads}; "
-            "stores with two head counts are not supported"
-        )
     return TokenLayout(
         num_prefix_tokens=len(prefix_roles),
         patch_size=_token_stride(patch_embed, grid, img_size, name),

@@ -127,6 +127,7 @@ def store_spec(
         identity=cfg.data.verify,
         maps=lay.maps,
         pool_latents=max(lay.pool_latents, 1),
+        pool_heads=lay.pool_heads,
     )
 
 

@@ -96,6 +96,9 @@ class StoreSpec:
             models, `received_attention` for the others.
         pool_latents: latent queries of the attention pool; above 1, `pool_attention` gets
             a `latent` dim.
+        pool_heads: the attention pool's heads; 0, or equal to `num_heads`: `pool_attention`
+            uses the `head` dim. Otherwise its own `pool_head` dim (a dataset has one length
+            per dim), as do the per-head overlays when the pool's map is the default.
     """
 
     n_images: int
@@ -116,6 +119,7 @@ class StoreSpec:
     identity: str = "none"  # per-image input identity: 'stat' (size, mtime) or 'hash' (+ sha256)
     maps: tuple[str, ...] = ("cls_attention",)
     pool_latents: int = 1
+    pool_heads: int = 0
 
     def __post_init__(self) -> None:
         # Sequences from YAML arrive as lists: store tuples so the spec stays hashable.
@@ -128,6 +132,7 @@ class StoreSpec:
             f"maps must be a non-empty subset of {MAP_ARRAYS}, got {list(self.maps)}",
         )
         _check(self.pool_latents >= 1, f"pool_latents must be >= 1, got {self.pool_latents}")
+        _check(self.pool_heads >= 0, f"pool_heads must be >= 0, got {self.pool_heads}")
         _check(self.n_images >= 1, f"n_images must be >= 1, got {self.n_images}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(
@@ -157,6 +162,17 @@ class StoreSpec:
             _check(stat.isidentifier(), f"stat name {stat!r} is not an identifier")
             _check(stat not in taken, f"stat name {stat!r} clashes with an array of the store")
         _check(len(set(self.stats)) == len(self.stats), f"stat names repeat: {list(self.stats)}")
+
+    @property
+    def pool_head_dim(self) -> str:
+        """The head dim of `pool_attention`: `pool_head` when the pool has its own count."""
+        own = "pool_attention" in self.maps and self.pool_heads not in (0, self.num_heads)
+        return "pool_head" if own else "head"
+
+    @property
+    def overlay_head_dim(self) -> str:
+        """The head dim of `overlay_heads`: that of the default map (the first of `maps`)."""
+        return self.pool_head_dim if self.maps[0] == "pool_attention" else "head"
 
     @property
     def n_batches(self) -> int:
@@ -196,6 +212,8 @@ class StoreSpec:
         }
         if self.pool_latents > 1:
             sizes["latent"] = self.pool_latents
+        if self.pool_head_dim == "pool_head":
+            sizes["pool_head"] = self.pool_heads
         if self.topk is not None:
             sizes["k"] = self.topk
         return sizes
@@ -227,6 +245,11 @@ class StoreSpec:
             ArrayLayout("layer", ("layer",), "int32", (nl,), (nl,), None, False),
             ArrayLayout("head", ("head",), "int32", (nh,), (nh,), None, False),
         ]
+        if self.pool_head_dim == "pool_head":
+            ph = self.pool_heads
+            arrays.append(
+                ArrayLayout("pool_head", ("pool_head",), "int32", (ph,), (ph,), None, False)
+            )
         # The input files' identity, written at creation (and by a resume that redoes changed
         # images, before any task runs): laid out like image_path.
         if self.identity != "none":
@@ -252,7 +275,7 @@ class StoreSpec:
             (
                 "pool_attention" in self.maps,
                 "pool_attention",
-                (("latent",) if self.pool_latents > 1 else ()) + ("head", "y", "x"),
+                (("latent",) if self.pool_latents > 1 else ()) + (self.pool_head_dim, "y", "x"),
                 self.attention_dtype,
                 True,
             ),
@@ -275,7 +298,7 @@ class StoreSpec:
             (
                 self.overlays == "heads",
                 "overlay_heads",
-                ("head", "pixel_y", "pixel_x", "channel"),
+                (self.overlay_head_dim, "pixel_y", "pixel_x", "channel"),
                 "uint8",
                 True,
             ),
@@ -491,6 +514,8 @@ def populate(group: zarr.Group, spec: StoreSpec, image_paths: Sequence[str]) -> 
         )
     array(group, "layer")[:] = np.asarray(spec.layers, dtype=np.int32)
     array(group, "head")[:] = np.arange(spec.num_heads, dtype=np.int32)
+    if spec.pool_head_dim == "pool_head":
+        array(group, "pool_head")[:] = np.arange(spec.pool_heads, dtype=np.int32)
     array(group, "image_path")[:] = np.asarray([str(p) for p in image_paths], dtype=object)
 
 

@@ -60,6 +60,9 @@ class MapSource:
     label: str
     has_layer: bool
     has_head: bool
+    # Its own head count when it differs from the blocks' (an attention pool with its own
+    # heads: the `pool_head` dim); 0: the store's `head` coordinate.
+    head_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,10 +152,17 @@ class StoreData:
             if len(dims) < 3 or dims[0] != "image" or dims[-2:] != ("y", "x"):
                 continue
             middle = dims[1:-2]
-            if any(d not in ("layer", "head") for d in middle):
+            if any(d not in ("layer", "head", "pool_head") for d in middle):
                 continue
+            own = arr.shape[1 + middle.index("pool_head")] if "pool_head" in middle else 0
             found.append(
-                MapSource(name, MAP_LABELS.get(name, name), "layer" in middle, "head" in middle)
+                MapSource(
+                    name,
+                    MAP_LABELS.get(name, name),
+                    "layer" in middle,
+                    "head" in middle or "pool_head" in middle,
+                    int(own),
+                )
             )
         order = list(MAP_LABELS)
         found.sort(key=lambda s: (order.index(s.name) if s.name in order else len(order), s.name))
@@ -443,11 +453,11 @@ class StoreData:
             raise ViewError(f"layer index {layer_index} is out of range: {n} layers are stored")
         return layer_index % n
 
-    def head_index(self, head: str) -> int:
-        if not head.isdigit() or int(head) >= len(self.heads):
-            raise ViewError(
-                f"head must be 0..{len(self.heads) - 1} or one of {HEAD_CHOICES}, got {head!r}"
-            )
+    def head_index(self, head: str, count: int | None = None) -> int:
+        """A head given as text, checked against `count` heads (default: the blocks')."""
+        n = len(self.heads) if count is None else count
+        if not head.isdigit() or int(head) >= n:
+            raise ViewError(f"head must be 0..{n - 1} or one of {HEAD_CHOICES}, got {head!r}")
         return int(head)
 
     def source(self, name: str) -> MapSource | None:
@@ -503,7 +513,7 @@ class StoreData:
             return maps[0]
         if sel.head in HEAD_FUSIONS:
             return fuse_heads(maps, sel.head, axis=0)
-        return maps[self.head_index(sel.head)]
+        return maps[self.head_index(sel.head, maps.shape[0])]
 
     def prefix_mass(self, image: int, sel: Selection) -> float | None:
         """For a row: the mass the query token puts on prefix tokens (not on the map)."""

@@ -77,8 +77,10 @@ function setOptions(select, options, value) {
   }
 }
 
-function headOptions() {
-  return [["mean", "mean"], ["max", "max"], ["min", "min"], ...META.heads.map((h, k) => [k, `head ${h}`])];
+// The blocks' heads, or a map source's own (an attention pool with its own head count).
+function headOptions(info) {
+  const heads = info && info.head_count ? [...Array(info.head_count).keys()] : META.heads;
+  return [["mean", "mean"], ["max", "max"], ["min", "min"], ...heads.map((h, k) => [k, `head ${h}`])];
 }
 
 function layerOptions() {
@@ -334,7 +336,7 @@ function fillMapControls(sel) {
   const info = sourceInfo(sel.source);
   setOptions($("m-layer"), layerOptions(), sel.layer);
   $("m-layer").disabled = !info.has_layer;
-  setOptions($("m-head"), headOptions(), sel.head);
+  setOptions($("m-head"), headOptions(info), sel.head);
   $("m-head").disabled = !info.has_head;
   const tokens = [];
   for (let t = 0; t < META.num_prefix_tokens; t++) tokens.push([t, tokenLabel(t)]);
