@@ -76,11 +76,12 @@ def demo_store(tmp_path_factory, export_cache) -> Path:
     return out / "demo.zarr"
 
 
-def handmade_store(path: Path, array: str) -> Path:
+def handmade_store(path: Path, array: str, pool_heads: int = 0) -> Path:
     """A store written with zarr directly: no class token, a 3 x 4 grid, one map array.
 
-    `pool_attention` is (image, head, y, x), `received_attention` (image, layer, head, y, x);
-    statuses ok, ok, failed, ok, pending; no preprocessing recorded (no source images).
+    `pool_attention` is (image, head, y, x), or (image, pool_head, y, x) with `pool_heads`
+    heads of its own; `received_attention` (image, layer, head, y, x); statuses ok, ok,
+    failed, ok, pending; no preprocessing recorded (no source images).
     """
     rng = np.random.default_rng(5)
     n, heads, layers, grid = 5, 2, [0, 1], (3, 4)
@@ -117,7 +118,10 @@ def handmade_store(path: Path, array: str) -> Path:
     put("status", [1, 1, 2, 1, 0], ("image",), np.int8)
     put("layer", layers, ("layer",), np.int32)
     put("head", list(range(heads)), ("head",), np.int32)
-    if array == "pool_attention":
+    if array == "pool_attention" and pool_heads:
+        put("pool_head", list(range(pool_heads)), ("pool_head",), np.int32)
+        shape, dims = (n, pool_heads, *grid), ("image", "pool_head", "y", "x")
+    elif array == "pool_attention":
         shape, dims = (n, heads, *grid), ("image", "head", "y", "x")
     else:
         shape, dims = (n, len(layers), heads, *grid), ("image", "layer", "head", "y", "x")
@@ -707,5 +711,27 @@ def test_browser_store_without_full_attention_or_class_token(tmp_path, browser):
         assert "attention.stats: true" in pg.locator("#stats-error").inner_text()
     finally:
         context.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_browser_pool_with_its_own_head_count(tmp_path, page):
+    """An attention pool with 5 heads over blocks of 2: the head menu lists the pool's heads
+    for its map, and head 4 draws the pool's head 4."""
+    store = handmade_store(tmp_path / "pool5.zarr", "pool_attention", pool_heads=5)
+    maps = np.asarray(zarr.open_group(str(store), mode="r")["pool_attention"][:], np.float64)
+    srv = make_server(store, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        meta = json.loads(get(srv.url + "api/meta")[1])
+        assert meta["heads"] == [0, 1] and meta["sources"][0]["head_count"] == 5
+        page.goto(srv.url + "#/image/3?head=4")
+        ready(page, "image-ready")
+        options = page.locator("#m-head option").all_inner_texts()
+        assert options == ["mean", "max", "min", *[f"head {h}" for h in range(5)]]
+        assert page.locator("#m-head").input_value() == "4"
+        assert_map_matches(pixels(page, READ_IMG, "#p-map"), maps[3, 4], "inferno")
+        assert not page.errors, page.errors
+    finally:
         srv.shutdown()
         srv.server_close()
