@@ -124,6 +124,25 @@ FAMILIES: dict[str, tuple] = {
         (POOL, CLS),
         16,
     ),
+    "dinov3": (
+        "vit_small_patch16_dinov3",
+        SMALL,
+        (48, 64),
+        ("class", R, R, R, R),
+        "average",
+        (CLS,),
+        16,
+    ),
+    "rope_mixed": (
+        "vit_base_patch16_rope_mixed_224",
+        SMALL,
+        (48, 64),
+        ("class",),
+        "class_token",
+        (CLS,),
+        16,
+    ),
+    "aimv2": ("aimv2_large_patch14_224", SMALL, (42, 56), (), "average", (RECEIVED,), 14),
     # The pretrained config's pool: 8 heads over blocks of 4 (the store's `pool_head` dim).
     "pe_core_pool_heads": (
         "vit_pe_core_tiny_patch16_384",
