@@ -152,12 +152,18 @@ def test_two_images_never_share_a_png(tmp_path, data, capsys):
 # --------------------------------------------------------------------- 2. PNGs and the summary
 
 
-def test_a_png_that_cannot_be_written_never_leaves_status_ok(tmp_path, capsys):
+@pytest.mark.parametrize("threads", [1, 2])  # PNGs encoded in the worker thread, or a pool
+def test_a_png_that_cannot_be_written_never_leaves_status_ok(tmp_path, capsys, threads):
     """A name the file system accepts for the image but not for its PNG (NAME_MAX)."""
     imagefactory.write_rgb_set(tmp_path / "data", [(40, 30), (41, 31)])
     long = tmp_path / "data" / ("x" * 251 + ".png")
     (tmp_path / "data" / "img_40x30.png").rename(long)
-    config = write_config(tmp_path, tmp_path / "data", output={"png_dir": str(tmp_path / "png")})
+    config = write_config(
+        tmp_path,
+        tmp_path / "data",
+        output={"png_dir": str(tmp_path / "png")},
+        inference={"threads": threads},
+    )
     code = run(config)
     err = capsys.readouterr().err
     store = tmp_path / "out" / "run.zarr"
