@@ -424,6 +424,40 @@ def test_a_stalled_writer_never_writes_into_the_store_that_replaced_its_own(tmp_
     assert (status_of(store) == 1).all()
 
 
+def test_a_writer_taken_over_during_its_data_write_leaves_the_batch_to_be_redone(
+    tmp_path, data, monkeypatch
+):
+    """Run 1 passes its ownership check, stalls before its data lands; run 2 resumes the
+    store and writes the same batch (status 1); run 1's data then lands over it. Run 1's
+    second check fails: it must leave status 0 (redo), never run 2's 1 over its own data."""
+    import vit_attn.store as store_module
+    from vit_attn.config import load_config
+    from vit_attn.plan import prepare
+    from vit_attn.task import _run_batch, run_batch
+
+    config = write_config(tmp_path, data)
+    first = prepare(load_config(config))
+    store = tmp_path / "out" / "run.zarr"
+    original = store_module._write_regions
+    taken: list[bool] = []
+
+    def stalled(regions, start, stop):
+        if not taken:  # run 1's data write: run 2 takes over and finishes the batch first
+            taken.append(True)
+            second = prepare(load_config(config))
+            # the batch body alone: run_batch's per-process gate is held by run 1's call
+            assert _run_batch(second.plan, second.tasks[0]).fatal is None
+            assert (status_of(store)[start:stop] == 1).all()
+        original(regions, start, stop)
+
+    monkeypatch.setattr(store_module, "_write_regions", stalled)
+    fatal = run_batch(first.plan, first.tasks[0]).fatal or ""
+    assert "belongs to run" in fatal and "a resume redoes it" in fatal
+    assert (status_of(store)[:4] == 0).all()
+    monkeypatch.setattr(store_module, "_write_regions", original)
+    assert run(config) == 0 and (status_of(store) == 1).all()
+
+
 # --------------------------------------------------------------------- 5. data identity
 
 

@@ -12,6 +12,7 @@ open the store by path in any process (Dask workers).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import operator
@@ -670,8 +671,24 @@ def write_batch(
     regions.append((arrays["error"], np.asarray(result.error, dtype=object)))
     _write_regions(regions, result.start, result.stop)
     if run_id is not None:
-        _check_run(_current_run_id(group_or_path, group), run_id, group_or_path, result.batch_index)
+        try:
+            _check_run(
+                _current_run_id(group_or_path, group), run_id, group_or_path, result.batch_index
+            )
+        except StoreTakenError:
+            # Taken over while this writer was stalled between its first check and its data:
+            # that data may now sit under the other run's status 1. Status 0 makes a resume
+            # redo these images; the other run's own later write of them is right either way.
+            _reset_status(arrays["status"], result.start, result.stop)
+            raise
     _write_region(arrays["status"], result.start, result.stop, status)
+
+
+def _reset_status(status: zarr.Array, start: int, stop: int) -> None:
+    """Best effort: status 0 for rows [start, stop) of a store this writer no longer owns."""
+    with contextlib.suppress(Exception):  # a replaced store may not even have these rows
+        if stop <= status.shape[0]:
+            _write_region(status, start, stop, np.zeros(stop - start, dtype=np.int8))
 
 
 def _current_run_id(path: Any, group: zarr.Group | None) -> Any:
@@ -693,7 +710,8 @@ def _check_run(current: Any, run_id: str, where: Any, batch: int) -> None:
     if current != run_id:
         raise StoreTakenError(
             f"{where} now belongs to run {current}, not to this run {run_id} (replaced or taken "
-            f"over while this run was stalled); batch {batch} was not written"
+            f"over while this run was stalled); batch {batch} was not written (its status is 0: "
+            "a resume redoes it)"
         )
 
 
