@@ -823,6 +823,7 @@ def _sync_race(handler: str) -> str:
     return done.stderr
 
 
+@pytest.mark.slow  # subprocesses importing the package
 def test_ctrl_c_during_a_dask_call_prints_no_teardown_traceback():
     if "NameError" not in _sync_race("python"):
         pytest.skip("this distributed no longer logs the race; nothing to silence")
@@ -830,6 +831,7 @@ def test_ctrl_c_during_a_dask_call_prints_no_teardown_traceback():
     assert "Traceback" not in err and "NameError" not in err, err
 
 
+@pytest.mark.slow  # subprocesses importing the package
 def test_a_reader_that_stops_early_gets_no_error_line(tmp_path, data):
     """`vit-attn inspect STORE | head -1`: the closed pipe ends the command quietly (141)."""
     config = write_config(tmp_path, data)
