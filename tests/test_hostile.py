@@ -424,6 +424,7 @@ def test_a_stalled_writer_never_writes_into_the_store_that_replaced_its_own(tmp_
     assert (status_of(store) == 1).all()
 
 
+@pytest.mark.slow  # two plans and a whole run
 def test_a_writer_taken_over_during_its_data_write_leaves_the_batch_to_be_redone(
     tmp_path, data, monkeypatch
 ):
