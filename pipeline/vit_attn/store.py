@@ -673,7 +673,12 @@ def write_batch(
     if run_id is not None:
         try:
             _check_run(
-                _current_run_id(group_or_path, group), run_id, group_or_path, result.batch_index
+                _current_run_id(group_or_path, group),
+                run_id,
+                group_or_path,
+                result.batch_index,
+                outcome="may have left its data over that run's; its status is now 0, so a "
+                "resume redoes it",
             )
         except StoreTakenError:
             # Taken over while this writer was stalled between its first check and its data:
@@ -706,12 +711,13 @@ class StoreTakenError(StoreError):
     """The store now belongs to another run: this run's writers must stop."""
 
 
-def _check_run(current: Any, run_id: str, where: Any, batch: int) -> None:
+def _check_run(
+    current: Any, run_id: str, where: Any, batch: int, outcome: str = "was not written"
+) -> None:
     if current != run_id:
         raise StoreTakenError(
             f"{where} now belongs to run {current}, not to this run {run_id} (replaced or taken "
-            f"over while this run was stalled); batch {batch} was not written (its status is 0: "
-            "a resume redoes it)"
+            f"over while this run was stalled); batch {batch} {outcome}"
         )
 
 
