@@ -10,8 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vit_attn import pngencode
 from vit_attn.outputs import PNG_MARKER, is_ours, write_png
 from vit_attn.pngencode import encode_png
+
+DEFAULT_DEFLATE = pngencode.DEFLATE  # before any fixture changes it
+
+
+@pytest.fixture(autouse=True, params=["isal", "zlib"])
+def deflate(request, monkeypatch) -> str:
+    """Every test runs with both deflate back ends (ISA-L, and zlib where isal is missing)."""
+    if request.param == "isal" and pngencode.isal_zlib is None:
+        pytest.skip("isal is not installed")
+    monkeypatch.setattr(pngencode, "DEFLATE", request.param)
+    return request.param
 
 
 def _decoded(data: bytes) -> Image.Image:
@@ -79,6 +91,11 @@ def test_bad_arrays_are_refused(bad: np.ndarray) -> None:
 def test_bad_text_key_is_refused() -> None:
     with pytest.raises(ValueError, match="text key"):
         encode_png(np.zeros((2, 2), np.uint8), {"": "x"})
+
+
+def test_isal_is_the_default_where_installed(deflate: str) -> None:
+    # A dependency of the package: a broken install would silently cost 4x in PNG encoding.
+    assert DEFAULT_DEFLATE == "isal"
 
 
 def test_write_png_marks_the_file_and_refuses_bad_input_before_any_file(tmp_path) -> None:
