@@ -7,8 +7,9 @@ encoding the PNGs `output.png_dir` writes.
 - numpy's `overlay.blend` of the same head-mean and per-head overlays on the host (what
   `task.py` did before the graph blended them);
 - PNG encoding of one image's overlay and of its head grid (`overlay.tile_grid`): Pillow at
-  zlib level 1 (what `outputs.write_png` used before) and `vit_attn.pngencode` (what it uses
-  now), with the bytes each produces.
+  zlib level 1 (what `outputs.write_png` used first), `vit_attn.pngencode` with zlib (its
+  fallback) and with ISA-L (its default), with the bytes each produces; and `tile_grid`
+  itself (tiles and labels, before encoding).
 
 Images: generated PNGs (240-320 px, benchmarks/imagesets.py) decoded as a run decodes them.
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from PIL import Image
 
+    from vit_attn import pngencode
     from vit_attn.decode import load_batch, preprocess_for_model
     from vit_attn.export import export_onnx
     from vit_attn.graphinput import GraphInput
@@ -88,8 +90,12 @@ def main(argv: list[str] | None = None) -> dict:
         Image.fromarray(picture).save(buf, format="PNG", compress_level=1)
         return len(buf.getvalue())
 
-    def ours(picture: np.ndarray) -> int:
-        return len(encode_png(picture))
+    def ours(deflate: str):
+        def encode(picture: np.ndarray) -> int:
+            pngencode.DEFLATE = deflate
+            return len(encode_png(picture))
+
+        return encode
 
     grids = [
         tile_grid(np.concatenate([outs["overlay"][i][None], outs["overlay_heads"][i]]),
@@ -99,12 +105,22 @@ def main(argv: list[str] | None = None) -> dict:
     cases = {
         **{f"graph, {name}": (lambda r=r: r.run(u8)) for name, r in graphs.items()},
         "numpy blend (mean + per head)": numpy_blend,
-    }
+        "tile_grid (tiles + labels)": lambda: [
+            tile_grid(np.concatenate([outs["overlay"][i][None], outs["overlay_heads"][i]]),
+                      head_labels(nh))
+            for i in range(n)
+        ],
+    }  # fmt: skip
     grid_name = f"head grid {grids[0].shape[1]}x{grids[0].shape[0]}"
     pictures = {"overlay 224x224": list(outs["overlay"]), grid_name: grids}
     sizes = {}
     for what, pics in pictures.items():
-        for name, enc in (("Pillow level 1", pillow), ("pngencode", ours)):
+        encoders = (
+            ("Pillow level 1", pillow),
+            ("pngencode, zlib", ours("zlib")),
+            ("pngencode, isal", ours("isal")),
+        )
+        for name, enc in encoders:
             cases[f"PNG encode ({name}), {what}"] = lambda enc=enc, pics=pics: [
                 enc(q) for q in pics
             ]

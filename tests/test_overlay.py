@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from vit_attn.errors import ConfigError
 from vit_attn.overlay import (
     blend,
     colormap_lut,
     head_grid,
+    head_labels,
     normalize_maps,
     save_png,
+    tile_grid,
     upsample_maps,
 )
 
@@ -151,3 +153,41 @@ def test_head_grid_layout_and_labels(tmp_path) -> None:
 
     path = save_png(labelled, tmp_path / "sub" / "grid.png")
     np.testing.assert_array_equal(np.asarray(Image.open(path)), labelled)
+
+
+def _labelled_by_pillow(plain: np.ndarray, labels, ncols: int, h: int, w: int, border: int):
+    """Reference: each label drawn by Pillow onto the grid itself, box then text, in order."""
+    canvas = Image.fromarray(plain)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i, label in enumerate(labels):
+        r, c = divmod(i, ncols)
+        x0, y0 = border + c * (w + border) + 2, border + r * (h + border) + 2
+        left, top, right, bottom = draw.textbbox((x0, y0), label, font=font)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
+        draw.text((x0, y0), label, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "w", "ncols", "border"),
+    [
+        (4, 224, 224, None, 2),  # a run's grid: mean + 3 heads
+        (13, 32, 48, None, 2),  # mean + 12 heads, a ragged last row
+        (7, 6, 9, 3, 0),  # tiles smaller than a label: boxes overlap and leave the grid
+        (17, 20, 14, 5, 1),  # labels "h10".. wider than a tile
+    ],
+)
+def test_labels_are_pillows_on_every_grid(n, h, w, ncols, border) -> None:
+    # Labels are stamped from a cache drawn once per layout; every grid must get exactly the
+    # pixels Pillow draws on it, whatever its tiles hold (two different tile sets).
+    rng = np.random.default_rng(n)
+    labels = head_labels(n - 1)
+    for _ in range(2):
+        tiles = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+        plain = tile_grid(tiles, labels, ncols, titles=False, border=border)
+        cols = ncols or int(np.ceil(np.sqrt(n)))
+        expected = _labelled_by_pillow(plain, labels, cols, h, w, border)
+        got = tile_grid(tiles, labels, ncols, border=border)
+        np.testing.assert_array_equal(got, expected)
+        assert (got != plain).any()

@@ -253,17 +253,42 @@ def tile_grid(
 def _label_tiles(
     grid: np.ndarray, labels: list[str], ncols: int, h: int, w: int, border: int
 ) -> np.ndarray:
-    """Draw each label on a dark box in its tile's top-left corner (readable on any map)."""
-    canvas = Image.fromarray(grid)
+    """Draw each label on a dark box in its tile's top-left corner (readable on any map).
+
+    The boxes are opaque, so what they hold does not depend on the tiles: they are drawn once
+    per layout (`_label_boxes`) and copied into every grid (a run writes one grid per image).
+    """
+    for rows, cols, pixels in _label_boxes(tuple(labels), ncols, h, w, border, grid.shape):
+        grid[rows, cols] = pixels
+    return grid
+
+
+@functools.lru_cache(maxsize=16)
+def _label_boxes(
+    labels: tuple[str, ...], ncols: int, h: int, w: int, border: int, shape: tuple[int, ...]
+) -> list[tuple[slice, slice, np.ndarray]]:
+    """Each label's box as drawn by Pillow's default font: (rows, cols, pixels), in order."""
+    canvas = Image.new("RGB", (shape[1], shape[0]))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
+    boxes = []
     for i, label in enumerate(labels):
         r, c = divmod(i, ncols)
         x0, y0 = border + c * (w + border) + 2, border + r * (h + border) + 2
         left, top, right, bottom = draw.textbbox((x0, y0), label, font=font)
-        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
+        box = (left - 2, top - 2, right + 2, bottom + 2)  # inclusive corners, as Pillow draws
+        draw.rectangle(box, fill=(0, 0, 0))
         draw.text((x0, y0), label, fill=(255, 255, 255), font=font)
-    return np.array(canvas)
+        rows = slice(max(0, int(box[1])), min(shape[0], int(box[3]) + 1))
+        cols = slice(max(0, int(box[0])), min(shape[1], int(box[2]) + 1))
+        boxes.append((rows, cols))
+    pixels = np.asarray(canvas)
+    stamped = []
+    for rows, cols in boxes:  # copied after all are drawn: a later box may cover an earlier one
+        patch = pixels[rows, cols].copy()
+        patch.flags.writeable = False
+        stamped.append((rows, cols, patch))
+    return stamped
 
 
 def save_png(array_u8: np.ndarray, path: str | os.PathLike[str]) -> Path:
