@@ -95,7 +95,8 @@ def test_a_record_goes_with_its_graph(cache, tmp_path):
 def test_cli_lists_and_prunes_in_one_line_each(cache, capsys):
     assert cli_main(["cache", "--dir", str(cache)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-1].startswith("11 files, 0.0 MB in ") and len(out) == 12
+    total = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert out[-1].startswith(f"11 files, {total / 1000:.1f} KB in ") and len(out) == 12
     assert any(
         line.startswith("graph") and "last used   90.0 days ago" in line
         for line in out

@@ -253,9 +253,9 @@ def _cache(args: argparse.Namespace) -> int:
         gone = prune(root, args.older_than, dry_run=args.dry_run)
         verb = "would remove" if args.dry_run else "removed"
         for e in gone:
-            print(f"{verb} {e.kind:9s} {_mb(e.size):>9s}  {e.path.name}")
+            print(f"{verb} {e.kind:9s} {_human(e.size):>9s}  {e.path.name}")
         print(
-            f"{verb} {len(gone)} files, {_mb(sum(e.size for e in gone))}, unused for more than "
+            f"{verb} {len(gone)} files, {_human(sum(e.size for e in gone))}, unused for more than "
             f"{args.older_than:g} days, from {root}"
         )
         return EXIT_OK
@@ -263,13 +263,9 @@ def _cache(args: argparse.Namespace) -> int:
     now = time.time()
     for e in entries:
         age = (now - e.last_used) / DAY
-        print(f"{e.kind:9s} {_mb(e.size):>9s}  last used {age:6.1f} days ago  {e.path.name}")
-    print(f"{len(entries)} files, {_mb(sum(e.size for e in entries))} in {root}")
+        print(f"{e.kind:9s} {_human(e.size):>9s}  last used {age:6.1f} days ago  {e.path.name}")
+    print(f"{len(entries)} files, {_human(sum(e.size for e in entries))} in {root}")
     return EXIT_OK
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -384,10 +380,11 @@ def _disk_size(path: Path | str, name: str = "") -> int:
 
 
 def _human(n: float) -> str:
+    """A byte count in decimal units (1 MB = 10^6 bytes), as `du --si` and disk vendors say."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
+        if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
+        n /= 1000
     return str(n)
 
 
