@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,9 +32,14 @@ import pytest
 import zarr
 from PIL import Image
 
+from vit_attn import open_store
+from vit_attn.cli import main as cli_main
 from vit_attn.demo import main as demo_main
+from vit_attn.errors import StoreError
 from vit_attn.store import FORMAT
+from vit_attn.view import data as view_data
 from vit_attn.view import make_server
+from vit_attn.view.data import ListQuery, StoreData
 from vit_attn.view.headless import CHROMIUM_ARGS, chromium_executable
 
 N_IMAGES = 12
@@ -275,6 +281,10 @@ def test_bad_parameters_are_one_clear_json_error(server):
         ("api/map/99999.png", "out of range"),
         ("api/thumbs?ids=1,x", "ids"),
         ("api/thumbs?ids=0&box=4", "box"),
+        # Characters str.isdigit() accepts and int() refuses: a 400, never a 500.
+        ("api/map/0.json?head=%C2%B2", "head must be"),
+        ("api/list?top1=%C2%B2", "top1 must be"),
+        ("api/map/0.json?layer=%C2%B2", "layer must be an integer"),
     ]:
         code, body, ctype = get(server.url + path)
         assert code in (400, 404), path
@@ -459,6 +469,166 @@ def test_cli_refuses_what_is_not_a_store(tmp_path):
         )
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert "is not a vit-attention store" in r.stderr
+
+
+# --------------------------------------------------------------------------- damaged or moving stores
+
+
+def copy_of_demo(demo_store: Path, tmp_path: Path) -> Path:
+    """The demo's output folder copied (store and images), the store pointed at its copy of the
+    images, so a test may change images or store files without touching the shared one."""
+    out = tmp_path / "demo"
+    shutil.copytree(demo_store.parent, out)
+    store = out / demo_store.name
+    g = zarr.open_group(str(store), mode="r+")
+    root = Path(g.attrs["image_root"])
+    new_root = out / root.relative_to(demo_store.parent)
+    g.attrs["image_root"] = str(new_root)
+    for rel in g["image_path"][:]:  # keep each file's recorded identity true (mtime)
+        src = root / str(rel)
+        if src.exists():
+            st = src.stat()
+            os.utime(new_root / str(rel), ns=(st.st_atime_ns, st.st_mtime_ns))
+    return store
+
+
+def show(store: Path, *args: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli_main(["show", str(store), *args])
+    return rc, err.getvalue()
+
+
+@contextlib.contextmanager
+def serving(store: Path) -> Iterator:
+    srv = make_server(store, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_show_refuses_layers_and_heads_the_model_does_not_have(demo_store, tmp_path):
+    depth = zarr.open_group(str(demo_store), mode="r").attrs["model"]["depth"]
+    out = str(tmp_path / "x.png")
+    for args, words in [
+        (["--image", "0", "--layer", str(depth)], f"blocks 0..{depth - 1}"),  # was block 0
+        (["--image", "0", "--layer", str(-depth - 1)], f"blocks 0..{depth - 1}"),  # was the last
+        (["--image", "0", "--head", "²"], "--head '²'"),
+        (["--image", "²"], "not in the store"),
+    ]:
+        rc, err = show(demo_store, *args, "-o", out)
+        assert rc == 2, (args, err)
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not Path(out).exists()
+    rc, _ = show(demo_store, "--image", "0", "--layer", str(-depth), "-o", out)
+    assert rc == 0 and Path(out).exists()
+
+
+def test_prefix_tokens_are_named_by_the_stores_roles(demo_store, tmp_path):
+    assert StoreData(demo_store).token_names() == ["CLS"]
+    store = tmp_path / "roles.zarr"
+    g = zarr.open_group(str(store), mode="w", zarr_format=3)
+    src = zarr.open_group(str(demo_store), mode="r")
+    attrs = dict(src.attrs)
+    attrs["model"] = {**attrs["model"], "num_prefix_tokens": 4}
+    roles = ["class", "register", "register", "distillation"]
+    attrs["token_roles"] = {**attrs.get("token_roles", {}), "prefix_roles": roles}
+    g.attrs.update(attrs)
+    for name in ("status", "image_path"):
+        g.create_array(name, data=np.asarray(src[name][:]), dimension_names=("image",))
+    assert StoreData(store).token_names() == ["CLS", "register 0", "register 1", "distillation"]
+    # A register-only model (no class token): token 0 is a register, never "CLS".
+    attrs["model"]["num_prefix_tokens"] = 1
+    attrs["token_roles"]["prefix_roles"] = ["register"]
+    g.attrs.update(attrs)
+    assert StoreData(store).token_names() == ["register 0"]
+
+
+def test_the_viewer_follows_a_store_that_is_still_being_written(demo_store, tmp_path, monkeypatch):
+    store = copy_of_demo(demo_store, tmp_path)
+    g = zarr.open_group(str(store), mode="r+")
+    final = np.asarray(g["status"][:])
+    g["status"][:] = np.where(np.arange(final.size) < 4, final, 0)  # a run 4 images in
+    data = StoreData(store)
+    assert data.counts()["pending"] == final.size - 4
+    assert data.page(ListQuery(status="pending"), 0, 100)["total"] == final.size - 4
+    g["status"][:] = final  # the run finishes
+    monkeypatch.setattr(view_data, "STATUS_RECHECK_SECONDS", 0.0)
+    data._next_status_check = 0.0
+    assert data.counts()["pending"] == 0
+    assert data.page(ListQuery(status="pending"), 0, 100)["total"] == 0
+    assert data.page(ListQuery(status="ok"), 0, 100)["total"] == int((final == 1).sum())
+    np.testing.assert_array_equal(data.statuses(np.arange(final.size)), final)
+
+
+def test_a_source_image_changed_since_the_run_is_never_drawn_under_old_maps(demo_store, tmp_path):
+    store = copy_of_demo(demo_store, tmp_path)
+    g = zarr.open_group(str(store), mode="r")
+    ok = int(np.flatnonzero(np.asarray(g["status"][:]) == 1)[0])
+    assert show(store, "--image", str(ok), "-o", str(tmp_path / "before.png"))[0] == 0
+    source = Path(g.attrs["image_root"]) / str(g["image_path"][ok])
+    Image.new("RGB", (64, 48), (0, 200, 0)).save(source, format="PNG")  # another picture
+    rc, err = show(store, "--image", str(ok), "-o", str(tmp_path / "after.png"))
+    assert rc == 2 and "changed since the run" in err and "--redo-changed" in err, err
+    assert not (tmp_path / "after.png").exists()
+    with serving(store) as srv:
+        for what in ("overlay", "input", "grid"):
+            code, body, _ = get(f"{srv.url}api/{what}/{ok}.png")
+            assert code == 409, (what, code, body[:200])
+            assert "changed since the run" in json.loads(body)["error"]
+        assert get(f"{srv.url}api/map/{ok}.png")[0] == 200  # the map alone is still the store's
+
+
+def test_a_damaged_store_file_is_one_line_and_costs_only_its_images(demo_store, tmp_path):
+    store = copy_of_demo(demo_store, tmp_path)
+    g = zarr.open_group(str(store), mode="r")
+    status = np.asarray(g["status"][:])
+    per_file = {}
+    for name in ("cls_attention", "overlay"):
+        arr = g[name]
+        per_file[name] = (arr.shards or arr.chunks)[0]
+        files = sorted(p for p in (store / name / "c").rglob("*") if p.is_file())
+        assert len(files) >= 2, name
+        damaged = files[-1]  # the last batch's
+        damaged.write_bytes(damaged.read_bytes()[: max(1, damaged.stat().st_size // 3)])
+    victim = int(np.flatnonzero(status == 1)[-1])
+    rc, err = show(store, "--image", str(victim), "-o", str(tmp_path / "x.png"))
+    assert rc == 2 and f"cannot read cls_attention of image {victim}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    query = "api/thumbs?offset=0&limit=60&box=64"
+    with serving(demo_store) as srv:
+        good = np.frombuffer(get(srv.url + query)[1], np.uint8).reshape(status.size, -1)
+    with serving(store) as srv:
+        code, body, _ = get(srv.url + query)
+        assert code == 200
+        tiles = np.frombuffer(body, np.uint8).reshape(status.size, -1)
+        code, body, _ = get(f"{srv.url}api/map/{victim}.json")
+        assert code == 500 and "cannot read cls_attention" in json.loads(body)["error"]
+    last = (status.size - 1) // per_file["overlay"]
+    intact = np.arange(status.size) // per_file["overlay"] != last
+    assert intact.any() and not intact[victim]
+    np.testing.assert_array_equal(tiles[intact], good[intact])
+    assert (tiles[victim] != good[victim]).any()
+
+
+def test_a_store_of_an_unknown_format_version_is_refused_by_every_reader(demo_store, tmp_path):
+    store = tmp_path / "future.zarr"
+    shutil.copytree(demo_store, store)
+    zarr.open_group(str(store), mode="r+").attrs["format_version"] = 99
+    with pytest.raises(StoreError, match="format_version 99"):
+        open_store(store)
+    with pytest.raises(StoreError, match="format_version 99"):
+        make_server(store, "127.0.0.1", 0)
+    show_it = ["show", str(store), "--image", "0", "-o", str(tmp_path / "x.png")]
+    for command in (["inspect", str(store)], show_it):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert cli_main(command) == 2, command
+        assert "format_version 99" in err.getvalue() and "Traceback" not in err.getvalue()
 
 
 # --------------------------------------------------------------------------- the browser

@@ -360,12 +360,9 @@ def _open_readonly(path: Path | str) -> Any:
     import zarr
 
     from .remote import zarr_store
-    from .store import is_store
+    from .store import readable_attrs
 
-    if not is_store(path):
-        raise PipelineError(
-            f"{path} is not a vit-attention store (no such folder, or not made by vit-attn run)"
-        )
+    readable_attrs(path)
     return zarr.open_group(zarr_store(path, read_only=True), mode="r")
 
 

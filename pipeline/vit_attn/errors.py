@@ -54,6 +54,10 @@ class ImageSelectionError(PipelineError, IndexError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class SourceChangedError(PipelineError):
+    """An input file differs from the one the store's attention was computed from."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message, without terminal colour codes.
 

@@ -24,7 +24,7 @@ import numpy as np
 try:  # a dependency on every platform with wheels; zlib keeps the encoder working elsewhere
     from isal import isal_zlib
 except ImportError:  # pragma: no cover - exercised by forcing DEFLATE = "zlib" in the tests
-    isal_zlib = None
+    isal_zlib = None  # type: ignore[assignment]
 
 # Which deflate `encode_png` uses: "isal" when it can be imported, else "zlib". Both write the
 # standard zlib stream PNG wants; only speed and (by a few percent) size differ.

@@ -10,12 +10,14 @@ import numpy as np
 
 from .datasource import read_listed_image
 from .decode import Preprocess, load_image
-from .errors import ImageDecodeError, PipelineError
+from .errors import ImageDecodeError, PipelineError, SourceChangedError
+from .identity import MISSING, Identities, describe_change, local_stat
 from .maps import HEAD_FUSIONS, fuse_heads, mass_threshold_mask
+from .numbers import parse_int
 from .overlay import blend, head_grid
 from .remote import is_url
 from .roles import MAP_ARRAYS, default_map
-from .store import STATUS_FAILED, STATUS_OK, find_image
+from .store import STATUS_FAILED, STATUS_OK, find_image, read_rows
 
 # per_map: each map's own min..max. per_image: 0..the largest value of any head of this image
 # and layer, so heads compare. dataset: 0..a per-(layer, head) scale over the whole store
@@ -26,7 +28,12 @@ GRID_BORDER = 2
 
 
 def model_input_image(group: Any, index: int) -> np.ndarray:
-    """Re-decode the image the model saw; a neutral grey canvas if the file has moved."""
+    """Re-decode the image the model saw; a neutral grey canvas if the file has moved.
+
+    A local file whose size or modification time differs from what the store recorded
+    (`image_bytes`, `image_mtime_ns`) is not the image the stored attention belongs to:
+    SourceChangedError, never the old maps over a new picture.
+    """
     attrs = group.attrs
     prep = Preprocess.from_dict(attrs["preprocess"])
     rel = str(group["image_path"][index])
@@ -35,10 +42,29 @@ def model_input_image(group: Any, index: int) -> np.ndarray:
     if is_url(root) or "source" in attrs.get("fingerprint_inputs", {}):
         # On object storage, in a shard or a Parquet file: found again through the source.
         path = read_listed_image(attrs, rel) or b""
+    else:
+        _check_unchanged(group, index, rel, str(path))
     try:
         return load_image(path, prep)
     except ImageDecodeError:
         return np.full((*prep.input_size, 3), 128, np.uint8)
+
+
+def _check_unchanged(group: Any, index: int, rel: str, path: str) -> None:
+    """Raise SourceChangedError when the file at `path` is not the one the run recorded."""
+    if "image_bytes" not in group or "image_mtime_ns" not in group:
+        return  # stores without identity (`data.verify` off or not recorded)
+    size, mtime = int(group["image_bytes"][index]), int(group["image_mtime_ns"][index])
+    now = local_stat(path)
+    if now[0] == MISSING or size == MISSING or now == (size, mtime):
+        return  # gone (drawn on grey, as documented) or unchanged
+    old = Identities(np.array([size]), np.array([mtime]))
+    new = Identities(np.array([now[0]]), np.array([now[1]]))
+    raise SourceChangedError(
+        f"image {index} ({describe_change(rel, 0, old, new)}) changed since the run: its "
+        "stored attention belongs to the old file; rerun `vit-attn run CONFIG --redo-changed` "
+        "to recompute it"
+    )
 
 
 def render_image(
@@ -80,20 +106,26 @@ def render_image(
                 "it has no layer (leave --layer out, or pick another --map)"
             )
         li = len(layers) - 1
-        maps = _pool_maps(group[name][i].astype(np.float32), latent)
+        maps = _pool_maps(read_rows(group[name], i, name, i).astype(np.float32), latent)
     else:
         if latent is not None:
             raise PipelineError(f"--latent: only pool_attention has latent queries, not {name}")
         if layer is None:
             li = len(layers) - 1
         else:
-            block = layer % group.attrs["model"]["depth"]
+            depth = int(group.attrs["model"]["depth"])
+            if not -depth <= layer < depth:
+                raise PipelineError(
+                    f"--layer {layer}: the model has blocks 0..{depth - 1} (or -{depth}..-1); "
+                    f"the store holds blocks {layers}"
+                )
+            block = layer % depth
             if block not in layers:
                 raise PipelineError(
                     f"--layer {layer} is not stored; the store holds blocks {layers}"
                 )
             li = layers.index(block)
-        maps = group[name][i, li].astype(np.float32)  # [heads, gh, gw]
+        maps = read_rows(group[name], (i, li), name, i).astype(np.float32)  # [heads, gh, gw]
     base = model_input_image(group, i)
     # [heads] top of the colour scale, or None
     top = _scale_tops(store_path, maps, li, normalize, name, latent)
@@ -117,9 +149,9 @@ def render_image(
     if head in HEAD_FUSIONS:
         chosen = fuse_heads(maps, head, axis=0)
         chosen_top = None if top is None else fuse_heads(top, head, axis=0)
-    elif head.isdigit() and int(head) < maps.shape[0]:
-        chosen = maps[int(head)]
-        chosen_top = None if top is None else top[int(head)]
+    elif (h := parse_int(head)) is not None and 0 <= h < maps.shape[0]:
+        chosen = maps[h]
+        chosen_top = None if top is None else top[h]
     else:
         raise PipelineError(f"--head {head!r}: give 0..{maps.shape[0] - 1}, mean, max, min or grid")
     shown = chosen if chosen_top is None else chosen / chosen_top

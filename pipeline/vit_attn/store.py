@@ -31,7 +31,8 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ZarrUserWarning
 
-from vit_attn.errors import ConfigError, ImageSelectionError, StoreError
+from vit_attn.errors import ConfigError, ImageSelectionError, StoreError, first_line
+from vit_attn.numbers import parse_int
 from vit_attn.rawshard import raw_shard_writer
 from vit_attn.remote import is_url, zarr_store
 from vit_attn.roles import MAP_ARRAYS
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 FORMAT = "vit-attention-store"
 FORMAT_VERSION = 1
+READABLE_FORMAT_VERSIONS = (1,)  # what readers accept (docs/STORE.md, "Versioning")
 OVERLAY_MODES = ("none", "mean", "heads")
 COMPRESSIONS = ("default", "none", "zstd", "lz4")
 DEFAULT_COMPRESSION = "zstd"
@@ -416,6 +418,31 @@ def is_store(path: PathLike, storage_options: Mapping[str, Any] | None = None) -
     """Whether `path` holds a store of this format (any version): only those may be deleted."""
     meta = _read_root_metadata(path, storage_options)
     return meta is not None and meta.get("attributes", {}).get("format") == FORMAT
+
+
+def readable_attrs(
+    path: PathLike, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The root attributes of a store this version can read; else one-line StoreError.
+
+    Every reader (the API, inspect, show, stats, the viewer) opens through this check, so a
+    folder that is not a store, or a store written in a format_version this code does not
+    know (a newer vit-attn's), is refused instead of read with the wrong meaning.
+    """
+    meta = _read_root_metadata(path, storage_options)
+    attrs = (meta or {}).get("attributes", {})
+    if meta is None or attrs.get("format") != FORMAT:
+        raise StoreError(
+            f"{path} is not a vit-attention store (no such folder, or not made by vit-attn run)"
+        )
+    version = attrs.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise StoreError(
+            f"{path} has format_version {version!r}; this vit-attn reads "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}: open it with the vit-attn "
+            "version that wrote it (its `versions` attribute names it), or a newer one"
+        )
+    return dict(attrs)
 
 
 def create_store(
@@ -856,6 +883,7 @@ def open_dataset(
     """
     import xarray as xr  # only readers need it: workers that write never import it
 
+    readable_attrs(path, storage_options)
     store = zarr_store(path, storage_options, read_only=True)
     dask_chunks: Any = chunks
     if chunks == "batch":
@@ -863,6 +891,19 @@ def open_dataset(
         dask_chunks = {"image": status.chunks[0]}
     consolidated = is_consolidated(path, storage_options)
     return xr.open_zarr(store, consolidated=consolidated, zarr_format=3, chunks=dask_chunks)
+
+
+def read_rows(arr: Any, selection: Any, name: str, image: int | str) -> np.ndarray:
+    """`arr[selection]` as numpy; a chunk that cannot be decoded (a damaged or truncated store
+    file: codec and checksum errors have no common base class) is one StoreError naming the
+    array and the image, not a codec traceback."""
+    try:
+        return np.asarray(arr[selection])
+    except Exception as exc:  # noqa: BLE001 - numcodecs, crc32c and zarr raise unrelated types
+        raise StoreError(
+            f"cannot read {name} of image {image}: {first_line(exc)}; the store file holding it "
+            "is damaged (restore it, or rebuild the store with `vit-attn run CONFIG --overwrite`)"
+        ) from None
 
 
 def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray]) -> int:
@@ -875,8 +916,9 @@ def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray])
     if isinstance(image, bool):
         raise ImageSelectionError(f"image {image!r}: give an index or a listed path")
     text = str(image).strip()
-    if isinstance(image, (int, np.integer)) or text.lstrip("-").isdigit():
-        i = int(text)
+    number = parse_int(text)
+    if isinstance(image, (int, np.integer)) or number is not None:
+        i = int(image) if number is None else number
         if not -n_images <= i < n_images:
             raise ImageSelectionError(
                 f"image {i} is out of range: the store holds {n_images} images"

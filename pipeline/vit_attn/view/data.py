@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ import zarr
 
 from ..errors import PipelineError, StoreError
 from ..maps import HEAD_FUSIONS, fuse_heads
+from ..numbers import parse_int
 from ..stats import STAT_NAMES, STAT_UNITS, max_distance, patch_distances
-from ..store import FORMAT, STATUS_FAILED, STATUS_OK, STATUS_PENDING
+from ..store import FORMAT, STATUS_FAILED, STATUS_OK, STATUS_PENDING, read_rows, readable_attrs
 
 STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed"}
 STATUS_FILTERS = ("all", "ok", "failed", "pending")
@@ -42,6 +44,8 @@ FULL_ATTENTION_HINT = (
 )
 MAX_PAGE = 500
 HEAD_CHOICES = ("mean", "max", "min")
+# How often the viewer re-reads `status` (a run may still be writing the store), at least.
+STATUS_RECHECK_SECONDS = 2.0
 
 
 class ViewError(PipelineError):
@@ -93,6 +97,7 @@ class ListQuery:
 def open_group(store: str | Path) -> zarr.Group:
     """Open a vit-attention store read-only; one clear error when it is not one."""
     text = str(store)
+    readable_attrs(text)  # not a store, or a format_version this code does not know
     try:
         group = zarr.open_group(text, mode="r")
         fmt = group.attrs.get("format")
@@ -142,6 +147,7 @@ class StoreData:
         self._columns: dict[str, np.ndarray] = {}
         self._orders: OrderedDict[ListQuery, np.ndarray] = OrderedDict()
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._next_status_check = time.monotonic() + STATUS_RECHECK_SECONDS
 
     # ------------------------------------------------------------------ layout
 
@@ -169,14 +175,23 @@ class StoreData:
         return found
 
     def token_names(self) -> list[str]:
-        """One label per prefix token, in model order (CLS first when the model has one)."""
-        roles = self.model.get("token_roles")
-        if isinstance(roles, list) and len(roles) >= self.num_prefix:
-            return [str(r) for r in roles[: self.num_prefix]]
-        names = []
-        for k in range(self.num_prefix):
-            names.append("CLS" if k == 0 else f"prefix {k} (distillation / register)")
-        return names
+        """One label per prefix token, in model order, from the store's `token_roles`.
+
+        Stores written before roles were recorded take token 0 to be the class token (what
+        readers assumed then, docs/STORE.md)."""
+        roles = (self.attrs.get("token_roles") or {}).get("prefix_roles")
+        if isinstance(roles, list) and len(roles) == self.num_prefix:
+            labels = {"class": "CLS", "distillation": "distillation"}
+            count: dict[str, int] = {}
+            names = []
+            for role in map(str, roles):
+                k = count[role] = count.get(role, -1) + 1
+                names.append(labels.get(role) or f"{role} {k}")
+            return names
+        return [
+            "CLS" if k == 0 else f"prefix {k} (distillation / register)"
+            for k in range(self.num_prefix)
+        ]
 
     @functools.cached_property
     def _meta(self) -> dict[str, Any]:
@@ -239,7 +254,33 @@ class StoreData:
 
     # ------------------------------------------------------------------ whole-store columns
 
+    def _refresh(self) -> None:
+        """A run may still be writing the store: every few seconds re-read `status`, and when it
+        changed, drop everything built on the old one (columns, list orders, cached chunks).
+
+        The interval grows with the read's own cost (20x), so a store of millions of images on
+        object storage is not re-read on every request."""
+        with self._lock:
+            cached = self._columns.get("status")
+            if cached is None or time.monotonic() < self._next_status_check:
+                return
+            self._next_status_check = math.inf  # this thread re-reads; others use the cache
+        started = time.monotonic()
+        try:
+            fresh = np.asarray(self._arrays["status"][:])
+        finally:
+            took = time.monotonic() - started
+            with self._lock:
+                self._next_status_check = time.monotonic() + max(STATUS_RECHECK_SECONDS, 20 * took)
+        with self._lock:
+            if not np.array_equal(fresh, cached):
+                self._columns.clear()
+                self._orders.clear()
+                self._chunks.clear()
+                self._columns["status"] = fresh
+
     def _column(self, key: str, load: Callable[[], np.ndarray]) -> np.ndarray:
+        self._refresh()
         with self._lock:
             if key not in self._columns:
                 self._columns[key] = load()
@@ -296,6 +337,7 @@ class StoreData:
         )
         if not filtered and q.sort == "index" and not q.descending:
             return None
+        self._refresh()
         with self._lock:
             if q in self._orders:
                 self._orders.move_to_end(q)
@@ -439,6 +481,7 @@ class StoreData:
 
     def statuses(self, ids: np.ndarray) -> np.ndarray:
         """Status of several images (the chunks that hold them, or the cached column)."""
+        self._refresh()
         with self._lock:
             column = self._columns.get("status")
         return column[ids] if column is not None else self._pick("status", ids)
@@ -456,9 +499,10 @@ class StoreData:
     def head_index(self, head: str, count: int | None = None) -> int:
         """A head given as text, checked against `count` heads (default: the blocks')."""
         n = len(self.heads) if count is None else count
-        if not head.isdigit() or int(head) >= n:
+        index = parse_int(head)
+        if index is None or not 0 <= index < n:
             raise ViewError(f"head must be 0..{n - 1} or one of {HEAD_CHOICES}, got {head!r}")
-        return int(head)
+        return index
 
     def source(self, name: str) -> MapSource | None:
         return next((s for s in self.sources if s.name == name), None)
@@ -466,11 +510,12 @@ class StoreData:
     def _chunk(self, name: str, image: int) -> np.ndarray:
         """arr[image] (one inner chunk), kept for a few images: clicking patches re-reads none."""
         key = (name, image)
+        self._refresh()
         with self._lock:
             if key in self._chunks:
                 self._chunks.move_to_end(key)
                 return self._chunks[key]
-        value = np.asarray(self._arrays[name][image])
+        value = read_rows(self._arrays[name], image, name, image)
         with self._lock:
             self._chunks[key] = value
             while len(self._chunks) > 8:
@@ -533,6 +578,9 @@ class StoreData:
             return None
         return np.asarray(self._arrays["overlay_heads"][image, head])
 
+    def overlays_array(self) -> zarr.Array:
+        return self._arrays["overlay"]
+
     def overlays(self, ids: np.ndarray) -> np.ndarray:
         """Stored head-mean overlays of several images [n, H, W, 3] (concurrent chunk reads)."""
         return self._pick("overlay", ids)
@@ -570,7 +618,8 @@ def parse_query(params: Mapping[str, str]) -> ListQuery:
         return value
 
     top1 = params.get("top1", "")
-    if top1 != "" and not top1.lstrip("-").isdigit():
+    top1_index = parse_int(top1)
+    if top1 != "" and top1_index is None:
         raise ViewError(f"top1 must be a class index, got {top1!r}")
     stat = params.get("stat") or None
     order = params.get("order", "asc")
@@ -578,7 +627,7 @@ def parse_query(params: Mapping[str, str]) -> ListQuery:
         raise ViewError(f"order must be asc or desc, got {order!r}")
     return ListQuery(
         status=params.get("status", "all") or "all",
-        top1=int(top1) if top1 != "" else None,
+        top1=top1_index,
         stat=stat,
         stat_layer=int_param(params, "slayer", -1),
         stat_head=params.get("shead", "mean") or "mean",
@@ -593,10 +642,10 @@ def int_param(params: Mapping[str, str], key: str, default: int) -> int:
     text = params.get(key, "")
     if text == "":
         return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ViewError(f"{key} must be an integer, got {text!r}") from None
+    value = parse_int(text)
+    if value is None:
+        raise ViewError(f"{key} must be an integer, got {text!r}")
+    return value
 
 
 def parse_selection(params: Mapping[str, str], data: StoreData) -> Selection:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -19,12 +20,15 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 
+from ..errors import SourceChangedError
 from ..maps import mass_threshold_mask
 from ..overlay import blend, colormap_lut, head_grid, normalize_maps
 from ..pngencode import encode_png
 from ..render import _draw_outline, model_input_image
-from ..store import STATUS_FAILED, STATUS_OK
-from .data import Selection, StoreData, thumb_factor, thumb_size
+from ..store import STATUS_OK, STATUS_PENDING, read_rows
+from .data import Selection, StoreData, ViewError, thumb_factor, thumb_size
+
+log = logging.getLogger(__name__)
 
 FAILED_RGB = (120, 30, 30)
 PENDING_RGB = (70, 70, 70)
@@ -77,6 +81,10 @@ class Pictures:
                     return self._inputs[image]
             try:
                 value = model_input_image(self.data.group, image)
+            except SourceChangedError as exc:  # not this store's picture: say so, draw nothing
+                with self._lock:
+                    self._decoding.pop(image, None)
+                raise ViewError(str(exc), 409) from None
             except (KeyError, TypeError, ValueError):  # no preprocessing recorded: neutral grey
                 value = np.full((*self._input_hw(), 3), 128, np.uint8)
             with self._lock:
@@ -142,29 +150,55 @@ class Pictures:
             wanted = ids[todo]
             status = self.data.statuses(wanted)
             ok = np.flatnonzero(status == STATUS_OK)
-            pictures: dict[int, np.ndarray] = {}
-            if ok.size and self.data.meta()["overlays"]:
-                stored = self.data.overlays(wanted[ok])
-                pictures = {int(k): stored[n] for n, k in enumerate(ok)}
-            elif ok.size and self.data.sources:
-                sel = Selection(self.data.sources[0].name, -1, "mean")
-                for k in ok.tolist():
-                    base = self.model_input(int(wanted[k]))
-                    chosen = self.data.chosen_map(int(wanted[k]), sel)
-                    pictures[k] = blend(base[None], chosen[None], self.alpha, self.cmap)[0]
+            pictures = self._thumb_pictures(wanted, ok)
             for n, k in enumerate(todo):
                 if n in pictures:
                     pic = Image.fromarray(pictures[n])
                     out[k] = np.asarray(pic.reduce(factor) if factor > 1 else pic)
                 else:
-                    out[k] = FAILED_RGB if status[n] == STATUS_FAILED else PENDING_RGB
+                    # failed, or ok but unreadable (a damaged chunk): the failed tile
+                    out[k] = FAILED_RGB if status[n] != STATUS_PENDING else PENDING_RGB
             with self._lock:
                 for n, k in enumerate(todo):
-                    if status[n] == STATUS_OK:  # pending images may be done by the next look
+                    # Pending images may be done by the next look, unreadable ones restored.
+                    if status[n] == STATUS_OK and n in pictures:
                         self._thumbs[(int(ids[k]), box)] = out[k]
                 while len(self._thumbs) > THUMB_CACHE:
                     self._thumbs.popitem(last=False)
         return (th, tw), out.tobytes()
+
+    def _thumb_pictures(self, wanted: np.ndarray, ok: np.ndarray) -> dict[int, np.ndarray]:
+        """Full-size pictures of the ok images among `wanted`, by position in `wanted`.
+
+        Read together; if that fails (a damaged chunk, a changed source file), image by
+        image, so one bad image costs its own tile (drawn like a failed one), not the page.
+        """
+        if not ok.size:
+            return {}
+        if self.data.meta()["overlays"]:
+            try:
+                stored = self.data.overlays(wanted[ok])
+                return {int(k): stored[n] for n, k in enumerate(ok)}
+            except Exception:  # noqa: BLE001 - any codec error; each image is retried below
+                log.warning("thumbnails: reading overlays together failed; reading one by one")
+        pictures: dict[int, np.ndarray] = {}
+        for k in ok.tolist():
+            image = int(wanted[k])
+            try:
+                pictures[k] = self._thumb_picture(image)
+            except Exception as exc:  # noqa: BLE001 - the tile says it; the log says why
+                log.warning("thumbnail of image %d: %s", image, exc)
+        return pictures
+
+    def _thumb_picture(self, image: int) -> np.ndarray:
+        if self.data.meta()["overlays"]:
+            return read_rows(self.data.overlays_array(), image, "overlay", image)
+        if not self.data.sources:
+            raise ViewError("the store holds no map to draw")
+        sel = Selection(self.data.sources[0].name, -1, "mean")
+        base = self.model_input(image)
+        chosen = self.data.chosen_map(image, sel)
+        return blend(base[None], chosen[None], self.alpha, self.cmap)[0]
 
     def _input_hw(self) -> tuple[int, int]:
         size = self.data.meta()["input_size"] or list(self.data.grid)
