@@ -86,3 +86,43 @@ def test_conflicts_and_bad_yaml(tmp_path):
 )
 def test_shipped_configs_are_valid(path):
     load_config(path)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    # YAML keeps the last value: a second `attention:` pasted at the end would silently drop
+    # the first section's keys.
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "attention:\n  layers: [0]\n  full: true\n")
+    path.write_text(path.read_text() + "attention:\n  layers: [1]\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: key 'attention' is given twice \(lines"):
+        load_config(path)
+    path.write_text(yaml.safe_dump(BASE) + "inference:\n  batch_size: 8\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match="key 'batch_size' is given twice"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(write(tmp_path, BASE), ["attention={layers: [0], layers: [1]}"])
+    # Keys merged with `<<: *anchor` may still be overridden, as YAML intends.
+    path.write_text(
+        "defaults: &d {batch_size: 8, threads: 1}\n"
+        + yaml.safe_dump(BASE)
+        + "inference:\n  <<: *d\n  batch_size: 16\n"
+    )
+    with pytest.raises(ConfigError, match="defaults: unknown key"):
+        load_config(path)  # the anchor's holder is not a config section, and says so
+
+
+def test_a_merge_key_may_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    body = yaml.safe_dump(BASE).replace("model:", "model: &m")
+    path.write_text(body + "inference: {<<: {batch_size: 8, threads: 1}, batch_size: 16}\n")
+    cfg = load_config(path)
+    assert cfg.inference.batch_size == 16 and cfg.inference.threads == 1
+
+
+def test_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(
+        write(tmp_path, {**BASE, "data": {"source": "~/images"}, "output": {"store": "~/r.zarr"}})
+    )
+    assert Path(cfg.data.source) == tmp_path / "home" / "images"
+    assert cfg.output.store == tmp_path / "home" / "r.zarr"

@@ -7,6 +7,7 @@ silently falls back to a default on a cluster job.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import reprlib
 import typing
@@ -31,6 +32,41 @@ _ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://\S+|[^\s:/]+:\d+|\[[0-9a-fA-F:]+
 
 def _short(value: Any) -> str:
     return _REPR.repr(value)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice (YAML would keep the last silently)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last value: a second `attention:` section pasted at the end of a
+    config would silently drop every key of the first. Keys merged in with `<<: *anchor` may
+    still be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first is not None:
+                where = f"lines {first} and {line}" if first != line else f"line {line}"
+                raise DuplicateKeyError(f"key {_short(key)} is given twice ({where}); keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, but a key given twice in a mapping is an error."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _check_size(data: Any, origin: str) -> None:
@@ -251,7 +287,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set inference.batch_size=64")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--set {item!r}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -295,10 +333,14 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
-    """Relative paths in a config are relative to the config file, not to the shell's folder."""
+    """Relative paths in a config are relative to the config file, not to the shell's folder;
+    `~` is the user's home, as in a shell (not a folder named "~" beside the config)."""
 
     def rel(p: Path | str | None) -> Path | None:
-        return None if p is None or isinstance(p, str) or p.is_absolute() else base / p
+        if p is None or isinstance(p, str):
+            return None
+        p = Path(os.path.expanduser(p))
+        return p if p.is_absolute() else base / p
 
     updates = {
         "model": cfg.model.model_copy(
@@ -318,8 +360,10 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         ),
     }
     source = cfg.data.source
-    if "://" not in source and not Path(source).is_absolute():
-        source = str(base / source)
+    if "://" not in source:
+        source = os.path.expanduser(source)
+        if not Path(source).is_absolute():
+            source = str(base / source)
     updates["data"] = cfg.data.model_copy(update={"source": source})
     return cfg.model_copy(update=updates)
 
@@ -344,7 +388,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
