@@ -79,14 +79,34 @@ def test_every_image_member_of_a_sample_is_an_image(tmp_path):
             ("k1.cls", b"7"),
             ("dir/k2.png", png),
             ("dir/k2.cls", b"x"),
+            ("k3.png", png),
+            ("k3.cls", b"2.0"),
+            ("k4.png", png),
+            ("k4.cls", b"99999999999999999999999"),  # beyond int64
+            ("k5.png", png),
+            ("k5.cls", b" 12\n"),
             (".hidden.png", png),
         ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     images = open_source(str(shard), label_key="cls")
-    assert images.paths == ("one.tar/k1.seg.png", "one.tar/k1.png", "one.tar/dir/k2.png")
-    np.testing.assert_array_equal(read_all(images).labels, [7, 7, -1])  # "x" is no label
+    assert images.paths == (
+        "one.tar/k1.seg.png",
+        "one.tar/k1.png",
+        "one.tar/dir/k2.png",
+        "one.tar/k3.png",
+        "one.tar/k4.png",
+        "one.tar/k5.png",
+    )
+    read = read_all(images)
+    np.testing.assert_array_equal(read.labels[[0, 1, 5]], [7, 7, 12])
+    # A label that is not an int64 fails its sample with the reason (as -1 it would read as
+    # "no label"); the other samples of the batch are unaffected.
+    for k in (2, 3, 4):
+        assert isinstance(read.items[k], ImageDecodeError), k
+        assert "label member is not an integer" in str(read.items[k])
+    assert all(isinstance(read.items[k], bytes) for k in (0, 1, 5))
 
 
 def _damaged_shards(folder: Path, out: Path) -> list[str]:

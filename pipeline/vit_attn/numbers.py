@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an int64 array (labels, indices) holds
+
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 

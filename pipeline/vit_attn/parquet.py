@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataSourceError, ImageDecodeError
+from .numbers import INT64_MAX, INT64_MIN
 from .remote import access_error, url_fs
 from .sources import ImageList
 from .sources_remote import ReadBatch, expand_files, file_url, is_fatal, runs
@@ -205,7 +206,10 @@ class ParquetReader:
                 items[k] = _image_bytes(images[row].as_py())
                 if labels is not None:
                     value = table.column(self.label_column)[row].as_py()
-                    labels[k] = -1 if value is None else int(value)
+                    if value is not None and not INT64_MIN <= value <= INT64_MAX:  # uint64
+                        items[k] = ImageDecodeError(f"label {value} does not fit an int64")
+                    else:
+                        labels[k] = -1 if value is None else int(value)
         return ReadBatch(items, labels)
 
     def _row_group(self, url: str, rg: int, columns: tuple[str, ...]) -> Any:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataSourceError, ImageDecodeError
+from .numbers import INT64_MAX, INT64_MIN, parse_int
 from .remote import access_error, url_fs
 from .sources import IMAGE_EXTENSIONS, ImageList
 from .sources_remote import ReadBatch, expand_files, file_url, is_fatal, runs
@@ -243,13 +244,29 @@ class ShardReader:
                 )
                 continue
             items[i] = bytes(data[off - first : off - first + size])
-            if labels is not None and loff >= 0 and loff + lsize <= have:
+            if labels is None or loff < 0:
+                continue
+            try:
+                if loff + lsize > have:
+                    raise ImageDecodeError(
+                        f"shard truncated: the label member needs bytes {loff}..{loff + lsize}, "
+                        f"the shard ends at {have}"
+                    )
                 labels[i] = _label(data[loff - first : loff - first + lsize])
+            except ImageDecodeError as exc:  # the sample fails alone, with the reason
+                items[i] = exc
 
 
 def _label(raw: bytes) -> int:
-    """A WebDataset class label: the member's text as an integer; -1 when it is none."""
-    try:
-        return int(raw.decode("utf-8").strip())
-    except (UnicodeDecodeError, ValueError):
-        return -1
+    """A WebDataset class label: the member's text as an int64.
+
+    Anything else fails its sample (ImageDecodeError): stored as -1 it would read as "no label".
+    """
+    text = raw.decode("utf-8", errors="replace").strip()
+    value = parse_int(text)
+    if value is None or not INT64_MIN <= value <= INT64_MAX:
+        raise ImageDecodeError(
+            f"label member is not an integer (int64): {text[:40]!r}; fix the shard or leave "
+            "data.label_key out"
+        )
+    return value
