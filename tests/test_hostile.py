@@ -106,6 +106,42 @@ def test_png_dir_or_store_inside_the_listed_folder_is_refused(tmp_path, data, ca
     assert files_under(data) == before
 
 
+def test_two_stores_never_share_a_png_dir(tmp_path, data, capsys):
+    # Each would replace the other's PNGs under the same names and call them its own on
+    # resume (the marker in a PNG names the image, not the store).
+    png = tmp_path / "shared_png"
+    first = write_config(tmp_path, data, output={"png_dir": str(png)})
+    assert run(first) == 0
+    capsys.readouterr()
+    before = files_under(png)
+    second = write_config(
+        tmp_path / "b", data, output={"png_dir": str(png), "store": str(tmp_path / "b.zarr")}
+    )
+    assert run(second) == 2
+    line = one_error_line(capsys)
+    assert "holds the PNGs of another store" in line and str(tmp_path / "out" / "run.zarr") in line
+    assert files_under(png) == before and not (tmp_path / "b.zarr").exists()
+    assert run(first) == 0 and run(first, "--overwrite") == 0  # its own store: fine
+
+
+@pytest.mark.parametrize("where", ["a file", "the store", "inside the store", "around the store"])
+def test_png_dir_must_be_a_folder_of_its_own(tmp_path, data, capsys, where):
+    store = tmp_path / "out" / "run.zarr"
+    png = {
+        "a file": tmp_path / "afile",
+        "the store": store,
+        "inside the store": store / "png",
+        "around the store": tmp_path / "out",
+    }[where]
+    if where == "a file":
+        png.write_text("not a folder")
+    config = write_config(tmp_path, data, output={"png_dir": str(png)})
+    assert run(config) == 2  # before any work: no store, no batch
+    line = one_error_line(capsys)
+    assert ("is a file" if where == "a file" else "overlap") in line, line
+    assert not store.exists()
+
+
 def test_a_file_the_tool_did_not_write_is_never_replaced(tmp_path, data, capsys):
     png = tmp_path / "png"
     png.mkdir()

@@ -24,6 +24,7 @@ from .pngencode import encode_png
 OUTSIDE_ROOT = "_outside_root"
 PNG_MARKER = "vit-attn"  # tEXt key of every PNG this tool writes
 SUFFIXES = (".png", ".heads.png")
+OWNER_FILE = ".vit-attn-store"  # in png_dir: the store whose PNGs these are
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -166,6 +167,16 @@ def check_output_locations(source: str, store: Path | str, png_dir: Path | None)
     never the same folder as a local output."""
     from .remote import is_url
 
+    if png_dir is not None and os.path.exists(png_dir) and not os.path.isdir(png_dir):
+        raise OutputError(f"output.png_dir {png_dir} is a file; give a folder for the PNGs")
+    if png_dir is not None and not is_url(store):
+        a, b = os.path.realpath(png_dir), os.path.realpath(store)
+        if _inside(a, b) or _inside(b, a):
+            raise OutputError(
+                f"output.png_dir {png_dir} and output.store {store} overlap; give each its own "
+                "folder (PNGs inside a store are not part of it, and a store inside png_dir "
+                "could be replaced by PNGs)"
+            )
     folder = None if is_url(source) else listed_folder(source)
     if folder is None:
         return
@@ -175,6 +186,47 @@ def check_output_locations(source: str, store: Path | str, png_dir: Path | None)
                 f"{key} {path} lies inside the data folder {folder} that data.source lists; "
                 "put outputs outside it"
             )
+
+
+def store_identity(store: Path | str) -> str:
+    """How a png_dir names its store: the URL, or the local path fully resolved."""
+    from .remote import is_url
+
+    return str(store) if is_url(store) else os.path.realpath(store)
+
+
+def png_dir_owner(png_dir: Path | str) -> str | None:
+    """The store a png_dir's PNGs belong to (its OWNER_FILE), or None when unclaimed."""
+    marker = Path(png_dir) / OWNER_FILE
+    try:
+        return marker.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OutputError(f"output.png_dir {png_dir}: cannot read {marker}: {exc}") from None
+
+
+def check_png_owner(png_dir: Path | str, store: Path | str) -> None:
+    """Refuse a png_dir that holds another store's PNGs: the two runs would replace each
+    other's pictures under the same names, and each would call them its own on resume."""
+    owner = png_dir_owner(png_dir)
+    if owner is not None and owner != store_identity(store):
+        raise OutputError(
+            f"output.png_dir {png_dir} holds the PNGs of another store, {owner}; give each "
+            f"store its own png_dir (or delete {Path(png_dir) / OWNER_FILE} if that store "
+            "is gone or moved here)"
+        )
+
+
+def claim_png_dir(png_dir: Path | str, store: Path | str) -> None:
+    """Record in png_dir which store its PNGs belong to (once; see check_png_owner)."""
+    if png_dir_owner(png_dir) is not None:
+        return
+    folder = Path(png_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{OWNER_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(store_identity(store) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / OWNER_FILE)
 
 
 def batches_missing_pngs(

@@ -28,7 +28,13 @@ from .graphcache import ModelFacts, model_source, package_version
 from .graphcache import resolve as resolve_model
 from .identity import Identities, changed_images, describe_change, identify
 from .layout import class_attention_refusal
-from .outputs import batches_missing_pngs, check_output_locations, check_png_targets
+from .outputs import (
+    batches_missing_pngs,
+    check_output_locations,
+    check_png_owner,
+    check_png_targets,
+    claim_png_dir,
+)
 from .remote import is_url, location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
 from .sources import ImageList
@@ -231,6 +237,7 @@ def prepare(
 
     check_output_locations(cfg.data.source, store_path, cfg.output.png_dir)
     if cfg.output.png_dir:
+        check_png_owner(cfg.output.png_dir, store_path)
         check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
     resumed = is_store(store_path, store_options) and not overwrite
     changed: list[int] = []
@@ -267,6 +274,8 @@ def prepare(
             storage_options=store_options,
             initial=ids.arrays() if ids is not None else None,
         )
+    if cfg.output.png_dir:
+        claim_png_dir(cfg.output.png_dir, store_path)
     pending = pending_batches(group, spec)
     if resumed and cfg.output.png_dir:
         redo = batches_missing_pngs(
