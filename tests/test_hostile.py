@@ -533,6 +533,17 @@ def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data
     )
 
 
+def test_an_image_added_since_the_run_gets_advice_about_the_images(tmp_path, data, capsys):
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    imagefactory.write_rgb(data, "late.png", (41, 33))
+    capsys.readouterr()
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "1 image added (late.png)" in line and "list the images it was made from" in line
+    assert "use the config it was made with" not in line  # the config did not change
+
+
 def test_verify_hash_sees_a_change_that_keeps_size_and_mtime(tmp_path, data, capsys):
     config = write_config(tmp_path, data, data={"verify": "hash"})
     assert run(config) == 0

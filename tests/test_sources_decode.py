@@ -361,6 +361,11 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, factor):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with pytest.raises(ImageDecodeError, match="decompression-bomb limit"):
             load_image(path, IDENTITY)
+    with warnings.catch_warnings(record=True) as said:  # and nothing reaches stderr
+        warnings.simplefilter("always")
+        with pytest.raises(ImageDecodeError, match="decompression-bomb limit"):
+            load_image(path, IDENTITY)
+    assert not [w for w in said if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_png16_is_scaled_not_clipped(tmp_path):

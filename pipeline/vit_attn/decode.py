@@ -13,6 +13,7 @@ import math
 import re
 import stat
 import struct
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -294,7 +295,11 @@ def _open(path: Path | bytes | BinaryIO) -> Image.Image:
         if st.st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
+        with warnings.catch_warnings():
+            # Between 1x and 2x its limit Pillow only warns (to stderr, once per worker); the
+            # size check below refuses those images with a reason of their own.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image, or a format Pillow cannot read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -400,12 +400,18 @@ def _check_same_run(
         return
     changes = config_differences(attrs.get("fingerprint_inputs", {}), inputs)
     listed = ("images.count", "images.sha256")
+    only_listing = bool(changes) and all(c.startswith(listed) for c in changes)
     if paths is not None and any(c.startswith(listed) for c in changes):
         # Name the images that came or went rather than two listing digests.
         listing = listing_changes(list(np.asarray(array(group, "image_path")[:])), paths)
         changes = [listing] + [c for c in changes if not c.startswith(listed)]
     what = "; ".join(changes) if changes else "fingerprint differs"
+    advice = (
+        "list the images it was made from to resume it"
+        if only_listing
+        else "use the config it was made with to resume"
+    )
     raise StoreError(
-        f"{path} holds a different run ({what}); use the config it was made with to resume, "
-        "a new output.store, or --overwrite to replace it"
+        f"{path} holds a different run ({what}); {advice}, a new output.store, or "
+        "--overwrite to replace it"
     )
