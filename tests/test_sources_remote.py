@@ -264,6 +264,11 @@ def test_parquet_schema_mistakes_name_the_column(folder, tmp_path):
     pq.write_table(pa.table({"image": pa.array([b"a", b"b"]), "id": ["x", "x"]}), dup)
     with pytest.raises(DataSourceError, match="'x' repeats"):
         open_source(str(dup), id_column="id")
+    for bad in (None, "", "  "):  # would be image_path 'None' / '' and a PNG named '..png'
+        holes = tmp_path / "holes.parquet"
+        pq.write_table(pa.table({"image": pa.array([b"a", b"b"]), "id": ["x", bad]}), holes)
+        with pytest.raises(DataSourceError, match=r"'id' is empty in row 1"):
+            open_source(str(holes), id_column="id")
 
 
 def test_unreadable_parquet_files_become_failed_rows(folder, tmp_path):

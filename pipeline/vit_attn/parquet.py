@@ -120,7 +120,13 @@ def _scan(
             if id_column is not None:
                 _check_column(url, schema, id_column, "data.id_column", lambda t: True)
                 values = pf.read(columns=[id_column]).column(0).to_pylist()
-                ids = [str(v) for v in values]
+                ids = [str(v) if v is not None else "" for v in values]
+                blank = next((r for r, v in enumerate(ids) if not v.strip()), None)
+                if blank is not None:  # would be image_path 'None' or '', and a PNG '..png'
+                    raise DataSourceError(
+                        f"{url}: data.id_column {id_column!r} is empty in row {blank}; every "
+                        "row needs an id, or leave id_column out"
+                    )
             meta = pf.metadata
             rows = [
                 (rg, r)
