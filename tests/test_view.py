@@ -257,8 +257,10 @@ def test_no_file_outside_the_page_and_the_api_is_reachable(server, demo_store, t
 
 def test_only_get_and_head_and_only_this_host(server):
     port = server.server_address[1]
-    for method in ("POST", "PUT", "DELETE", "PATCH"):
-        assert status_of(raw_request(port, "/api/meta", method)) in (405, 501), method
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        answer = raw_request(port, "/api/meta", method)
+        assert status_of(answer) == 405, method
+        assert b"Allow: GET, HEAD" in answer and b'{"error":"only GET and HEAD' in answer
     head = raw_request(port, "/api/meta", "HEAD")
     assert status_of(head) == 200 and head.split(b"\r\n\r\n", 1)[1] == b""
     # DNS rebinding: a page on another origin that resolves to 127.0.0.1 is refused.
@@ -629,6 +631,50 @@ def test_a_store_of_an_unknown_format_version_is_refused_by_every_reader(demo_st
         with contextlib.redirect_stderr(err):
             assert cli_main(command) == 2, command
         assert "format_version 99" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+def test_every_loopback_address_is_this_machine_only(demo_store):
+    from vit_attn.view.server import is_loopback
+
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "LOCALHOST", "::1", "[::1]"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "192.168.1.4", "example.org", "::"):
+        assert not is_loopback(host), host
+    srv = make_server(demo_store, "127.0.0.2", 0)  # all of 127.0.0.0/8 is loopback on Linux
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = srv.server_address[1]
+        with socket.create_connection(("127.0.0.2", port), timeout=30) as sock:
+            sock.sendall(
+                b"GET /api/meta HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+            )
+            assert status_of(sock.recv(4096)) == 403  # DNS rebinding refused here too
+        code, _, _ = get(f"http://127.0.0.2:{port}/api/meta")
+        assert code == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_show_and_stats_output_mistakes_are_one_line_before_any_work(demo_store, tmp_path, capsys):
+    rc, err = show(demo_store, "--image", "0", "-o", str(tmp_path / "x.jpg"))
+    assert rc == 2 and "give a name ending in .png" in err and not (tmp_path / "x.jpg").exists()
+    heads = len(zarr.open_group(str(demo_store), mode="r")["head"][:])
+    assert show(demo_store, "--image", "0", "--head", "-1", "-o", str(tmp_path / "a.png"))[0] == 0
+    assert (
+        show(demo_store, "--image", "0", "--head", str(heads - 1), "-o", str(tmp_path / "b.png"))[0]
+        == 0
+    )
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    plots = tmp_path / "plots.jpg"
+    plots.write_text("a file")
+    capsys.readouterr()
+    assert cli_main(["stats", str(demo_store), "--plots", str(plots)]) == 2
+    out, err = capsys.readouterr()
+    assert "is a file; give a folder" in err and out == ""  # no table printed first
+    assert cli_main(["cache", "--dir", str(plots)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the browser

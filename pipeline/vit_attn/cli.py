@@ -249,6 +249,13 @@ def _cache(args: argparse.Namespace) -> int:
     root = cache_root(args.dir)
     if args.older_than < 0:
         raise ConfigError(f"--older-than must be >= 0 days, got {args.older_than}")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(
+            f"the export cache {root} is a file, not a folder; check --dir or VIT_ATTN_CACHE"
+        )
+    if not root.exists():
+        print(f"0 files in {root} (no export cache there yet)")
+        return EXIT_OK
     if args.prune:
         gone = prune(root, args.older_than, dry_run=args.dry_run)
         verb = "would remove" if args.dry_run else "removed"
@@ -457,6 +464,8 @@ def _token_line(attrs: dict[str, Any]) -> str:
 def _show(args: argparse.Namespace) -> int:
     from .render import render_image
 
+    if args.output.suffix.lower() != ".png":
+        raise PipelineError(f"-o {args.output}: show writes a PNG; give a name ending in .png")
     group = _open_readonly(args.store)
     out = render_image(
         group,
@@ -490,6 +499,8 @@ def _stats(args: argparse.Namespace) -> int:
     from .store import open_dataset
 
     _open_readonly(args.store)
+    if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
+        raise PipelineError(f"--plots {args.plots} is a file; give a folder for the plots")
     ds = open_dataset(args.store)
     if not stat_names(ds):
         if "attention" not in ds.data_vars:
@@ -506,7 +517,7 @@ def _stats(args: argparse.Namespace) -> int:
         ds = ds.assign({name: stats[name] for name in stats.data_vars})
     table = summarise(ds)
     print(format_table(table))
-    if args.plots:
+    if args.plots:  # (checked to be a folder or absent before any work)
         args.plots.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.plots / "summary.csv")
         (args.plots / "per_layer.md").write_text(markdown_layer_means(table) + "\n")

@@ -149,11 +149,14 @@ def render_image(
     if head in HEAD_FUSIONS:
         chosen = fuse_heads(maps, head, axis=0)
         chosen_top = None if top is None else fuse_heads(top, head, axis=0)
-    elif (h := parse_int(head)) is not None and 0 <= h < maps.shape[0]:
-        chosen = maps[h]
+    elif (h := parse_int(head)) is not None and -maps.shape[0] <= h < maps.shape[0]:
+        chosen = maps[h]  # negatives count from the last head, as --layer and --image do
         chosen_top = None if top is None else top[h]
     else:
-        raise PipelineError(f"--head {head!r}: give 0..{maps.shape[0] - 1}, mean, max, min or grid")
+        n = maps.shape[0]
+        raise PipelineError(
+            f"--head {head!r}: give 0..{n - 1} (or -{n}..-1), mean, max, min or grid"
+        )
     shown = chosen if chosen_top is None else chosen / chosen_top
     out = blend(base[None], shown[None], alpha=alpha, cmap=cmap, normalize=mode)[0]
     if mask is not None:

@@ -12,6 +12,7 @@ reach the server through DNS rebinding).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import logging
 import math
@@ -45,7 +46,6 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _ROUTE_PLAIN = re.compile(r"^/api/(meta|counts|list|summary)$")
 _ROUTE_IMAGE = re.compile(r"^/api/(info|neighbours|imagestats)/(\d{1,12})$")
 _ROUTE_PICTURE = re.compile(r"^/api/(input|map|overlay|grid)/(\d{1,12})\.(png|json)$")
@@ -95,8 +95,9 @@ class ViewServer(ThreadingHTTPServer):
         bound_port = self.server_address[1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound_port}/"
-        self.loopback_only = host in LOOPBACK
-        self.allowed_hosts = {f"{h}:{bound_port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+        self.loopback_only = is_loopback(host)
+        names = {"127.0.0.1", "localhost", "[::1]", shown.lower()}
+        self.allowed_hosts = {f"{h}:{bound_port}" for h in names}
 
     def summary(self) -> dict[str, Any]:
         """Per (stat, layer, head): mean and percentiles over ok images (`analysis.summarise`)."""
@@ -166,8 +167,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         self._answer(head_only=False)
 
-    def _answer(self, head_only: bool) -> None:
+    def _not_allowed(self) -> None:
+        """Any other method: a JSON 405 like every other refusal (not http.server's 501 page).
+        Its body is not read, so the connection closes after the answer."""
+        self.close_connection = True
+        self._extra_headers = {"Allow": "GET, HEAD"}
+        self._answer(head_only=False, refuse=ViewError("only GET and HEAD are served", 405))
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
+    def _answer(self, head_only: bool, refuse: ViewError | None = None) -> None:
         try:
+            if refuse is not None:
+                raise refuse
             status, ctype, body, cache = self._route()
         except ViewError as exc:
             status, ctype, body, cache = exc.status, *_json_body({"error": str(exc)}), "no-store"
@@ -285,11 +297,17 @@ class Handler(BaseHTTPRequestHandler):
         from ..maps import mass_threshold_mask
 
         values = data.chosen_map(image, sel)
+        src = data.source(sel.source)  # None for a full-attention row or diagonal
+        has_layer = src is None or src.has_layer
+        has_head = src is None or src.has_head
         body: dict[str, Any] = {
             "image": image,
             "source": sel.source,
-            "layer": data.layers[data.layer_index(sel.layer_index)] if data.layers else None,
-            "head": sel.head,
+            # A map without layers or heads (rollout) says so, whatever the query asked.
+            "layer": data.layers[data.layer_index(sel.layer_index)]
+            if data.layers and has_layer
+            else None,
+            "head": sel.head if has_head else None,
             "token": sel.token if sel.source == "row" else None,
             "shape": list(values.shape),
             "values": values.astype(np.float64).round(7).ravel().tolist(),
@@ -330,6 +348,18 @@ def _mask(text: str) -> float | None:
     return t
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine only: localhost, or any loopback address (127.0.0.0/8,
+    ::1), however written; such a server answers only requests that name it (DNS rebinding)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def make_server(store: str | Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> ViewServer:
     """A server over `store`, listening but not yet serving (call `serve_forever`)."""
     return ViewServer(StoreData(store), host, port)
@@ -339,7 +369,7 @@ def serve(store: str | Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT) 
     """Serve until interrupted; prints the URL first."""
     server = make_server(store, host, port)
     print(f"vit-attn: serving {store} at {server.url}  (Ctrl-C to stop)", file=sys.stderr)
-    if host not in LOOPBACK:
+    if not is_loopback(host):
         print(
             f"vit-attn: listening on {host}: anyone who can reach this machine can read the store",
             file=sys.stderr,
