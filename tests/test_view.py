@@ -617,6 +617,20 @@ def test_a_damaged_store_file_is_one_line_and_costs_only_its_images(demo_store, 
     assert (tiles[victim] != good[victim]).any()
 
 
+def test_a_missing_store_file_is_not_read_as_zeros(demo_store, tmp_path):
+    # zarr reads an absent chunk as its fill value: zeros that look like a flat map.
+    store = copy_of_demo(demo_store, tmp_path)
+    status = np.asarray(zarr.open_group(str(store), mode="r")["status"][:])
+    files = sorted(p for p in (store / "cls_attention" / "c").rglob("*") if p.is_file())
+    files[0].unlink()  # the first batch's
+    victim = int(np.flatnonzero(status == 1)[0])
+    rc, err = show(store, "--image", str(victim), "-o", str(tmp_path / "x.png"))
+    assert rc == 2 and "store file is missing although the image's status is 1" in err, err
+    with serving(store) as srv:
+        code, body, _ = get(f"{srv.url}api/map/{victim}.json")
+        assert code == 500 and "store file is missing" in json.loads(body)["error"]
+
+
 def test_a_store_of_an_unknown_format_version_is_refused_by_every_reader(demo_store, tmp_path):
     store = tmp_path / "future.zarr"
     shutil.copytree(demo_store, store)

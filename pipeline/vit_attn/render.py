@@ -106,7 +106,9 @@ def render_image(
                 "it has no layer (leave --layer out, or pick another --map)"
             )
         li = len(layers) - 1
-        maps = _pool_maps(read_rows(group[name], i, name, i).astype(np.float32), latent)
+        maps = _pool_maps(
+            read_rows(group[name], i, name, i, written=True).astype(np.float32), latent
+        )
     else:
         if latent is not None:
             raise PipelineError(f"--latent: only pool_attention has latent queries, not {name}")
@@ -125,7 +127,9 @@ def render_image(
                     f"--layer {layer} is not stored; the store holds blocks {layers}"
                 )
             li = layers.index(block)
-        maps = read_rows(group[name], (i, li), name, i).astype(np.float32)  # [heads, gh, gw]
+        maps = read_rows(group[name], (i, li), name, i, written=True).astype(
+            np.float32
+        )  # [heads, gh, gw]
     base = model_input_image(group, i)
     # [heads] top of the colour scale, or None
     top = _scale_tops(store_path, maps, li, normalize, name, latent)

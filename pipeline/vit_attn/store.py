@@ -893,10 +893,22 @@ def open_dataset(
     return xr.open_zarr(store, consolidated=consolidated, zarr_format=3, chunks=dask_chunks)
 
 
-def read_rows(arr: Any, selection: Any, name: str, image: int | str) -> np.ndarray:
+def read_rows(
+    arr: Any, selection: Any, name: str, image: int | str, written: bool = False
+) -> np.ndarray:
     """`arr[selection]` as numpy; a chunk that cannot be decoded (a damaged or truncated store
     file: codec and checksum errors have no common base class) is one StoreError naming the
-    array and the image, not a codec traceback."""
+    array and the image, not a codec traceback.
+
+    `written`: the caller knows the image's status is 1, so its chunk must exist; a missing
+    file (zarr would read it as fill values: zeros that look like data) is refused too.
+    """
+    if written and _chunk_missing(arr, selection):
+        raise StoreError(
+            f"cannot read {name} of image {image}: its store file is missing although the "
+            "image's status is 1; the store is damaged (restore the file, or rebuild the store "
+            "with `vit-attn run CONFIG --overwrite`)"
+        )
     try:
         return np.asarray(arr[selection])
     except Exception as exc:  # noqa: BLE001 - numcodecs, crc32c and zarr raise unrelated types
@@ -904,6 +916,35 @@ def read_rows(arr: Any, selection: Any, name: str, image: int | str) -> np.ndarr
             f"cannot read {name} of image {image}: {first_line(exc)}; the store file holding it "
             "is damaged (restore it, or rebuild the store with `vit-attn run CONFIG --overwrite`)"
         ) from None
+
+
+def _chunk_missing(arr: Any, selection: Any) -> bool:
+    """Whether the stored chunk (or shard) holding `selection`'s first element is absent.
+
+    Only where absence can be told cheaply (a local folder, or an fsspec store); False when
+    it cannot be told, so this never refuses a readable store.
+    """
+    index = selection if isinstance(selection, tuple) else (selection,)
+    try:
+        grid = arr.metadata.chunk_grid.chunk_shape
+        coords = tuple(
+            int(index[d]) // grid[d]
+            if d < len(index) and isinstance(index[d], int | np.integer)
+            else 0
+            for d in range(len(grid))
+        )
+        key = arr.metadata.encode_chunk_key(coords)
+        store, path = arr.store_path.store, arr.store_path.path
+        full = f"{path}/{key}" if path else key
+        root = getattr(store, "root", None)
+        if root is not None:
+            return not (Path(root) / full).is_file()
+        fs = getattr(store, "fs", None)
+        if fs is not None:
+            return not fs.exists(f"{str(getattr(store, 'path', '')).rstrip('/')}/{full}")
+    except Exception:  # noqa: BLE001 - an unexpected store layout: cannot tell, so do not refuse
+        return False
+    return False
 
 
 def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray]) -> int:

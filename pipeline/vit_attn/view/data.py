@@ -515,7 +515,8 @@ class StoreData:
             if key in self._chunks:
                 self._chunks.move_to_end(key)
                 return self._chunks[key]
-        value = read_rows(self._arrays[name], image, name, image)
+        written = self.image_status(image) == STATUS_OK  # then its chunk must exist
+        value = read_rows(self._arrays[name], image, name, image, written=written)
         with self._lock:
             self._chunks[key] = value
             while len(self._chunks) > 8:

@@ -192,7 +192,7 @@ class Pictures:
 
     def _thumb_picture(self, image: int) -> np.ndarray:
         if self.data.meta()["overlays"]:
-            return read_rows(self.data.overlays_array(), image, "overlay", image)
+            return read_rows(self.data.overlays_array(), image, "overlay", image, written=True)
         if not self.data.sources:
             raise ViewError("the store holds no map to draw")
         sel = Selection(self.data.sources[0].name, -1, "mean")
