@@ -13,7 +13,7 @@ Side by side in one run, on the same generated images (PNG and JPEG folders, 240
 The graph is exported (and its facts cached) once before timing; every timed run starts from
 an empty store. Models have random weights (seed 0): the timing does not depend on them.
 
-    python benchmarks/whole_command.py --json whole.json          # the sizes (~40 min)
+    python benchmarks/whole_command.py --json whole.json          # the sizes (~25-40 min)
     python benchmarks/whole_command.py --scale 0.1 --repeats 1     # reduced: direction only
 
 Prints a markdown summary; `--json` also writes every run.

@@ -72,15 +72,30 @@ def main(argv: list[str] | None = None) -> int:
         cmd.append("--no-progress")
     rc = cli_main(cmd)
     if rc == 0:
+        exe = command_name()
         print(
             f"\ndemo: look at {out / 'png'} (overlays; *.heads.png = all heads),\n"
-            f"      inspect the store with: vit-attn inspect {out / 'demo.zarr'}\n"
+            f"      inspect the store with: {exe} inspect {out / 'demo.zarr'}\n"
             f"      or in Python: import vit_attn; vit_attn.open_store('{out / 'demo.zarr'}')\n"
             f"      browse it in a web browser with:\n\n"
-            f"    vit-attn view {out / 'demo.zarr'}\n",
+            f"    {exe} view {out / 'demo.zarr'}\n",
             file=sys.stderr,
         )
     return rc
+
+
+def command_name() -> str:
+    """How to type `vit-attn` in this shell: the bare name when PATH finds this install's
+    script, else its path (`.venv/bin/vit-attn` after `make demo`), so printed commands run
+    when pasted."""
+    script = Path(sys.executable).parent / "vit-attn"
+    found = shutil.which("vit-attn")
+    if not script.exists() or (found and Path(found).resolve() == script.resolve()):
+        return "vit-attn"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 if __name__ == "__main__":

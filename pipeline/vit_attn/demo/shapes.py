@@ -1,6 +1,6 @@
 """Procedural demo images: one object (disc, square, triangle or cross) on a cluttered background.
 
-Used to train and to show the shipped demo ViT (``models/demo_vit.*``, made by
+Used to train and to show the shipped demo ViT (``pipeline/vit_attn/demo/assets/demo_vit.*``, made by
 ``scripts/train_demo_model.py``) and by ``make demo``, which must work offline.
 
 Every image is drawn from its own random stream ``numpy.random.default_rng([seed, index])``,
