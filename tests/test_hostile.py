@@ -508,6 +508,27 @@ def _replace_image(path: Path, seed: int) -> None:
     Image.fromarray(pixels).save(path)
 
 
+@pytest.mark.parametrize("array", ["cls_attention", "status"])
+def test_a_store_missing_an_array_is_damaged_not_complete(tmp_path, data, capsys, array):
+    import shutil
+
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    shutil.rmtree(store / array)
+    capsys.readouterr()
+    assert run(config) == 2  # was "done: 6 ok" with cls_attention gone
+    line = one_error_line(capsys)
+    assert f"is damaged: its array {array} is missing" in line and "--overwrite" in line
+    for command in (["inspect", str(store)], ["show", str(store), "--image", "0", "-o", "x.png"]):
+        if array != "status":
+            continue  # readers need status and image_path; the maps' absence is show's own line
+        assert cli_main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"its array {array} is missing" in err and "Traceback" not in err, err
+    assert run(config, "--overwrite") == 0 and (store / array / "zarr.json").is_file()
+
+
 def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     assert run(config) == 0

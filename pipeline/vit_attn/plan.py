@@ -44,6 +44,7 @@ from .store import (
     FORMAT_VERSION,
     StoreSpec,
     array,
+    check_arrays_present,
     config_differences,
     create_store,
     is_store,
@@ -242,7 +243,10 @@ def prepare(
     resumed = is_store(store_path, store_options) and not overwrite
     changed: list[int] = []
     if resumed:
+        check_arrays_present(store_path, ("status", "image_path"), store_options)
         _check_same_run(store_path, fingerprint, inputs, store_options, images.paths)
+        # A finished store with an array deleted would otherwise resume as complete.
+        check_arrays_present(store_path, [a.name for a in spec.layout()], store_options)
         if ids is not None:
             changed = _changed_inputs(store_path, images, ids, redo_changed, store_options)
     onnx_path = loaded.onnx_path if cfg.inference.backend == "onnxruntime" else None

@@ -420,6 +420,34 @@ def is_store(path: PathLike, storage_options: Mapping[str, Any] | None = None) -
     return meta is not None and meta.get("attributes", {}).get("format") == FORMAT
 
 
+def missing_arrays(
+    path: PathLike, names: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Those of `names` whose array metadata is absent at `path` (a damaged store).
+
+    Looks at the files themselves: consolidated metadata would still list a deleted array.
+    """
+    if is_url(path):
+        from vit_attn.remote import url_fs
+
+        fs, root = url_fs(str(path), storage_options)
+        return [n for n in names if not fs.exists(f"{root.rstrip('/')}/{n}/zarr.json")]
+    return [n for n in names if not (Path(path) / n / "zarr.json").is_file()]
+
+
+def check_arrays_present(
+    path: PathLike, names: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """StoreError naming the arrays of `names` that are missing from the store at `path`."""
+    missing = missing_arrays(path, names, storage_options)
+    if missing:
+        raise StoreError(
+            f"{path} is damaged: its array{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'} missing; rebuild it "
+            "with `vit-attn run CONFIG --overwrite` (or restore the missing folders)"
+        )
+
+
 def readable_attrs(
     path: PathLike, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -442,6 +470,7 @@ def readable_attrs(
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}: open it with the vit-attn "
             "version that wrote it (its `versions` attribute names it), or a newer one"
         )
+    check_arrays_present(path, ("status", "image_path"), storage_options)
     return dict(attrs)
 
 
