@@ -321,6 +321,21 @@ def bucket(s3_endpoint, folder) -> str:  # noqa: F811
     return name
 
 
+def test_s3_keys_with_glob_characters_are_names_not_patterns(s3_endpoint, folder):  # noqa: F811
+    name = make_bucket("globchars")
+    fs = s3fs_client()
+    data = (folder / folder_files(folder)[0]).read_bytes()
+    other = (folder / folder_files(folder)[1]).read_bytes()
+    for key, body in (("[x]*.png", data), ("x1.png", other), ("a?b.png", data)):
+        fs.pipe(f"{name}/images/{key}", body)
+    images = open_source(f"s3://{name}/images")
+    assert sorted(images.paths) == ["[x]*.png", "a?b.png", "x1.png"]
+    read = read_all(images)
+    got = dict(zip(images.paths, read.items, strict=True))
+    # Each key read as itself: "[x]*.png" once matched "x1.png" as a pattern, or nothing.
+    assert got["[x]*.png"] == data and got["a?b.png"] == data and got["x1.png"] == other
+
+
 def test_s3_folder_glob_and_list_files_list_like_local_ones(bucket, folder):
     local = list_images(folder)
     remote = open_source(f"s3://{bucket}/images")  # the AWS environment only: no options

@@ -185,20 +185,19 @@ class FileReader:
             options = self.storage_options if protocol == own else {}
             try:
                 fs, _ = url_fs(urls[idx[0]], options)
-                got = fs.cat([urls[i] for i in idx], on_error="return")
+                # cat_ranges, not cat: cat expands glob characters, and a key such as
+                # "[x]*.png" is a name, not a pattern. Whole files, read concurrently.
+                got = fs.cat_ranges([urls[i] for i in idx], None, None, on_error="return")
             except Exception as e:  # the whole group failed: each image says why
                 for i in idx:
                     items[i] = ImageDecodeError(access_error(urls[i], e))
                 continue
-            for i in idx:
-                items[i] = _one(got, urls[i], fs)
+            for i, value in zip(idx, got, strict=True):
+                items[i] = _one(value)
         return ReadBatch(items)
 
 
-def _one(got: Mapping[str, Any], url: str, fs: Any) -> bytes | ImageDecodeError:
-    value = got.get(url)
-    if value is None:  # fsspec keys the result by the path it was given, or by the stripped one
-        value = got.get(fs._strip_protocol(url), FileNotFoundError(url))
+def _one(value: Any) -> bytes | ImageDecodeError:
     if isinstance(value, bytes):
         return value
     if isinstance(value, FileNotFoundError):
