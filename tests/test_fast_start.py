@@ -129,6 +129,36 @@ def test_a_deleted_graph_or_a_corrupt_record_is_rebuilt(tmp_path, images):
     assert not rebuilt.cached and rebuilt.layout == facts.layout
     assert resolve(cfg).cached
 
+    # A record edited in place (a wrong layer list would label layer 1's maps as layer 0):
+    # its digest no longer matches, so it is rebuilt from the model, not trusted.
+    data = json.loads(record.read_text())
+    data["outputs"]["layers"] = [0]
+    record.write_text(json.dumps(data))
+    edited = resolve(cfg)
+    assert not edited.cached and edited.outputs == facts.outputs
+
+    # A truncated or emptied graph is exported again (it failed every batch, every rerun).
+    graph = Path(resolve(cfg).onnx_path)
+    good = graph.read_bytes()
+    for damaged in (good[: len(good) // 2], b""):
+        graph.write_bytes(damaged)
+        repaired = resolve(cfg)
+        assert not repaired.cached and graph.read_bytes() == good
+
+    # Damaged at the same size, so onnxruntime cannot parse it: one line that says what to
+    # do, and the run stops instead of failing (and offering to retry) every batch.
+    graph.write_bytes(b"\xff" * 64 + good[64:])
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, "run", str(config), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("vit-attn: error:")]
+    assert len(errors) == 1 and "cannot load" in errors[0] and "delete it" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "to retry them" not in proc.stderr
+
 
 @pytest.mark.slow
 def test_new_checkpoint_content_under_the_same_path_is_not_served_the_old_graph(tmp_path, images):

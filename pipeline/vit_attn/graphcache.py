@@ -37,7 +37,7 @@ from .variant import for_device as attention_for_device
 
 log = logging.getLogger(__name__)
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: a digest of the record and the graph's size (damage is a miss)
 _RACY_SECONDS = 0.1
 # The modules whose code decides the exported graph: editing one invalidates every record.
 GRAPH_MODULES = (
@@ -69,6 +69,8 @@ class ModelFacts:
         outputs: the graph's outputs, layers resolved.
         onnx_path: the exported graph, or None when the run does not use onnxruntime.
         cached: whether this came from the cache (no model was built).
+        onnx_bytes: the graph file's size when it was exported: a cached graph of another
+            size is damaged (truncated, emptied) and is exported again.
     """
 
     layout: TokenLayout
@@ -78,6 +80,7 @@ class ModelFacts:
     outputs: OutputSpec
     onnx_path: str | None
     cached: bool = False
+    onnx_bytes: int | None = None
 
 
 def model_source(cfg: Config) -> ModelSource:
@@ -230,7 +233,7 @@ def _rebuild(cls: type, data: dict[str, Any]) -> Any:
 
 
 def _encode(facts: ModelFacts) -> dict[str, Any]:
-    return {
+    data = {
         "record": RECORD_VERSION,
         "layout": dataclasses.asdict(facts.layout),
         "description": facts.description,
@@ -238,12 +241,26 @@ def _encode(facts: ModelFacts) -> dict[str, Any]:
         "preprocess": facts.preprocess,
         "outputs": dataclasses.asdict(facts.outputs),
         "onnx_path": facts.onnx_path,
+        "onnx_bytes": facts.onnx_bytes,
     }
+    data["digest"] = _record_digest(data)
+    return data
+
+
+def _record_digest(data: dict[str, Any]) -> str:
+    """sha256 of a record's fields: a record edited or damaged in place is not trusted (a
+    wrong grid or layer list would make a wrong store, not a failed one)."""
+    body = {k: v for k, v in data.items() if k != "digest"}
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def _decode(data: dict[str, Any]) -> ModelFacts:
     if data.get("record") != RECORD_VERSION:
         raise ValueError(f"record version {data.get('record')}")
+    if data.get("digest") != _record_digest(data):
+        raise ValueError("its contents do not match its digest (edited or damaged)")
     return ModelFacts(
         layout=_rebuild(TokenLayout, data["layout"]),
         description=dict(data["description"]),
@@ -252,6 +269,7 @@ def _decode(data: dict[str, Any]) -> ModelFacts:
         outputs=_rebuild(OutputSpec, data["outputs"]),
         onnx_path=data["onnx_path"],
         cached=True,
+        onnx_bytes=data["onnx_bytes"],
     )
 
 
@@ -308,9 +326,7 @@ def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
         need_graph = cfg.inference.backend == "onnxruntime"
     path = record_path(cfg, cache_key(cfg))
     facts = read_facts(path)
-    if facts is not None and (
-        not need_graph or (facts.onnx_path is not None and Path(facts.onnx_path).is_file())
-    ):
+    if facts is not None and (not need_graph or _graph_intact(facts)):
         log.info("model record cache hit: %s", path)
         with contextlib.suppress(OSError):  # last use, for `vit-attn cache --prune`
             os.utime(path)
@@ -318,6 +334,30 @@ def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
     facts = build(cfg, export=need_graph or (facts is not None and facts.onnx_path is not None))
     write_facts(path, facts)
     return facts
+
+
+def _graph_intact(facts: ModelFacts) -> bool:
+    """Whether the record's graph is there at the size it was exported with. A graph of
+    another size (a truncated copy, a full disk) is removed, so the rebuild exports it again
+    instead of failing every batch on it."""
+    if facts.onnx_path is None:
+        return False
+    graph = Path(facts.onnx_path)
+    try:
+        size = graph.stat().st_size
+    except OSError:
+        return False
+    if facts.onnx_bytes is None or size == facts.onnx_bytes:
+        return True
+    log.warning(
+        "the cached graph %s is damaged (%d bytes, exported with %d); exporting it again",
+        graph,
+        size,
+        facts.onnx_bytes,
+    )
+    with contextlib.suppress(OSError):
+        graph.unlink()
+    return False
 
 
 def build(cfg: Config, export: bool) -> ModelFacts:
@@ -351,4 +391,5 @@ def build(cfg: Config, export: bool) -> ModelFacts:
         preprocess=prep.to_dict(),
         outputs=outputs,
         onnx_path=onnx_path,
+        onnx_bytes=Path(onnx_path).stat().st_size if onnx_path is not None else None,
     )

@@ -90,7 +90,10 @@ class OrtRunner:
                 str(onnx_path), sess_options=so, providers=providers
             )
         except Exception as exc:
-            raise BackendError(f"onnxruntime cannot load {onnx_path}: {first_line(exc)}") from None
+            raise BackendError(
+                f"onnxruntime cannot load {onnx_path}: {first_line(exc)}; if the file is damaged, "
+                "delete it and run again (a cached graph is exported again)"
+            ) from None
         self.providers = self.session.get_providers()
         self._check_device()
         self.output_names = [o.name for o in self.session.get_outputs()]

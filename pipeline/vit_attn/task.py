@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .decode import Preprocess, load_batch
-from .errors import PipelineError, unrecoverable
+from .errors import BackendError, PipelineError, unrecoverable
 from .graphinput import GraphInput
 from .outputs import OutputError, is_per_image_os_error, png_path, write_png
 from .overlap import OVERLAP, OverlapGate
@@ -179,7 +179,10 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
     if ok.any():
         batch = images[ok]  # uint8 NHWC: the graph normalises (vit_attn.graphinput)
         clock.lap("decode")
-        runner = get_runner(plan)  # the process's first batch builds the session
+        try:
+            runner = get_runner(plan)  # the process's first batch builds the session
+        except BackendError as exc:  # the same for every batch: stop, do not retry
+            return BatchSummary(task.batch_index, 0, 0, clock.laps, os.getpid(), fatal=str(exc))
         clock.lap("session")
         with _infer_lock:
             clock.lap("wait")
