@@ -39,7 +39,7 @@ from vit_attn.errors import StoreError
 from vit_attn.store import FORMAT
 from vit_attn.view import data as view_data
 from vit_attn.view import make_server
-from vit_attn.view.data import ListQuery, StoreData
+from vit_attn.view.data import ListQuery, StoreData, ViewError
 from vit_attn.view.headless import CHROMIUM_ARGS, chromium_executable
 
 N_IMAGES = 12
@@ -568,6 +568,14 @@ def test_the_viewer_follows_a_store_that_is_still_being_written(demo_store, tmp_
     assert data.page(ListQuery(status="pending"), 0, 100)["total"] == 0
     assert data.page(ListQuery(status="ok"), 0, 100)["total"] == int((final == 1).sum())
     np.testing.assert_array_equal(data.statuses(np.arange(final.size)), final)
+    # `run --overwrite` with another config replaces the store: no stale answers, one reason.
+    g.attrs["fingerprint"] = "another run"
+    data._next_status_check = 0.0
+    with pytest.raises(ViewError, match="was replaced since the viewer opened it") as err:
+        data.counts()
+    assert err.value.status == 409
+    with pytest.raises(ViewError, match="was replaced"):
+        data.page(ListQuery(status="ok"), 0, 10)
 
 
 def test_a_source_image_changed_since_the_run_is_never_drawn_under_old_maps(demo_store, tmp_path):

@@ -148,6 +148,7 @@ class StoreData:
         self._orders: OrderedDict[ListQuery, np.ndarray] = OrderedDict()
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._next_status_check = time.monotonic() + STATUS_RECHECK_SECONDS
+        self._replaced: str | None = None  # why the store on disk is no longer this one
 
     # ------------------------------------------------------------------ layout
 
@@ -260,6 +261,8 @@ class StoreData:
 
         The interval grows with the read's own cost (20x), so a store of millions of images on
         object storage is not re-read on every request."""
+        if self._replaced:
+            raise ViewError(self._replaced, 409)
         with self._lock:
             cached = self._columns.get("status")
             if cached is None or time.monotonic() < self._next_status_check:
@@ -267,6 +270,7 @@ class StoreData:
             self._next_status_check = math.inf  # this thread re-reads; others use the cache
         started = time.monotonic()
         try:
+            self._check_same_store()
             fresh = np.asarray(self._arrays["status"][:])
         finally:
             took = time.monotonic() - started
@@ -278,6 +282,20 @@ class StoreData:
                 self._orders.clear()
                 self._chunks.clear()
                 self._columns["status"] = fresh
+
+    def _check_same_store(self) -> None:
+        """`vit-attn run --overwrite` may have replaced the store (other images, other arrays):
+        then every answer from the old one's metadata would be wrong; say so instead."""
+        try:
+            fingerprint = readable_attrs(self.path).get("fingerprint")
+        except StoreError as exc:
+            fingerprint = f"unreadable: {exc}"
+        if fingerprint != self.attrs.get("fingerprint"):
+            self._replaced = (
+                f"{self.path} was replaced since the viewer opened it (vit-attn run "
+                "--overwrite?); restart vit-attn view to see the new store"
+            )
+            raise ViewError(self._replaced, 409)
 
     def _column(self, key: str, load: Callable[[], np.ndarray]) -> np.ndarray:
         self._refresh()
