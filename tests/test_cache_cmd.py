@@ -80,9 +80,11 @@ def test_prune_removes_only_what_is_unused_and_keeps_what_a_record_uses(cache):
         "vit-fp32-young.onnx",
         "tmpnow.onnx",
     }
-    # Pruning everything unused for 0 days still leaves an export in progress alone.
+    # Pruning everything unused for 0 days still leaves an export in progress alone, and a
+    # graph used minutes ago: a run that planned with it has workers about to open it.
+    starting = put(cache / "onnx" / "vit-fp32-starting.onnx", 900, 10 / (24 * 60))
     prune(cache, 0, now=NOW)
-    assert names(scan(cache)) == {"tmpnow.onnx"}
+    assert names(scan(cache)) == {"tmpnow.onnx", starting.name}
 
 
 def test_a_record_goes_with_its_graph(cache, tmp_path):
@@ -104,8 +106,9 @@ def test_cli_lists_and_prunes_in_one_line_each(cache, capsys):
     )
     assert cli_main(["cache", "--dir", str(cache), "--prune", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("would remove 7 files")
-    assert cli_main(["cache", "--dir", str(cache), "--prune", "--older-than", "-1"]) == 2
-    assert "--older-than must be >= 0" in capsys.readouterr().err
+    for bad in ("-1", "nan", "inf"):
+        assert cli_main(["cache", "--dir", str(cache), "--prune", "--older-than", bad]) == 2
+        assert "--older-than must be a number of days >= 0" in capsys.readouterr().err
     assert cli_main(["cache", "--dir", str(cache / "nothing-here")]) == 0
     assert capsys.readouterr().out.strip().startswith("0 files")
 

@@ -6,8 +6,11 @@ counts as used when it, or a model record that names it, was last used (records 
 every cache hit, `graphcache.resolve`). Pruning removes records and graphs unused for longer
 than the given age, graphs no record names once they are that old (the torch backend and
 `vit-attn export` can leave those), interrupted exports' temporary files, remembered
-checkpoint digests and TensorRT engines of that age. Deleting a graph a running job has open
-is safe on POSIX (the session holds its copy); the next run re-exports it.
+checkpoint digests and TensorRT engines of that age. Whatever was used in the last hour stays,
+whatever the age asked (`--older-than 0` included): a run plans with a graph (touching its
+record) and its workers open it later, so a prune in between would fail that run's batches.
+Deleting a graph a job already has open is safe on POSIX (the session holds its copy); the
+next run re-exports it.
 Standard library only, like `cachedir`.
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 __all__ = ["CacheEntry", "prune", "scan"]
 
 DAY = 86400.0
+IN_USE_SECONDS = 3600.0  # used this recently: a run may be starting with it; never pruned
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,13 @@ def scan(root: Path) -> list[CacheEntry]:
 def prune(
     root: Path, older_than_days: float, dry_run: bool = False, now: float | None = None
 ) -> list[CacheEntry]:
-    """Remove what was last used more than `older_than_days` ago, and temporary files more
-    than a day old (never younger ones); a record goes with its graph. Returns what was (or, dry, would be) removed."""
+    """Remove what was last used more than `older_than_days` ago (and over an hour ago), and
+    temporary files more than a day old (never younger ones); a record goes with its graph.
+    Returns what was (or, dry, would be) removed."""
     if older_than_days < 0:
         raise ValueError("older_than_days must be >= 0")
     now = time.time() if now is None else now
-    cutoff = now - older_than_days * DAY
+    cutoff = min(now - older_than_days * DAY, now - IN_USE_SECONDS)
     entries = scan(root)
     gone: list[CacheEntry] = []
     removed_graphs: set[Path] = set()

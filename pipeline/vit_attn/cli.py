@@ -168,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         metavar="DAYS",
-        help="age of last use beyond which --prune removes (default 30)",
+        help="age of last use beyond which --prune removes (default 30; what was used in "
+        "the last hour always stays)",
     )
     cache.add_argument(
         "--dry-run", action="store_true", help="with --prune: list what would go, remove nothing"
@@ -247,8 +248,8 @@ def _cache(args: argparse.Namespace) -> int:
     from .cacheprune import DAY, prune, scan
 
     root = cache_root(args.dir)
-    if args.older_than < 0:
-        raise ConfigError(f"--older-than must be >= 0 days, got {args.older_than}")
+    if not args.older_than >= 0 or args.older_than == float("inf"):  # also NaN
+        raise ConfigError(f"--older-than must be a number of days >= 0, got {args.older_than}")
     if root.exists() and not root.is_dir():
         raise ConfigError(
             f"the export cache {root} is a file, not a folder; check --dir or VIT_ATTN_CACHE"
