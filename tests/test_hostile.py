@@ -983,3 +983,29 @@ def test_a_worker_killed_at_start_up_does_not_hang_the_run(tmp_path, data):
     killer.join(timeout=5)
     assert killed, "no worker process was found to kill"
     assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
+
+
+def test_worker_task_tracebacks_are_left_to_the_clients_one_line(monkeypatch, caplog):
+    # distributed's worker logs every failed task as "Compute Failed" with its traceback,
+    # once per attempt; the client already says which batch failed and why, in one line.
+    import logging
+
+    from vit_attn import worker_signals
+
+    worker_log = logging.getLogger("distributed.worker")
+    monkeypatch.setattr(worker_signals.signal, "signal", lambda *a: None)  # keep pytest's Ctrl-C
+    monkeypatch.setattr(worker_log, "filters", [])
+    monkeypatch.delenv(worker_signals.TRACEBACKS_ENV, raising=False)
+    worker_signals.dask_setup(None)
+    with caplog.at_level(logging.INFO, logger="distributed.worker"):
+        worker_log.error("Compute Failed\nKey: %s\nTraceback: %r", "batch-3", "File task.py ...")
+        worker_log.error("Worker stream died during communication")  # other errors stay
+    assert [r.getMessage() for r in caplog.records] == ["Worker stream died during communication"]
+    # `vit-attn -v` keeps them.
+    monkeypatch.setattr(worker_log, "filters", [])
+    monkeypatch.setenv(worker_signals.TRACEBACKS_ENV, "1")
+    worker_signals.dask_setup(None)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="distributed.worker"):
+        worker_log.error("Compute Failed\nKey: %s", "batch-3")
+    assert len(caplog.records) == 1

@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
+    else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
+        os.environ["VIT_ATTN_WORKER_TRACEBACKS"] = "1"
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         # a handler someone else chose (SIGINT ignored in a background job) stays theirs
