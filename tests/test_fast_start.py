@@ -22,6 +22,7 @@ from timm.utils import AttentionExtract
 from vit_attn.config import parse_config
 from vit_attn.decode import Preprocess, load_image, normalize
 from vit_attn.errors import CheckpointError
+from vit_attn.filemode import umask
 from vit_attn.graphcache import _rebuild, cache_key, record_path, resolve
 
 from . import imagefactory
@@ -118,6 +119,9 @@ def test_a_deleted_graph_or_a_corrupt_record_is_rebuilt(tmp_path, images):
     facts = resolve(cfg)
     assert not facts.cached and Path(facts.onnx_path).is_file()
     assert resolve(cfg).cached
+    # Graph and record readable like any file written here (a cache shared by a group).
+    for written in (Path(facts.onnx_path), record_path(cfg, cache_key(cfg))):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask(), written
 
     Path(facts.onnx_path).unlink()  # someone cleaned the cache folder by hand
     again = resolve(cfg)

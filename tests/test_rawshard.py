@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
+from vit_attn.filemode import umask
 from vit_attn.rawshard import raw_shard_writer
 
 
@@ -40,6 +41,16 @@ def test_shards_are_byte_identical_to_zarrs_and_read_back(tmp_path, dtype):
     reopened = zarr.open_array(str(tmp_path / "s.zarr"), path="ours", mode="r")
     np.testing.assert_array_equal(reopened[:], data)
     np.testing.assert_array_equal(reopened[7], data[7])  # one inner chunk alone
+    # Readable like zarr's own files (a store shared by a group), not mkstemp's 0600.
+    modes = {
+        name: {
+            p.stat().st_mode & 0o777
+            for p in (tmp_path / "s.zarr" / name / "c").rglob("*")
+            if p.is_file()
+        }
+        for name in ("ours", "theirs")
+    }
+    assert modes["ours"] == modes["theirs"] == {0o666 & ~umask()}
 
 
 def test_regions_that_are_not_one_whole_shard_are_left_to_zarr(tmp_path):

@@ -25,6 +25,7 @@ from torch import nn
 
 from .cachedir import cache_root
 from .errors import ExportError, ModelError, PipelineError, first_line
+from .filemode import as_if_opened
 from .graphinput import UINT8_NHWC, GraphInput
 from .layout import class_attention_refusal
 from .model import LoadedModel, attention_modules
@@ -490,11 +491,19 @@ def export_onnx(
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(
-            f"cannot create the export cache folder {path.parent}: {exc.strerror}"
+            f"cannot create the export cache folder {path.parent}: {exc.strerror}; set "
+            "inference.cache_dir or VIT_ATTN_CACHE to a writable folder"
         ) from None
     graph = AttentionGraph(loaded, spec, graph_input, attention, capture).eval()
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    except OSError as exc:  # a read-only cache: a hit works, a miss must be written somewhere
+        raise ExportError(
+            f"cannot write a new graph into the export cache {path.parent}: {exc.strerror}; "
+            "set inference.cache_dir or VIT_ATTN_CACHE to a writable folder"
+        ) from None
     os.close(fd)
+    as_if_opened(tmp_name)  # not mkstemp's 0600: a cache shared by a group stays readable
     tmp = Path(tmp_name)
     try:
         _export(graph, tmp, loaded.layout.input_size)

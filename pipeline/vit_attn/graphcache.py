@@ -29,6 +29,7 @@ from . import __version__
 from .cachedir import cache_root
 from .config import Config
 from .errors import CheckpointError
+from .filemode import as_if_opened
 from .graphinput import PIPELINE_INPUT, GraphInput
 from .layout import TokenLayout
 from .specs import ModelSource, OutputSpec
@@ -308,6 +309,7 @@ def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
     try:
+        as_if_opened(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .filemode import as_if_opened
+
 _EMPTY = np.uint64(2**64 - 1)  # index entry of an inner chunk that does not exist
 
 
@@ -55,6 +57,7 @@ class RawShardWriter:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".shard-", dir=os.path.dirname(path))
         try:
+            as_if_opened(tmp)  # like zarr's own files, not mkstemp's 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(body.data.cast("B"))
                 f.write(index_bytes)
