@@ -86,6 +86,21 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         load_model(ModelSource("vit_tiny_patch16_224", checkpoint=path, kwargs=TINY))
 
 
+def test_a_checkpoint_mismatch_names_the_keys(tmp_path):
+    # torch's message lists the keys after its first line; the one-line error must name them.
+    state = load_model(small()).model.state_dict()
+    state["extra.weight"] = torch.zeros(3)
+    del state["head.bias"]
+    state["norm.weight"] = torch.ones(7)
+    path = tmp_path / "odd.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError) as err:
+        load_model(ModelSource("vit_tiny_patch16_224", checkpoint=path, kwargs=TINY))
+    message = str(err.value)
+    assert "1 missing (head.bias)" in message and "1 unexpected (extra.weight)" in message
+    assert "norm.weight (7,) vs (192,)" in message and "\n" not in message
+
+
 def test_pickled_code_in_a_checkpoint_is_not_run(tmp_path):
     class Evil:
         def __reduce__(self):

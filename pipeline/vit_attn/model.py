@@ -242,6 +242,12 @@ def _apply_checkpoint(model: nn.Module, path: Path) -> None:
                 f"checkpoint {path} does not fit this model: {first_line(exc)}"
             ) from None
     _check_dtypes(model, state, path)
+    mismatch = _state_mismatch(model, state)
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: {mismatch} "
+            "(check model.name and model.kwargs)"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -249,6 +255,34 @@ def _apply_checkpoint(model: nn.Module, path: Path) -> None:
             f"checkpoint {path} does not match the model: {first_line(exc)} "
             "(check model.name and model.kwargs)"
         ) from None
+
+
+def _state_mismatch(model: nn.Module, state: dict[str, torch.Tensor], shown: int = 3) -> str:
+    """What differs between a checkpoint and the model, in words: the keys missing from the
+    checkpoint, the keys it has that the model does not, tensors of another shape (a few of
+    each, with counts). torch's own message puts these after its first line, which is all
+    a one-line error could show."""
+    own = model.state_dict()
+
+    def some(keys: list[str]) -> str:
+        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+        return ", ".join(keys[:shown]) + more
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({some(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({some(shapes)})")
+    return "; ".join(parts)
 
 
 def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
