@@ -126,3 +126,16 @@ def test_tilde_is_the_home_folder(tmp_path, monkeypatch):
     )
     assert Path(cfg.data.source) == tmp_path / "home" / "images"
     assert cfg.output.store == tmp_path / "home" / "r.zarr"
+
+
+def test_a_config_on_standard_input_or_behind_a_url(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    text = yaml.safe_dump(BASE).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text)))
+    cfg = load_config("-")
+    assert Path(cfg.data.source) == tmp_path / "images"  # relative to the current folder
+    with pytest.raises(ConfigError, match=r"config http://127.0.0.1:9/x.yaml: a config is a local"):
+        load_config("http://127.0.0.1:9/x.yaml")  # the URL named as given, not mangled

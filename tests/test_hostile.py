@@ -106,6 +106,13 @@ def test_png_dir_or_store_inside_the_listed_folder_is_refused(tmp_path, data, ca
     assert files_under(data) == before
 
 
+def test_a_store_name_too_long_for_its_lock_is_named_as_the_store(tmp_path, data, capsys):
+    store = tmp_path / ("s" * 248 + ".zarr")  # a legal name; "<name>.lock" is not
+    assert run(write_config(tmp_path, data, output={"store": str(store)})) == 2
+    line = one_error_line(capsys)
+    assert "output.store" in line and "too long for the lock file" in line, line
+
+
 def test_two_stores_never_share_a_png_dir(tmp_path, data, capsys):
     # Each would replace the other's PNGs under the same names and call them its own on
     # resume (the marker in a PNG names the image, not the store).

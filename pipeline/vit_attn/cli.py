@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a config into its Zarr store (resumes an existing one)")
-    run.add_argument("config", type=Path)
+    run.add_argument("config", help="the YAML config (- reads it from standard input)")
     run.add_argument(
         "--set",
         dest="overrides",
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser(
         "export", help="export (or find in the cache) the ONNX graph; prints its path"
     )
-    exp.add_argument("config", type=Path)
+    exp.add_argument("config", help="the YAML config (- reads it from standard input)")
     exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     ins = sub.add_parser("inspect", help="model, layers, progress, failures and arrays of a store")
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     args = _parser().parse_args(argv)
-    logging.basicConfig(
+    logging.basicConfig(  # warnings read like the other lines; -v says where they come from
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "vit-attn: %(message)s",
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)

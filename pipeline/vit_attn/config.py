@@ -10,7 +10,9 @@ import copy
 import os
 import re
 import reprlib
+import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -381,14 +383,32 @@ def parse_config(data: Any, origin: str = "<config>", base: Path | None = None) 
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read, override and validate a YAML config file."""
+    """Read, override and validate a YAML config file ("-": standard input, with relative
+    paths relative to the current folder)."""
+    if str(path) == "-":
+        return _load_config_text(
+            lambda: sys.stdin.buffer.read().decode("utf-8"), "<stdin>", Path.cwd(), overrides
+        )
+    if "://" in str(path):
+        raise ConfigError(
+            f"config {path}: a config is a local file; download it first, or pipe it to "
+            "`vit-attn run -`"
+        )
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; give the YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    return _load_config_text(
+        lambda: path.read_text(encoding="utf-8"), str(path), path.resolve().parent, overrides
+    )
+
+
+def _load_config_text(
+    read: Callable[[], str], path: str, base: Path, overrides: list[str] | None
+) -> Config:
     try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
+        data = load_yaml(read())
     except DuplicateKeyError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
@@ -407,6 +427,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             f"{path}: expected a mapping with sections model, data, output, ... "
             f"(the file holds a {type(data).__name__})"
         )
-    _check_size(data, str(path))
+    _check_size(data, path)
     data = apply_overrides(data, overrides or [])
-    return parse_config(data, origin=str(path), base=path.resolve().parent)
+    return parse_config(data, origin=path, base=base)

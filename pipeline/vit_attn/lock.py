@@ -18,6 +18,7 @@ heartbeat, taken by write-then-read-back). Both implement the same small interfa
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import json
 import os
@@ -128,6 +129,23 @@ class FileLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except OSError as exc:  # the lock is ours to name; the user named the store
+            store = self.path.with_name(self.path.name.removesuffix(".lock"))
+            if exc.errno == errno.ENAMETOOLONG:
+                raise StoreError(
+                    f"output.store {store}: its name is too long for the lock file beside it "
+                    f"({len(self.path.name.encode())} bytes with '.lock'); shorten it"
+                ) from None
+            hint = (
+                "; check that its folder exists and is writable"
+                if exc.errno
+                in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS)
+                else ""
+            )
+            raise StoreError(
+                f"output.store {store}: cannot create its lock file {self.path.name} beside "
+                f"it: {exc.strerror or exc}{hint}"
+            ) from None
         info = {
             "run_id": self.run_id,
             "user": _user(),

@@ -589,7 +589,10 @@ def _check_target(path: Path, overwrite: bool) -> bool:
         )
     if path.is_dir() and not any(path.iterdir()):
         return False
-    raise StoreError(f"{path} exists and is not a {FORMAT}; refusing to overwrite what is not ours")
+    raise StoreError(
+        f"{path} exists and is not a {FORMAT}; refusing to overwrite what is not ours: if it "
+        "is the remains of a deleted store, delete it yourself; else choose another output.store"
+    )
 
 
 def open_store_for_resume(

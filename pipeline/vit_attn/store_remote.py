@@ -64,9 +64,11 @@ def create_remote(
     try:
         if ours or interrupted:
             fs.rm(path, recursive=True)
-        elif fs.find(path, maxdepth=None, withdirs=False)[:1]:
+        elif found_keys := fs.find(path, maxdepth=None, withdirs=False)[:1]:
             raise StoreError(
-                f"{url} exists and is not a {FORMAT}; refusing to overwrite what is not ours"
+                f"{url} exists and is not a {FORMAT} (it holds {found_keys[0]}, ...); refusing "
+                "to overwrite what is not ours: if these are the remains of a deleted store, "
+                "delete the prefix yourself; else choose another output.store"
             )
         store = zarr_store(url, storage_options)
         group = zarr.create_group(
