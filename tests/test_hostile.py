@@ -536,6 +536,37 @@ def test_a_store_missing_an_array_is_damaged_not_complete(tmp_path, data, capsys
     assert run(config, "--overwrite") == 0 and (store / array / "zarr.json").is_file()
 
 
+def test_a_resume_may_infer_in_smaller_batches(tmp_path, data, capsys):
+    # Out of GPU memory half way: the store's batches are its chunks, but a smaller
+    # inference.batch_size must resume it, not demand --overwrite of the finished work.
+    reference = write_config(tmp_path / "ref", data)
+    assert run(reference) == 0
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    g = zarr.open_group(str(store), mode="r+")
+    g["status"][0:4] = 0  # the first batch (of 4) to do again
+    capsys.readouterr()
+    for size in ("3", "64"):  # pieces 3 + 1; and larger than a store batch
+        assert run(config, "--set", f"inference.batch_size={size}") == 0
+        err = capsys.readouterr().err
+        assert "holds a different run" not in err and "in 1 batches to do" in err, err
+        if size == "3":
+            assert "inferred 3 at a time (the store's batches are 4)" in err
+        g["status"][0:4] = 0
+    assert run(config, "--set", "inference.batch_size=2") == 0
+    ref = zarr.open_group(str(tmp_path / "ref" / "out" / "run.zarr"), mode="r")
+    got = zarr.open_group(str(store), mode="r")
+    assert got["status"].chunks == ref["status"].chunks  # the store's layout is unchanged
+    np.testing.assert_array_equal(got["status"][:], ref["status"][:])
+    np.testing.assert_allclose(
+        got["cls_attention"][:].astype(np.float32),
+        ref["cls_attention"][:].astype(np.float32),
+        rtol=2e-3,
+        atol=1e-6,  # float16 storage: another batch size may round a value the other way
+    )
+
+
 def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     assert run(config) == 0

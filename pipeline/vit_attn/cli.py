@@ -309,10 +309,15 @@ def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> i
         if prepared.cluster_reason
         else cluster.kind
     )
+    pieces = (
+        f", inferred {plan.infer_batch} at a time (the store's batches are {plan.spec.batch_size})"
+        if 0 < plan.infer_batch < plan.spec.batch_size
+        else ""
+    )
     print(
         f"vit-attn: {verb} {plan.store_path}: {todo} of {prepared.n_images} images in {len(tasks)} batches to do "
         f"({cfg.model.name}, layers {list(plan.outputs.layers)}, {cfg.inference.backend}/{cfg.inference.device}/"
-        f"{cfg.inference.precision}, cluster {where})",
+        f"{cfg.inference.precision}, cluster {where}{pieces})",
         file=sys.stderr,
     )
     summary = execute(plan, tasks, cluster, progress=not args.no_progress)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +42,10 @@ from .sources import ImageList
 from .specs import OutputSpec
 from .stats import STAT_UNITS
 from .store import (
+    FORMAT,
     FORMAT_VERSION,
     StoreSpec,
+    _read_root_metadata,
     array,
     check_arrays_present,
     config_differences,
@@ -189,6 +192,17 @@ def fingerprint_inputs(
     }
 
 
+def stored_batch_size(path: Any, storage_options: Mapping[str, Any] | None = None) -> int | None:
+    """The batch size an existing store was made with (its chunking), or None if there is no
+    such store (or it does not say)."""
+    meta = _read_root_metadata(path, storage_options)
+    attrs = (meta or {}).get("attributes", {})
+    if attrs.get("format") != FORMAT:
+        return None
+    size = ((attrs.get("config") or {}).get("inference") or {}).get("batch_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def digest(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -225,6 +239,18 @@ def prepare(
     loaded = resolve_model(cfg)
     outputs = loaded.outputs
     prep = Preprocess.from_dict(loaded.preprocess)
+    store_path = location(cfg.output.store)
+    store_options = dict(cfg.output.storage_options)
+    overwrite = overwrite or cfg.output.overwrite
+    # A store's batches are its chunks, fixed when it was made; inference.batch_size may change
+    # on a resume (a smaller one after running out of GPU memory): each store batch is then
+    # inferred in pieces of that size (RunPlan.infer_batch).
+    infer_batch = cfg.inference.batch_size
+    made_with = None if overwrite else stored_batch_size(store_path, store_options)
+    if made_with is not None and made_with != infer_batch:
+        cfg = cfg.model_copy(
+            update={"inference": cfg.inference.model_copy(update={"batch_size": made_with})}
+        )
     spec = store_spec(cfg, loaded, outputs, len(images.paths))
     if data.label_key is not None:
         spec = dataclasses.replace(spec, labels=True)
@@ -232,9 +258,6 @@ def prepare(
         spec = dataclasses.replace(spec, identity="none")
     inputs = fingerprint_inputs(cfg, loaded, outputs, prep.to_dict(), images)
     fingerprint = digest(inputs)
-    store_path = location(cfg.output.store)
-    store_options = dict(cfg.output.storage_options)
-    overwrite = overwrite or cfg.output.overwrite
 
     check_output_locations(cfg.data.source, store_path, cfg.output.png_dir)
     if cfg.output.png_dir:
@@ -293,6 +316,7 @@ def prepare(
         pending = sorted(set(pending) | set(redo))
     cluster, cluster_reason = choose_executor(cfg.cluster, len(pending))
     plan = RunPlan(
+        infer_batch=infer_batch,
         store_path=str(store_path),
         image_root=str(images.root),
         spec=spec,

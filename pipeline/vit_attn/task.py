@@ -62,6 +62,9 @@ class RunPlan:
     reader: Any = None
     store_options: dict[str, Any] | None = None  # fsspec options of a store behind a URL
     run_id: str | None = None  # the store's run id: write_batch refuses a store of another run
+    # Images per inference call: the store's batch size unless a resume asked for smaller
+    # ones (inference.batch_size changed); each batch is then inferred in pieces. 0: whole.
+    infer_batch: int = 0
     # Where images are decoded: None decodes JPEGs on the inference device when it is cuda
     # (vit_attn.gpu_decode), else on the host; "cpu" runs the device path on the CPU (tests).
     decode_device: str | None = None
@@ -186,7 +189,7 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
         clock.lap("session")
         with _infer_lock:
             clock.lap("wait")
-            outputs = runner.run(batch) if pixels is None else runner.run_tensor(pixels[ok])
+            outputs = _infer(runner, batch if pixels is None else pixels[ok], plan.infer_batch)
             clock.lap("infer")
         _fill(result, outputs, ok)
         _add_overlays(plan, result, images, ok, outputs)
@@ -210,6 +213,16 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
     clock.lap("write")
     n_ok = int((result.status == STATUS_OK).sum())
     return BatchSummary(task.batch_index, n_ok, len(ok) - n_ok, clock.laps, os.getpid())
+
+
+def _infer(runner: Runner, batch: Any, size: int) -> dict[str, np.ndarray]:
+    """The runner's outputs for `batch` (numpy pixels, or a device tensor), `size` images per
+    call when the batch is larger: the same values per image, in less memory."""
+    run = runner.run if isinstance(batch, np.ndarray) else runner.run_tensor
+    if size <= 0 or len(batch) <= size:
+        return run(batch)
+    parts = [run(batch[i : i + size]) for i in range(0, len(batch), size)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def _fill(result: BatchResult, outputs: dict[str, np.ndarray], ok: np.ndarray) -> None:
