@@ -872,7 +872,7 @@ def test_browser_image_view_selectors_and_patch_rows(server, demo_store, page):
     # the mask slider outlines the mass-threshold patches on the overlay
     before = pixels(page, READ_IMG, "#p-overlay")
     page.locator("#m-mask").fill("0.5")
-    ready(page, "image-ready", "location.hash.includes('mask=0.5')")
+    ready(page, "image-ready", "document.body.dataset.shown.includes('mask=0.5')")
     wait(page, "document.querySelector('#map-readout').textContent.includes('patches hold 0.5')")
     after = pixels(page, READ_IMG, "#p-overlay")
     outline = (after == [0, 255, 255]).all(-1)
@@ -882,7 +882,7 @@ def test_browser_image_view_selectors_and_patch_rows(server, demo_store, page):
     ok = np.flatnonzero(status == 1)
     nxt = int(ok[np.searchsorted(ok, 4) + 1])
     page.click("#img-next")
-    ready(page, "image-ready", f"location.hash.startsWith('#/image/{nxt}?')")
+    ready(page, "image-ready", f"document.body.dataset.shown.startsWith('#/image/{nxt}?')")
     assert page.locator("#img-title").inner_text().startswith(f"#{nxt} ")
     # the head grid: a tile click picks the head
     page.goto(server.url + "#/image/4?layer=3")
