@@ -41,6 +41,7 @@ from vit_attn.view import data as view_data
 from vit_attn.view import make_server
 from vit_attn.view.data import ListQuery, StoreData, ViewError
 from vit_attn.view.headless import CHROMIUM_ARGS, chromium_executable
+from vit_attn.view.pictures import FAILED_RGB
 
 N_IMAGES = 12
 
@@ -640,6 +641,24 @@ def test_a_missing_store_file_is_not_read_as_zeros(demo_store, tmp_path):
     with serving(store) as srv:
         code, body, _ = get(f"{srv.url}api/map/{victim}.json")
         assert code == 500 and "store file is missing" in json.loads(body)["error"]
+    # The same for the stored overlays behind a page of thumbnails: the first batch's tiles
+    # are drawn as failed ones, not as black pictures; the others are unchanged.
+    overlays = sorted(p for p in (store / "overlay" / "c").rglob("*") if p.is_file())
+    overlays[0].unlink()
+    per_batch = (
+        zarr.open_group(str(store), mode="r")["overlay"].shards
+        or zarr.open_group(str(store), mode="r")["overlay"].chunks
+    )[0]
+    query = "api/thumbs?offset=0&limit=60&box=64"
+    with serving(demo_store) as srv:
+        good = np.frombuffer(get(srv.url + query)[1], np.uint8).reshape(status.size, -1)
+    with serving(store) as srv:
+        code, body, _ = get(srv.url + query)
+    tiles = np.frombuffer(body, np.uint8).reshape(status.size, -1)
+    first = np.arange(status.size) < per_batch
+    np.testing.assert_array_equal(tiles[~first], good[~first])
+    for i in np.flatnonzero(first & (status == 1)):
+        assert {tuple(x) for x in tiles[i].reshape(-1, 3).tolist()} == {FAILED_RGB}, i
 
 
 def test_a_store_of_an_unknown_format_version_is_refused_by_every_reader(demo_store, tmp_path):

@@ -950,6 +950,24 @@ def read_rows(
         ) from None
 
 
+def rows_without_chunk(arr: Any, images: Sequence[int]) -> set[int]:
+    """Those of `images` whose chunk (or shard) along the image axis is absent: one look per
+    chunk, however many of the images it holds (a page of thumbnails is a few chunks)."""
+    try:
+        per = int(arr.metadata.chunk_grid.chunk_shape[0])
+    except (AttributeError, IndexError, TypeError):
+        return set()
+    missing: set[int] = set()
+    looked: dict[int, bool] = {}
+    for i in images:
+        c = int(i) // per
+        if c not in looked:
+            looked[c] = _chunk_missing(arr, c * per)
+        if looked[c]:
+            missing.add(int(i))
+    return missing
+
+
 def _chunk_missing(arr: Any, selection: Any) -> bool:
     """Whether the stored chunk (or shard) holding `selection`'s first element is absent.
 

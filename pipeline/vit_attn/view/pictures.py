@@ -25,7 +25,7 @@ from ..maps import mass_threshold_mask
 from ..overlay import blend, colormap_lut, head_grid, normalize_maps
 from ..pngencode import encode_png
 from ..render import _draw_outline, model_input_image
-from ..store import STATUS_OK, STATUS_PENDING, read_rows
+from ..store import STATUS_OK, STATUS_PENDING, read_rows, rows_without_chunk
 from .data import Selection, StoreData, ViewError, thumb_factor, thumb_size
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,11 @@ class Pictures:
         if self.data.meta()["overlays"]:
             try:
                 stored = self.data.overlays(wanted[ok])
-                return {int(k): stored[n] for n, k in enumerate(ok)}
+                # Status 1 but no chunk (a damaged store): zeros, not pictures; say so.
+                absent = rows_without_chunk(self.data.overlays_array(), wanted[ok].tolist())
+                return {
+                    int(k): stored[n] for n, k in enumerate(ok) if int(wanted[k]) not in absent
+                }
             except Exception:  # noqa: BLE001 - any codec error; each image is retried below
                 log.warning("thumbnails: reading overlays together failed; reading one by one")
         pictures: dict[int, np.ndarray] = {}
