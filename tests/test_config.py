@@ -111,6 +111,13 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         load_config(path)  # the anchor's holder is not a config section, and says so
 
 
+def test_an_override_without_a_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set 'output.store=': no value after '='"):
+        load_config(write(tmp_path, BASE), ["output.store="])
+    cfg = load_config(write(tmp_path, BASE), ["output.png_dir=null"])  # unsetting still works
+    assert cfg.output.png_dir is None
+
+
 def test_a_merge_key_may_be_overridden(tmp_path):
     path = tmp_path / "merge.yaml"
     body = yaml.safe_dump(BASE).replace("model:", "model: &m")

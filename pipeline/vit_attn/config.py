@@ -288,8 +288,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set inference.batch_size=64")
+    if not raw.strip():  # an empty path would resolve to the config's own folder
+        raise ConfigError(
+            f"--set {item!r}: no value after '='; give one (null unsets an optional key)"
+        )
     try:
-        value = load_yaml(raw) if raw.strip() else ""
+        value = load_yaml(raw)
     except DuplicateKeyError as exc:
         raise ConfigError(f"--set {item!r}: {exc}") from None
     except yaml.YAMLError:
