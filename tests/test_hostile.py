@@ -113,6 +113,17 @@ def test_a_store_name_too_long_for_its_lock_is_named_as_the_store(tmp_path, data
     assert "output.store" in line and "too long for the lock file" in line, line
 
 
+def test_files_a_folder_listing_passes_over_are_counted(tmp_path, data, capsys):
+    (data / "notes.txt").write_text("labels")
+    (data / ".hidden.png").write_bytes((data / sorted(os.listdir(data))[0]).read_bytes())
+    (data / "noext").write_bytes(b"?")
+    assert run(write_config(tmp_path, data)) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "skipped" in x)
+    assert line.startswith("vit-attn: skipped 3 files of") and "notes.txt" in line, line
+    assert "6 of 6 images" in err  # the six images, not the three others
+
+
 def test_two_stores_never_share_a_png_dir(tmp_path, data, capsys):
     # Each would replace the other's PNGs under the same names and call them its own on
     # resume (the marker in a PNG names the image, not the store).

@@ -297,6 +297,7 @@ def _run(args: argparse.Namespace) -> int:
 def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> int:
     from .orchestrate import execute
     from .plan import prepare
+    from .sources import IMAGE_EXTENSIONS
     from .store import consolidate, store_counts
 
     prepared = prepare(cfg, overwrite=args.overwrite, run_id=run_id, redo_changed=args.redo_changed)
@@ -320,6 +321,14 @@ def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> i
         f"{cfg.inference.precision}, cluster {where}{pieces})",
         file=sys.stderr,
     )
+    images = prepared.images
+    if images.skipped:
+        print(
+            f"vit-attn: skipped {images.skipped} files of {images.root} that are not images or "
+            f"are hidden (e.g. {', '.join(images.skipped_examples)}); images end in "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}",
+            file=sys.stderr,
+        )
     summary = execute(plan, tasks, cluster, progress=not args.no_progress)
     if lock.lost:
         raise StoreError(

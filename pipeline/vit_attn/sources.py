@@ -38,6 +38,10 @@ class ImageList:
     reader: Any = None
     locators: tuple[Any, ...] | None = None
     identity: dict[str, Any] | None = None
+    # Files a folder listing passed over (not an image extension, or hidden): how many, and
+    # the first few by path, so the start line can say so instead of dropping them silently.
+    skipped: int = 0
+    skipped_examples: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -83,20 +87,26 @@ def _is_image_name(name: str) -> bool:
 def _list_folder(folder: Path) -> ImageList:
     root = Path(os.path.abspath(folder))
     found = []
+    passed_over: list[str] = []
+    n_passed_over = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders
         rel = PurePath(os.path.relpath(dirpath, root))
-        found += [
-            (rel / name).as_posix()
-            for name in filenames
-            if not name.startswith(".") and _is_image_name(name)
-        ]
+        for name in filenames:
+            if not name.startswith(".") and _is_image_name(name):
+                found.append((rel / name).as_posix())
+            else:
+                n_passed_over += 1
+                if len(passed_over) < 3:
+                    passed_over.append((rel / name).as_posix())
     if not found:
         raise DataSourceError(
             f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
             "check data.source"
         )
-    return ImageList(root, tuple(sorted(found)))
+    return ImageList(
+        root, tuple(sorted(found)), skipped=n_passed_over, skipped_examples=tuple(passed_over)
+    )
 
 
 def _list_glob(pattern: str) -> ImageList:
