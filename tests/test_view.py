@@ -995,3 +995,18 @@ def test_browser_pool_with_its_own_head_count(tmp_path, page):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_browser_says_why_a_picture_is_refused(demo_store, tmp_path, page):
+    # The overlay of an image whose source changed since the run is refused (409); the page
+    # shows the server's reason, not "could not load <url>".
+    store = copy_of_demo(demo_store, tmp_path)
+    g = zarr.open_group(str(store), mode="r")
+    ok = int(np.flatnonzero(np.asarray(g["status"][:]) == 1)[0])
+    source = Path(g.attrs["image_root"]) / str(g["image_path"][ok])
+    Image.new("RGB", (64, 48), (0, 200, 0)).save(source, format="PNG")
+    with serving(store) as srv:
+        page.goto(srv.url + f"#/image/{ok}")
+        ready(page, "image-ready")
+        shown = page.locator("#img-error").inner_text()
+    assert "changed since the run" in shown and "--redo-changed" in shown, shown

@@ -43,7 +43,16 @@ async function getJSON(url) {
 function loadImage(img, url) {
   return new Promise((resolve, reject) => {
     img.onload = () => resolve(img);
-    img.onerror = () => reject(new Error("could not load " + url));
+    // An <img> learns nothing of why it failed; the server's JSON says (e.g. the source
+    // file changed since the run), so ask once more and show that instead.
+    img.onerror = async () => {
+      let why = "could not load " + url;
+      try {
+        const r = await fetch(url);
+        if (!r.ok) why = (await r.json()).error || why;
+      } catch (e) { /* keep the plain reason */ }
+      reject(new Error(why));
+    };
     img.src = url;
   });
 }
