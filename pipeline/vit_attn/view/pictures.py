@@ -180,9 +180,7 @@ class Pictures:
                 stored = self.data.overlays(wanted[ok])
                 # Status 1 but no chunk (a damaged store): zeros, not pictures; say so.
                 absent = rows_without_chunk(self.data.overlays_array(), wanted[ok].tolist())
-                return {
-                    int(k): stored[n] for n, k in enumerate(ok) if int(wanted[k]) not in absent
-                }
+                return {int(k): stored[n] for n, k in enumerate(ok) if int(wanted[k]) not in absent}
             except Exception:  # noqa: BLE001 - any codec error; each image is retried below
                 log.warning("thumbnails: reading overlays together failed; reading one by one")
         pictures: dict[int, np.ndarray] = {}
