@@ -160,6 +160,25 @@ def test_readers_work_on_the_s3_store(s3_store, reference, dataset, tmp_path, ca
     assert "holds no statistics" in capsys.readouterr().err
 
 
+def test_a_damaged_s3_store_is_said_to_be_damaged(s3_store, tmp_path, capsys):
+    # On object storage too: a chunk object of an ok image gone is not read as zeros, and a
+    # store without its status array is damaged, not a traceback.
+    fs = s3fs_client()
+    copy = s3_store.replace("folder.zarr", "damaged.zarr")
+    fs.cp(s3_store.removeprefix("s3://"), copy.removeprefix("s3://"), recursive=True)
+    status = np.asarray(zarr.open_group(copy, mode="r")["status"][:])
+    chunks = sorted(fs.find(copy.removeprefix("s3://") + "/cls_attention/c"))
+    fs.rm(chunks[0])  # the first batch's
+    victim = int(np.flatnonzero(status == 1)[0])
+    capsys.readouterr()
+    assert cli_main(["show", copy, "--image", str(victim), "-o", str(tmp_path / "x.png")]) == 2
+    assert "store file is missing although the image's status is 1" in capsys.readouterr().err
+    fs.rm(copy.removeprefix("s3://") + "/status", recursive=True)
+    assert cli_main(["inspect", copy]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged: its array status is missing" in err and "Traceback" not in err
+
+
 def test_shards_with_labels_equal_the_folder_run(
     reference, dataset, labels, tmp_path, checkpoint, export_cache
 ):

@@ -515,10 +515,9 @@ def _stats(args: argparse.Namespace) -> int:
     )
     from .store import open_dataset
 
-    _open_readonly(args.store)
+    ds = open_dataset(args.store)  # refuses what is not a readable store (store.readable_attrs)
     if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
         raise PipelineError(f"--plots {args.plots} is a file; give a folder for the plots")
-    ds = open_dataset(args.store)
     if not stat_names(ds):
         if "attention" not in ds.data_vars:
             raise PipelineError(

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,10 +41,9 @@ from .sources import ImageList
 from .specs import OutputSpec
 from .stats import STAT_UNITS
 from .store import (
-    FORMAT,
     FORMAT_VERSION,
+    READER_ARRAYS,
     StoreSpec,
-    _read_root_metadata,
     array,
     check_arrays_present,
     config_differences,
@@ -54,6 +52,7 @@ from .store import (
     open_store_for_resume,
     pending_batches,
     read_status,
+    stored_batch_size,
 )
 from .task import BatchTask, RunPlan
 
@@ -192,17 +191,6 @@ def fingerprint_inputs(
     }
 
 
-def stored_batch_size(path: Any, storage_options: Mapping[str, Any] | None = None) -> int | None:
-    """The batch size an existing store was made with (its chunking), or None if there is no
-    such store (or it does not say)."""
-    meta = _read_root_metadata(path, storage_options)
-    attrs = (meta or {}).get("attributes", {})
-    if attrs.get("format") != FORMAT:
-        return None
-    size = ((attrs.get("config") or {}).get("inference") or {}).get("batch_size")
-    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
-
-
 def digest(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -266,10 +254,11 @@ def prepare(
     resumed = is_store(store_path, store_options) and not overwrite
     changed: list[int] = []
     if resumed:
-        check_arrays_present(store_path, ("status", "image_path"), store_options)
+        check_arrays_present(store_path, READER_ARRAYS, store_options)  # _check_same_run reads
         _check_same_run(store_path, fingerprint, inputs, store_options, images.paths)
         # A finished store with an array deleted would otherwise resume as complete.
-        check_arrays_present(store_path, [a.name for a in spec.layout()], store_options)
+        rest = [a.name for a in spec.layout() if a.name not in READER_ARRAYS]
+        check_arrays_present(store_path, rest, store_options)
         if ids is not None:
             changed = _changed_inputs(store_path, images, ids, redo_changed, store_options)
     onnx_path = loaded.onnx_path if cfg.inference.backend == "onnxruntime" else None

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 FORMAT = "vit-attention-store"
 FORMAT_VERSION = 1
 READABLE_FORMAT_VERSIONS = (1,)  # what readers accept (docs/STORE.md, "Versioning")
+READER_ARRAYS = ("status", "image_path")  # what every reader needs before anything else
 OVERLAY_MODES = ("none", "mean", "heads")
 COMPRESSIONS = ("default", "none", "zstd", "lz4")
 DEFAULT_COMPRESSION = "zstd"
@@ -420,6 +421,19 @@ def is_store(path: PathLike, storage_options: Mapping[str, Any] | None = None) -
     return meta is not None and meta.get("attributes", {}).get("format") == FORMAT
 
 
+def stored_batch_size(
+    path: PathLike, storage_options: Mapping[str, Any] | None = None
+) -> int | None:
+    """The batch size an existing store was made with (its chunking: from the config it keeps),
+    or None if there is no such store (or it does not say)."""
+    meta = _read_root_metadata(path, storage_options)
+    attrs = (meta or {}).get("attributes", {})
+    if attrs.get("format") != FORMAT:
+        return None
+    size = ((attrs.get("config") or {}).get("inference") or {}).get("batch_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def missing_arrays(
     path: PathLike, names: Sequence[str], storage_options: Mapping[str, Any] | None = None
 ) -> list[str]:
@@ -427,12 +441,8 @@ def missing_arrays(
 
     Looks at the files themselves: consolidated metadata would still list a deleted array.
     """
-    if is_url(path):
-        from vit_attn.remote import url_fs
-
-        fs, root = url_fs(str(path), storage_options)
-        return [n for n in names if not fs.exists(f"{root.rstrip('/')}/{n}/zarr.json")]
-    return [n for n in names if not (Path(path) / n / "zarr.json").is_file()]
+    store = zarr_store(path, storage_options, read_only=True)
+    return [n for n in names if _key_exists(store, f"{n}/zarr.json") is False]
 
 
 def check_arrays_present(
@@ -470,7 +480,7 @@ def readable_attrs(
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}: open it with the vit-attn "
             "version that wrote it (its `versions` attribute names it), or a newer one"
         )
-    check_arrays_present(path, ("status", "image_path"), storage_options)
+    check_arrays_present(path, READER_ARRAYS, storage_options)
     return dict(attrs)
 
 
@@ -984,17 +994,24 @@ def _chunk_missing(arr: Any, selection: Any) -> bool:
             for d in range(len(grid))
         )
         key = arr.metadata.encode_chunk_key(coords)
-        store, path = arr.store_path.store, arr.store_path.path
-        full = f"{path}/{key}" if path else key
-        root = getattr(store, "root", None)
-        if root is not None:
-            return not (Path(root) / full).is_file()
-        fs = getattr(store, "fs", None)
-        if fs is not None:
-            return not fs.exists(f"{str(getattr(store, 'path', '')).rstrip('/')}/{full}")
+        path = arr.store_path.path
+        return _key_exists(arr.store_path.store, f"{path}/{key}" if path else key) is False
     except Exception:  # noqa: BLE001 - an unexpected store layout: cannot tell, so do not refuse
         return False
-    return False
+
+
+def _key_exists(store: Any, key: str) -> bool | None:
+    """Whether `key` is in a zarr store (a local folder given as a path, or a zarr Store such
+    as a LocalStore or an FsspecStore), asked of the storage itself: consolidated metadata
+    still lists what was deleted. None where the store cannot say."""
+    if isinstance(store, str | os.PathLike):
+        return (Path(store) / key).is_file()
+    exists = getattr(store, "exists", None)
+    if exists is None:
+        return None
+    from zarr.core.sync import sync  # zarr stores are async; their own loop answers
+
+    return bool(sync(exists(key)))
 
 
 def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray]) -> int:

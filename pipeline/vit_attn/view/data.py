@@ -26,7 +26,7 @@ from ..errors import PipelineError, StoreError
 from ..maps import HEAD_FUSIONS, fuse_heads
 from ..numbers import parse_int
 from ..stats import STAT_NAMES, STAT_UNITS, max_distance, patch_distances
-from ..store import FORMAT, STATUS_FAILED, STATUS_OK, STATUS_PENDING, read_rows, readable_attrs
+from ..store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, read_rows, readable_attrs
 
 STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed"}
 STATUS_FILTERS = ("all", "ok", "failed", "pending")
@@ -97,18 +97,12 @@ class ListQuery:
 def open_group(store: str | Path) -> zarr.Group:
     """Open a vit-attention store read-only; one clear error when it is not one."""
     text = str(store)
-    readable_attrs(text)  # not a store, or a format_version this code does not know
+    # Not a store, a format_version this code does not know, or status / image_path missing.
+    readable_attrs(text)
     try:
-        group = zarr.open_group(text, mode="r")
-        fmt = group.attrs.get("format")
+        return zarr.open_group(text, mode="r")
     except (FileNotFoundError, OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
-        fmt = None
-        group = None
-    if group is None or fmt != FORMAT:
-        raise StoreError(
-            f"{text} is not a vit-attention store (no such folder, or not made by vit-attn run)"
-        )
-    return group
+        raise StoreError(f"{text}: the store cannot be opened (removed meanwhile?)") from None
 
 
 class StoreData:
@@ -533,7 +527,7 @@ class StoreData:
             if key in self._chunks:
                 self._chunks.move_to_end(key)
                 return self._chunks[key]
-        written = self.image_status(image) == STATUS_OK  # then its chunk must exist
+        written = self.statuses(np.array([image]))[0] == STATUS_OK  # its chunk must exist
         value = read_rows(self._arrays[name], image, name, image, written=written)
         with self._lock:
             self._chunks[key] = value
