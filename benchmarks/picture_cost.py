@@ -9,7 +9,7 @@ encoding the PNGs `output.png_dir` writes.
 - PNG encoding of one image's overlay and of its head grid (`overlay.tile_grid`): Pillow at
   zlib level 1 (what `outputs.write_png` used first), `vit_attn.pngencode` with zlib (its
   fallback) and with ISA-L (its default), with the bytes each produces; and `tile_grid`
-  itself (tiles and labels, before encoding).
+  itself (tiles and labels, before encoding), against labels drawn by Pillow on every grid.
 
 Images: generated PNGs (240-320 px, benchmarks/imagesets.py) decoded as a run decodes them.
 
@@ -34,6 +34,26 @@ sys.path.insert(0, str(HERE.parent / "pipeline"))
 sys.path.insert(0, str(HERE))
 
 from imagesets import make_folder  # noqa: E402
+
+
+def pillow_labels(grid, labels, n_tiles: int, h: int, w: int, border: int = 2):
+    """What `overlay.tile_grid` did before its labels were stamped: Pillow draws each label
+    box and text on every grid."""
+    import math
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    ncols = math.ceil(math.sqrt(n_tiles))
+    canvas = Image.fromarray(grid)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i, label in enumerate(labels):
+        r, c = divmod(i, ncols)
+        x0, y0 = border + c * (w + border) + 2, border + r * (h + border) + 2
+        left, top, right, bottom = draw.textbbox((x0, y0), label, font=font)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
+        draw.text((x0, y0), label, fill=(255, 255, 255), font=font)
+    return np.array(canvas)
 
 
 def cpu_ms_per_image(fn, n_images: int) -> float:
@@ -108,6 +128,14 @@ def main(argv: list[str] | None = None) -> dict:
         "tile_grid (tiles + labels)": lambda: [
             tile_grid(np.concatenate([outs["overlay"][i][None], outs["overlay_heads"][i]]),
                       head_labels(nh))
+            for i in range(n)
+        ],
+        "tile_grid, labels drawn by Pillow on every grid (before)": lambda: [
+            pillow_labels(
+                tile_grid(np.concatenate([outs["overlay"][i][None], outs["overlay_heads"][i]]),
+                          head_labels(nh), titles=False),
+                head_labels(nh), nh + 1, *outs["overlay"].shape[1:3],
+            )
             for i in range(n)
         ],
     }  # fmt: skip
