@@ -228,6 +228,36 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _start_local_cluster(cluster: ClusterConfig) -> Any:
+    """A LocalCluster for the run. A worker process killed while it starts (the OOM killer, a
+    node's cleanup) fails the start with distributed's "Nanny failed to start worker process";
+    nothing has run yet, so one more start is tried, and a second failure is one line."""
+    from distributed import LocalCluster
+
+    for attempt in (1, 2):
+        try:
+            # Worker processes ignore SIGINT (inherited through spawn): Ctrl-C reaches the
+            # whole process group, and this process alone answers it and closes them.
+            with _sigint_ignored():
+                return LocalCluster(
+                    n_workers=cluster.n_workers,
+                    threads_per_worker=cluster.batches_per_worker,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                    preload=["vit_attn.worker_signals"],  # restarted workers too
+                )
+        except RuntimeError as exc:
+            if attempt == 2:
+                raise PipelineError(
+                    f"the local Dask cluster could not start its workers, twice "
+                    f"({first_line(exc)}); check free memory and cluster.n_workers, or use "
+                    "cluster.kind: none"
+                ) from None
+            log.warning("a worker died while the local cluster started; starting it again")
+    raise AssertionError("unreachable")
+
+
 def _wait_for_file(path: Path, seconds: float) -> None:
     """A scheduler file may appear a moment after its scheduler starts; Client would wait on
     a missing one for ever."""
@@ -256,19 +286,7 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
     env = {**WORKER_ENV, **cluster.worker_env}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         if cluster.kind == "local":
-            from distributed import LocalCluster
-
-            # Worker processes ignore SIGINT (inherited through spawn): Ctrl-C reaches the whole
-            # process group, and this process alone answers it and closes them.
-            with _sigint_ignored():
-                lc = LocalCluster(
-                    n_workers=cluster.n_workers,
-                    threads_per_worker=cluster.batches_per_worker,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=logging.ERROR,
-                    preload=["vit_attn.worker_signals"],  # restarted workers too
-                )
+            lc = _start_local_cluster(cluster)
             with lc, Client(lc) as client:
                 yield client
         elif cluster.kind == "address":
