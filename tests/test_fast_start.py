@@ -5,6 +5,8 @@ Each run is a fresh `python` process, so `sys.modules` says what the run itself 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,7 +25,14 @@ from vit_attn.config import parse_config
 from vit_attn.decode import Preprocess, load_image, normalize
 from vit_attn.errors import CheckpointError
 from vit_attn.filemode import umask
-from vit_attn.graphcache import _rebuild, cache_key, record_path, resolve
+from vit_attn.graphcache import (
+    _rebuild,
+    cache_key,
+    read_facts,
+    record_path,
+    resolve,
+    write_facts,
+)
 
 from . import imagefactory
 from .conftest import sharpened_model
@@ -149,11 +158,46 @@ def test_a_deleted_graph_or_a_corrupt_record_is_rebuilt(tmp_path, images):
         repaired = resolve(cfg)
         assert not repaired.cached and graph.read_bytes() == good
 
-    # Damaged at the same size, so onnxruntime cannot parse it: one line that says what to
-    # do, and the run stops instead of failing (and offering to retry) every batch.
-    graph.write_bytes(b"\xff" * 64 + good[64:])
+    # Changed at the same size: weights overwritten in place (still a valid graph, so it
+    # would give wrong maps without failing) or a damaged header. Both are exported again.
+    import onnx
+
+    weights = max(
+        (t.raw_data for t in onnx.load(str(graph)).graph.initializer), key=len
+    )  # the largest weight tensor, found in the file by its bytes
+    at = good.find(weights)
+    assert at > 0
+    overwritten = good[:at] + bytes(len(weights)) + good[at + len(weights) :]
+    for damaged in (overwritten, b"\xff" * 64 + good[64:]):
+        graph.write_bytes(damaged)
+        repaired = resolve(cfg)
+        assert not repaired.cached and graph.read_bytes() == good
+        assert resolve(cfg).cached  # and the check does not make every later run a miss
+
+    # The same through the CLI: one warning line, then the run works on the re-exported graph.
+    graph.write_bytes(overwritten)
     proc = subprocess.run(
         [sys.executable, "-c", RUNNER, "run", str(config), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    said = [x for x in proc.stderr.splitlines() if "damaged" in x]
+    assert len(said) == 1 and "content changed" in said[0] and "exporting it again" in said[0]
+    assert graph.read_bytes() == good
+
+    # A graph onnxruntime cannot parse that its record vouches for (an exporter bug, or a
+    # record forged to match): one line that says what to do, and the run stops instead of
+    # failing (and offering to retry) every batch.
+    graph.write_bytes(b"\xff" * 64 + good[64:])
+    vouched = dataclasses.replace(
+        read_facts(record), onnx_sha256=hashlib.sha256(graph.read_bytes()).hexdigest()
+    )
+    assert write_facts(record, dataclasses.replace(vouched, cached=False))
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, "run", str(config), "--no-progress", "--overwrite"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

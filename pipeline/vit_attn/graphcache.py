@@ -38,7 +38,7 @@ from .variant import for_device as attention_for_device
 
 log = logging.getLogger(__name__)
 
-RECORD_VERSION = 2  # 2: a digest of the record and the graph's size (damage is a miss)
+RECORD_VERSION = 3  # 2: a digest of the record and the graph's size; 3: the graph's sha256
 _RACY_SECONDS = 0.1
 # The modules whose code decides the exported graph: editing one invalidates every record.
 GRAPH_MODULES = (
@@ -72,6 +72,9 @@ class ModelFacts:
         cached: whether this came from the cache (no model was built).
         onnx_bytes: the graph file's size when it was exported: a cached graph of another
             size is damaged (truncated, emptied) and is exported again.
+        onnx_sha256: the graph file's sha256 when it was recorded: a graph changed in place
+            (same size, still parseable, e.g. its weights overwritten) would give wrong maps
+            without failing, so it is exported again too.
     """
 
     layout: TokenLayout
@@ -82,6 +85,7 @@ class ModelFacts:
     onnx_path: str | None
     cached: bool = False
     onnx_bytes: int | None = None
+    onnx_sha256: str | None = None
 
 
 def model_source(cfg: Config) -> ModelSource:
@@ -243,6 +247,7 @@ def _encode(facts: ModelFacts) -> dict[str, Any]:
         "outputs": dataclasses.asdict(facts.outputs),
         "onnx_path": facts.onnx_path,
         "onnx_bytes": facts.onnx_bytes,
+        "onnx_sha256": facts.onnx_sha256,
     }
     data["digest"] = _record_digest(data)
     return data
@@ -271,6 +276,7 @@ def _decode(data: dict[str, Any]) -> ModelFacts:
         onnx_path=data["onnx_path"],
         cached=True,
         onnx_bytes=data["onnx_bytes"],
+        onnx_sha256=data["onnx_sha256"],
     )
 
 
@@ -328,7 +334,8 @@ def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
         need_graph = cfg.inference.backend == "onnxruntime"
     path = record_path(cfg, cache_key(cfg))
     facts = read_facts(path)
-    if facts is not None and (not need_graph or _graph_intact(facts)):
+    memo_root = cache_root(cfg.inference.cache_dir)
+    if facts is not None and (not need_graph or _graph_intact(facts, memo_root)):
         log.info("model record cache hit: %s", path)
         with contextlib.suppress(OSError):  # last use, for `vit-attn cache --prune`
             os.utime(path)
@@ -338,25 +345,29 @@ def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
     return facts
 
 
-def _graph_intact(facts: ModelFacts) -> bool:
-    """Whether the record's graph is there at the size it was exported with. A graph of
-    another size (a truncated copy, a full disk) is removed, so the rebuild exports it again
-    instead of failing every batch on it."""
+def _graph_intact(facts: ModelFacts, memo_root: Path) -> bool:
+    """Whether the record's graph is there as it was exported: same size, same sha256.
+
+    A graph of another size (a truncated copy, a full disk) would fail every batch; one
+    changed at the same size (overwritten weights, another export copied over it) would give
+    wrong maps. Either is removed, so the rebuild exports it again. The sha256 is read again
+    only when the file's `stat` identity changed since it was last hashed (`file_sha256`'s
+    memo): any write, copy or move of the graph changes its ctime.
+    """
     if facts.onnx_path is None:
         return False
     graph = Path(facts.onnx_path)
     try:
         size = graph.stat().st_size
+        if facts.onnx_bytes is not None and size != facts.onnx_bytes:
+            why = f"{size} bytes, exported with {facts.onnx_bytes}"
+        elif facts.onnx_sha256 is not None and file_sha256(graph, memo_root) != facts.onnx_sha256:
+            why = "its content changed since it was exported"
+        else:
+            return True
     except OSError:
         return False
-    if facts.onnx_bytes is None or size == facts.onnx_bytes:
-        return True
-    log.warning(
-        "the cached graph %s is damaged (%d bytes, exported with %d); exporting it again",
-        graph,
-        size,
-        facts.onnx_bytes,
-    )
+    log.warning("the cached graph %s is damaged (%s); exporting it again", graph, why)
     with contextlib.suppress(OSError):
         graph.unlink()
     return False
@@ -394,4 +405,9 @@ def build(cfg: Config, export: bool) -> ModelFacts:
         outputs=outputs,
         onnx_path=onnx_path,
         onnx_bytes=Path(onnx_path).stat().st_size if onnx_path is not None else None,
+        onnx_sha256=(
+            file_sha256(Path(onnx_path), cache_root(cfg.inference.cache_dir))
+            if onnx_path is not None
+            else None
+        ),
     )
