@@ -1034,6 +1034,61 @@ def test_a_worker_killed_at_start_up_does_not_hang_the_run(tmp_path, data):
     assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
 
 
+# Python imports `sitecustomize` at start-up from PYTHONPATH: this one SIGKILLs a spawned
+# process (a LocalCluster worker) while it starts, once per token file it manages to take.
+_DIE_AT_START = """
+import os, signal, sys
+tokens = os.environ.get("VIT_ATTN_TEST_DIE_TOKENS")
+if tokens and any("spawn_main" in arg for arg in sys.orig_argv):
+    for name in sorted(os.listdir(tokens)):
+        try:
+            os.remove(os.path.join(tokens, name))
+        except FileNotFoundError:
+            continue
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _workers_die_at_start(monkeypatch, tmp_path: Path, deaths: int) -> Path:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_DIE_AT_START)
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for i in range(deaths):
+        (tokens / f"{i:03d}").touch()
+    monkeypatch.setenv("VIT_ATTN_TEST_DIE_TOKENS", str(tokens))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    return tokens
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_dying_while_the_local_cluster_starts_gets_one_more_start(
+    tmp_path, data, monkeypatch, capsys
+):
+    tokens = _workers_die_at_start(monkeypatch, tmp_path, deaths=1)
+    config = write_config(tmp_path, data, cluster={"kind": "local", "n_workers": 2})
+    assert run(config) == 0
+    assert not any(tokens.iterdir()), "no worker process died at start-up"
+    err = capsys.readouterr().err
+    assert "a worker died while the local cluster started; starting it again" in err
+    assert "Traceback" not in err
+    assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_workers_dying_at_every_local_cluster_start_are_one_line(
+    tmp_path, data, monkeypatch, capsys
+):
+    _workers_die_at_start(monkeypatch, tmp_path, deaths=100)
+    config = write_config(tmp_path, data, cluster={"kind": "local", "n_workers": 2})
+    assert run(config) != 0
+    line = one_error_line(capsys)
+    assert "could not start its workers, twice" in line and "cluster.kind: none" in line
+
+
 def test_worker_task_tracebacks_are_left_to_the_clients_one_line(monkeypatch, caplog):
     # distributed's worker logs every failed task as "Compute Failed" with its traceback,
     # once per attempt; the client already says which batch failed and why, in one line.
