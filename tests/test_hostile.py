@@ -578,6 +578,36 @@ def test_a_resume_may_infer_in_smaller_batches(tmp_path, data, capsys):
     )
 
 
+def test_stats_written_into_a_store_do_not_block_redoing_a_changed_image(
+    tmp_path, data, capsys, caplog
+):
+    # `vit-attn stats --write` adds arrays the run's batches do not make; a resume that redoes
+    # images failed every batch on them, for ever, and only --overwrite (losing all) got out.
+    config = write_config(tmp_path, data, attention={"layers": [0], "full": True})
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    assert cli_main(["stats", str(store), "--write"]) == 0
+    assert "cls_entropy" in zarr.open_group(str(store), mode="r")
+    _replace_image(data / "img_42x32.png", seed=99)
+    caplog.clear()
+    assert run(config, "--redo-changed") == 0
+    said = [r.getMessage() for r in caplog.records if "stats --write" in r.getMessage()]
+    assert len(said) == 1 and "cls_entropy" in said[0] and "write them again" in said[0], said
+    assert (status_of(store) == 1).all()
+    group = zarr.open_group(str(store), mode="r")
+    assert "cls_entropy" not in group and "stat_units" not in group.attrs
+    # Readers of the consolidated metadata do not see the dropped arrays either.
+    from vit_attn.store import open_dataset
+
+    assert "cls_entropy" not in open_dataset(store).data_vars
+    # and they can be written again, now from the redone image's attention too.
+    assert cli_main(["stats", str(store), "--write"]) == 0
+    assert "cls_entropy" in open_dataset(store).data_vars
+    # A rerun with nothing to do keeps them.
+    assert run(config) == 0
+    assert "cls_entropy" in open_dataset(store).data_vars
+
+
 def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     assert run(config) == 0

@@ -39,7 +39,7 @@ from .remote import is_url, location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
 from .sources import ImageList
 from .specs import OutputSpec
-from .stats import STAT_UNITS
+from .stats import STAT_NAMES, STAT_UNITS
 from .store import (
     FORMAT_VERSION,
     READER_ARRAYS,
@@ -48,6 +48,7 @@ from .store import (
     check_arrays_present,
     config_differences,
     create_store,
+    drop_arrays,
     is_store,
     open_store_for_resume,
     pending_batches,
@@ -57,6 +58,8 @@ from .store import (
 from .task import BatchTask, RunPlan
 
 if TYPE_CHECKING:
+    import zarr
+
     from .model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -303,6 +306,8 @@ def prepare(
             cfg.output.png_heads,
         )
         pending = sorted(set(pending) | set(redo))
+    if resumed and pending:
+        _drop_stats_written_later(group, spec, store_path, store_options)
     cluster, cluster_reason = choose_executor(cfg.cluster, len(pending))
     plan = RunPlan(
         infer_batch=infer_batch,
@@ -364,6 +369,30 @@ def _stored_identities(group: Any) -> Identities | None:
         np.asarray(group["image_bytes"][:]),
         np.asarray(group["image_mtime_ns"][:]),
         [str(s) for s in sha] if sha is not None else None,
+    )
+
+
+def _drop_stats_written_later(
+    group: zarr.Group, spec: StoreSpec, store_path: Any, store_options: dict[str, Any]
+) -> None:
+    """Statistics that `vit-attn stats --write` added to a finished store are not outputs of
+    the run: its batches cannot write them, and images redone now would leave them stale. They
+    are derived from the stored attention, so they are dropped (with a line saying so) and can
+    be written again when the run is done."""
+    made = {a.name for a in spec.layout()}
+    added = [n for n in STAT_NAMES if n in set(group.array_keys()) and n not in made]
+    if not added:
+        return
+    drop_arrays(group, added, store_path, store_options)
+    if not any(a.name in STAT_NAMES for a in spec.layout()):
+        attrs = group.attrs.asdict()
+        if "stat_units" in attrs:
+            del group.attrs["stat_units"]
+    log.warning(
+        "%s: dropped the statistics `vit-attn stats --write` added (%s), since images are to "
+        "be done again and they would go stale; write them again when the run is done",
+        store_path,
+        ", ".join(added),
     )
 
 

@@ -871,7 +871,10 @@ def _checked_batch(
     missing = sorted(set(names) - set(result.arrays))
     unknown = sorted(set(result.arrays) - set(names))
     if missing or unknown:
-        raise StoreError(f"{where} does not match the store: missing {missing}, unknown {unknown}")
+        raise StoreError(
+            f"{where} does not match the store: the store has arrays the batch lacks {missing}, "
+            f"the batch has arrays the store lacks {unknown}"
+        )
     failed = status == STATUS_FAILED
     data = {}
     for name in names:
@@ -903,6 +906,20 @@ def consolidate(path: PathLike, storage_options: Mapping[str, Any] | None = None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CONSOLIDATED_WARNING, category=ZarrUserWarning)
         zarr.consolidate_metadata(zarr_store(path, storage_options))
+
+
+def drop_arrays(
+    group: zarr.Group,
+    names: Sequence[str],
+    path: PathLike,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Delete arrays from a store, and from its consolidated metadata where it has some (a
+    reader of that metadata would otherwise still open them)."""
+    for name in names:
+        del group[name]
+    if is_consolidated(path, storage_options):
+        consolidate(path, storage_options)
 
 
 def is_consolidated(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
