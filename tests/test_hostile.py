@@ -124,6 +124,19 @@ def test_files_a_folder_listing_passes_over_are_counted(tmp_path, data, capsys):
     assert "6 of 6 images" in err  # the six images, not the three others
 
 
+def test_a_symlinked_folder_is_listed_and_a_loop_once(tmp_path, data, capsys):
+    outside = tmp_path / "kept_elsewhere"
+    imagefactory.write_rgb_set(outside, [(36, 28), (30, 44)])
+    (data / "linked").symlink_to(outside)
+    (data / "loop").symlink_to(".")
+    (data / "twice").symlink_to(outside)
+    assert run(write_config(tmp_path, data)) == 0
+    err = capsys.readouterr().err
+    assert "8 of 8 images" in err, err  # six here, two behind the link; the loop not walked
+    line = next(x for x in err.splitlines() if "once only" in x)
+    assert line.startswith("vit-attn: listed 2 paths of") and "twice/" in line, line
+
+
 def test_two_stores_never_share_a_png_dir(tmp_path, data, capsys):
     # Each would replace the other's PNGs under the same names and call them its own on
     # resume (the marker in a PNG names the image, not the store).

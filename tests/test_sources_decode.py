@@ -96,6 +96,36 @@ def test_glob_matches_files_relative_to_its_fixed_prefix(tmp_path):
     assert deep.paths == ("x/a.png", "x/b.png", "x/dir.png/inner.png", "x/sub/c.png")
 
 
+def test_symlinked_folders_are_followed_and_loops_listed_once(tmp_path):
+    # A folder source followed no symlinked folder (its images vanished without a word),
+    # while a glob followed a link to "." forty levels deep (each image listed 41 times).
+    _touch(tmp_path, "outside/o1.png", "outside/o2.png", "data/a.png", "data/sub/b.png")
+    data = tmp_path / "data"
+    (data / "linked").symlink_to(tmp_path / "outside")  # a folder kept elsewhere
+    (data / "self").symlink_to(".")  # a loop to the root
+    (data / "sub" / "up").symlink_to("..")  # a loop to a parent
+    (data / "again").symlink_to("sub")  # a second way into a folder listed anyway
+    (data / "one.png").symlink_to(data / "a.png")  # a second name of a file: the user's
+    want = ("a.png", "linked/o1.png", "linked/o2.png", "one.png", "sub/b.png")
+    folder = list_images(data)
+    assert folder.paths == want
+    assert folder.repeated == 1 and folder.repeated_examples == ("again/b.png",)
+    deep = list_images(str(data / "**" / "*.png"))
+    assert deep.paths == want
+    assert deep.repeated == 1 and deep.repeated_examples == ("again/b.png",)
+    # Without **, the pattern says how deep: a link on the way is one folder like another.
+    assert list_images(str(data / "s*" / "*.png")).paths == (
+        "self/a.png",
+        "self/one.png",
+        "sub/b.png",
+    )
+    # A loop between two folders, each linking to the other.
+    _touch(tmp_path, "p/x.png", "q/y.png")
+    (tmp_path / "p" / "to_q").symlink_to(tmp_path / "q")
+    (tmp_path / "q" / "to_p").symlink_to(tmp_path / "p")
+    assert list_images(tmp_path / "p").paths == ("to_q/y.png", "x.png")
+
+
 def test_glob_without_matches_or_prefix_folder_fails(tmp_path):
     _touch(tmp_path, "a.png")
     with pytest.raises(DataSourceError, match="matches no files"):

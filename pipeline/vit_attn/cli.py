@@ -322,6 +322,13 @@ def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> i
         file=sys.stderr,
     )
     images = prepared.images
+    if images.repeated:
+        print(
+            f"vit-attn: listed {images.repeated} paths of {images.root} once only: they reach "
+            f"files already listed through a symlinked folder (e.g. "
+            f"{', '.join(images.repeated_examples)})",
+            file=sys.stderr,
+        )
     if images.skipped:
         print(
             f"vit-attn: skipped {images.skipped} files of {images.root} that are not images or "

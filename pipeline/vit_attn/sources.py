@@ -7,8 +7,10 @@ run maps the same image to the same store index.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -42,6 +44,10 @@ class ImageList:
     # the first few by path, so the start line can say so instead of dropping them silently.
     skipped: int = 0
     skipped_examples: tuple[str, ...] = ()
+    # Paths a folder or glob listing dropped because they reach, through a symlinked folder, a
+    # file already listed by a shorter path (a loop, or a link to a folder listed anyway).
+    repeated: int = 0
+    repeated_examples: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -84,29 +90,99 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _walk_files(root: Path) -> Iterator[str]:
+    """The relative POSIX paths of the files under `root`, hidden ones included, in sorted
+    folder order. Symlinked folders are followed, except around a loop (a link back to a
+    folder on the way down would list the same files at ever longer paths, or, with two such
+    links, never end); hidden folders are not entered."""
+    # The real folders on the way from the root to each folder walked.
+    chains: dict[str, frozenset[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        chain = chains.pop(dirpath, frozenset()) | {os.path.realpath(dirpath)}
+        kept = []
+        for d in sorted(dirnames):
+            below = os.path.join(dirpath, d)
+            if d.startswith(".") or os.path.realpath(below) in chain:
+                continue
+            chains[below] = chain
+            kept.append(d)
+        dirnames[:] = kept
+        rel = PurePath(os.path.relpath(dirpath, root))
+        for name in sorted(filenames):
+            yield (rel / name).as_posix()
+
+
 def _list_folder(folder: Path) -> ImageList:
+    """Every image under `folder`, following symlinked folders (`_walk_files`)."""
     root = Path(os.path.abspath(folder))
     found = []
     passed_over: list[str] = []
     n_passed_over = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders
-        rel = PurePath(os.path.relpath(dirpath, root))
-        for name in filenames:
-            if not name.startswith(".") and _is_image_name(name):
-                found.append((rel / name).as_posix())
-            else:
-                n_passed_over += 1
-                if len(passed_over) < 3:
-                    passed_over.append((rel / name).as_posix())
+    for rel in _walk_files(root):
+        name = rel.rpartition("/")[2]
+        if not name.startswith(".") and _is_image_name(name):
+            found.append(rel)
+        else:
+            n_passed_over += 1
+            if len(passed_over) < 3:
+                passed_over.append(rel)
     if not found:
         raise DataSourceError(
             f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
             "check data.source"
         )
+    paths, repeated = _once_per_file(root, found)
     return ImageList(
-        root, tuple(sorted(found)), skipped=n_passed_over, skipped_examples=tuple(passed_over)
+        root,
+        paths,
+        skipped=n_passed_over,
+        skipped_examples=tuple(passed_over),
+        repeated=len(repeated),
+        repeated_examples=tuple(repeated[:3]),
     )
+
+
+def _matches(parts: list[str], pats: list[str]) -> bool:
+    """Whether path segments match pattern segments as `glob` matches them: `**` is any number
+    of folders, wildcards do not match a leading dot."""
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_matches(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    if not parts or (parts[0].startswith(".") and not pats[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pats[0]) and _matches(parts[1:], pats[1:])
+
+
+def _once_per_file(root: Path, paths: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    """Each directory entry once: paths that reach the same file name in the same real folder
+    (through a symlinked folder) keep one: a path without links before one through a link,
+    then the shortest, then the first in sorted order. Returns the kept paths sorted, and the
+    dropped ones. Two names for one file (a hard link, a symlinked file) stay two entries:
+    the user made them."""
+    top = os.path.realpath(root)
+    real: dict[str, str] = {}  # one realpath per folder, not per file
+
+    def folder(rel: str) -> str:
+        parent = rel.rpartition("/")[0]
+        if parent not in real:
+            real[parent] = os.path.realpath(root / parent)
+        return real[parent]
+
+    def preference(rel: str) -> tuple[bool, int, str]:
+        parent = rel.rpartition("/")[0]
+        linked = folder(rel) != os.path.normpath(os.path.join(top, parent))
+        return (linked, rel.count("/"), rel)
+
+    best: dict[tuple[str, str], str] = {}
+    dropped = []
+    for rel in sorted(paths, key=preference):
+        key = (folder(rel), rel.rpartition("/")[2])
+        if key in best:
+            dropped.append(rel)
+        else:
+            best[key] = rel
+    return tuple(sorted(best.values())), sorted(dropped)
 
 
 def _list_glob(pattern: str) -> ImageList:
@@ -118,11 +194,17 @@ def _list_glob(pattern: str) -> ImageList:
         raise DataSourceError(f"{pattern}: folder {prefix} does not exist; check data.source")
     root = Path(os.path.abspath(prefix))
     rest = str(PurePath(*parts[fixed:]))
-    matches = glob.glob(rest, root_dir=root, recursive=True)
-    found = sorted(PurePath(m).as_posix() for m in matches if (root / m).is_file())
+    if "**" in parts[fixed:]:  # glob.glob would follow symlink loops (exponentially, with two)
+        pats = list(parts[fixed:])
+        found = [m for m in _walk_files(root) if _matches(m.split("/"), pats)]
+    else:
+        matches = glob.glob(rest, root_dir=root)
+        # Folders are not images; a dangling link is listed, and fails alone with its reason.
+        found = [PurePath(m).as_posix() for m in matches if not (root / m).is_dir()]
     if not found:
         raise DataSourceError(f"{pattern}: pattern matches no files; check data.source")
-    return ImageList(root, tuple(found))
+    paths, repeated = _once_per_file(root, found)
+    return ImageList(root, paths, repeated=len(repeated), repeated_examples=tuple(repeated[:3]))
 
 
 def _list_text(path: Path) -> ImageList:
