@@ -436,6 +436,21 @@ def test_cli_serves_on_loopback_and_says_where(demo_store):
         proc.wait(timeout=30)
 
 
+def test_a_viewer_restarted_on_its_port_right_away_starts(demo_store):
+    # The server closes each answered connection first, so the old connections sit in
+    # TIME_WAIT on its port for a minute: a restart said "port in use" until they expired.
+    first = make_server(demo_store, "127.0.0.1", 0)
+    port = first.server_address[1]
+    thread = threading.Thread(target=first.serve_forever, daemon=True)
+    thread.start()
+    for _ in range(3):
+        assert get(f"{first.url}api/meta")[0] == 200
+    first.shutdown()
+    first.server_close()
+    again = make_server(demo_store, "127.0.0.1", port)
+    again.server_close()
+
+
 def test_demo_ends_with_the_view_command(demo_store):
     said = (demo_store.parent / "demo_stderr.txt").read_text().strip().splitlines()
     exe, *rest = said[-1].split()
@@ -577,6 +592,44 @@ def test_the_viewer_follows_a_store_that_is_still_being_written(demo_store, tmp_
     assert err.value.status == 409
     with pytest.raises(ViewError, match="was replaced"):
         data.page(ListQuery(status="ok"), 0, 10)
+
+
+def test_every_route_answers_409_once_the_store_is_replaced(demo_store, tmp_path):
+    # After `run --overwrite` under the viewer, meta, summary, list, info, thumbnails by id,
+    # inputs and neighbours kept answering from the old store, and reads of the new store's
+    # chunks through the old metadata were 500s with tracebacks.
+    store = copy_of_demo(demo_store, tmp_path)
+    g = zarr.open_group(str(store), mode="r+")
+    ok = int(np.flatnonzero(np.asarray(g["status"][:]) == 1)[0])
+    routes = [
+        "api/meta",
+        "api/counts",
+        "api/summary",
+        "api/list?offset=0&limit=5",
+        "api/thumbs?ids=0,1",
+        f"api/info/{ok}",
+        f"api/imagestats/{ok}",
+        f"api/neighbours/{ok}",
+        f"api/input/{ok}.png",
+        f"api/overlay/{ok}.png",
+        f"api/grid/{ok}.png",
+        f"api/map/{ok}.png",
+    ]
+    with serving(store) as srv:
+        before = {r: get(srv.url + r)[0] for r in routes}
+        assert set(before.values()) <= {200, 404} and before["api/meta"] == 200, before
+        # Another run's store now lies there: its chunks do not decode with the old metadata.
+        g.attrs["fingerprint"] = "another run"
+        chunks = [p for p in (store / "cls_attention").rglob("*") if p.is_file() and "c" in p.parts]
+        for chunk in chunks:
+            chunk.write_bytes(bytes(chunk.stat().st_size))
+        srv.data._chunks.clear()
+        srv.data._next_status_check = float("inf")  # the periodic check has not come round yet
+        code, body, _ = get(f"{srv.url}api/map/{ok}.png")
+        assert code == 409 and "was replaced" in json.loads(body)["error"], (code, body[:300])
+        for r in routes:  # and from then on, every route
+            code, body, _ = get(srv.url + r)
+            assert code == 409 and "restart vit-attn view" in json.loads(body)["error"], r
 
 
 def test_a_source_image_changed_since_the_run_is_never_drawn_under_old_maps(demo_store, tmp_path):

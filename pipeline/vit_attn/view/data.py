@@ -258,24 +258,32 @@ class StoreData:
         if self._replaced:
             raise ViewError(self._replaced, 409)
         with self._lock:
-            cached = self._columns.get("status")
-            if cached is None or time.monotonic() < self._next_status_check:
+            if time.monotonic() < self._next_status_check:
                 return
             self._next_status_check = math.inf  # this thread re-reads; others use the cache
+            cached = self._columns.get("status")
         started = time.monotonic()
         try:
-            self._check_same_store()
-            fresh = np.asarray(self._arrays["status"][:])
+            self._check_same_store()  # also when nothing is cached yet: meta is
+            fresh = None if cached is None else np.asarray(self._arrays["status"][:])
         finally:
             took = time.monotonic() - started
             with self._lock:
                 self._next_status_check = time.monotonic() + max(STATUS_RECHECK_SECONDS, 20 * took)
         with self._lock:
-            if not np.array_equal(fresh, cached):
+            if fresh is not None and not np.array_equal(fresh, cached):
                 self._columns.clear()
                 self._orders.clear()
                 self._chunks.clear()
                 self._columns["status"] = fresh
+
+    def ensure_current(self, force: bool = False) -> None:
+        """Every answer starts here: once the store is known to be replaced, every route says so
+        (409), not only those reading `status`; `force` checks the store's identity now (after
+        a read failed: the old metadata read against a new store's chunks fails oddly)."""
+        if force and not self._replaced:
+            self._check_same_store()
+        self._refresh()
 
     def _check_same_store(self) -> None:
         """`vit-attn run --overwrite` may have replaced the store (other images, other arrays):

@@ -69,7 +69,10 @@ class ViewServer(ThreadingHTTPServer):
     """The HTTP server with the store it serves; `url` is what to open in a browser."""
 
     daemon_threads = True
-    allow_reuse_address = False
+    # A restart right after Ctrl-C must not wait a minute for the old connections' TIME_WAIT.
+    # On Linux and macOS this never lets two servers listen on one port (that needs
+    # SO_REUSEPORT); on Windows SO_REUSEADDR would, so it stays off there.
+    allow_reuse_address = sys.platform != "win32"
 
     def __init__(self, data: StoreData, host: str, port: int) -> None:
         self.data = data
@@ -184,9 +187,13 @@ class Handler(BaseHTTPRequestHandler):
         except ViewError as exc:
             status, ctype, body, cache = exc.status, *_json_body({"error": str(exc)}), "no-store"
         except Exception as exc:  # a bug or an unreadable chunk: say so, keep serving
-            log.exception("error answering %s", self.path)
-            body_err = {"error": f"{type(exc).__name__}: {exc}"}
-            status, ctype, body, cache = 500, *_json_body(body_err), "no-store"
+            replaced = self._replaced_store()
+            if replaced is not None:  # the old metadata read against a new store's chunks
+                status, ctype, body, cache = 409, *_json_body({"error": replaced}), "no-store"
+            else:
+                log.exception("error answering %s", self.path)
+                body_err = {"error": f"{type(exc).__name__}: {exc}"}
+                status, ctype, body, cache = 500, *_json_body(body_err), "no-store"
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -203,6 +210,16 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
             except (BrokenPipeError, ConnectionResetError):  # the page moved on: nothing to do
                 self.close_connection = True
+
+    def _replaced_store(self) -> str | None:
+        """Why the store can no longer be served, if it was replaced since the viewer opened it."""
+        try:
+            self.server.data.ensure_current(force=True)
+        except ViewError as exc:
+            return str(exc) if exc.status == 409 else None
+        except Exception:  # noqa: BLE001 - the first failure is the one to report
+            return None
+        return None
 
     def _route(self) -> tuple[int, str, bytes, str]:
         if self.server.loopback_only:
@@ -226,6 +243,7 @@ class Handler(BaseHTTPRequestHandler):
             cache = "max-age=3600" if name == "favicon.svg" else "no-cache"
             return 200, ASSET_TYPES[Path(name).suffix], self.server.assets[name], cache
         data, pictures = self.server.data, self.server.pictures
+        data.ensure_current()
         m = _ROUTE_PLAIN.match(path)
         if m:
             what = m.group(1)
