@@ -271,7 +271,7 @@ class StoreData:
             with self._lock:
                 self._next_status_check = time.monotonic() + max(STATUS_RECHECK_SECONDS, 20 * took)
         with self._lock:
-            if fresh is not None and not np.array_equal(fresh, cached):
+            if fresh is not None and cached is not None and not np.array_equal(fresh, cached):
                 self._columns.clear()
                 self._orders.clear()
                 self._chunks.clear()
