@@ -45,6 +45,16 @@ R = "register"
 # family -> (timm name, create kwargs, img_size, prefix roles, pooling, stored maps, stride)
 FAMILIES: dict[str, tuple] = {
     "vit": ("vit_tiny_patch16_224", SMALL, (48, 80), ("class",), "class_token", (CLS,), 16),
+    # `dynamic_img_size` (position embeddings resampled to the input): runs at its img_size.
+    "vit_dynamic_img_size": (
+        "vit_tiny_patch16_224",
+        {**SMALL, "dynamic_img_size": True},
+        (48, 80),
+        ("class",),
+        "class_token",
+        (CLS,),
+        16,
+    ),
     "deit_distilled": (
         "deit_tiny_distilled_patch16_224",
         SMALL,
@@ -161,6 +171,7 @@ FAMILIES: dict[str, tuple] = {
 # position bias) and keep capturing the whole softmax.
 ROWS_ONLY = {
     "vit",
+    "vit_dynamic_img_size",
     "deit_distilled",
     "deit3",
     "dinov2",

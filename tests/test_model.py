@@ -122,6 +122,20 @@ def test_missing_checkpoint_and_unknown_or_attentionless_models():
         load_model(ModelSource("resnet18"))
 
 
+@pytest.mark.parametrize(
+    "kwargs, cause",
+    [
+        ({"depth": 1, "num_heads": 5}, "rejects"),  # timm's own assertion
+        ({"depth": 1, "patch_size": 0}, "ZeroDivisionError"),
+        ({"depth": 1, "act_layer": "nope"}, "KeyError"),
+    ],
+)
+def test_model_kwargs_timm_cannot_build_with_are_one_line(kwargs, cause):
+    with pytest.raises(ModelError, match="model.kwargs") as caught:
+        load_model(ModelSource("vit_tiny_patch16_224", kwargs=kwargs))
+    assert cause in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_layer_selection():
     layout = load_model(small()).layout
     assert layout.resolve_layers("all") == (0, 1)

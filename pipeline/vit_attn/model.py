@@ -75,7 +75,8 @@ def token_layout(model: nn.Module) -> TokenLayout:
     patch_embed = getattr(model, "patch_embed", None)
     grid = getattr(patch_embed, "grid_size", None)
     img_size = getattr(patch_embed, "img_size", None)
-    if grid is None or img_size is None or getattr(patch_embed, "dynamic_img_size", False):
+    # A `dynamic_img_size` model still has a default grid: the pipeline feeds it that size.
+    if grid is None or img_size is None:
         raise ModelError(
             f"model {name!r} has no fixed patch grid (patch_embed.grid_size); use a fixed-size ViT"
         )
@@ -323,6 +324,11 @@ def _create(source: ModelSource) -> nn.Module:
                 "offline? put them in the Hugging Face cache (HF_HUB_OFFLINE=1) or use model.checkpoint"
             ) from None
         raise ModelError(f"model {source.name!r} cannot be built: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. patch_size=0 (ZeroDivisionError), act_layer=nope (KeyError)
+        raise ModelError(
+            f"model {source.name!r} cannot be built with model.kwargs "
+            f"{dict(source.kwargs)} ({type(exc).__name__}: {first_line(exc)}); check model.kwargs"
+        ) from None
 
 
 def load_model(source: ModelSource) -> LoadedModel:
