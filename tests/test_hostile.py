@@ -356,8 +356,19 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys, case):
         ("attention.layers=[true]", r"attention: layers: expected integers, got a boolean"),
         ("inference.batch_size=true", r"inference: batch_size: expected integers"),
         ("model.img_size=71", r"71.* not a multiple of the patch size \[8, 8\].*64 or 72"),
+        ("model.img_size=5", r"5.* not a multiple of the patch size \[8, 8\].*; use 8$"),
+        ("model.kwargs={depth: 1, patch_size: 0}", r"model\.kwargs.*ZeroDivisionError"),
     ],
-    ids=["seed-65-bits", "num-heads-5", "address-notaurl", "layers-true", "batch-true", "img-71"],
+    ids=[
+        "seed-65-bits",
+        "num-heads-5",
+        "address-notaurl",
+        "layers-true",
+        "batch-true",
+        "img-71",
+        "img-5",
+        "patch-0",
+    ],
 )
 def test_model_and_cluster_mistakes_are_one_line(tmp_path, data, capsys, override, message):
     import re
@@ -368,6 +379,13 @@ def test_model_and_cluster_mistakes_are_one_line(tmp_path, data, capsys, overrid
     line = one_error_line(capsys)
     assert re.search(message, line), line
     assert not (tmp_path / "out" / "run.zarr").exists()
+
+
+def test_inspect_refuses_a_negative_error_count(tmp_path, data, capsys):
+    assert run(write_config(tmp_path, data)) == 0
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tmp_path / "out" / "run.zarr"), "--errors", "-1"]) == 2
+    assert "--errors must be a count >= 0" in one_error_line(capsys)
 
 
 def test_int8_checkpoint_is_refused(tmp_path, data, capsys):

@@ -421,6 +421,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from .store import STATUS_FAILED, STATUS_OK, STATUS_PENDING
 
+    if args.errors < 0:
+        raise ConfigError(f"--errors must be a count >= 0, got {args.errors}")
     group = _open_readonly(args.store)
     attrs = dict(group.attrs)
     model = attrs.get("model", {})

@@ -109,10 +109,11 @@ def _check_whole_patches(name: str, size: tuple[int, int], patch: tuple[int, int
     while overlays stretch the grid over them."""
     for side, p in zip(size, patch):
         if side % p:
+            below = side - side % p
+            fits = " or ".join(str(x) for x in (below, below + p) if x >= p)  # never 0
             raise ModelError(
                 f"model {name!r}: img_size {list(size)} is not a multiple of the patch size "
-                f"{list(patch)} (the last {side % p} px would be ignored); use "
-                f"{side - side % p} or {side - side % p + p}"
+                f"{list(patch)} (the last {side % p} px would be ignored); use {fits}"
             )
 
 
