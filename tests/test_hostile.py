@@ -381,6 +381,23 @@ def test_model_and_cluster_mistakes_are_one_line(tmp_path, data, capsys, overrid
     assert not (tmp_path / "out" / "run.zarr").exists()
 
 
+def test_overwrite_says_what_it_discards(tmp_path, data, caplog):
+    # `output.overwrite: true` left in a config made every rerun start over without a word.
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    caplog.clear()
+    assert run(config, "--set", "output.overwrite=true") == 0
+    said = [r.getMessage() for r in caplog.records if "replacing it" in r.getMessage()]
+    assert len(said) == 1 and "6 finished images discarded" in said[0], said
+    assert "without overwrite the run would resume it" in said[0]
+    caplog.clear()
+    other = write_config(tmp_path, data, attention={"layers": [0], "full": True})  # another run
+    assert run(other, "--overwrite") == 0
+    said = [r.getMessage() for r in caplog.records if "replacing it" in r.getMessage()]
+    assert len(said) == 1 and "6 finished images discarded" in said[0], said
+    assert "resume" not in said[0]
+
+
 def test_inspect_refuses_a_negative_error_count(tmp_path, data, capsys):
     assert run(write_config(tmp_path, data)) == 0
     capsys.readouterr()

@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set inference.batch_size=64 (repeatable)",
     )
     run.add_argument(
-        "--overwrite", action="store_true", help="replace an existing store of a different run"
+        "--overwrite",
+        action="store_true",
+        help="start over: replace an existing store (its finished images are discarded)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(

@@ -53,6 +53,8 @@ from .store import (
     open_store_for_resume,
     pending_batches,
     read_status,
+    readable_attrs,
+    store_counts,
     stored_batch_size,
 )
 from .task import BatchTask, RunPlan
@@ -254,7 +256,10 @@ def prepare(
     if cfg.output.png_dir:
         check_png_owner(cfg.output.png_dir, store_path)
         check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
-    resumed = is_store(store_path, store_options) and not overwrite
+    existing = is_store(store_path, store_options)
+    resumed = existing and not overwrite
+    if existing and overwrite:
+        _say_what_overwrite_discards(store_path, store_options, fingerprint)
     changed: list[int] = []
     if resumed:
         check_arrays_present(store_path, READER_ARRAYS, store_options)  # _check_same_run reads
@@ -369,6 +374,27 @@ def _stored_identities(group: Any) -> Identities | None:
         np.asarray(group["image_bytes"][:]),
         np.asarray(group["image_mtime_ns"][:]),
         [str(s) for s in sha] if sha is not None else None,
+    )
+
+
+def _say_what_overwrite_discards(
+    store_path: Any, store_options: dict[str, Any], fingerprint: str
+) -> None:
+    """`--overwrite` (or `output.overwrite: true` left in a config) starts over: say what it
+    discards, and when the store was this very run's, that a plain rerun would resume it."""
+    try:
+        ok, failed, _pending = store_counts(store_path, store_options)
+        same = readable_attrs(store_path, store_options).get("fingerprint") == fingerprint
+    except StoreError:
+        log.warning("%s: replacing it (--overwrite / output.overwrite)", store_path)
+        return
+    log.warning(
+        "%s: replacing it (--overwrite / output.overwrite): %d finished images discarded%s",
+        store_path,
+        ok + failed,
+        "; it was made by this same config, so without overwrite the run would resume it"
+        if same and ok + failed
+        else "",
     )
 
 
