@@ -632,6 +632,17 @@ def test_every_route_answers_409_once_the_store_is_replaced(demo_store, tmp_path
             assert code == 409 and "restart vit-attn view" in json.loads(body)["error"], r
 
 
+def test_show_says_when_the_input_image_is_gone_and_draws_on_grey(demo_store, tmp_path, caplog):
+    store = copy_of_demo(demo_store, tmp_path)
+    g = zarr.open_group(str(store), mode="r")
+    ok = int(np.flatnonzero(np.asarray(g["status"][:]) == 1)[0])
+    (Path(g.attrs["image_root"]) / str(g["image_path"][ok])).unlink()
+    caplog.clear()
+    assert show(store, "--image", str(ok), "-o", str(tmp_path / "grey.png"))[0] == 0
+    said = [r.getMessage() for r in caplog.records if "drawn on grey" in r.getMessage()]
+    assert len(said) == 1 and f"image {ok}:" in said[0], said
+
+
 def test_a_source_image_changed_since_the_run_is_never_drawn_under_old_maps(demo_store, tmp_path):
     store = copy_of_demo(demo_store, tmp_path)
     g = zarr.open_group(str(store), mode="r")

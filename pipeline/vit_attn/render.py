@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from .overlay import blend, head_grid
 from .remote import is_url
 from .roles import MAP_ARRAYS, default_map
 from .store import STATUS_FAILED, STATUS_OK, find_image, read_rows
+
+log = logging.getLogger(__name__)
 
 # per_map: each map's own min..max. per_image: 0..the largest value of any head of this image
 # and layer, so heads compare. dataset: 0..a per-(layer, head) scale over the whole store
@@ -46,7 +49,8 @@ def model_input_image(group: Any, index: int) -> np.ndarray:
         _check_unchanged(group, index, rel, str(path))
     try:
         return load_image(path, prep)
-    except ImageDecodeError:
+    except ImageDecodeError as exc:
+        log.warning("image %d: %s; its maps are drawn on grey", index, exc)
         return np.full((*prep.input_size, 3), 128, np.uint8)
 
 
