@@ -155,6 +155,23 @@ def test_two_stores_never_share_a_png_dir(tmp_path, data, capsys):
     assert run(first) == 0 and run(first, "--overwrite") == 0  # its own store: fine
 
 
+def test_a_resume_removes_the_unfinished_pngs_a_killed_run_left(tmp_path, data):
+    # A run killed while writing a PNG leaves its temporary file (".NAME.PID.THREAD.tmp");
+    # resumes kept them, and every kill added more.
+    png = tmp_path / "png"
+    config = write_config(tmp_path, data, output={"png_dir": str(png)})
+    assert run(config) == 0
+    written = sorted(png.rglob("*.png"))
+    assert written
+    left = written[0].with_name(f".{written[0].name}.4242.139860534867648.tmp")
+    left.write_bytes(written[0].read_bytes()[:100])
+    mine = png / ".notes.tmp"  # not a name the run writes: not the run's to remove
+    mine.write_text("keep")
+    assert run(config) == 0
+    assert not left.exists() and mine.read_text() == "keep"
+    assert sorted(png.rglob("*.png")) == written
+
+
 @pytest.mark.parametrize("where", ["a file", "the store", "inside the store", "around the store"])
 def test_png_dir_must_be_a_folder_of_its_own(tmp_path, data, capsys, where):
     store = tmp_path / "out" / "run.zarr"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -227,6 +228,24 @@ def claim_png_dir(png_dir: Path | str, store: Path | str) -> None:
     tmp = folder / f"{OWNER_FILE}.{os.getpid()}.tmp"
     tmp.write_text(store_identity(store) + "\n", encoding="utf-8")
     os.replace(tmp, folder / OWNER_FILE)
+
+
+# `write_png`'s temporary name: ".<name>.<pid>.<thread>.tmp" beside the PNG it becomes.
+_TEMP_PNG = re.compile(r"\..+\.png\.\d+\.\d+\.tmp")
+
+
+def remove_temp_pngs(png_dir: Path | str) -> int:
+    """Delete the temporary files of PNGs a killed run was writing (it never renamed them).
+    Called when a run resumes, under the store's lock: no other run writes into this png_dir
+    (one store per png_dir). Returns how many were removed."""
+    removed = 0
+    for dirpath, _dirnames, filenames in os.walk(png_dir):
+        for name in filenames:
+            if _TEMP_PNG.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
 
 
 def batches_missing_pngs(

@@ -34,6 +34,7 @@ from .outputs import (
     check_png_owner,
     check_png_targets,
     claim_png_dir,
+    remove_temp_pngs,
 )
 from .remote import is_url, location, redact, zarr_store
 from .runtime import RuntimeOptions, available_threads
@@ -300,6 +301,10 @@ def prepare(
         )
     if cfg.output.png_dir:
         claim_png_dir(cfg.output.png_dir, store_path)
+        if resumed:
+            left = remove_temp_pngs(cfg.output.png_dir)
+            if left:
+                log.info("removed %d unfinished PNG files a stopped run left", left)
     pending = pending_batches(group, spec)
     if resumed and cfg.output.png_dir:
         redo = batches_missing_pngs(
