@@ -251,8 +251,9 @@ def load_image(
     Not normalised: this is also the picture overlays are drawn on. EXIF orientation is
     applied; alpha is dropped (what timm's ``convert('RGB')`` does, not a composite);
     16-bit images are scaled to 8 bits. The pixels equal timm's eval transform exactly,
-    except for JPEGs decoded at reduced scale (``draft``, see ``DRAFT_MARGIN``) and aspect
-    ratios past ~50:1 (see ``_BOX_RESIZE_AREA``), which differ by a level or so.
+    except for JPEGs decoded at reduced scale (``draft``, see ``DRAFT_MARGIN``: a level or
+    so) and aspect ratios past ~50:1 (see ``_BOX_RESIZE_AREA``: 0-1 level on photographs, up
+    to ~15 levels at single pixels of pure noise, where Pillow's pass order matters most).
 
     Raises:
         ImageDecodeError: with a short reason (missing, empty, not an image, truncated,
