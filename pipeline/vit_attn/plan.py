@@ -390,7 +390,7 @@ def _say_what_overwrite_discards(
     try:
         ok, failed, _pending = store_counts(store_path, store_options)
         same = readable_attrs(store_path, store_options).get("fingerprint") == fingerprint
-    except StoreError:
+    except Exception:  # noqa: BLE001 - a damaged store (no status) is replaced all the same
         log.warning("%s: replacing it (--overwrite / output.overwrite)", store_path)
         return
     log.warning(
