@@ -327,7 +327,7 @@ def test_write_batch_rejects_mismatched_results(tmp_path: Path) -> None:
         write_batch(path, shifted)
     missing = _batch(FULL, 1)
     del missing.arrays["rollout"]
-    with pytest.raises(StoreError, match="missing"):
+    with pytest.raises(StoreError, match=r"the store has arrays the batch lacks \[.rollout.\]"):
         write_batch(path, missing)
     wrong = _batch(FULL, 1)
     wrong.arrays["overlay"] = wrong.arrays["overlay"][:, :4]
