@@ -208,6 +208,26 @@ def test_a_deleted_graph_or_a_corrupt_record_is_rebuilt(tmp_path, images):
     assert "Traceback" not in proc.stderr and "to retry them" not in proc.stderr
 
 
+def test_a_process_that_outlives_a_run_does_not_keep_the_old_checkpoint(tmp_path, images):
+    # A worker of an existing scheduler (here: this process, in-process runs) keeps its model
+    # between runs; with the torch backend it was keyed by the checkpoint's path, so a new
+    # file under the same path was served the old weights (while the store said "new").
+    from vit_attn.cli import main as cli_main
+
+    cache = tmp_path / "cache"
+    ckpt = save_checkpoint(tmp_path / "w.safetensors", 16.0)
+    config = config_file(tmp_path, images, ckpt, cache, "s")
+    data = yaml.safe_load(config.read_text())
+    data["inference"]["backend"] = "torch"
+    config.write_text(yaml.safe_dump(data))
+    assert cli_main(["run", str(config), "--no-progress"]) == 0
+    old = zarr.open_group(str(tmp_path / "s"), mode="r")["cls_attention"][:]
+    save_checkpoint(ckpt, 1.0)  # same path, new weights: attention no longer sharpened
+    assert cli_main(["run", str(config), "--no-progress", "--overwrite"]) == 0
+    new = zarr.open_group(str(tmp_path / "s"), mode="r")["cls_attention"][:]
+    assert np.abs(new.astype(np.float32) - old.astype(np.float32)).max() > 1e-2
+
+
 @pytest.mark.slow
 def test_new_checkpoint_content_under_the_same_path_is_not_served_the_old_graph(tmp_path, images):
     cache = tmp_path / "cache"

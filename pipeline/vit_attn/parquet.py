@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import posixpath
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ __all__ = ["ParquetReader", "is_parquet_source", "list_parquet"]
 DEFAULT_IMAGE_COLUMN = "image"
 _LIST_THREADS = 8
 _CACHED_ROW_GROUPS = 2
-_cache: OrderedDict[tuple[str, int, tuple[str, ...]], Any] = OrderedDict()
+_cache: OrderedDict[tuple[str, str, int, tuple[str, ...]], Any] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -180,6 +181,9 @@ class ParquetReader:
     storage_options: dict[str, Any] = field(default_factory=dict)
     image_column: str = DEFAULT_IMAGE_COLUMN
     label_column: str | None = None
+    # One per listing: row groups cached in a worker that outlives a run (a Dask worker of an
+    # existing scheduler) are never served to a later run, whose file may have been rewritten.
+    listing: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     def read(self, paths: Sequence[str], locators: Sequence[Any] | None) -> ReadBatch:
         assert locators is not None and len(locators) == len(paths)
@@ -221,7 +225,7 @@ class ParquetReader:
     def _row_group(self, url: str, rg: int, columns: tuple[str, ...]) -> Any:
         import pyarrow.parquet as pq
 
-        key = (url, rg, columns)
+        key = (self.listing, url, rg, columns)
         with _cache_lock:
             if key in _cache:
                 _cache.move_to_end(key)

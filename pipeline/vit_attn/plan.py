@@ -344,6 +344,7 @@ def prepare(
         reader=images.reader,
         store_options=store_options,
         run_id=run_id,
+        weights_digest=loaded.weights_digest,
     )
     tasks = []
     for b in pending:

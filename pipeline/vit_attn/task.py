@@ -62,6 +62,9 @@ class RunPlan:
     reader: Any = None
     store_options: dict[str, Any] | None = None  # fsspec options of a store behind a URL
     run_id: str | None = None  # the store's run id: write_batch refuses a store of another run
+    # sha256 of the model's parameters: a worker that outlives a run (a Dask worker of an
+    # existing scheduler) must not reuse a model built from a checkpoint since replaced.
+    weights_digest: str | None = None
     # Images per inference call: the store's batch size unless a resume asked for smaller
     # ones (inference.batch_size changed); each batch is then inferred in pieces. 0: whole.
     infer_batch: int = 0
@@ -111,6 +114,7 @@ def get_runner(plan: RunPlan) -> Runner:
         plan.onnx_path,
         plan.runtime,
         repr(plan.model_source),
+        plan.weights_digest,
         plan.outputs,
         plan.precision,
     )
