@@ -182,6 +182,19 @@ def test_shard_sources_that_name_nothing_are_refused(tmp_path, source, message):
         open_source(str(tmp_path / source))
 
 
+def test_a_shard_holding_a_member_name_twice_is_refused(folder, tmp_path):
+    # A tar appended to: a.png, b.png, a.png. Two images under one name shared one PNG file
+    # and `show` drew the second's maps over the first's picture.
+    png = [(folder / n).read_bytes() for n in folder_files(folder)[:2]]
+    with tarfile.open(tmp_path / "dup.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in (("a.png", png[0]), ("b.png", png[1]), ("a.png", png[1])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataSourceError, match=r"dup.tar holds the member 'a.png' twice"):
+        open_source(str(tmp_path / "dup.tar"))
+
+
 class CountingFS(LocalFileSystem):
     """The local file system under its own protocol, counting what workers ask of it."""
 

@@ -104,10 +104,26 @@ def list_shards(
             f"{source}: the shards hold no image members ({', '.join(sorted(_IMAGE_EXTS))}); "
             "check data.source"
         )
+    _refuse_repeated_members(paths)
     root_url = file_url(fs, root)
     reader = ShardReader(tuple(urls), dict(storage_options or {}), label_key is not None)
     identity = {"kind": "webdataset", "label_key": label_key}
     return ImageList(root_url, tuple(paths), reader, tuple(locators), identity)
+
+
+def _refuse_repeated_members(paths: list[str]) -> None:
+    """Two members of one shard under the same name (a tar appended to, keys not unique)
+    would be two images with one name: one PNG overwriting the other, and `show` or
+    `select_image` finding the first for both. Refused, as list files and Parquet ids are."""
+    seen: dict[str, int] = {}
+    for i, path in enumerate(paths):
+        j = seen.setdefault(path, i)
+        if j != i:
+            shard, _, member = path.rpartition("/")
+            raise DataSourceError(
+                f"shard {shard} holds the member {member!r} twice (images {j} and {i} of the "
+                "listing); webdataset keys must be unique within a shard: repack it"
+            )
 
 
 def _scan(fs: Any, path: str, url: str, index: int, label_key: str | None) -> _Shard:
