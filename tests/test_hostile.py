@@ -415,6 +415,19 @@ def test_overwrite_says_what_it_discards(tmp_path, data, caplog):
     assert "resume" not in said[0]
 
 
+def test_verify_hash_on_a_source_it_cannot_check_is_refused(tmp_path, data, capsys):
+    # It was accepted and ignored: a rewritten Parquet file or S3 object resumed as "done".
+    from .packing import write_parquet
+
+    names = sorted(p.name for p in data.iterdir())
+    part = write_parquet(data, names, tmp_path / "d.parquet")
+    config = write_config(tmp_path, data)
+    assert run(config, "--set", f"data.source={part}", "--set", "data.verify=hash") == 2
+    line = one_error_line(capsys)
+    assert "data.verify: hash checks local image files" in line, line
+    assert not (tmp_path / "out" / "run.zarr").exists()
+
+
 def test_inspect_refuses_a_negative_error_count(tmp_path, data, capsys):
     assert run(write_config(tmp_path, data)) == 0
     capsys.readouterr()

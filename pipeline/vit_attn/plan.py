@@ -228,6 +228,12 @@ def prepare(
     )
     # Size and mtime (or content hash) of local image files; shard and Parquet sources are
     # identified through the fingerprint's `source` entry instead.
+    if data.verify == "hash" and images.reader is not None:
+        raise ConfigError(
+            f"data.verify: hash checks local image files; {data.source} is read through a URL, "
+            "shards or Parquet, whose images a resume identifies by the listing only: remove "
+            "data.verify (or list local files)"
+        )
     ids = identify(images.root, images.paths, data.verify) if images.reader is None else None
     # Exported before the store is touched: a failed export leaves nothing half-made.
     loaded = resolve_model(cfg)
