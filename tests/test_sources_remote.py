@@ -474,8 +474,29 @@ def test_one_image_is_found_again_from_what_a_store_records(folder, tmp_path):
         }
         for i in (0, 6, len(names) - 1):
             assert read_listed_image(attrs, images.paths[i]) == (folder / names[i]).read_bytes()
-        assert read_listed_image(attrs, "train-000009.tar/nope.png") is None
+        with pytest.raises(ImageDecodeError):  # with its reason, not "an empty file"
+            read_listed_image(attrs, "train-000009.tar/nope.png")
     assert read_listed_image({"image_root": str(folder)}, names[0]) is None  # read by path
+
+
+def test_an_s3_image_is_found_again_with_the_runs_endpoint(
+    bucket,
+    folder,
+    s3_endpoint,  # noqa: F811
+    monkeypatch,
+):
+    # `show` on a store whose source was on S3 with `endpoint_url` in data.storage_options
+    # (the README's way) did not pass them: "empty file (0 bytes)", drawn on grey.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint is known from the store only
+    names = folder_files(folder)
+    options = {"endpoint_url": s3_endpoint, "secret": "***"}  # as the store records them
+    attrs = {
+        "image_root": f"s3://{bucket}/images",
+        "config": {"data": {"source": f"s3://{bucket}/images", "storage_options": options}},
+    }
+    assert read_listed_image(attrs, names[0]) == (folder / names[0]).read_bytes()
+    with pytest.raises(ImageDecodeError, match="not found"):
+        read_listed_image(attrs, "nope.png")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, ImageDecodeError, PipelineError, first_line
 from .remote import is_url
 from .sources import ImageList, list_images
 
@@ -93,44 +93,63 @@ def listing_changes(old: Sequence[str], new: Sequence[str], show: int = 3) -> st
 
 def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
     """The bytes of one image of a store, found again from the store's attributes (for
-    ``vit-attn show``): None for local files (read by path) or when it cannot be read.
+    ``vit-attn show`` and the viewer): None for local files (read by path).
 
     Reads one shard's headers, one Parquet row group (or, with an id column, the source's
-    ids), or one object: the storage is reached through the environment, since stored
-    storage options are masked.
+    ids), or one object, with the run's `data.storage_options` as the store recorded them
+    (an endpoint, a region); the secrets it masked come from the environment.
+
+    Raises:
+        ImageDecodeError: the image cannot be read from its source, with the reason.
     """
     root = str(attrs.get("image_root", ""))
     source = attrs.get("fingerprint_inputs", {}).get("source") or {}
     kind = source.get("kind")
+    config = attrs.get("config", {}).get("data", {})
+    options = _unmasked(config.get("storage_options") or {})
     try:
         if kind is None:
             if not is_url(root) and not is_url(rel):
                 return None
-            items = _file_reader(root).read([rel]).items
+            items = _file_reader(root, options).read([rel]).items
         elif kind == "webdataset":
-            items = _one_shard_member(root, rel)
+            items = _one_shard_member(root, rel, options)
         else:
-            config = attrs.get("config", {}).get("data", {})
             from .parquet import list_parquet
 
             listed = list_parquet(
-                str(config["source"]), None, source.get("image_column"), source.get("id_column")
+                str(config["source"]), options, source.get("image_column"), source.get("id_column")
             )
             locators = listed.locators or ()
             items = listed.reader.read([rel], [locators[listed.paths.index(rel)]]).items
-    except (PipelineError, ValueError, KeyError, OSError):
-        return None
-    item = items[0] if items else None
-    return item if isinstance(item, bytes) else None
+    except (PipelineError, ValueError, KeyError, OSError) as exc:
+        raise ImageDecodeError(
+            f"cannot read it from its source {root}: {first_line(exc)}"
+        ) from None
+    item = items[0] if items else ImageDecodeError(f"{rel} is no longer in its source {root}")
+    if isinstance(item, ImageDecodeError):
+        raise item
+    return bytes(item)
 
 
-def _file_reader(root: str) -> Any:
+def _unmasked(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Stored storage options without the values `remote.redact` masked."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out[key] = _unmasked(value)
+        elif value != "***":
+            out[key] = value
+    return out
+
+
+def _file_reader(root: str, options: dict[str, Any]) -> Any:
     from .sources_remote import FileReader
 
-    return FileReader(root)
+    return FileReader(root, options)
 
 
-def _one_shard_member(root: str, rel: str) -> list[Any]:
+def _one_shard_member(root: str, rel: str, options: dict[str, Any]) -> list[Any]:
     from .remote import url_fs
     from .shards import ShardReader, _scan
 
@@ -138,9 +157,9 @@ def _one_shard_member(root: str, rel: str) -> list[Any]:
     if not sep:
         return []
     url = (root.rstrip("/") + "/" if root else "") + shard_rel + ".tar"
-    fs, path = url_fs(url)
+    fs, path = url_fs(url, options)
     scanned = _scan(fs, path, url, 0, None)
     for name, loc in scanned.images:
         if name == member:
-            return ShardReader((url,)).read([rel], [loc]).items
+            return ShardReader((url,), options).read([rel], [loc]).items
     return []

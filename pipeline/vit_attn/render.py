@@ -41,13 +41,15 @@ def model_input_image(group: Any, index: int) -> np.ndarray:
     prep = Preprocess.from_dict(attrs["preprocess"])
     rel = str(group["image_path"][index])
     root = str(attrs["image_root"])
-    path: Path | bytes = Path(rel) if Path(rel).is_absolute() else Path(root) / rel
-    if is_url(root) or "source" in attrs.get("fingerprint_inputs", {}):
-        # On object storage, in a shard or a Parquet file: found again through the source.
-        path = read_listed_image(attrs, rel) or b""
-    else:
+    path: Path | bytes | None = Path(rel) if Path(rel).is_absolute() else Path(root) / rel
+    remote = is_url(root) or "source" in attrs.get("fingerprint_inputs", {})
+    if not remote:
         _check_unchanged(group, index, rel, str(path))
     try:
+        if remote:  # on object storage, in a shard or a Parquet file: found through the source
+            path = read_listed_image(attrs, rel)
+        if path is None:
+            raise ImageDecodeError("its source holds it no longer")
         return load_image(path, prep)
     except ImageDecodeError as exc:
         log.warning("image %d: %s; its maps are drawn on grey", index, exc)
