@@ -4,6 +4,7 @@ preprocessing checked against timm's own eval transform."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -124,6 +125,32 @@ def test_symlinked_folders_are_followed_and_loops_listed_once(tmp_path):
     (tmp_path / "p" / "to_q").symlink_to(tmp_path / "q")
     (tmp_path / "q" / "to_p").symlink_to(tmp_path / "p")
     assert list_images(tmp_path / "p").paths == ("to_q/y.png", "x.png")
+
+
+def test_list_files_that_are_not_utf8_or_lack_a_path_are_one_line(tmp_path):
+    (tmp_path / "latin.txt").write_bytes(b"a.png\n\xe9t\xe9.png\n")
+    with pytest.raises(DataSourceError, match="not UTF-8 text; save it as UTF-8"):
+        list_images(tmp_path / "latin.txt")
+    # A row with a label but no path: its image vanished without a word.
+    (tmp_path / "l.csv").write_text("path,label\na.png,1\n,2\nb.png,3\n")
+    with pytest.raises(DataSourceError, match="line 3 has no path in column 1"):
+        list_images(tmp_path / "l.csv")
+    # A file whose name starts with "#" is listed as ./#name (a bare "#" starts a comment).
+    (tmp_path / "h.txt").write_text("# my images\n./#1.png\na.png\n")
+    assert list_images(tmp_path / "h.txt").paths == ("./#1.png", "a.png")
+
+
+def test_names_that_are_not_utf8_are_passed_over_and_counted(tmp_path):
+    folder = tmp_path / "d"
+    _touch(tmp_path, "d/a.png")
+    bad = os.fsencode(str(folder)) + b"/\xe9t\xe9.png"
+    with open(bad, "wb"):
+        pass
+    listed = list_images(folder)
+    assert listed.paths == ("a.png",) and listed.skipped == 1
+    assert listed.skipped_examples[0].endswith(".png")
+    globbed = list_images(str(folder / "*.png"))
+    assert globbed.paths == ("a.png",) and globbed.skipped == 1
 
 
 def test_glob_without_matches_or_prefix_folder_fails(tmp_path):

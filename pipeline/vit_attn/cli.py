@@ -333,8 +333,9 @@ def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> i
         )
     if images.skipped:
         print(
-            f"vit-attn: skipped {images.skipped} files of {images.root} that are not images or "
-            f"are hidden (e.g. {', '.join(images.skipped_examples)}); images end in "
+            f"vit-attn: skipped {images.skipped} files of {images.root} that are not images, "
+            f"are hidden or have names that are not UTF-8 (e.g. "
+            f"{', '.join(images.skipped_examples)}); images end in "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}",
             file=sys.stderr,
         )

@@ -6,6 +6,7 @@ run maps the same image to the same store index.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
 import glob
@@ -120,12 +121,12 @@ def _list_folder(folder: Path) -> ImageList:
     n_passed_over = 0
     for rel in _walk_files(root):
         name = rel.rpartition("/")[2]
-        if not name.startswith(".") and _is_image_name(name):
+        if not name.startswith(".") and _is_image_name(name) and _is_utf8(rel):
             found.append(rel)
         else:
             n_passed_over += 1
             if len(passed_over) < 3:
-                passed_over.append(rel)
+                passed_over.append(rel.encode("utf-8", "surrogateescape").decode(errors="replace"))
     if not found:
         raise DataSourceError(
             f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -140,6 +141,16 @@ def _list_folder(folder: Path) -> ImageList:
         repeated=len(repeated),
         repeated_examples=tuple(repeated[:3]),
     )
+
+
+def _is_utf8(rel: str) -> bool:
+    """Whether a listed path can be stored: a name that is not UTF-8 comes from the file
+    system with surrogate escapes, which the store's strings (UTF-8) cannot hold."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _matches(parts: list[str], pats: list[str]) -> bool:
@@ -203,15 +214,36 @@ def _list_glob(pattern: str) -> ImageList:
         found = [PurePath(m).as_posix() for m in matches if not (root / m).is_dir()]
     if not found:
         raise DataSourceError(f"{pattern}: pattern matches no files; check data.source")
-    paths, repeated = _once_per_file(root, found)
-    return ImageList(root, paths, repeated=len(repeated), repeated_examples=tuple(repeated[:3]))
+    unstorable = [m for m in found if not _is_utf8(m)]
+    paths, repeated = _once_per_file(root, [m for m in found if _is_utf8(m)])
+    return ImageList(
+        root,
+        paths,
+        skipped=len(unstorable),
+        skipped_examples=tuple(
+            m.encode("utf-8", "surrogateescape").decode(errors="replace") for m in unstorable[:3]
+        ),
+        repeated=len(repeated),
+        repeated_examples=tuple(repeated[:3]),
+    )
 
 
 def _list_text(path: Path) -> ImageList:
-    """One path a line; blank lines and lines starting with ``#`` are skipped."""
-    with open(path, encoding="utf-8-sig") as f:
+    """One path a line; blank lines and lines starting with ``#`` are skipped (a file whose
+    name starts with ``#`` is listed as ``./#name``)."""
+    with _utf8(path) as f:
         entries = [(no, s) for no, line in enumerate(f, 1) if (s := line.strip()) and s[0] != "#"]
     return _list_entries(path, entries)
+
+
+@contextlib.contextmanager
+def _utf8(path: Path) -> Iterator[Any]:
+    """The list file as UTF-8 text (a BOM allowed); other bytes are one clear line."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield f
+    except UnicodeDecodeError:
+        raise DataSourceError(f"{path}: the list is not UTF-8 text; save it as UTF-8") from None
 
 
 def _list_csv(path: Path) -> ImageList:
@@ -220,7 +252,7 @@ def _list_csv(path: Path) -> ImageList:
     Without a ``path`` header, a first row whose first cell has no image extension and is
     no existing file is taken as a header (``filename,label``) rather than a missing image.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _utf8(path) as f:
         reader = csv.reader(f)
         rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     if not rows:
@@ -231,8 +263,14 @@ def _list_csv(path: Path) -> ImageList:
         column, body = header.index("path"), rows[1:]
     elif _is_header_cell(rows[0][1][0].strip(), path.parent):
         body = rows[1:]
-    entries = [(no, row[column].strip()) for no, row in body if len(row) > column]
-    return _list_entries(path, [(no, s) for no, s in entries if s])
+    entries = [(no, row[column].strip() if len(row) > column else "") for no, row in body]
+    for no, entry in entries:
+        if not entry:  # a row of other cells only: its image would vanish without a word
+            raise DataSourceError(
+                f"{path}: line {no} has no path in column {column + 1}; fill it in or remove "
+                "the row"
+            )
+    return _list_entries(path, entries)
 
 
 def _is_header_cell(cell: str, folder: Path) -> bool:
