@@ -177,6 +177,19 @@ def test_select_image_by_path_and_index(store):
         image_index(ds, 10)
 
 
+def test_a_listed_path_of_digits_is_that_image_and_an_int_an_index():
+    # A Parquet id column of numbers lists images as "7", "3", ...: `select_image(ds, "3")`
+    # and `show --image 3` took index 3, and the image listed as "3" could not be selected.
+    from vit_attn.store import ImageSelectionError, find_image
+
+    ids = np.array(["7", "3", "0", "1", "5", "2", "6", "4"])
+    assert find_image(8, "3", lambda: ids) == 1  # the listed name
+    assert find_image(8, 3, lambda: ids) == 3  # an int is always an index
+    assert find_image(8, "-1", lambda: ids) == 7  # not a listed name: an index
+    with pytest.raises(ImageSelectionError, match="out of range"):
+        find_image(8, "9", lambda: ids)
+
+
 def test_dataset_scale_is_a_percentile_of_map_peaks(store):
     ds = open_dataset(store)
     ok = ds["status"].values == STATUS_OK

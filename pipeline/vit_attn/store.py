@@ -1032,16 +1032,23 @@ def _key_exists(store: Any, key: str) -> bool | None:
 
 
 def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray]) -> int:
-    """The position of an image given as an index (negatives count from the end; a string of
-    digits counts as an index) or as its path as listed in the store.
+    """The position of an image given as an index (negatives count from the end) or as its
+    path as listed in the store.
 
-    `paths` loads the `image_path` array only when a path must be looked up. Every reader (the
-    API, `vit-attn show`, the viewer) selects images through this one rule.
+    An int is always an index. A string is the image listed under exactly that path if there
+    is one (a Parquet `id_column` of numbers lists images as "7", "3", ...), else, if it is
+    a whole number, an index. `paths` loads the `image_path` array only when a string must
+    be looked up. Every reader (the API, `vit-attn show`, the viewer) selects images through
+    this one rule.
     """
     if isinstance(image, bool):
         raise ImageSelectionError(f"image {image!r}: give an index or a listed path")
     text = str(image).strip()
-    number = parse_int(text)
+    number = None if isinstance(image, (int, np.integer)) else parse_int(text)
+    if number is not None:
+        named = np.flatnonzero(np.asarray(paths()) == text)
+        if named.size:
+            return int(named[0])
     if isinstance(image, (int, np.integer)) or number is not None:
         i = int(image) if number is None else number
         if not -n_images <= i < n_images:
