@@ -46,6 +46,28 @@ def test_wrong_type_and_missing_section(tmp_path):
         load_config(write(tmp_path, {**BASE, "inference": {"device": "tpu"}}))
 
 
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("output", {"store": "s3:/bucket/run.zarr"}, r"output\.store.*URL missing a slash"),
+        ("output", {"store": "s3:bucket/run.zarr"}, r"URL missing a slash"),
+        ("data", {"source": "gs:/bucket/images"}, r"data\.source.*URL missing a slash"),
+        (
+            "output",
+            {"store": "out/run.zarr", "storage_options": {"anon": True}},
+            r"output.*storage_options: store .* is a local path; options apply to URLs only",
+        ),
+    ],
+    ids=["one-slash", "no-slash", "source-one-slash", "local-store-options"],
+)
+def test_a_url_missing_a_slash_is_not_a_local_folder(tmp_path, section, values, message):
+    # `s3:/bucket/run.zarr` wrote a local store in a folder named "s3:", ignoring its options.
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, {**BASE, section: {**BASE[section], **values}}))
+    # A Windows drive letter is not a scheme.
+    load_config(write(tmp_path, {**BASE, "output": {"store": "C:/runs/run.zarr"}}))
+
+
 def test_overrides_keep_yaml_types(tmp_path):
     cfg = load_config(
         write(tmp_path, BASE),

@@ -157,6 +157,15 @@ class DataConfig(_Section):
         "stat", description="how a resume recognises changed images: size+mtime, or + sha256"
     )
 
+    @field_validator("source")
+    @classmethod
+    def _not_half_a_url(cls, v: str) -> str:
+        from .remote import half_url
+
+        if half_url(v):
+            raise ValueError(f"{_short(v)} looks like a URL missing a slash (s3://bucket/...)")
+        return v
+
 
 class AttentionConfig(_Section):
     layers: Literal["all"] | int | list[int] = Field(default_factory=lambda: [-1])
@@ -198,9 +207,22 @@ class OutputConfig(_Section):
     @field_validator("store", mode="before")
     @classmethod
     def _store_location(cls, v: Any) -> Any:
-        from .remote import location
+        from .remote import half_url, location
 
+        if isinstance(v, str) and half_url(v):
+            raise ValueError(f"{_short(v)} looks like a URL missing a slash (s3://bucket/...)")
         return location(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _options_for_urls_only(self) -> OutputConfig:
+        from .remote import is_url
+
+        if self.storage_options and not is_url(str(self.store)):
+            raise ValueError(
+                f"storage_options: store {_short(str(self.store))} is a local path; options "
+                "apply to URLs only"
+            )
+        return self
 
 
 class SlurmConfig(_Section):

@@ -37,6 +37,15 @@ def is_url(text: str | os.PathLike[str]) -> bool:
     return isinstance(text, str) and bool(_URL.match(text))
 
 
+_HALF_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/?(?!/)")
+
+
+def half_url(text: str) -> bool:
+    """`s3:/bucket/x` or `s3:bucket/x`: a URL missing a slash, which as a local path would
+    silently become a folder named `s3:` (a one-letter scheme is a Windows drive)."""
+    return bool(_HALF_URL.match(text)) and not is_url(text)
+
+
 def location(text: str | os.PathLike[str]) -> str | Path:
     """A URL stays a string (``Path`` would fold its ``//``); anything else becomes a Path."""
     return text if isinstance(text, str) and is_url(text) else Path(text)
