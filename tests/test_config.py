@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,16 @@ def test_a_url_missing_a_slash_is_not_a_local_folder(tmp_path, section, values, 
         load_config(write(tmp_path, {**BASE, section: {**BASE[section], **values}}))
     # A Windows drive letter is not a scheme.
     load_config(write(tmp_path, {**BASE, "output": {"store": "C:/runs/run.zarr"}}))
+
+
+def test_values_yaml_typed_as_numbers_or_dates_say_to_quote_them(tmp_path):
+    # `store: 2024` gave ~530 characters of pydantic's union internals.
+    data = {**BASE, "data": {"source": datetime.date(2024, 1, 2)}, "output": {"store": 2024}}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, data))
+    text = str(caught.value)
+    assert "output.store: " in text and "lax-or-strict" not in text and len(text) < 500, text
+    assert text.count("put it in quotes") == 2 and "read it as a date" in text
 
 
 def test_overrides_keep_yaml_types(tmp_path):

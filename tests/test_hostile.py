@@ -428,6 +428,17 @@ def test_verify_hash_on_a_source_it_cannot_check_is_refused(tmp_path, data, caps
     assert not (tmp_path / "out" / "run.zarr").exists()
 
 
+def test_an_error_line_stays_readable_whatever_value_it_echoes(tmp_path, data, capsys):
+    config = write_config(tmp_path, data)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["name"] = "vit_" + "x" * 200_000  # pasted by mistake
+    config.write_text(yaml.safe_dump(cfg))
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "is not a timm model" in line and len(line) < 2100 and "more characters" in line
+    assert line.endswith("see timm.list_models('vit_*')"), line[-200:]
+
+
 def test_inspect_refuses_a_negative_error_count(tmp_path, data, capsys):
     assert run(write_config(tmp_path, data)) == 0
     capsys.readouterr()

@@ -184,6 +184,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+ERROR_LINE_LIMIT = 2000
+
+
+def _bounded(text: str) -> str:
+    """One error line of readable length: a value echoed back (a 10 MB model name pasted by
+    mistake) must not become a 10 MB line."""
+    text = " ".join(text.split("\n"))
+    if len(text) <= ERROR_LINE_LIMIT:
+        return text
+    keep = (ERROR_LINE_LIMIT - 50) // 2  # the start names the thing, the end what to do
+    return f"{text[:keep]} ...({len(text) - 2 * keep} more characters)... {text[-keep:]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:  # the demo driver owns its own options
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return _show(args)
     except PipelineError as exc:
-        print(f"vit-attn: error: {exc}", file=sys.stderr)
+        print(f"vit-attn: error: {_bounded(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `vit-attn inspect STORE | head`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -7,6 +7,7 @@ silently falls back to a default on a cluster job.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import re
 import reprlib
@@ -337,10 +338,42 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# Parts of a pydantic error location that name its validators, not the user's keys:
+# `output.store.lax-or-strict[lax=union[...]]` is `output.store`.
+_TYPE_PARTS = {"str", "int", "float", "bool", "list", "dict", "tuple", "literal", "none"}
+
+
+def _user_loc(loc: tuple[Any, ...]) -> list[str]:
+    out = []
+    for part in loc:
+        text = str(part)
+        if "[" in text or "-" in text or text in _TYPE_PARTS:
+            break
+        out.append(text)
+    return out
+
+
+def _quote_hint(err: Any) -> str:
+    """YAML turns `2024`, `1e3` and `2024-01-02` into numbers and dates: where text was
+    wanted, say to quote it."""
+    value = err.get("input")
+    wants_text = any(w in err.get("msg", "") for w in ("string", "path"))
+    if not wants_text or isinstance(value, bool):
+        return ""
+    if isinstance(value, int | float | datetime.date):
+        kind = "date" if isinstance(value, datetime.date) else "number"
+        return f"; YAML read it as a {kind}: put it in quotes"
+    return ""
+
+
 def _format_errors(exc: ValidationError, origin: str) -> str:
     parts = []
+    seen: set[str] = set()
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = ".".join(_user_loc(err["loc"]))
+        if loc in seen:  # one line per key: a union reports each of its members
+            continue
+        seen.add(loc)
         kind = err["type"]
         if kind == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
@@ -352,7 +385,7 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
             got = (
                 f" (got {_short(err['input'])})" if kind != "value_error" and "input" in err else ""
             )
-            parts.append(f"{loc}: {msg}{got}")
+            parts.append(f"{loc}: {msg}{got}{_quote_hint(err)}")
     return (
         f"{origin}: "
         + "; ".join(parts[:5])
