@@ -304,6 +304,16 @@ def test_a_yaml_alias_bomb_is_refused_quickly_in_one_short_line(tmp_path, data, 
     assert len(line) < 400 and "aliases" in line, line
 
 
+@pytest.mark.timeout(30)
+def test_a_config_of_megabytes_is_refused_before_it_is_parsed(tmp_path, data, capsys):
+    # 4 MB of YAML values took a minute and 1.4 GB to parse before the one-line refusal.
+    config = write_config(tmp_path, data)
+    config.write_text(config.read_text() + "junk: [" + "1, " * 2_000_000 + "1]\n")
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "more than any config needs" in line and ".txt list file" in line, line
+
+
 def test_error_messages_show_long_values_shortened(tmp_path, capsys):
     config = write_config(tmp_path, "x" * 100_000, inference={"batch_size": list(range(10_000))})
     assert run(config) == 2

@@ -29,6 +29,7 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 3, 6, 6, 6
 _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
 # A config has a few hundred values; YAML aliases can expand a small file to billions.
 MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_CHARS = 256 * 1024
 # A Dask scheduler address: scheme://host:port, or host:port (tcp is implied).
 _ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://\S+|[^\s:/]+:\d+|\[[0-9a-fA-F:]+\]:\d+)$")
 
@@ -467,7 +468,13 @@ def _load_config_text(
     read: Callable[[], str], path: str, base: Path, overrides: list[str] | None
 ) -> Config:
     try:
-        data = load_yaml(read())
+        text = read()
+        if len(text) > MAX_CONFIG_CHARS:  # before parsing: 4 MB of YAML parse for a minute
+            raise ConfigError(
+                f"{path}: {len(text):,} characters, more than any config needs "
+                f"({MAX_CONFIG_CHARS:,} at most); long lists of images go in a .txt list file"
+            )
+        data = load_yaml(text)
     except DuplicateKeyError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
