@@ -377,6 +377,14 @@ def test_s3_folder_glob_and_list_files_list_like_local_ones(bucket, folder):
     items = read_all(listed).items
     assert bytes(items[0]) == (folder / "b/photo.jpg").read_bytes()
     assert str(items[1]) == "file not found"
+    # `..` and `.` as in a local list file (an object store would read them as key names),
+    # never above the bucket.
+    fs.pipe(
+        f"{bucket}/images/lists/up.txt", b"../b/photo.jpg\n./../b/photo.jpg.x\n../../../x.png\n"
+    )
+    items = read_all(open_source(f"s3://{bucket}/images/lists/up.txt")).items
+    assert bytes(items[0]) == (folder / "b/photo.jpg").read_bytes()
+    assert str(items[1]) == str(items[2]) == "file not found"
     fs.pipe(f"{bucket}/images/list.csv", b"path,label\nb/photo.jpg,1\nb/photo.jpg,2\n")
     with pytest.raises(DataSourceError, match="line 3 repeats 'b/photo.jpg'"):
         open_source(f"s3://{bucket}/images/list.csv")

@@ -10,9 +10,10 @@ botocore reads itself. Access errors become one line that names the URL.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import DataSourceError, PipelineError
@@ -52,10 +53,20 @@ def location(text: str | os.PathLike[str]) -> str | Path:
 
 
 def join(base: str, rel: str) -> str:
-    """``base/rel`` for URLs; a ``rel`` that is itself a URL stands alone."""
+    """``base/rel`` for URLs; a ``rel`` that is itself a URL stands alone. ``.`` and ``..``
+    are resolved as in a local list file, never above the URL's bucket or host (object
+    stores would otherwise read ``lists/../x.png`` as a key of that name)."""
     if is_url(rel):
         return rel
-    return base.rstrip("/") + "/" + rel.lstrip("/")
+    joined = base.rstrip("/") + "/" + rel.lstrip("/")
+    if "/." not in "/" + rel:
+        return joined
+    scheme, _, rest = joined.partition("://")
+    host, _, path = rest.partition("/")
+    normal = posixpath.normpath("/" + path)
+    if ".." in PurePosixPath(posixpath.normpath(path)).parts:  # climbs out of the bucket
+        return joined
+    return f"{scheme}://{host}{normal}"
 
 
 def url_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
