@@ -365,6 +365,8 @@ def test_s3_folder_glob_and_list_files_list_like_local_ones(bucket, folder):
     local = list_images(folder)
     remote = open_source(f"s3://{bucket}/images")  # the AWS environment only: no options
     assert remote.paths == local.paths and remote.root == f"s3://{bucket}/images"
+    # and what it passed over is counted for the start line, as for a local folder
+    assert remote.skipped == local.skipped + 1 and ".hidden/x.png" in remote.skipped_examples
     read = read_all(remote)
     assert [bytes(b) for b in read.items] == [(folder / p).read_bytes() for p in local.paths]
     assert open_source(f"s3://{bucket}/images/a/*.png").paths == tuple(

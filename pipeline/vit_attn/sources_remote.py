@@ -12,7 +12,7 @@ import io
 import os
 import posixpath
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -98,18 +98,20 @@ def _list_folder(
     fs: Any, source: str, path: str, storage_options: Mapping[str, Any] | None
 ) -> ImageList:
     root = path.rstrip("/")
-    found = []
+    found: list[str] = []
+    passed_over: list[str] = []  # hidden or not images: counted, as for a local folder
     for name in fs.find(root):
         rel = posixpath.relpath(name, root)
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue  # hidden files and folders, as for a local folder
-        if _is_image_name(rel):
-            found.append(rel)
+        hidden = any(part.startswith(".") for part in rel.split("/"))
+        (found if not hidden and _is_image_name(rel) else passed_over).append(rel)
     if not found:
         raise DataSourceError(
             f"{source}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check data.source"
         )
-    return _image_list(fs, root, sorted(found), storage_options)
+    listed = _image_list(fs, root, sorted(found), storage_options)
+    return replace(
+        listed, skipped=len(passed_over), skipped_examples=tuple(sorted(passed_over)[:3])
+    )
 
 
 def _glob(fs: Any, pattern: str) -> tuple[str, list[str]]:
