@@ -135,6 +135,10 @@ def test_list_files_that_are_not_utf8_or_lack_a_path_are_one_line(tmp_path):
     (tmp_path / "l.csv").write_text("path,label\na.png,1\n,2\nb.png,3\n")
     with pytest.raises(DataSourceError, match="line 3 has no path in column 1"):
         list_images(tmp_path / "l.csv")
+    # A URL in a local list failed per image as "file not found": refused up front.
+    (tmp_path / "u.txt").write_text("a.png\ns3://bucket/b.png\n")
+    with pytest.raises(DataSourceError, match="line 2 is a URL"):
+        list_images(tmp_path / "u.txt")
     # A file whose name starts with "#" is listed as ./#name (a bare "#" starts a comment).
     (tmp_path / "h.txt").write_text("# my images\n./#1.png\na.png\n")
     assert list_images(tmp_path / "h.txt").paths == ("./#1.png", "a.png")

@@ -284,6 +284,11 @@ def _list_entries(list_file: Path, entries: list[tuple[int, str]]) -> ImageList:
     root = Path(os.path.abspath(list_file.parent))
     first_line: dict[str, int] = {}
     for no, entry in entries:
+        if "://" in entry:
+            raise DataSourceError(
+                f"{list_file}: line {no} is a URL ({entry[:80]}); a local list names local "
+                "files: put a list of URLs on the object storage, or list them there"
+            )
         key = os.path.normpath(root / entry)
         if key in first_line:
             raise DataSourceError(
