@@ -121,23 +121,41 @@ def _list_folder(folder: Path) -> ImageList:
     n_passed_over = 0
     for rel in _walk_files(root):
         name = rel.rpartition("/")[2]
-        if not name.startswith(".") and _is_image_name(name) and _is_utf8(rel):
+        if not name.startswith(".") and _is_image_name(name):
             found.append(rel)
         else:
             n_passed_over += 1
             if len(passed_over) < 3:
-                passed_over.append(rel.encode("utf-8", "surrogateescape").decode(errors="replace"))
-    if not found:
-        raise DataSourceError(
-            f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-            "check data.source"
-        )
-    paths, repeated = _once_per_file(root, found)
+                passed_over.append(rel)
+    nothing = (
+        f"{folder}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+        "check data.source"
+    )
+    return _listing(root, found, n_passed_over, passed_over, nothing)
+
+
+def _listing(
+    root: Path, found: list[str], n_passed_over: int, passed_over: list[str], nothing: str
+) -> ImageList:
+    """The ImageList of a folder or glob listing: names that are not UTF-8 join what was
+    passed over (the start line counts them), each file is listed once (`_once_per_file`),
+    and a listing left empty is `nothing`, one line."""
+    storable: list[str] = []
+    unstorable: list[str] = []
+    for rel in found:
+        (storable if _is_utf8(rel) else unstorable).append(rel)
+    if not storable:
+        raise DataSourceError(nothing)
+    paths, repeated = _once_per_file(root, storable)
+    examples = (passed_over + unstorable)[:3]
     return ImageList(
         root,
         paths,
-        skipped=n_passed_over,
-        skipped_examples=tuple(passed_over),
+        skipped=n_passed_over + len(unstorable),
+        # shown as text: a name that is not UTF-8 holds surrogate escapes
+        skipped_examples=tuple(
+            m.encode("utf-8", "surrogateescape").decode(errors="replace") for m in examples
+        ),
         repeated=len(repeated),
         repeated_examples=tuple(repeated[:3]),
     )
@@ -212,20 +230,8 @@ def _list_glob(pattern: str) -> ImageList:
         matches = glob.glob(rest, root_dir=root)
         # Folders are not images; a dangling link is listed, and fails alone with its reason.
         found = [PurePath(m).as_posix() for m in matches if not (root / m).is_dir()]
-    if not found:
-        raise DataSourceError(f"{pattern}: pattern matches no files; check data.source")
-    unstorable = [m for m in found if not _is_utf8(m)]
-    paths, repeated = _once_per_file(root, [m for m in found if _is_utf8(m)])
-    return ImageList(
-        root,
-        paths,
-        skipped=len(unstorable),
-        skipped_examples=tuple(
-            m.encode("utf-8", "surrogateescape").decode(errors="replace") for m in unstorable[:3]
-        ),
-        repeated=len(repeated),
-        repeated_examples=tuple(repeated[:3]),
-    )
+    nothing = f"{pattern}: pattern matches no files; check data.source"
+    return _listing(root, found, 0, [], nothing)
 
 
 def _list_text(path: Path) -> ImageList:
