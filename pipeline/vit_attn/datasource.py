@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError, ImageDecodeError, PipelineError, first_line
-from .remote import is_url
+from .remote import is_url, unmasked
 from .sources import ImageList, list_images
 
 __all__ = ["listing_changes", "open_source", "source_kind"]
@@ -106,7 +106,7 @@ def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
     source = attrs.get("fingerprint_inputs", {}).get("source") or {}
     kind = source.get("kind")
     config = attrs.get("config", {}).get("data", {})
-    options = _unmasked(config.get("storage_options") or {})
+    options = unmasked(config.get("storage_options") or {})
     try:
         if kind is None:
             if not is_url(root) and not is_url(rel):
@@ -130,17 +130,6 @@ def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
     if isinstance(item, ImageDecodeError):
         raise item
     return bytes(item)
-
-
-def _unmasked(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Stored storage options without the values `remote.redact` masked."""
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if isinstance(value, Mapping):
-            out[key] = _unmasked(value)
-        elif value != "***":
-            out[key] = value
-    return out
 
 
 def _file_reader(root: str, options: dict[str, Any]) -> Any:

@@ -13,7 +13,7 @@ import os
 import posixpath
 import re
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .errors import DataSourceError, PipelineError
@@ -63,10 +63,10 @@ def join(base: str, rel: str) -> str:
         return joined
     scheme, _, rest = joined.partition("://")
     host, _, path = rest.partition("/")
-    normal = posixpath.normpath("/" + path)
-    if ".." in PurePosixPath(posixpath.normpath(path)).parts:  # climbs out of the bucket
+    normal = posixpath.normpath(path)  # ".." can only remain at its start
+    if normal == ".." or normal.startswith("../"):  # climbs out of the bucket
         return joined
-    return f"{scheme}://{host}{normal}"
+    return f"{scheme}://{host}/{'' if normal == '.' else normal}"
 
 
 def url_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
@@ -116,6 +116,9 @@ def _short(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+MASK = "***"
+
+
 def redact(options: Mapping[str, Any]) -> dict[str, Any]:
     """Storage options with secret values masked, for a store's attributes and logs."""
     out: dict[str, Any] = {}
@@ -123,8 +126,20 @@ def redact(options: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, Mapping):
             out[key] = redact(value)
         elif _SECRET.search(str(key)):
-            out[key] = "***"
+            out[key] = MASK
         else:
+            out[key] = value
+    return out
+
+
+def unmasked(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Storage options as `redact` stored them, without the masked values: what can be used
+    again (an endpoint, a region); the secrets then come from the environment."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            out[key] = unmasked(value)
+        elif value != MASK:
             out[key] = value
     return out
 
