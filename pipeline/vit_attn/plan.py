@@ -418,14 +418,13 @@ def _drop_stats_written_later(
     are derived from the stored attention, so they are dropped (with a line saying so) and can
     be written again when the run is done."""
     made = {a.name for a in spec.layout()}
-    added = [n for n in STAT_NAMES if n in set(group.array_keys()) and n not in made]
+    stored = set(group.array_keys())  # one listing (a request on object storage)
+    added = [n for n in STAT_NAMES if n in stored and n not in made]
     if not added:
         return
     drop_arrays(group, added, store_path, store_options)
-    if not any(a.name in STAT_NAMES for a in spec.layout()):
-        attrs = group.attrs.asdict()
-        if "stat_units" in attrs:
-            del group.attrs["stat_units"]
+    if made.isdisjoint(STAT_NAMES) and "stat_units" in group.attrs:
+        del group.attrs["stat_units"]
     log.warning(
         "%s: dropped the statistics `vit-attn stats --write` added (%s), since images are to "
         "be done again and they would go stale; write them again when the run is done",
