@@ -1043,23 +1043,20 @@ def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray])
     """
     if isinstance(image, bool):
         raise ImageSelectionError(f"image {image!r}: give an index or a listed path")
-    text = str(image).strip()
-    number = None if isinstance(image, (int, np.integer)) else parse_int(text)
-    if number is not None:
-        named = np.flatnonzero(np.asarray(paths()) == text)
-        if named.size:
-            return int(named[0])
-    if isinstance(image, (int, np.integer)) or number is not None:
-        i = int(image) if number is None else number
-        if not -n_images <= i < n_images:
+    if isinstance(image, (int, np.integer)):
+        i = int(image)
+    else:
+        text = str(image).strip()
+        hits = np.flatnonzero(np.asarray(paths()) == text)
+        if hits.size:
+            return int(hits[0])
+        number = parse_int(text)
+        if number is None:
             raise ImageSelectionError(
-                f"image {i} is out of range: the store holds {n_images} images"
+                f"image {text!r} is not in the store; give an index or a path as "
+                "`vit-attn inspect` lists them (as the data source listed them)"
             )
-        return i % n_images
-    hits = np.flatnonzero(np.asarray(paths()) == text)
-    if hits.size == 0:
-        raise ImageSelectionError(
-            f"image {text!r} is not in the store; give an index or a path as "
-            "`vit-attn inspect` lists them (as the data source listed them)"
-        )
-    return int(hits[0])
+        i = number
+    if not -n_images <= i < n_images:
+        raise ImageSelectionError(f"image {i} is out of range: the store holds {n_images} images")
+    return i % n_images
