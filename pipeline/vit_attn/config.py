@@ -91,6 +91,14 @@ def _check_size(data: Any, origin: str) -> None:
             stack.extend(node)
 
 
+def _refuse_half_url(text: str) -> None:
+    """`s3:/bucket/x` would silently be a local folder named `s3:` (`remote.half_url`)."""
+    from .remote import half_url
+
+    if half_url(text):
+        raise ValueError(f"{_short(text)} looks like a URL missing a slash (s3://bucket/...)")
+
+
 def _takes_int_not_bool(annotation: Any) -> bool:
     found: set[Any] = set()
 
@@ -162,10 +170,7 @@ class DataConfig(_Section):
     @field_validator("source")
     @classmethod
     def _not_half_a_url(cls, v: str) -> str:
-        from .remote import half_url
-
-        if half_url(v):
-            raise ValueError(f"{_short(v)} looks like a URL missing a slash (s3://bucket/...)")
+        _refuse_half_url(v)
         return v
 
 
@@ -209,10 +214,10 @@ class OutputConfig(_Section):
     @field_validator("store", mode="before")
     @classmethod
     def _store_location(cls, v: Any) -> Any:
-        from .remote import half_url, location
+        from .remote import location
 
-        if isinstance(v, str) and half_url(v):
-            raise ValueError(f"{_short(v)} looks like a URL missing a slash (s3://bucket/...)")
+        if isinstance(v, str):
+            _refuse_half_url(v)
         return location(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
