@@ -58,6 +58,13 @@ def save_config(folder: Path, cfg: dict, **sections) -> Path:
     return path
 
 
+def logged(caplog: Any, text: str) -> list[str]:
+    """The log messages (pytest's caplog) that contain `text`. Warnings reach the CLI's
+    stderr through logging, whose handler may be bound to an earlier test's stderr: caplog
+    sees them whatever capsys does."""
+    return [m for m in (r.getMessage() for r in caplog.records) if text in m]
+
+
 def assert_stores_equal(a: Path, b: Path) -> None:
     """The same arrays with bit-identical contents."""
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")

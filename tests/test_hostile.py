@@ -21,7 +21,7 @@ import zarr
 from vit_attn.cli import main as cli_main
 
 from . import imagefactory
-from .helpers import save_config
+from .helpers import logged, save_config
 
 TINY = {"name": "vit_tiny_patch16_224", "img_size": 32, "kwargs": {"depth": 1, "patch_size": 8}}
 
@@ -414,13 +414,13 @@ def test_overwrite_says_what_it_discards(tmp_path, data, caplog):
     assert run(config) == 0
     caplog.clear()
     assert run(config, "--set", "output.overwrite=true") == 0
-    said = [r.getMessage() for r in caplog.records if "replacing it" in r.getMessage()]
+    said = logged(caplog, "replacing it")
     assert len(said) == 1 and "6 finished images discarded" in said[0], said
     assert "without overwrite the run would resume it" in said[0]
     caplog.clear()
     other = write_config(tmp_path, data, attention={"layers": [0], "full": True})  # another run
     assert run(other, "--overwrite") == 0
-    said = [r.getMessage() for r in caplog.records if "replacing it" in r.getMessage()]
+    said = logged(caplog, "replacing it")
     assert len(said) == 1 and "6 finished images discarded" in said[0], said
     assert "resume" not in said[0]
 
@@ -690,7 +690,7 @@ def test_stats_written_into_a_store_do_not_block_redoing_a_changed_image(
     _replace_image(data / "img_42x32.png", seed=99)
     caplog.clear()
     assert run(config, "--redo-changed") == 0
-    said = [r.getMessage() for r in caplog.records if "stats --write" in r.getMessage()]
+    said = logged(caplog, "stats --write")
     assert len(said) == 1 and "cls_entropy" in said[0] and "write them again" in said[0], said
     assert (status_of(store) == 1).all()
     group = zarr.open_group(str(store), mode="r")

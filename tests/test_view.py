@@ -43,6 +43,8 @@ from vit_attn.view.data import ListQuery, StoreData, ViewError
 from vit_attn.view.headless import CHROMIUM_ARGS, chromium_executable
 from vit_attn.view.pictures import FAILED_RGB
 
+from .helpers import logged
+
 N_IMAGES = 12
 
 
@@ -639,7 +641,7 @@ def test_show_says_when_the_input_image_is_gone_and_draws_on_grey(demo_store, tm
     (Path(g.attrs["image_root"]) / str(g["image_path"][ok])).unlink()
     caplog.clear()
     assert show(store, "--image", str(ok), "-o", str(tmp_path / "grey.png"))[0] == 0
-    said = [r.getMessage() for r in caplog.records if "drawn on grey" in r.getMessage()]
+    said = logged(caplog, "drawn on grey")
     assert len(said) == 1 and f"image {ok}:" in said[0], said
 
 
