@@ -111,10 +111,17 @@ def _takes_int_not_bool(annotation: Any) -> bool:
     return int in found and bool not in found
 
 
-def _has_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return True
-    return isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value)
+def _not_an_int(value: Any) -> bool:
+    """A boolean or a float where integers go (a list: any of its items)."""
+    if isinstance(value, list | tuple):
+        return any(_not_an_int(v) for v in value)
+    return isinstance(value, bool | float)
+
+
+def _has_bool_item(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return any(_has_bool_item(v) for v in value)
+    return isinstance(value, bool)
 
 
 class _Section(BaseModel):
@@ -122,14 +129,15 @@ class _Section(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_bool_for_int(cls, data: Any) -> Any:
-        """YAML `true` must not become block 1 or batch size 1 (pydantic's lax int takes bools)."""
+    def _only_ints_for_int(cls, data: Any) -> Any:
+        """YAML `true` must not become block 1 or batch size 1, nor `1.0` block 1: pydantic's
+        lax int takes bools and whole floats, which are never what a count or index meant."""
         if isinstance(data, dict):
             for name, info in cls.model_fields.items():
-                if name in data and _takes_int_not_bool(info.annotation) and _has_bool(data[name]):
-                    raise ValueError(
-                        f"{name}: expected integers, got a boolean ({_short(data[name])})"
-                    )
+                value = data.get(name)
+                if name in data and _takes_int_not_bool(info.annotation) and _not_an_int(value):
+                    got = "a boolean" if _has_bool_item(value) else "a number with a point"
+                    raise ValueError(f"{name}: expected integers, got {got} ({_short(value)})")
         return data
 
 
