@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from s3fs import S3FileSystem
 
 import vit_attn
 from vit_attn.cli import main as cli_main
@@ -158,6 +159,43 @@ def test_readers_work_on_the_s3_store(s3_store, reference, dataset, tmp_path, ca
     assert_show_finds_the_image(s3_store, dataset, 2)
     assert cli_main(["stats", s3_store]) == 2  # no statistics in this store: one line, exit 2
     assert "holds no statistics" in capsys.readouterr().err
+
+
+def test_readers_take_storage_options_instead_of_the_environment(
+    s3_store,
+    s3_endpoint,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,  # noqa: F811
+):
+    # The environment points nowhere and holds no keys: only --storage-option reaches the store.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    # s3fs keeps one file system per set of options, made under the old environment
+    S3FileSystem.clear_instance_cache()
+    monkeypatch.setattr(S3FileSystem, "cachable", False)  # none made here outlives the test
+    options = [
+        f"--storage-option=endpoint_url={s3_endpoint}",
+        "--storage-option=key=testing",
+        "--storage-option=secret=testing",
+    ]
+    capsys.readouterr()
+    assert cli_main(["inspect", s3_store]) == 2
+    assert "no credentials found" in capsys.readouterr().err
+    assert cli_main(["inspect", s3_store, *options]) == 0
+    assert "24 ok, 1 failed, 0 pending" in capsys.readouterr().out
+    png = tmp_path / "show.png"
+    args = ["--image", "a/img_48x40.png", "--normalize", "dataset", "-o", str(png)]
+    assert cli_main(["show", s3_store, *args, *options]) == 0
+    assert png.stat().st_size > 1000
+    assert cli_main(["stats", s3_store, *options]) == 2
+    assert "holds no statistics" in capsys.readouterr().err
+    assert cli_main(["inspect", str(tmp_path), "--storage-option", "anon=true"]) == 2
+    assert "is a local path; the options apply to URLs only" in capsys.readouterr().err
+    assert cli_main(["inspect", s3_store, "--storage-option", "anon"]) == 2
+    assert "expected KEY=VALUE, e.g. --storage-option endpoint_url=" in capsys.readouterr().err
 
 
 def test_a_damaged_s3_store_is_said_to_be_damaged(s3_store, tmp_path, capsys):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import StoreError
+from .remote import zarr_store
 from .stats import (
     STAT_NAMES,
     STAT_UNITS,
@@ -91,7 +92,9 @@ def stat_names(ds: xr.Dataset) -> list[str]:
     return [s for s in STAT_NAMES if s in ds.data_vars]
 
 
-def compute_stats_from_attention(store: PathLike, write: bool = False) -> xr.Dataset:
+def compute_stats_from_attention(
+    store: PathLike, write: bool = False, storage_options: Mapping[str, Any] | None = None
+) -> xr.Dataset:
     """The statistics of a store that holds full `attention`, lazily, one task per batch.
 
     Computed in float64 from the stored (float16) matrices with `stats.attention_stats`;
@@ -102,6 +105,7 @@ def compute_stats_from_attention(store: PathLike, write: bool = False) -> xr.Dat
         write: also store them as arrays `(image, layer, head)` float32, chunked by batch,
             as a run with `attention.stats: true` would have. Refused while images are
             pending (a resumed run would not write them) or when they exist already.
+        storage_options: fsspec options of a store on object storage.
 
     Returns:
         A Dataset with one (image, layer, head) variable per statistic (dask-backed unless
@@ -110,7 +114,7 @@ def compute_stats_from_attention(store: PathLike, write: bool = False) -> xr.Dat
     import dask.array as da
     import xarray as xr
 
-    ds = open_dataset(store)
+    ds = open_dataset(store, storage_options=storage_options)
     if "attention" not in ds.data_vars:
         raise StoreError(
             f"{store} holds no full `attention`: run with attention.full: true, or attention.stats: true"
@@ -147,11 +151,16 @@ def compute_stats_from_attention(store: PathLike, write: bool = False) -> xr.Dat
     )
     if not write:
         return result
-    _write_stats(store, ds, result)
-    return open_dataset(store)[list(names)]
+    _write_stats(store, ds, result, storage_options)
+    return open_dataset(store, storage_options=storage_options)[list(names)]
 
 
-def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
+def _write_stats(
+    store: PathLike,
+    ds: xr.Dataset,
+    result: xr.Dataset,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     import dask.array as da
     import zarr
 
@@ -162,7 +171,7 @@ def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
     present = stat_names(ds)
     if present:
         raise StoreError(f"{store} already holds statistics {present}")
-    group = zarr.open_group(str(store), mode="r+")
+    group = zarr.open_group(zarr_store(store, storage_options), mode="r+")
     batch = array(group, "status").chunks[0]
     targets: list[Any] = []
     names = [str(n) for n in result.data_vars]
@@ -180,8 +189,8 @@ def _write_stats(store: PathLike, ds: xr.Dataset, result: xr.Dataset) -> None:
     # Dask chunks are batches, so every chunk has one writer and needs no lock.
     da.store([result[n].data.rechunk({0: batch}) for n in names], targets, lock=False)
     group.attrs["stat_units"] = dict(STAT_UNITS)
-    if is_consolidated(store):
-        consolidate(store)
+    if is_consolidated(store, storage_options):
+        consolidate(store, storage_options)
 
 
 def summarise(

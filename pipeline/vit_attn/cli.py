@@ -81,11 +81,29 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("config", help="the YAML config (- reads it from standard input)")
     exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    ins = sub.add_parser("inspect", help="model, layers, progress, failures and arrays of a store")
+    # Readers of a store on object storage take its fsspec options as `output.storage_options`
+    # would give them (the environment's AWS settings need none).
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec option for a store URL, as in output.storage_options (value read as "
+        "YAML; a.b=v nests), e.g. endpoint_url=http://host:9000; repeatable",
+    )
+    ins = sub.add_parser(
+        "inspect",
+        parents=[remote],
+        help="model, layers, progress, failures and arrays of a store",
+    )
     ins.add_argument("store", type=location, help="a store folder, or a URL (s3://bucket/run.zarr)")
     ins.add_argument("--errors", type=int, default=20, help="failed images to list (default 20)")
 
-    show = sub.add_parser("show", help="render one image's attention from a store to a PNG")
+    show = sub.add_parser(
+        "show", parents=[remote], help="render one image's attention from a store to a PNG"
+    )
     show.add_argument("store", type=location)
     show.add_argument(
         "--image", required=True, help="index, or the image's path as listed in the store"
@@ -128,7 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("-o", "--output", type=Path, required=True)
 
     st = sub.add_parser(
-        "stats", help="per-(layer, head) attention statistics over the dataset; optional plots"
+        "stats",
+        parents=[remote],
+        help="per-(layer, head) attention statistics over the dataset; optional plots",
     )
     st.add_argument("store", type=location)
     st.add_argument(
@@ -403,21 +423,34 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_readonly(path: Path | str) -> Any:
+def _store_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--storage-option` pairs of a reader command, as fsspec options."""
+    from .config import apply_overrides
+
+    if not args.storage_options:
+        return {}
+    if not is_url(args.store):
+        raise ConfigError(
+            f"--storage-option: {args.store} is a local path; the options apply to URLs only"
+        )
+    return apply_overrides({}, args.storage_options, flag="--storage-option")
+
+
+def _open_readonly(path: Path | str, options: dict[str, Any]) -> Any:
     import zarr
 
     from .remote import zarr_store
     from .store import readable_attrs
 
-    readable_attrs(path)
-    return zarr.open_group(zarr_store(path, read_only=True), mode="r")
+    readable_attrs(path, options)
+    return zarr.open_group(zarr_store(path, options, read_only=True), mode="r")
 
 
-def _disk_size(path: Path | str, name: str = "") -> int:
+def _disk_size(path: Path | str, options: dict[str, Any], name: str = "") -> int:
     if is_url(path):  # object storage: the sizes of the objects under the prefix
         from .remote import join, url_fs
 
-        fs, inner = url_fs(join(str(path), name) if name else str(path))
+        fs, inner = url_fs(join(str(path), name) if name else str(path), options)
         return int(fs.du(inner, total=True))
     path = Path(path) / name if name else Path(path)
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -439,7 +472,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     if args.errors < 0:
         raise ConfigError(f"--errors must be a count >= 0, got {args.errors}")
-    group = _open_readonly(args.store)
+    options = _store_options(args)
+    group = _open_readonly(args.store, options)
     attrs = dict(group.attrs)
     model = attrs.get("model", {})
     status = group["status"][:]
@@ -479,9 +513,9 @@ def _inspect(args: argparse.Namespace) -> int:
         dims = arr.metadata.dimension_names or ()
         shape = " x ".join(f"{d}={s}" for d, s in zip(dims, arr.shape))
         print(
-            f"  {name:<14} {str(arr.dtype):<8} {shape:<60} {_human(_disk_size(args.store, name)):>10}"
+            f"  {name:<14} {str(arr.dtype):<8} {shape:<60} {_human(_disk_size(args.store, options, name)):>10}"
         )
-    print(f"total      {_human(_disk_size(args.store))}")
+    print(f"total      {_human(_disk_size(args.store, options))}")
     return EXIT_OK
 
 
@@ -508,7 +542,8 @@ def _show(args: argparse.Namespace) -> int:
 
     if args.output.suffix.lower() != ".png":
         raise PipelineError(f"-o {args.output}: show writes a PNG; give a name ending in .png")
-    group = _open_readonly(args.store)
+    options = _store_options(args)
+    group = _open_readonly(args.store, options)
     out = render_image(
         group,
         args.store,
@@ -521,6 +556,7 @@ def _show(args: argparse.Namespace) -> int:
         mask=args.mask,
         map_name=args.map,
         latent=args.latent,
+        storage_options=options,
     )
     from .overlay import save_png
 
@@ -540,7 +576,9 @@ def _stats(args: argparse.Namespace) -> int:
     )
     from .store import open_dataset
 
-    ds = open_dataset(args.store)  # refuses what is not a readable store (store.readable_attrs)
+    options = _store_options(args)
+    # refuses what is not a readable store (store.readable_attrs)
+    ds = open_dataset(args.store, storage_options=options)
     if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
         raise PipelineError(f"--plots {args.plots} is a file; give a folder for the plots")
     if not stat_names(ds):
@@ -554,7 +592,7 @@ def _stats(args: argparse.Namespace) -> int:
             + (" and writing them into the store" if args.write else ""),
             file=sys.stderr,
         )
-        stats = compute_stats_from_attention(args.store, write=args.write)
+        stats = compute_stats_from_attention(args.store, write=args.write, storage_options=options)
         ds = ds.assign({name: stats[name] for name in stats.data_vars})
     table = summarise(ds)
     print(format_table(table))

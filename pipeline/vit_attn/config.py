@@ -320,33 +320,36 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str, flag: str = "--set") -> tuple[list[str], Any]:
     """`a.b=value` with the value read as YAML (so `[1, 2]`, `true`, `3` keep their types)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set inference.batch_size=64")
+        example = "inference.batch_size=64" if flag == "--set" else "endpoint_url=http://host:9000"
+        raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} {example}")
     if not raw.strip():  # an empty path would resolve to the config's own folder
         raise ConfigError(
-            f"--set {item!r}: no value after '='; give one (null unsets an optional key)"
+            f"{flag} {item!r}: no value after '='; give one (null unsets an optional key)"
         )
     try:
         value = load_yaml(raw)
     except DuplicateKeyError as exc:
-        raise ConfigError(f"--set {item!r}: {exc}") from None
+        raise ConfigError(f"{flag} {item!r}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], flag: str = "--set"
+) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for item in overrides:
-        keys, value = parse_override(item)
+        keys, value = parse_override(item, flag)
         node = data
         for k in keys[:-1]:
             child = node.setdefault(k, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {k} is not a section")
+                raise ConfigError(f"{flag} {item!r}: {k} is not a section")
             node = child
         node[keys[-1]] = value
     return data

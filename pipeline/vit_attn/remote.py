@@ -94,7 +94,10 @@ def access_error(url: str, exc: BaseException, what: str = "cannot read") -> str
     name = type(exc).__name__
     text = _short(exc)
     if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower():
-        hint = "no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or storage_options"
+        hint = (
+            "no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+            "or storage_options (in the config; `--storage-option` for inspect/show/stats)"
+        )
     elif isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         hint = f"access denied ({text}); check the credentials and their permissions"
     elif isinstance(exc, FileNotFoundError):

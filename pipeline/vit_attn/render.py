@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def render_image(
     mask: float | None = None,
     map_name: str | None = None,
     latent: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """One layer's map of one image over the model input: a head, a fusion, or a grid of all.
 
@@ -93,6 +95,7 @@ def render_image(
     with several latent queries `latent` picks one (default: their mean). `normalize` picks
     the colour scale (NORMALIZE_MODES); `mask`, a mass fraction t, draws the outline of each
     shown map's `maps.mass_threshold_mask(map, t)` (computed on the raw map).
+    `storage_options` reach a store on object storage (`dataset` reads the whole store).
     """
     if normalize not in NORMALIZE_MODES:
         raise PipelineError(f"--normalize {normalize!r}: give one of {', '.join(NORMALIZE_MODES)}")
@@ -138,7 +141,7 @@ def render_image(
         )  # [heads, gh, gw]
     base = model_input_image(group, i)
     # [heads] top of the colour scale, or None
-    top = _scale_tops(store_path, maps, li, normalize, name, latent)
+    top = _scale_tops(store_path, maps, li, normalize, name, latent, storage_options)
     mode = "per_map" if top is None else "none"
     if head == "grid":
         shown = maps if top is None else maps / top[:, None, None]
@@ -210,6 +213,7 @@ def _scale_tops(
     normalize: str,
     map_name: str = "cls_attention",
     latent: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> np.ndarray | None:
     """Per head, the value drawn in the colormap's top colour (the bottom is 0); None for per_map."""
     if normalize == "per_map":
@@ -220,7 +224,8 @@ def _scale_tops(
         from .analysis import dataset_scale
         from .store import open_dataset
 
-        top = dataset_scale(open_dataset(store_path), layer_index, map_name=map_name, latent=latent)
+        ds = open_dataset(store_path, storage_options=storage_options)
+        top = dataset_scale(ds, layer_index, map_name=map_name, latent=latent)
     return np.maximum(top, np.finfo(np.float32).tiny)
 
 
