@@ -36,6 +36,7 @@ from vit_attn import open_store
 from vit_attn.cli import main as cli_main
 from vit_attn.demo import main as demo_main
 from vit_attn.errors import StoreError
+from vit_attn.render import model_input_image
 from vit_attn.store import FORMAT
 from vit_attn.view import data as view_data
 from vit_attn.view import make_server
@@ -51,10 +52,8 @@ N_IMAGES = 12
 # --------------------------------------------------------------------------- stores
 
 
-@pytest.fixture(scope="module")
-def demo_store(tmp_path_factory, export_cache) -> Path:
+def run_demo(out: Path, export_cache: Path) -> Path:
     """The demo run with full attention, in-process, plus one file that is not an image."""
-    out = tmp_path_factory.mktemp("view-demo")
     (out / "shapes" / "images").mkdir(parents=True)
     (out / "shapes" / "images" / "zz_broken.png").write_bytes(b"not an image")
     mp = pytest.MonkeyPatch()
@@ -83,6 +82,11 @@ def demo_store(tmp_path_factory, export_cache) -> Path:
     assert rc == 0
     (out / "demo_stderr.txt").write_text(said.getvalue())
     return out / "demo.zarr"
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory, export_cache) -> Path:
+    return run_demo(tmp_path_factory.mktemp("view-demo"), export_cache)
 
 
 def handmade_store(path: Path, array: str, pool_heads: int = 0) -> Path:
@@ -632,6 +636,59 @@ def test_every_route_answers_409_once_the_store_is_replaced(demo_store, tmp_path
         for r in routes:  # and from then on, every route
             code, body, _ = get(srv.url + r)
             assert code == 409 and "restart vit-attn view" in json.loads(body)["error"], r
+
+
+def rerun_config(store: Path, export_cache: Path) -> Path:
+    """The config the store was made with, pointed at its copy (images and store)."""
+    g = zarr.open_group(str(store), mode="r")
+    cfg = json.loads(json.dumps(g.attrs["config"]))
+    cfg["data"]["source"] = g.attrs["image_root"]
+    cfg["output"].update(store=str(store), png_dir=None, overwrite=False)
+    cfg["inference"]["cache_dir"] = str(export_cache)
+    cfg["cluster"]["kind"] = "none"
+    path = store.parent / "again.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_the_viewer_forgets_what_a_resume_redid(tmp_path, export_cache):
+    # After `run --redo-changed` under a running viewer, the overlay was the new map over the
+    # old decoded input, thumbnails and the statistics summary stayed those of the old
+    # images: the status array reads the same before and after, so nothing was dropped.
+    store = run_demo(tmp_path, export_cache)
+    g = zarr.open_group(str(store), mode="r")
+    status = np.asarray(g["status"][:])
+    ok = int(np.flatnonzero(status == 1)[0])
+    source = Path(g.attrs["image_root"]) / str(g["image_path"][ok])
+    with serving(store) as srv:
+        srv.data._next_status_check = float("inf")  # only a changed store may trigger a read
+        old_input = get(f"{srv.url}api/input/{ok}.png")[1]
+        old_thumb = get(f"{srv.url}api/thumbs?ids={ok}")[1]
+        old_summary = json.loads(get(f"{srv.url}api/summary")[1])
+        picture = np.zeros((48, 64, 3), np.uint8)
+        picture[:, :32] = (255, 255, 255)  # another picture, unlike the demo's shapes
+        Image.fromarray(picture).save(source, format="PNG")
+        rc = cli_main(["run", str(rerun_config(store, export_cache)), "--redo-changed"])
+        assert rc == 0
+        srv.data._next_status_check = 0.0  # the periodic check comes round
+        new = zarr.open_group(str(store), mode="r")
+        np.testing.assert_array_equal(np.asarray(new["status"][:]), status)  # no clue there
+        code, body, _ = get(f"{srv.url}api/input/{ok}.png")
+        assert code == 200 and body != old_input
+        got = np.asarray(Image.open(io.BytesIO(body)))
+        np.testing.assert_array_equal(got, model_input_image(new, ok))
+        code, thumb, _ = get(f"{srv.url}api/thumbs?ids={ok}")
+        assert code == 200 and thumb != old_thumb
+        summary = json.loads(get(f"{srv.url}api/summary")[1])
+        assert summary != old_summary  # one image's statistics changed
+        code, body, _ = get(f"{srv.url}api/overlay/{ok}.png?head=mean")
+        drawn = np.asarray(Image.open(io.BytesIO(body)))
+        stored = np.asarray(new["overlay"][ok])
+        assert np.abs(drawn.astype(int) - stored.astype(int)).max() <= 1
+        shutil.rmtree(store)  # a deleted store is not said to be "replaced"
+        srv.data._next_status_check = 0.0
+        code, body, _ = get(f"{srv.url}api/counts")
+        assert code == 409 and "moved, deleted or damaged" in json.loads(body)["error"]
 
 
 def test_show_says_when_the_input_image_is_gone_and_draws_on_grey(demo_store, tmp_path, caplog):

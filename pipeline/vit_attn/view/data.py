@@ -110,39 +110,47 @@ class StoreData:
 
     def __init__(self, store: str | Path) -> None:
         self.path = str(store)
-        self.group = open_group(store)
-        self.attrs: dict[str, Any] = dict(self.group.attrs)
-        self.model: dict[str, Any] = dict(self.attrs.get("model", {}))
-        self._arrays: dict[str, zarr.Array] = {
-            name: arr for name, arr in self.group.arrays() if isinstance(arr, zarr.Array)
-        }
-        if "status" not in self._arrays or "image_path" not in self._arrays:
-            raise StoreError(f"{self.path} lacks `status` / `image_path`; is it a complete store?")
-        self.n_images = int(self._arrays["status"].shape[0])
-        self.layers: list[int] = (
-            np.asarray(self._arrays["layer"][:]).tolist() if "layer" in self._arrays else []
-        )
-        self.heads: list[int] = (
-            np.asarray(self._arrays["head"][:]).tolist() if "head" in self._arrays else []
-        )
-        self.num_prefix = int(self.model.get("num_prefix_tokens", 0))
-        grid = self.model.get("grid")
-        self.sources = self._find_sources()
-        if grid is None and self.sources:
-            grid = list(self._arrays[self.sources[0].name].shape[-2:])
-        self.grid: tuple[int, int] = (int(grid[0]), int(grid[1])) if grid else (0, 0)
-        self.stats = [s for s in STAT_NAMES if s in self._arrays] + sorted(
-            name
-            for name, arr in self._arrays.items()
-            if name not in STAT_NAMES and _dims(arr) == ("image", "layer", "head")
-        )
-        self.has_full = FULL_ATTENTION in self._arrays
         self._lock = threading.Lock()
         self._columns: dict[str, np.ndarray] = {}
         self._orders: OrderedDict[ListQuery, np.ndarray] = OrderedDict()
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        # Bumped whenever what was read may be stale (status or root attributes changed):
+        # the pictures' and the summary's caches compare it (`Pictures`, `ViewServer`).
+        self.generation = 0
+        self._load(open_group(store))
         self._next_status_check = time.monotonic() + STATUS_RECHECK_SECONDS
         self._replaced: str | None = None  # why the store on disk is no longer this one
+
+    def _load(self, group: zarr.Group) -> None:
+        """The layout, from the store's metadata: at start, and again when a resume or
+        `vit-attn stats --write` changed it (a run id, statistics arrays added or dropped)."""
+        arrays: dict[str, zarr.Array] = {
+            name: arr for name, arr in group.arrays() if isinstance(arr, zarr.Array)
+        }
+        if "status" not in arrays or "image_path" not in arrays:
+            raise StoreError(f"{self.path} lacks `status` / `image_path`; is it a complete store?")
+        self.group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.model: dict[str, Any] = dict(self.attrs.get("model", {}))
+        self._arrays = arrays
+        self.n_images = int(arrays["status"].shape[0])
+        self.layers: list[int] = (
+            np.asarray(arrays["layer"][:]).tolist() if "layer" in arrays else []
+        )
+        self.heads: list[int] = np.asarray(arrays["head"][:]).tolist() if "head" in arrays else []
+        self.num_prefix = int(self.model.get("num_prefix_tokens", 0))
+        grid = self.model.get("grid")
+        self.sources = self._find_sources()
+        if grid is None and self.sources:
+            grid = list(arrays[self.sources[0].name].shape[-2:])
+        self.grid: tuple[int, int] = (int(grid[0]), int(grid[1])) if grid else (0, 0)
+        self.stats = [s for s in STAT_NAMES if s in arrays] + sorted(
+            name
+            for name, arr in arrays.items()
+            if name not in STAT_NAMES and _dims(arr) == ("image", "layer", "head")
+        )
+        self.has_full = FULL_ATTENTION in arrays
+        self.__dict__.pop("_meta", None)  # functools.cached_property's slot
 
     # ------------------------------------------------------------------ layout
 
@@ -264,18 +272,38 @@ class StoreData:
             cached = self._columns.get("status")
         started = time.monotonic()
         try:
-            self._check_same_store()  # also when nothing is cached yet: meta is
+            attrs = self._check_same_store()  # also when nothing is cached yet: meta is
             fresh = None if cached is None else np.asarray(self._arrays["status"][:])
         finally:
             took = time.monotonic() - started
             with self._lock:
                 self._next_status_check = time.monotonic() + max(STATUS_RECHECK_SECONDS, 20 * took)
+        if attrs != self.attrs:
+            # A resume started (a new run id: it may redo images whose files changed, and
+            # keep the same status) or statistics were written: read the layout again.
+            self._reload()
+            return
         with self._lock:
             if fresh is not None and cached is not None and not np.array_equal(fresh, cached):
-                self._columns.clear()
-                self._orders.clear()
-                self._chunks.clear()
+                self._forget()
                 self._columns["status"] = fresh
+
+    def _forget(self) -> None:
+        """Drop everything read from the store (caller holds the lock)."""
+        self._columns.clear()
+        self._orders.clear()
+        self._chunks.clear()
+        self.generation += 1
+
+    def _reload(self) -> None:
+        try:
+            group = open_group(self.path)
+        except StoreError as exc:
+            self._replaced = f"{exc}; restart vit-attn view once the store is back"
+            raise ViewError(self._replaced, 409) from None
+        with self._lock:
+            self._load(group)
+            self._forget()
 
     def ensure_current(self, force: bool = False) -> None:
         """Every answer starts here: once the store is known to be replaced, every route says so
@@ -285,19 +313,25 @@ class StoreData:
             self._check_same_store()
         self._refresh()
 
-    def _check_same_store(self) -> None:
+    def _check_same_store(self) -> dict[str, Any]:
         """`vit-attn run --overwrite` may have replaced the store (other images, other arrays):
-        then every answer from the old one's metadata would be wrong; say so instead."""
+        then every answer from the old one's metadata would be wrong; say so instead.
+        Returns the root attributes as they are now."""
         try:
-            fingerprint = readable_attrs(self.path).get("fingerprint")
+            attrs = readable_attrs(self.path)
         except StoreError as exc:
-            fingerprint = f"unreadable: {exc}"
-        if fingerprint != self.attrs.get("fingerprint"):
+            self._replaced = (
+                f"{self.path} cannot be read any more ({exc}); it was moved, deleted or "
+                "damaged since the viewer opened it: restart vit-attn view once it is back"
+            )
+            raise ViewError(self._replaced, 409) from None
+        if attrs.get("fingerprint") != self.attrs.get("fingerprint"):
             self._replaced = (
                 f"{self.path} was replaced since the viewer opened it (vit-attn run "
                 "--overwrite?); restart vit-attn view to see the new store"
             )
             raise ViewError(self._replaced, 409)
+        return attrs
 
     def _column(self, key: str, load: Callable[[], np.ndarray]) -> np.ndarray:
         self._refresh()

@@ -64,13 +64,24 @@ class Pictures:
         self._inputs: OrderedDict[int, np.ndarray] = OrderedDict()
         self._thumbs: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._decoding: dict[int, threading.Lock] = {}
+        self._generation = data.generation
+
+    def _drop_if_stale(self) -> None:
+        """The store changed since these were drawn (an image redone from a changed file, a
+        status that moved): forget them (caller holds the lock)."""
+        if self._generation != self.data.generation:
+            self._inputs.clear()
+            self._thumbs.clear()
+            self._generation = self.data.generation
 
     def model_input(self, image: int) -> np.ndarray:
         """The image the model saw (re-decoded from the source; grey if the file is gone).
 
         Decoded once per image even when the image and overlay requests arrive together.
         """
+        self.data.ensure_current()
         with self._lock:
+            self._drop_if_stale()
             if image in self._inputs:
                 self._inputs.move_to_end(image)
                 return self._inputs[image]
@@ -139,7 +150,9 @@ class Pictures:
         th, tw = thumb_size(input_hw, box)
         out = np.zeros((len(ids), th, tw, 3), np.uint8)
         todo = []
+        self.data.ensure_current()
         with self._lock:
+            self._drop_if_stale()
             for k, i in enumerate(ids.tolist()):
                 hit = self._thumbs.get((i, box))
                 if hit is None:

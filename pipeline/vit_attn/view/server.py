@@ -79,7 +79,7 @@ class ViewServer(ThreadingHTTPServer):
         data.warm()
         self.pictures = Pictures(data)
         self.assets = load_assets()
-        self._summary: dict[str, Any] | None = None
+        self._summary: tuple[int, dict[str, Any]] | None = None  # (data.generation, summary)
         self._summary_lock = threading.Lock()
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -103,11 +103,14 @@ class ViewServer(ThreadingHTTPServer):
         self.allowed_hosts = {f"{h}:{bound_port}" for h in names}
 
     def summary(self) -> dict[str, Any]:
-        """Per (stat, layer, head): mean and percentiles over ok images (`analysis.summarise`)."""
+        """Per (stat, layer, head): mean and percentiles over ok images (`analysis.summarise`);
+        computed again once the store has changed (a run still writing it, a resume)."""
+        self.data.ensure_current()
         with self._summary_lock:
-            if self._summary is None:
-                self._summary = _summary(self.data)
-            return self._summary
+            generation = self.data.generation
+            if self._summary is None or self._summary[0] != generation:
+                self._summary = (generation, _summary(self.data))
+            return self._summary[1]
 
 
 def _summary(data: StoreData) -> dict[str, Any]:
