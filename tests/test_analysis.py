@@ -188,6 +188,13 @@ def test_a_listed_path_of_digits_is_that_image_and_an_int_an_index():
     assert find_image(8, "-1", lambda: ids) == 7  # not a listed name: an index
     with pytest.raises(ImageSelectionError, match="out of range"):
         find_image(8, "9", lambda: ids)
+    # Paths match as given: " b.png" (listed, a leading space) was taken for "b.png".
+    names = np.array(["b.png", " b.png", "c.png"])
+    assert find_image(3, " b.png", lambda: names) == 1
+    assert find_image(3, "b.png", lambda: names) == 0
+    assert find_image(3, " 2 ", lambda: names) == 2  # a number with spaces is still an index
+    with pytest.raises(ImageSelectionError, match="not in the store"):
+        find_image(3, "c.png ", lambda: names)
 
 
 def test_dataset_scale_is_a_percentile_of_map_peaks(store):

@@ -1037,8 +1037,9 @@ def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray])
 
     An int is always an index. A string is the image listed under exactly that path if there
     is one (a Parquet `id_column` of numbers lists images as "7", "3", ...), else, if it is
-    a whole number, an index. `paths` loads the `image_path` array only when a string must
-    be looked up. Every reader (the API, `vit-attn show`, the viewer) selects images through
+    a whole number, an index. A path is matched exactly, spaces included. `paths` loads the
+    `image_path` array only when a string must be looked up. Every reader (the API,
+    `vit-attn show`, the viewer) selects images through
     this one rule.
     """
     if isinstance(image, bool):
@@ -1046,11 +1047,11 @@ def find_image(n_images: int, image: str | int, paths: Callable[[], np.ndarray])
     if isinstance(image, (int, np.integer)):
         i = int(image)
     else:
-        text = str(image).strip()
+        text = str(image)  # as given: " b.png" and "b.png" may both be listed
         hits = np.flatnonzero(np.asarray(paths()) == text)
         if hits.size:
             return int(hits[0])
-        number = parse_int(text)
+        number = parse_int(text.strip())
         if number is None:
             raise ImageSelectionError(
                 f"image {text!r} is not in the store; give an index or a path as "
