@@ -555,6 +555,26 @@ def test_show_refuses_layers_and_heads_the_model_does_not_have(demo_store, tmp_p
     assert rc == 0 and Path(out).exists()
 
 
+@pytest.mark.parametrize("normalize", ["dataset", "per_image", "per_map"])
+def test_the_grids_mean_tile_is_the_mean_picture(demo_store, tmp_path, normalize):
+    # With --normalize dataset the grid's mean tile averaged the heads after scaling each by
+    # its own scale, while --head mean scales the mean map by the mean scale (up to 61 levels).
+    from vit_attn.render import GRID_BORDER
+
+    ok = int(np.flatnonzero(np.asarray(zarr.open_group(str(demo_store))["status"][:]) == 1)[0])
+    pictures = {}
+    for head in ("grid", "mean"):
+        out = tmp_path / f"{head}.png"
+        args = ["--image", str(ok), "--head", head, "--normalize", normalize, "-o", str(out)]
+        assert show(demo_store, *args)[0] == 0
+        pictures[head] = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    mean = pictures["mean"]
+    h, w = mean.shape[:2]
+    tile = pictures["grid"][GRID_BORDER : GRID_BORDER + h, GRID_BORDER : GRID_BORDER + w]
+    below_label = slice(h // 2, h)
+    assert np.abs(tile[below_label] - mean[below_label]).max() <= 1
+
+
 def test_prefix_tokens_are_named_by_the_stores_roles(demo_store, tmp_path):
     assert StoreData(demo_store).token_names() == ["CLS"]
     store = tmp_path / "roles.zarr"

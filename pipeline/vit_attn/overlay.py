@@ -197,11 +197,14 @@ def head_grid(
     *,
     border: int = 2,
     normalize: str = "per_map",
+    mean: np.ndarray | None = None,
 ) -> np.ndarray:
     """One image with each head's map overlaid, tiled: first the head mean, then h0, h1, ...
 
     For looking at what each head does side by side; tiles are separated (and framed) by a
     `border`-pixel white line and labelled "mean", "h0", ... with Pillow's default font.
+    `mean` is the first tile's map when the caller scaled each head by its own scale: the
+    mean of scaled maps is not the mean map on the mean scale.
     """
     image_u8 = np.asarray(image_u8)
     if image_u8.dtype != np.uint8 or image_u8.ndim != 3 or image_u8.shape[-1] != 3:
@@ -209,7 +212,8 @@ def head_grid(
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3:
         raise ValueError(f"maps must be [num_heads, gh, gw], got shape {maps.shape}")
-    tiles_maps = np.concatenate([maps.mean(axis=0, keepdims=True), maps], axis=0)
+    first = maps.mean(axis=0) if mean is None else np.asarray(mean, dtype=np.float32)
+    tiles_maps = np.concatenate([first[None], maps], axis=0)
     n = tiles_maps.shape[0]
     tiles = blend(
         np.broadcast_to(image_u8, (n, *image_u8.shape)), tiles_maps, alpha, cmap, normalize

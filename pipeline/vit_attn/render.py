@@ -145,9 +145,18 @@ def render_image(
     mode = "per_map" if top is None else "none"
     if head == "grid":
         shown = maps if top is None else maps / top[:, None, None]
+        # the mean tile as --head mean draws it: the mean map over the mean of the scales
+        mean = None if top is None else maps.mean(axis=0) / top.mean()
         ncols = math.ceil(math.sqrt(maps.shape[0] + 1))  # head_grid's own default, made explicit
         out = head_grid(
-            base, shown, alpha=alpha, cmap=cmap, ncols=ncols, border=GRID_BORDER, normalize=mode
+            base,
+            shown,
+            alpha=alpha,
+            cmap=cmap,
+            ncols=ncols,
+            border=GRID_BORDER,
+            normalize=mode,
+            mean=mean,
         )
         if mask is not None:
             masks = mass_threshold_mask(
