@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vit_attn.export import AttentionGraph, export_onnx
+from vit_attn.maps import mass_threshold_mask
 from vit_attn.runtime import OrtRunner, RuntimeOptions, TorchRunner
 from vit_attn.specs import OutputSpec
 from vit_attn.stats import STAT_NAMES, attention_stats, graph_stats, max_distance
@@ -90,6 +91,23 @@ def test_concentration_known_answers():
     assert s["concentration_60"] == pytest.approx(2 / N)  # 0.4 + 0.25 >= 0.6
     assert s["cls_self"] == 0.5 and s["cls_max"] == pytest.approx(0.2)
     assert s["cls_entropy"] == pytest.approx(-sum(v * math.log(v) for v in cls[cls > 0]))
+
+
+@pytest.mark.parametrize("grid", [(2, 5), (4, 5), (5, 5), (20, 20), (6, 10), (37, 37)])
+def test_uniform_concentration_is_ceil_of_60_percent_in_numpy_and_in_the_graph(grid):
+    # Where 0.6 N is a whole number the sum of the first 0.6 N shares rounds either side of
+    # 0.6: numpy said 0.65 on 4 x 5 and the graph 0.7 on 2 x 5, for ceil(0.6 N) / N = 0.6.
+    n = grid[0] * grid[1]
+    t = 1 + n
+    a = np.full((1, 1, t, t), 1.0 / t)
+    expected = math.ceil(round(0.6 * n, 9)) / n
+    numpy_value = attention_stats(a[0, 0], 1, grid, (16, 16))["concentration_60"]
+    assert float(numpy_value) == pytest.approx(expected, abs=1e-12)
+    for dtype in (torch.float32, torch.float64):
+        got = graph_stats(torch.tensor(a, dtype=dtype), 1, grid, (16, 16))["concentration_60"]
+        assert float(got) == pytest.approx(expected, abs=1e-6), dtype
+    mask = mass_threshold_mask(np.full(grid, 1.0 / n), 0.6)
+    assert mask.all()  # ties at the cut are kept whole
 
 
 def random_attention(

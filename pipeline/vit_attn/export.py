@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "pixel_values"
 PRECISIONS = ("fp32", "mixed")
-EXPORT_FORMAT_VERSION = 4  # bump when the wrapper's graph changes for the same spec
+EXPORT_FORMAT_VERSION = 5  # bump when the wrapper's graph changes for the same spec
 
 
 class PixelNormalize(nn.Module):

@@ -30,11 +30,17 @@ def fuse_heads(maps: np.ndarray, mode: str = "mean", axis: int = -3) -> np.ndarr
     return getattr(np, mode)(np.asarray(maps), axis=axis)
 
 
+# A cumulative mass within this of the threshold has reached it: with 0.6 N patches of a
+# uniform map (an integer), float rounding put the sum either side of 0.6, one patch more or
+# less, and float32 (the graph) and float64 (numpy) disagreed.
+MASS_TOLERANCE = 1e-4
+
+
 def mass_threshold_mask(maps: np.ndarray, t: float = 0.6) -> np.ndarray:
     """DINO's mask: per map, the smallest set of patches holding a fraction `t` of its mass.
 
     Each map ``[..., gh, gw]`` is normalised to sum 1; its values are taken largest first
-    until their sum reaches `t`. Patches equal to the last value taken are all kept (ties are
+    until their sum reaches `t` (within `MASS_TOLERANCE`). Patches equal to the last value taken are all kept (ties are
     never split by index order), so a uniform map keeps every patch. A map with no mass
     keeps none.
 
@@ -55,7 +61,8 @@ def mass_threshold_mask(maps: np.ndarray, t: float = 0.6) -> np.ndarray:
     q = flat / np.where(total > 0, total, 1.0)
     ordered = -np.sort(-q, axis=-1)
     before = np.cumsum(ordered, axis=-1) - ordered
-    count = (before < t).sum(-1, keepdims=True)  # >= 1: nothing comes before the largest
+    # >= 1: nothing comes before the largest
+    count = (before < t - MASS_TOLERANCE).sum(-1, keepdims=True)
     cutoff = np.take_along_axis(ordered, count - 1, axis=-1)
     mask = (q >= cutoff) & (q > 0)
     return mask.reshape(maps.shape)

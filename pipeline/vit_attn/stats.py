@@ -25,7 +25,9 @@ Definitions (A is one head's attention, rows are queries, P the patch tokens, N 
 - ``cls_self``: ``A[cls, cls]``.
 - ``patch_self``: the diagonal ``A[i, i]`` averaged over patch tokens.
 - ``concentration_60``: the smallest fraction of patches whose share of the CLS row's patch
-  mass reaches 0.6 (the patches of `maps.mass_threshold_mask` at t = 0.6, divided by N).
+  mass reaches 0.6 (the patches of `maps.mass_threshold_mask` at t = 0.6, divided by N; a
+  mass within `maps.MASS_TOLERANCE` = 1e-4 of 0.6 has reached it, so float32 and float64
+  agree where 0.6 N is a whole number).
 - ``cls_max``: the largest raw ``A[cls, P]`` value (not renormalised): the peak of the stored
   CLS map, whose dataset-wide percentiles give `vit-attn show --normalize dataset` its scale.
 
@@ -33,8 +35,9 @@ Models without a class token (average- or attention-pooled, `roles`) get only th
 that do not read a CLS row: ``attention_distance``, ``prefix_mass`` and ``patch_self``
 (`stat_names_for`); their prefix tokens, if any, are registers.
 
-Degenerate rows (no patch mass at all, e.g. the zero rows of a failed image) give 0 for the
-renormalised statistics, except ``concentration_60``, which is 1 (no subset reaches 60%).
+Degenerate rows (no patch mass at all, e.g. a head that puts everything on prefix tokens)
+give 0 for the renormalised statistics, except ``concentration_60``, which is 1 (no subset
+reaches 60%). Images that are not ok are not computed: they hold 0, as in every array.
 
 torch is imported only inside the torch function, so workers that merely read the names
 (`specs.OutputSpec`, `task`) do not import it. The export cache keys graphs by their
@@ -47,6 +50,8 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .maps import MASS_TOLERANCE
 
 if TYPE_CHECKING:
     import torch
@@ -158,7 +163,7 @@ def attention_stats(
 
     ordered = -np.sort(-q, axis=-1)
     before = np.cumsum(ordered, axis=-1) - ordered  # mass of the larger entries before each
-    concentration = (before < CONCENTRATION_MASS).sum(-1) / n
+    concentration = (before < CONCENTRATION_MASS - MASS_TOLERANCE).sum(-1) / n
     return {
         "cls_entropy": entropy,
         "attention_distance": patch_stats["attention_distance"],
@@ -220,7 +225,8 @@ def graph_stats(
     entropy = -(q * torch.log(torch.maximum(q, tiny))).sum(-1)
     ordered, _ = torch.sort(q, dim=-1, descending=True)
     before = torch.cumsum(ordered, dim=-1) - ordered
-    concentration = (before < CONCENTRATION_MASS).to(attention.dtype).sum(-1) / n
+    reached = before < CONCENTRATION_MASS - MASS_TOLERANCE
+    concentration = reached.to(attention.dtype).sum(-1) / n
     return {
         "cls_entropy": entropy,
         "attention_distance": patch_stats["attention_distance"],
