@@ -480,6 +480,90 @@ def test_int8_checkpoint_is_refused(tmp_path, data, capsys):
     assert "qkv.weight is int8" in line and "float32" in line, line
 
 
+def tiny_state(**kwargs) -> dict:
+    from vit_attn.model import ModelSource, load_model
+
+    loaded = load_model(
+        ModelSource(TINY["name"], img_size=(32, 32), kwargs={**TINY["kwargs"], **kwargs})  # type: ignore[arg-type]
+    )
+    return dict(loaded.model.state_dict())
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_before_any_work(tmp_path, data, capsys):
+    # It ran to "6 ok" with every map, probability and statistic NaN.
+    from safetensors.torch import save_file
+
+    state = tiny_state()
+    state["blocks.0.attn.qkv.weight"][3, 5] = float("nan")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    config = write_config(tmp_path, data, model={"checkpoint": str(tmp_path / "w.safetensors")})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "1 values that are NaN or infinite" in line and "blocks.0.attn.qkv.weight" in line
+    assert not (tmp_path / "out" / "run.zarr").exists()
+
+
+def scaled_config(tmp_path: Path, data: Path, scales: dict, precision: str) -> Path:
+    """A depth-2 model with some weights multiplied (name -> factor)."""
+    from safetensors.torch import save_file
+
+    state = tiny_state(depth=2)
+    for name, factor in scales.items():
+        state[name] *= factor
+    save_file(state, str(tmp_path / "w.safetensors"))
+    model = {**TINY, "kwargs": {**TINY["kwargs"], "depth": 2}}
+    model["checkpoint"] = str(tmp_path / "w.safetensors")
+    inference = {"backend": "onnxruntime", "precision": precision, "batch_size": 4, "threads": 1}
+    return write_config(tmp_path, data, model=model, inference=inference)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_images_whose_outputs_overflow_fail_instead_of_storing_nan(tmp_path, data, backend):
+    # Finite weights whose q k^T overflows float32: every map was NaN under status 1.
+    qkv = tiny_state(depth=2)["blocks.1.attn.qkv.weight"]
+    scales = {"blocks.1.attn.qkv.weight": 1e20 / float(qkv.abs().max())}
+    config = scaled_config(tmp_path, data, scales, "fp32")
+    assert run(config, "--set", f"inference.backend={backend}") == 0  # failures are results
+    g = zarr.open_group(str(tmp_path / "out" / "run.zarr"), mode="r")
+    assert (np.asarray(g["status"][:]) == 2).all()
+    errors = np.asarray(g["error"][:]).tolist()
+    assert all("not finite (NaN or inf)" in e and "check the model's weights" in e for e in errors)
+    assert not np.isnan(np.asarray(g["cls_attention"][:], np.float32)).any()
+    # Moderately sharp weights are fine: every image is ok.
+    scales = {"blocks.1.attn.qkv.weight": 1000 / float(qkv.abs().max())}
+    config = scaled_config(tmp_path, data, scales, "fp32")
+    assert run(config, "--overwrite", "--set", f"inference.backend={backend}") == 0
+    assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
+
+
+def test_weights_beyond_float16_are_refused_for_mixed_precision(tmp_path, data, capsys):
+    fc2 = tiny_state(depth=2)["blocks.0.mlp.fc2.weight"]
+    scales = {"blocks.0.mlp.fc2.weight": 1e5 / float(fc2.abs().max())}
+    assert run(scaled_config(tmp_path, data, scales, "mixed")) == 2
+    line = one_error_line(capsys)
+    assert "beyond float16's range" in line and "use precision: fp32" in line, line
+
+
+def test_only_the_images_with_non_finite_outputs_fail():
+    from types import SimpleNamespace
+
+    from vit_attn.task import _drop_non_finite
+
+    ok = np.array([True, False, True, True, True])
+    att = np.ones((4, 2, 3), np.float32)
+    att[1, 0, 2] = np.nan  # the second ok image: index 2
+    att[3, 1, 1] = np.inf  # the fourth: index 4
+    top = np.arange(4 * 5).reshape(4, 5)
+    result = SimpleNamespace(error=["", "decode failed", "", "", ""])
+    out = _drop_non_finite(result, {"cls_attention": att, "topk_index": top}, ok, "fp32")  # type: ignore[arg-type]
+    assert ok.tolist() == [True, False, False, True, False]
+    np.testing.assert_array_equal(out["topk_index"], top[[0, 2]])
+    assert out["cls_attention"].shape == (2, 2, 3)
+    assert result.error[1] == "decode failed"
+    assert "not finite" in result.error[2] and "check the model's weights" in result.error[4]
+    assert result.error[0] == result.error[3] == ""
+
+
 def test_overwrite_through_a_symlinked_store_path(tmp_path, data):
     real = tmp_path / "real" / "run.zarr"
     config = write_config(tmp_path, data, output={"store": str(real)})

@@ -332,6 +332,23 @@ def _create(source: ModelSource) -> nn.Module:
         ) from None
 
 
+def _check_finite(model: nn.Module, weights: str) -> None:
+    """NaN or inf in the weights make NaN attention for every image: refuse them up front."""
+    bad = {
+        name: int((~torch.isfinite(t)).sum())
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    }
+    if bad:
+        first = next(iter(bad))
+        where = weights.split(":", 1)[0]
+        raise ModelError(
+            f"the model's {where} weights hold {sum(bad.values()):,} values that are NaN or "
+            f"infinite ({len(bad)} tensors, first {first}): every map would be NaN; use "
+            "an intact checkpoint"
+        )
+
+
 def load_model(source: ModelSource) -> LoadedModel:
     """Build the model in eval mode with explicit (capturable) attention and load its weights."""
     if source.pretrained:
@@ -346,6 +363,7 @@ def load_model(source: ModelSource) -> LoadedModel:
             weights = f"checkpoint:{file_sha256(Path(source.checkpoint))}"
         else:
             weights = f"random:{source.seed}"
+    _check_finite(model, weights)
     _disable_fused_attention(model)
     model.eval()
     layout = token_layout(model)

@@ -16,6 +16,20 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ExportError
 
+HALF_MAX = float(np.finfo(np.float16).max)
+
+
+def _to_half(name: str, values: np.ndarray) -> np.ndarray:
+    """A weight in float16; one beyond its range would be inf and every map NaN: refused."""
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    if peak > HALF_MAX:
+        raise ExportError(
+            f"precision: mixed: weight {name} reaches {peak:.3g}, beyond float16's range "
+            f"({HALF_MAX:.0f}); use precision: fp32 for this model"
+        )
+    return values.astype(np.float16)
+
+
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
 # Softmax and layer norms stay fp32: their reductions lose the most in fp16, and the
@@ -71,7 +85,7 @@ def to_mixed(
             tag = "fp16" if want == HALF else "fp32"
             new = f"{name}__{tag}"
             if name in inits and want == HALF:
-                arr = numpy_helper.to_array(inits[name]).astype(np.float16)
+                arr = _to_half(name, numpy_helper.to_array(inits[name]))
                 new_inits.append(numpy_helper.from_array(arr, new))
             else:
                 new_nodes.append(

@@ -195,10 +195,12 @@ def _run_batch(plan: RunPlan, task: BatchTask) -> BatchSummary:
             clock.lap("wait")
             outputs = _infer(runner, batch if pixels is None else pixels[ok], plan.infer_batch)
             clock.lap("infer")
-        _fill(result, outputs, ok)
-        _add_overlays(plan, result, images, ok, outputs)
+        outputs = _drop_non_finite(result, outputs, ok, plan.precision)
+        if ok.any():
+            _fill(result, outputs, ok)
+            _add_overlays(plan, result, images, ok, outputs)
+            result.status[ok] = STATUS_OK
         clock.lap("maps")
-        result.status[ok] = STATUS_OK
     try:
         if plan.png_dir and ok.any():
             # Before the store write, whose status comes last: status 1 means the PNGs are there.
@@ -227,6 +229,29 @@ def _infer(runner: Runner, batch: Any, size: int) -> dict[str, np.ndarray]:
         return run(batch)
     parts = [run(batch[i : i + size]) for i in range(0, len(batch), size)]
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _drop_non_finite(
+    result: BatchResult, outputs: dict[str, np.ndarray], ok: np.ndarray, precision: str
+) -> dict[str, np.ndarray]:
+    """Images whose outputs hold NaN or inf fail with the reason (never status 1 over NaN
+    maps): `ok` loses them, and the outputs, one row per ok image, drop their rows."""
+    rows = int(ok.sum())
+    finite = np.ones(rows, bool)
+    for value in outputs.values():
+        if value.dtype.kind == "f" and len(value) == rows:
+            finite &= np.isfinite(value.reshape(rows, -1)).all(axis=1)
+    if finite.all():
+        return outputs
+    hint = (
+        "a value beyond float16's range under precision: mixed; try precision: fp32"
+        if precision == "mixed"
+        else "check the model's weights"
+    )
+    for i in np.flatnonzero(ok)[~finite]:
+        result.error[i] = f"the model's output for this image is not finite (NaN or inf): {hint}"
+    ok[np.flatnonzero(ok)[~finite]] = False
+    return {name: value[finite] if len(value) == rows else value for name, value in outputs.items()}
 
 
 def _fill(result: BatchResult, outputs: dict[str, np.ndarray], ok: np.ndarray) -> None:
