@@ -564,6 +564,14 @@ def test_only_the_images_with_non_finite_outputs_fail():
     assert result.error[0] == result.error[3] == ""
 
 
+def test_models_of_other_than_three_channels_are_refused_in_one_line(tmp_path, data, capsys):
+    config = write_config(
+        tmp_path, data, model={**TINY, "kwargs": {**TINY["kwargs"], "in_chans": 1}}
+    )
+    assert run(config) == 2
+    assert "in_chans 1: vit-attn feeds the model RGB images" in one_error_line(capsys)
+
+
 def test_overwrite_through_a_symlinked_store_path(tmp_path, data):
     real = tmp_path / "real" / "run.zarr"
     config = write_config(tmp_path, data, output={"store": str(real)})

@@ -351,6 +351,12 @@ def _check_finite(model: nn.Module, weights: str) -> None:
 
 def load_model(source: ModelSource) -> LoadedModel:
     """Build the model in eval mode with explicit (capturable) attention and load its weights."""
+    channels = source.kwargs.get("in_chans", 3)
+    if channels != 3:
+        raise ModelError(
+            f"model.kwargs.in_chans {channels!r}: vit-attn feeds the model RGB images (3 "
+            "channels); leave in_chans out"
+        )
     if source.pretrained:
         weights = "pretrained"
         model = _create(source)
