@@ -17,6 +17,7 @@ import pytest
 import torch
 import xarray as xr
 import yaml
+import zarr
 from safetensors.torch import save_file
 from timm.utils import AttentionExtract
 
@@ -341,7 +342,9 @@ def images(tmp_path_factory):
     return root
 
 
-def run_store(tmp_path, family: str, images, export_cache, **attention) -> tuple[int, object]:
+def run_store(
+    tmp_path, family: str, images, export_cache, output: dict | None = None, **attention
+) -> tuple[int, object]:
     """`vit-attn run` on the row's sharpened weights (the export is the row test's, cached)."""
     name, kwargs, img_size, *_ = FAMILIES[family]
     weights = tmp_path / "w.safetensors"
@@ -357,12 +360,43 @@ def run_store(tmp_path, family: str, images, export_cache, **attention) -> tuple
         "data": {"source": str(images)},
         "attention": {"layers": "all", "full": True, "stats": True, **attention},
         "inference": {"batch_size": 4, "threads": 1, "cache_dir": str(export_cache)},
-        "output": {"store": "run.zarr", "overlays": "heads"},
+        "output": {"store": "run.zarr", "overlays": "heads", **(output or {})},
         "cluster": {"kind": "none"},
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return cli_main(["run", str(config), "--no-progress"]), tmp_path / "run.zarr"
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 1e-3)])
+def test_the_store_holds_timms_attention(tmp_path, images, export_cache, dtype, tolerance):
+    # What a user reads back, not only the graph's output: float32 as timm computes it,
+    # float16 that rounded once (relative 2^-11).
+    name, kwargs, img_size, *_ = FAMILIES["vit"]
+    output = {"attention_dtype": dtype}
+    code, store = run_store(tmp_path, "vit", images, export_cache, output=output)
+    assert code == 0
+    group = zarr.open_group(str(store), mode="r")
+    prep = group.attrs["preprocess"]
+    mean = np.asarray(prep["mean"], np.float32)[:, None, None]
+    std = np.asarray(prep["std"], np.float32)[:, None, None]
+    pixels = np.stack([model_input_image(group, i) for i in range(group["status"].shape[0])])
+    x = (pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255 - mean) / std
+    blocks, _ = reference(name, kwargs, img_size, torch.from_numpy(x))
+    want = np.stack(blocks, axis=1)  # [image, layer, head, T, T]
+    stored = np.asarray(group["attention"][:])
+    assert stored.dtype == np.dtype(dtype)
+    assert np.abs(stored.astype(np.float64) - want).max() <= tolerance
+    assert (
+        np.abs(
+            np.asarray(group["cls_attention"][:]).astype(np.float64)
+            - want[:, :, :, 0, 1:].reshape(np.asarray(group["cls_attention"]).shape)
+        ).max()
+        <= tolerance
+    )
+    assert group.attrs["fingerprint_inputs"]["outputs"].get("attention_dtype") == (
+        None if dtype == "float16" else dtype
+    )
 
 
 @pytest.mark.slow

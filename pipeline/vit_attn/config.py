@@ -214,6 +214,9 @@ class OutputConfig(_Section):
     png_dir: Path | None = None
     png_heads: bool = False
     compression: Literal["default", "none", "zstd", "lz4"] = "default"
+    # float32 keeps the graph's values exactly (float16 rounds them, ~5e-4 relative, and
+    # flushes probabilities below ~6e-8 to 0) for twice the bytes.
+    attention_dtype: Literal["float16", "float32"] = "float16"
     overwrite: bool = False
     lock_stale_seconds: float = Field(
         120.0, ge=1.0, description="a store lock without heartbeat for this long is taken over"

@@ -139,6 +139,7 @@ def store_spec(
         overlays=cfg.output.overlays,
         stats=outputs.stat_names,
         compression=cfg.output.compression,
+        attention_dtype=cfg.output.attention_dtype,
         identity=cfg.data.verify,
         maps=lay.maps,
         pool_latents=max(lay.pool_latents, 1),
@@ -179,6 +180,12 @@ def fingerprint_inputs(
             **({"stats": list(outputs.stat_names)} if outputs.stats else {}),
             # Only when not the plain CLS map, so the fingerprints of CLS stores stay valid.
             **({"maps": list(loaded.layout.maps)} if not outputs.cls_attention else {}),
+            # Only when not the default, so the fingerprints of float16 stores stay valid.
+            **(
+                {"attention_dtype": cfg.output.attention_dtype}
+                if cfg.output.attention_dtype != "float16"
+                else {}
+            ),
         },
         "inference": {
             "backend": cfg.inference.backend,
