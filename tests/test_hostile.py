@@ -384,6 +384,11 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys, case):
         ("inference.batch_size=true", r"inference: batch_size: expected integers"),
         ("attention.layers=[1.0]", r"attention: layers: expected integers, got a number with"),
         ("model.img_size=64.0", r"model: img_size: expected integers, got a number with a point"),
+        ("attention.layers=[[1]]", r"attention\.layers: \[1\] is not an integer block index; give"),
+        ("attention.layers=[]", r"error: [^:]*: attention\.layers: the list is empty; give"),
+        ("attention.layers=null", r"attention\.layers: expected a list of block indices or 'all'"),
+        ("model.kwargs.img_size=64", r"model: img_size is given twice.*keep model\.img_size"),
+        ("model.checkpoint=.", r"checkpoint .* is a folder; give the weights file in it"),
         ("model.img_size=71", r"71.* not a multiple of the patch size \[8, 8\].*64 or 72"),
         ("model.img_size=5", r"5.* not a multiple of the patch size \[8, 8\].*; use 8$"),
         ("model.kwargs={depth: 1, patch_size: 0}", r"model\.kwargs.*ZeroDivisionError"),
@@ -396,6 +401,11 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys, case):
         "batch-true",
         "layers-float",
         "img-size-float",
+        "layers-nested",
+        "layers-empty",
+        "layers-null",
+        "img-size-twice",
+        "checkpoint-folder",
         "img-71",
         "img-5",
         "patch-0",
@@ -992,6 +1002,17 @@ def test_disk_full_on_a_local_cluster_is_not_retried(tmp_path, tmpfs, capsys):
 
 
 # --------------------------------------------------------------------- 8. signals, checkpoints
+
+
+def test_an_empty_checkpoint_is_said_to_be_empty(tmp_path, data, capsys):
+    (tmp_path / "w.pth").write_bytes(b"")
+    config = write_config(tmp_path, data, model={"checkpoint": str(tmp_path / "w.pth")})
+    assert run(config) == 2
+    assert "is empty (0 bytes)" in one_error_line(capsys)
+    (tmp_path / "w.pth").write_bytes(b"\x80")  # torch.load: EOFError with no message
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "cannot be read (" in line and "EOFError: EOFError" not in line, line
 
 
 def test_a_pickled_checkpoint_refusal_says_why(tmp_path, data, capsys):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, PipelineError
 from .specs import check_layer_selection, check_weight_source
 
 # Error messages show values through this: a huge or alias-expanded value stays one short line.
@@ -152,6 +152,12 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _one_weight_source(self) -> ModelConfig:
         check_weight_source(self.pretrained, self.checkpoint)
+        if self.img_size is not None and "img_size" in self.kwargs:
+            # model.img_size wins, and the store recorded the other in model.kwargs
+            raise ValueError(
+                "img_size is given twice (model.img_size and model.kwargs.img_size); keep "
+                "model.img_size"
+            )
         return self
 
     @property
@@ -184,6 +190,17 @@ class DataConfig(_Section):
 
 class AttentionConfig(_Section):
     layers: Literal["all"] | int | list[int] = Field(default_factory=lambda: [-1])
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_selection(cls, v: Any) -> Any:
+        """One line on what layers takes (pydantic's union would say "Input should be 'all'")."""
+        try:
+            check_layer_selection(v)
+        except PipelineError as exc:
+            raise ValueError(str(exc).removeprefix("attention.layers: ")) from None
+        return v
+
     full: bool = False
     rollout: bool = False
     stats: bool = (
@@ -312,12 +329,6 @@ class Config(_Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     output: OutputConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-
-    @field_validator("attention")
-    @classmethod
-    def _layers_not_empty(cls, v: AttentionConfig) -> AttentionConfig:
-        check_layer_selection(v.layers)
-        return v
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -28,11 +28,10 @@ from typing import Any
 from . import __version__
 from .cachedir import cache_root
 from .config import Config
-from .errors import CheckpointError
 from .filemode import as_if_opened
 from .graphinput import PIPELINE_INPUT, GraphInput
 from .layout import TokenLayout
-from .specs import ModelSource, OutputSpec
+from .specs import ModelSource, OutputSpec, checkpoint_file
 from .variant import ROWS
 from .variant import for_device as attention_for_device
 
@@ -118,9 +117,7 @@ def weights_identity(cfg: Config) -> str:
     if m.pretrained:
         return "pretrained"
     if m.checkpoint is not None:
-        path = Path(m.checkpoint)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist; fix model.checkpoint")
+        path = checkpoint_file(Path(m.checkpoint))
         return f"checkpoint:{file_sha256(path, cache_root(cfg.inference.cache_dir))}"
     return f"random:{m.seed}"
 

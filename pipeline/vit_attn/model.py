@@ -19,7 +19,7 @@ from .errors import CheckpointError, ModelError, first_line
 from .graphcache import file_sha256
 from .layout import TokenLayout
 from .roles import POOLINGS
-from .specs import ModelSource
+from .specs import ModelSource, checkpoint_file
 
 
 @dataclass
@@ -113,7 +113,8 @@ def _check_whole_patches(name: str, size: tuple[int, int], patch: tuple[int, int
             fits = " or ".join(str(x) for x in (below, below + p) if x >= p)  # never 0
             raise ModelError(
                 f"model {name!r}: img_size {list(size)} is not a multiple of the patch size "
-                f"{list(patch)} (the last {side % p} px would be ignored); use {fits}"
+                f"{list(patch)} (the last {side % p} px would not be covered by whole patches: "
+                f"the model drops them, or pads them with dynamic_img_pad); use {fits}"
             )
 
 
@@ -123,8 +124,8 @@ def _refuse_unsupported_families(model: nn.Module, name: str) -> None:
         raise ModelError(
             f"model {name!r} (CaiT) has no class-attention blocks: its maps come from them, "
             "and its other blocks' talking-heads attention mixes heads after the softmax, so "
-            "what they compute is not a probability map; keep the class token (global_pool "
-            "'token' or 'avg')"
+            "what they compute is not a probability map; build it with depth_token_only >= 1 "
+            "(timm's CaiT models have 2)"
         )
     blocks = getattr(model, "blocks", None) or ()
     if any(type(getattr(b, "attn", None)).__name__ == "XCA" for b in blocks):
@@ -199,11 +200,16 @@ def _token_stride(
     return (stride[0], stride[1])
 
 
+def _what(exc: BaseException) -> str:
+    """`Type: message`, or the type alone when the message is empty (an EOFError)."""
+    line = first_line(exc)
+    name = type(exc).__name__
+    return name if line == name else f"{name}: {line}"
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint without running code from it (safetensors, or torch.load weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; fix model.checkpoint")
+    path = checkpoint_file(path)
     state: Any
     try:
         if path.suffix == ".safetensors":
@@ -220,7 +226,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 "or load only weights you trust"
             ) from None
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {first_line(exc)}); "
+            f"checkpoint {path} cannot be read ({_what(exc)}); "
             "is it truncated or not a weights file?"
         ) from None
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):

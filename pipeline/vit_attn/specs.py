@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ExportError, ModelError
+from .errors import CheckpointError, ExportError, ModelError
 from .stats import stat_names_for
 
 
@@ -52,14 +52,19 @@ def check_layer_selection(layers: object) -> list[int] | None:
         return None
     items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
     if not isinstance(items, (list, tuple)):
-        raise ModelError("attention.layers: expected a list of block indices or 'all'")
+        raise ModelError(
+            f"attention.layers: expected a list of block indices or 'all', got {items!r}"[:200]
+        )
     if not items:
         raise ModelError(
             "attention.layers: the list is empty; give block indices such as [-1] or 'all'"
         )
     for i in items:
         if isinstance(i, bool) or not isinstance(i, int):
-            raise ModelError(f"attention.layers: {i!r} is not an integer block index")
+            raise ModelError(
+                f"attention.layers: {i!r} is not an integer block index; give a list of "
+                "integers such as [-1] or [0, 5, 11], or 'all'"[:300]
+            )
     return list(items)
 
 
@@ -116,3 +121,15 @@ class OutputSpec:
                 "no outputs selected: enable cls_attention, attention, rollout or logits"
             )
         return names
+
+
+def checkpoint_file(path: Path) -> Path:
+    """`model.checkpoint` as a file that can hold weights; else one CheckpointError line."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the weights file in it")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; fix model.checkpoint")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); was it copied whole?")
+    return path
