@@ -89,7 +89,7 @@ def demo_store(tmp_path_factory, export_cache) -> Path:
     return run_demo(tmp_path_factory.mktemp("view-demo"), export_cache)
 
 
-def handmade_store(path: Path, array: str, pool_heads: int = 0) -> Path:
+def handmade_store(path: Path, array: str, pool_heads: int = 0, heads: int = 2) -> Path:
     """A store written with zarr directly: no class token, a 3 x 4 grid, one map array.
 
     `pool_attention` is (image, head, y, x), or (image, pool_head, y, x) with `pool_heads`
@@ -97,7 +97,7 @@ def handmade_store(path: Path, array: str, pool_heads: int = 0) -> Path:
     failed, ok, pending; no preprocessing recorded (no source images).
     """
     rng = np.random.default_rng(5)
-    n, heads, layers, grid = 5, 2, [0, 1], (3, 4)
+    n, layers, grid = 5, [0, 1], (3, 4)
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.attrs.update(
         format=FORMAT,
@@ -264,7 +264,7 @@ def test_no_file_outside_the_page_and_the_api_is_reachable(server, demo_store, t
 
 def test_only_get_and_head_and_only_this_host(server):
     port = server.server_address[1]
-    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND"):
         answer = raw_request(port, "/api/meta", method)
         assert status_of(answer) == 405, method
         assert b"Allow: GET, HEAD" in answer and b'{"error":"only GET and HEAD' in answer
@@ -289,6 +289,8 @@ def test_bad_parameters_are_one_clear_json_error(server):
         ("api/overlay/0.png?mask=1.5", "mask must be"),
         ("api/map/99999.png", "out of range"),
         ("api/thumbs?ids=1,x", "ids"),
+        ("api/thumbs?ids=999999999999999999999999999999", "ids"),  # was a 500 (OverflowError)
+        ("api/thumbs?ids=-999999999999999999999999999999", "ids"),
         ("api/thumbs?ids=0&box=4", "box"),
         # Characters str.isdigit() accepts and int() refuses: a 400, never a 500.
         ("api/map/0.json?head=%C2%B2", "head must be"),
@@ -405,6 +407,15 @@ def test_stores_without_a_class_token_show_their_maps(tmp_path, array):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_one_head_store_refuses_other_heads(tmp_path):
+    # head=7 on a one-head store was accepted and echoed back as if it were drawn.
+    store = handmade_store(tmp_path / "one.zarr", "received_attention", heads=1)
+    with serving(store) as srv:
+        for head, code in [("0", 200), ("mean", 200), ("-1", 400), ("7", 400)]:
+            got = get(f"{srv.url}api/map/0.json?source=received_attention&head={head}")
+            assert got[0] == code, (head, got[1][:200])
 
 
 # --------------------------------------------------------------------------- the command
@@ -573,6 +584,21 @@ def test_the_grids_mean_tile_is_the_mean_picture(demo_store, tmp_path, normalize
     tile = pictures["grid"][GRID_BORDER : GRID_BORDER + h, GRID_BORDER : GRID_BORDER + w]
     below_label = slice(h // 2, h)
     assert np.abs(tile[below_label] - mean[below_label]).max() <= 1
+
+
+def test_show_draws_with_the_runs_alpha_and_colormap_by_default(demo_store, tmp_path):
+    # show used alpha 0.5 whatever the run's output.overlay_alpha (0.55 in the demo), so its
+    # picture differed from the stored overlay and the viewer's by up to 13 levels.
+    g = zarr.open_group(str(demo_store), mode="r")
+    assert g.attrs["config"]["output"]["overlay_alpha"] != 0.5
+    ok = int(np.flatnonzero(np.asarray(g["status"][:]) == 1)[0])
+    out = tmp_path / "mean.png"
+    assert show(demo_store, "--image", str(ok), "-o", str(out))[0] == 0
+    drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert np.abs(drawn - np.asarray(g["overlay"][ok]).astype(int)).max() <= 1
+    assert show(demo_store, "--image", str(ok), "--alpha", "0.5", "-o", str(out))[0] == 0
+    other = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert np.abs(other - drawn).max() > 1  # an explicit --alpha still wins
 
 
 def test_prefix_tokens_are_named_by_the_stores_roles(demo_store, tmp_path):

@@ -609,8 +609,9 @@ class StoreData:
     def chosen_map(self, image: int, sel: Selection) -> np.ndarray:
         """The one map [gh, gw] to draw: a head, or the heads fused by mean / max / min."""
         maps = self.head_maps(image, sel)
-        if maps.shape[0] == 1:
-            return maps[0]
+        src = self.source(sel.source)
+        if src is not None and not src.has_head:
+            return maps[0]  # rollout: one map, whichever head is selected elsewhere
         if sel.head in HEAD_FUSIONS:
             return fuse_heads(maps, sel.head, axis=0)
         return maps[self.head_index(sel.head, maps.shape[0])]

@@ -180,7 +180,12 @@ class Handler(BaseHTTPRequestHandler):
         self._extra_headers = {"Allow": "GET, HEAD"}
         self._answer(head_only=False, refuse=ViewError("only GET and HEAD are served", 405))
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+    def __getattr__(self, name: str) -> Any:
+        """http.server looks up `do_<METHOD>`: every method but GET and HEAD (POST, TRACE,
+        PROPFIND, ...) gets the JSON 405."""
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
 
     def _answer(self, head_only: bool, refuse: ViewError | None = None) -> None:
         try:
@@ -349,12 +354,12 @@ def _ids(text: str, n_images: int) -> np.ndarray:
     if not text:
         return np.zeros(0, np.int64)
     try:
-        ids = np.asarray([int(t) for t in text.split(",")], np.int64)
+        ids = [int(t) for t in text.split(",")]
     except ValueError:
         raise ViewError("ids must be comma-separated image indices") from None
-    if ids.size > MAX_PAGE or (ids.size and (ids.min() < 0 or ids.max() >= n_images)):
+    if len(ids) > MAX_PAGE or not all(0 <= i < n_images for i in ids):
         raise ViewError(f"ids: at most {MAX_PAGE} indices in 0..{n_images - 1}")
-    return ids
+    return np.asarray(ids, np.int64)
 
 
 def _mask(text: str) -> float | None:
