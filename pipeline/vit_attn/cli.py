@@ -114,8 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument(
         "--head", default="mean", help="head index, or mean / max / min over heads, or grid"
     )
-    show.add_argument("--alpha", type=float, default=0.5)
-    show.add_argument("--colormap", default="inferno")
+    show.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="the map's opacity (default: the run's output.overlay_alpha, as the stored overlays)",
+    )
+    show.add_argument(
+        "--colormap", default=None, help="default: the run's output.colormap (inferno)"
+    )
     show.add_argument(
         "--normalize",
         default="per_map",

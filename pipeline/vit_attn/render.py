@@ -80,8 +80,8 @@ def render_image(
     image: str | int,
     layer: int | None = None,
     head: str = "mean",
-    alpha: float = 0.5,
-    cmap: str = "inferno",
+    alpha: float | None = None,
+    cmap: str | None = None,
     normalize: str = "per_map",
     mask: float | None = None,
     map_name: str | None = None,
@@ -96,7 +96,12 @@ def render_image(
     the colour scale (NORMALIZE_MODES); `mask`, a mass fraction t, draws the outline of each
     shown map's `maps.mass_threshold_mask(map, t)` (computed on the raw map).
     `storage_options` reach a store on object storage (`dataset` reads the whole store).
+    `alpha` and `cmap` default to the run's (`output.overlay_alpha`, `output.colormap`), so a
+    picture matches the stored overlays and the viewer's.
     """
+    output = (group.attrs.get("config") or {}).get("output") or {}
+    alpha = float(output.get("overlay_alpha", 0.5)) if alpha is None else alpha
+    cmap = str(output.get("colormap", "inferno")) if cmap is None else cmap
     if normalize not in NORMALIZE_MODES:
         raise PipelineError(f"--normalize {normalize!r}: give one of {', '.join(NORMALIZE_MODES)}")
     if mask is not None and not 0.0 < mask <= 1.0:
