@@ -163,6 +163,21 @@ def test_summarise_without_stats_says_how_to_get_them(store):
         summarise(open_dataset(store))
 
 
+def test_analysis_arguments_are_checked_with_clear_errors(store):
+    ds = open_dataset(store)
+    with pytest.raises(ValueError, match="an empty list"):
+        summarise(ds, [])
+    with pytest.raises(ValueError, match=r"\['status'\] are not statistics"):
+        summarise(ds, ["status"])
+    with pytest.raises(ValueError, match=r"\[150\] are outside 0..100"):
+        summarise(ds, ["cls_entropy"], percentiles=[150])
+    layers = ds.sizes["layer"]
+    with pytest.raises(IndexError, match=f"the store holds {layers} layers"):
+        dataset_scale(ds, layers)
+    with pytest.raises(ValueError, match="outside 0..100"):
+        dataset_scale(ds, 0, percentile=101)
+
+
 def test_select_image_by_path_and_index(store):
     ds = vit_attn.open_store(store)
     one = vit_attn.select_image(ds, "img/7.png")
@@ -221,6 +236,9 @@ def test_stats_cli_prints_the_table_and_writes_plots(store, tmp_path, capsys):
     assert "cls_entropy" not in dict(zarr.open_group(str(store), mode="r").arrays())  # not written
     assert cli_main(["stats", str(store), "--write"]) == 0
     assert "cls_entropy" in dict(zarr.open_group(str(store), mode="r").arrays())
+    capsys.readouterr()
+    assert cli_main(["stats", str(store), "--write"]) == 0  # was silent: nothing written
+    assert "already holds statistics" in capsys.readouterr().err
 
 
 def _outline_reference(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -888,6 +888,17 @@ def test_show_and_stats_output_mistakes_are_one_line_before_any_work(demo_store,
     assert "is a file; give a folder" in err and out == ""  # no table printed first
     assert cli_main(["cache", "--dir", str(plots)]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    # A picture under a file, a picture that is a folder, plots inside the store: one line each.
+    rc, err = show(demo_store, "--image", "0", "-o", str(plots / "x.png"))
+    assert rc == 2 and f"{plots} is a file, not a folder" in err, err
+    (tmp_path / "dir.png").mkdir()
+    rc, err = show(demo_store, "--image", "0", "-o", str(tmp_path / "dir.png"))
+    assert rc == 2 and "is a folder; give a file name" in err, err
+    assert cli_main(["stats", str(demo_store), "--plots", str(demo_store / "plots")]) == 2
+    assert "is inside the store" in capsys.readouterr().err
+    assert not (demo_store / "plots").exists()
+    rc, err = show(demo_store, "--image", "0", "-o", str(demo_store / "x.png"))
+    assert rc == 2 and "is inside the store" in err
 
 
 # --------------------------------------------------------------------------- the browser

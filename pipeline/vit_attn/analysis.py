@@ -211,6 +211,17 @@ def summarise(
     import pandas as pd
 
     names = list(stats) if stats is not None else stat_names(ds)
+    if stats is not None and not names:
+        raise ValueError("stats: an empty list; give statistic names, or None for all stored")
+    not_stats = [s for s in names if s in ds.data_vars and ds[s].dims != ("image", "layer", "head")]
+    if not_stats:
+        raise ValueError(
+            f"stats: {not_stats} are not statistics (dims image, layer, head); "
+            f"this store has {stat_names(ds)}"
+        )
+    bad = [p for p in percentiles if not 0 <= p <= 100]
+    if bad:
+        raise ValueError(f"percentiles: {bad} are outside 0..100")
     missing = [s for s in names if s not in ds.data_vars]
     if not names or missing:
         raise StoreError(
@@ -302,6 +313,14 @@ def dataset_scale(
     read). `pool_attention` has no layer (`layer_index` is ignored); with several latent
     queries the peak is of latent `latent`, or of their mean when None, as `show` draws it.
     """
+    n_layers = ds.sizes.get("layer", 0)
+    if n_layers and not -n_layers <= layer_index < n_layers:
+        raise IndexError(
+            f"layer_index {layer_index}: the store holds {n_layers} layers (0..{n_layers - 1}, "
+            "positions in `layer`, not block numbers)"
+        )
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile {percentile} is outside 0..100")
     ok = ok_images(ds)
     if ok.size == 0:
         raise StoreError("the store has no processed images (status 1) for a dataset-wide scale")

@@ -549,6 +549,7 @@ def _show(args: argparse.Namespace) -> int:
 
     if args.output.suffix.lower() != ".png":
         raise PipelineError(f"-o {args.output}: show writes a PNG; give a name ending in .png")
+    _check_output_path("-o", args.output, args.store, folder=False)
     options = _store_options(args)
     group = _open_readonly(args.store, options)
     out = render_image(
@@ -572,6 +573,24 @@ def _show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_output_path(flag: str, path: Path, store: Path | str, folder: bool) -> None:
+    """Before any work: a picture or plot folder that cannot be made, or that would land in
+    the store (its files would sit among the store's arrays), is refused in one line."""
+    if folder and path.exists() and not path.is_dir():
+        raise PipelineError(f"{flag} {path} is a file; give a folder")
+    if not folder and path.is_dir():
+        raise PipelineError(f"{flag} {path} is a folder; give a file name ending in .png")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PipelineError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    if not is_url(store):
+        here, inside = path.resolve(), Path(store).resolve()
+        if here == inside or inside in here.parents:
+            raise PipelineError(f"{flag} {path} is inside the store {store}; write it elsewhere")
+
+
 def _stats(args: argparse.Namespace) -> int:
     from .analysis import (
         compute_stats_from_attention,
@@ -586,8 +605,14 @@ def _stats(args: argparse.Namespace) -> int:
     options = _store_options(args)
     # refuses what is not a readable store (store.readable_attrs)
     ds = open_dataset(args.store, storage_options=options)
-    if args.plots is not None and args.plots.exists() and not args.plots.is_dir():
-        raise PipelineError(f"--plots {args.plots} is a file; give a folder for the plots")
+    if args.plots is not None:
+        _check_output_path("--plots", args.plots, args.store, folder=True)
+    if args.write and stat_names(ds):
+        print(
+            f"vit-attn: {args.store} already holds statistics {stat_names(ds)}; --write has "
+            "nothing to add",
+            file=sys.stderr,
+        )
     if not stat_names(ds):
         if "attention" not in ds.data_vars:
             raise PipelineError(
