@@ -737,6 +737,57 @@ def test_the_viewer_forgets_what_a_resume_redid(tmp_path, export_cache):
         assert code == 409 and "moved, deleted or damaged" in json.loads(body)["error"]
 
 
+def test_what_was_read_while_the_store_changed_is_not_kept(demo_store, tmp_path, monkeypatch):
+    # A decode or chunk read that straddled a change was cached under the new generation and
+    # served from then on; meta built before a reload was kept after it.
+    from vit_attn.view import pictures as view_pictures
+    from vit_attn.view.pictures import Pictures
+
+    store = copy_of_demo(demo_store, tmp_path)
+    data = StoreData(store)
+    pics = Pictures(data)
+    ok = int(np.flatnonzero(data.status() == 1)[0])
+    decodes = []
+    real = view_pictures.model_input_image
+
+    def decode_while_the_store_changes(group, image):
+        decodes.append(image)
+        with data._lock:
+            data._forget()  # what a resume seen by another request does meanwhile
+        return real(group, image)
+
+    monkeypatch.setattr(view_pictures, "model_input_image", decode_while_the_store_changes)
+    pics.model_input(ok)
+    pics.model_input(ok)
+    assert decodes == [ok, ok]  # the first decode was not kept
+    monkeypatch.setattr(view_pictures, "model_input_image", real)
+
+    real_read = view_data.read_rows
+
+    def read_while_the_store_changes(*args, **kwargs):
+        with data._lock:
+            data._forget()
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(view_data, "read_rows", read_while_the_store_changes)
+    data._chunk("cls_attention", ok)
+    assert ("cls_attention", ok) not in data._chunks
+    monkeypatch.setattr(view_data, "read_rows", real_read)
+    data._chunk("cls_attention", ok)
+    assert ("cls_attention", ok) in data._chunks
+
+    # meta follows a reload: statistics dropped from the store leave the page's controls
+    assert "cls_max" in [s["name"] for s in data.meta()["stats"]]
+    g = zarr.open_group(str(store), mode="r+")
+    del g["cls_max"]
+    g.attrs["run_id"] = "a resume"
+    monkeypatch.setattr(view_data, "STATUS_RECHECK_SECONDS", 0.0)
+    data._next_status_check = 0.0
+    data.counts()
+    assert "cls_max" not in [s["name"] for s in data.meta()["stats"]]
+    assert "cls_max" not in data.stats
+
+
 def test_show_says_when_the_input_image_is_gone_and_draws_on_grey(demo_store, tmp_path, caplog):
     store = copy_of_demo(demo_store, tmp_path)
     g = zarr.open_group(str(store), mode="r")

@@ -9,7 +9,6 @@ The store is opened read-only; nothing here writes.
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 import time
@@ -150,7 +149,7 @@ class StoreData:
             if name not in STAT_NAMES and _dims(arr) == ("image", "layer", "head")
         )
         self.has_full = FULL_ATTENTION in arrays
-        self.__dict__.pop("_meta", None)  # functools.cached_property's slot
+        self._meta_memo: tuple[int, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ layout
 
@@ -196,13 +195,17 @@ class StoreData:
             for k in range(self.num_prefix)
         ]
 
-    @functools.cached_property
-    def _meta(self) -> dict[str, Any]:
-        return self._build_meta()
-
     def meta(self) -> dict[str, Any]:
-        """Everything the page needs to build its controls; reads attributes and shapes only."""
-        return dict(self._meta)
+        """Everything the page needs to build its controls; reads attributes and shapes only.
+        Built once per generation (a reload of the layout builds it again)."""
+        memo = self._meta_memo
+        if memo is None or memo[0] != self.generation:
+            generation = self.generation
+            memo = (generation, self._build_meta())
+            with self._lock:
+                if generation == self.generation:
+                    self._meta_memo = memo
+        return dict(memo[1])
 
     def _build_meta(self) -> dict[str, Any]:
         size = self.model.get("input_size") or []
@@ -301,6 +304,8 @@ class StoreData:
         except StoreError as exc:
             self._replaced = f"{exc}; restart vit-attn view once the store is back"
             raise ViewError(self._replaced, 409) from None
+        if group.attrs.get("fingerprint") != self.attrs.get("fingerprint"):
+            self._check_same_store()  # replaced between the check and the open: 409
         with self._lock:
             self._load(group)
             self._forget()
@@ -396,6 +401,7 @@ class StoreData:
             if q in self._orders:
                 self._orders.move_to_end(q)
                 return self._orders[q]
+            generation = self.generation
         keep = np.ones(self.n_images, bool)
         if q.status != "all":
             code = {v: k for k, v in STATUS_NAMES.items()}[q.status]
@@ -423,9 +429,10 @@ class StoreData:
         elif q.descending:
             idx = idx[::-1]
         with self._lock:
-            self._orders[q] = idx
-            while len(self._orders) > 16:
-                self._orders.popitem(last=False)
+            if generation == self.generation:  # else built from what was just dropped
+                self._orders[q] = idx
+                while len(self._orders) > 16:
+                    self._orders.popitem(last=False)
         return idx
 
     def page(self, q: ListQuery, offset: int, limit: int) -> dict[str, Any]:
@@ -569,9 +576,12 @@ class StoreData:
             if key in self._chunks:
                 self._chunks.move_to_end(key)
                 return self._chunks[key]
+            generation = self.generation
         written = self.statuses(np.array([image]))[0] == STATUS_OK  # its chunk must exist
         value = read_rows(self._arrays[name], image, name, image, written=written)
         with self._lock:
+            if generation != self.generation:  # the store changed during the read
+                return value
             self._chunks[key] = value
             while len(self._chunks) > 8:
                 self._chunks.popitem(last=False)

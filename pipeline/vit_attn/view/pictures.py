@@ -86,6 +86,7 @@ class Pictures:
                 self._inputs.move_to_end(image)
                 return self._inputs[image]
             lock = self._decoding.setdefault(image, threading.Lock())
+            generation = self._generation
         with lock:
             with self._lock:
                 if image in self._inputs:
@@ -99,10 +100,12 @@ class Pictures:
             except (KeyError, TypeError, ValueError):  # no preprocessing recorded: neutral grey
                 value = np.full((*self._input_hw(), 3), 128, np.uint8)
             with self._lock:
-                self._inputs[image] = value
                 self._decoding.pop(image, None)
-                while len(self._inputs) > 16:
-                    self._inputs.popitem(last=False)
+                self._drop_if_stale()
+                if generation == self._generation:  # else decoded before the store changed
+                    self._inputs[image] = value
+                    while len(self._inputs) > 16:
+                        self._inputs.popitem(last=False)
         return value
 
     def map_png(self, image: int, sel: Selection) -> bytes:
@@ -153,6 +156,7 @@ class Pictures:
         self.data.ensure_current()
         with self._lock:
             self._drop_if_stale()
+            generation = self._generation
             for k, i in enumerate(ids.tolist()):
                 hit = self._thumbs.get((i, box))
                 if hit is None:
@@ -172,9 +176,11 @@ class Pictures:
                     # failed, or ok but unreadable (a damaged chunk): the failed tile
                     out[k] = FAILED_RGB if status[n] != STATUS_PENDING else PENDING_RGB
             with self._lock:
+                self._drop_if_stale()
                 for n, k in enumerate(todo):
-                    # Pending images may be done by the next look, unreadable ones restored.
-                    if status[n] == STATUS_OK and n in pictures:
+                    # Pending images may be done by the next look, unreadable ones restored;
+                    # nothing drawn before the store changed is kept.
+                    if generation == self._generation and status[n] == STATUS_OK and n in pictures:
                         self._thumbs[(int(ids[k]), box)] = out[k]
                 while len(self._thumbs) > THUMB_CACHE:
                     self._thumbs.popitem(last=False)

@@ -191,7 +191,17 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if refuse is not None:
                 raise refuse
-            status, ctype, body, cache = self._route()
+            generation = self.server.data.generation
+            try:
+                status, ctype, body, cache = self._route()
+            except ViewError:
+                raise
+            except Exception:
+                if self.server.data.generation == generation:
+                    raise
+                # the store's layout was read again meanwhile (a resume, `stats --write`):
+                # this answer mixed old and new; the next one reads the new throughout
+                status, ctype, body, cache = self._route()
         except ViewError as exc:
             status, ctype, body, cache = exc.status, *_json_body({"error": str(exc)}), "no-store"
         except Exception as exc:  # a bug or an unreadable chunk: say so, keep serving
