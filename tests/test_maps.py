@@ -65,6 +65,16 @@ def test_mass_threshold_equals_loop_reference_per_head():
             )
 
 
+def test_mask_at_tiny_and_full_thresholds():
+    # The 1e-4 tolerance took every patch for t <= 1e-4, and dropped the last 1e-4 at t = 1.
+    m = np.array([[0.5, 0.3], [0.15, 0.05]])
+    np.testing.assert_array_equal(mass_threshold_mask(m, 1e-4), [[True, False], [False, False]])
+    np.testing.assert_array_equal(mass_threshold_mask(m, 1e-9), [[True, False], [False, False]])
+    tail = np.array([[0.7, 0.29995], [4e-5, 1e-5]])
+    assert mass_threshold_mask(tail, 1.0).all()
+    assert mass_threshold_mask(np.array([[0.0, 1.0], [0.0, 0.0]]), 1.0).sum() == 1
+
+
 def test_concentration_stat_is_the_mask_size():
     rng = np.random.default_rng(2)
     p, grid = 1, (3, 5)

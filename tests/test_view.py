@@ -921,7 +921,9 @@ def test_every_loopback_address_is_this_machine_only(demo_store):
         srv.server_close()
 
 
-def test_show_and_stats_output_mistakes_are_one_line_before_any_work(demo_store, tmp_path, capsys):
+def test_show_and_stats_output_mistakes_are_one_line_before_any_work(
+    demo_store, tmp_path, capsys, monkeypatch
+):
     rc, err = show(demo_store, "--image", "0", "-o", str(tmp_path / "x.jpg"))
     assert rc == 2 and "give a name ending in .png" in err and not (tmp_path / "x.jpg").exists()
     heads = len(zarr.open_group(str(demo_store), mode="r")["head"][:])
@@ -939,6 +941,9 @@ def test_show_and_stats_output_mistakes_are_one_line_before_any_work(demo_store,
     assert "is a file; give a folder" in err and out == ""  # no table printed first
     assert cli_main(["cache", "--dir", str(plots)]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))  # '~/x.png' quoted: the home, not a folder "~"
+    assert show(demo_store, "--image", "0", "-o", "~/home.png")[0] == 0
+    assert (tmp_path / "home.png").is_file() and not Path("~").exists()
     # A picture under a file, a picture that is a folder, plots inside the store: one line each.
     rc, err = show(demo_store, "--image", "0", "-o", str(plots / "x.png"))
     assert rc == 2 and f"{plots} is a file, not a folder" in err, err
@@ -950,6 +955,8 @@ def test_show_and_stats_output_mistakes_are_one_line_before_any_work(demo_store,
     assert not (demo_store / "plots").exists()
     rc, err = show(demo_store, "--image", "0", "-o", str(demo_store / "x.png"))
     assert rc == 2 and "is inside the store" in err
+    rc, err = show(f"file://{demo_store}", "--image", "0", "-o", str(demo_store / "y.png"))  # type: ignore[arg-type]
+    assert rc == 2 and "is inside the store" in err, err
 
 
 # --------------------------------------------------------------------------- the browser

@@ -314,7 +314,7 @@ def dataset_scale(
     queries the peak is of latent `latent`, or of their mean when None, as `show` draws it.
     """
     n_layers = ds.sizes.get("layer", 0)
-    if n_layers and not -n_layers <= layer_index < n_layers:
+    if map_name != "pool_attention" and n_layers and not -n_layers <= layer_index < n_layers:
         raise IndexError(
             f"layer_index {layer_index}: the store holds {n_layers} layers (0..{n_layers - 1}, "
             "positions in `layer`, not block numbers)"

@@ -547,6 +547,7 @@ def _token_line(attrs: dict[str, Any]) -> str:
 def _show(args: argparse.Namespace) -> int:
     from .render import render_image
 
+    args.output = Path(os.path.expanduser(args.output))  # also when quoted: '~/x.png'
     if args.output.suffix.lower() != ".png":
         raise PipelineError(f"-o {args.output}: show writes a PNG; give a name ending in .png")
     _check_output_path("-o", args.output, args.store, folder=False)
@@ -585,8 +586,9 @@ def _check_output_path(flag: str, path: Path, store: Path | str, folder: bool) -
             if not parent.is_dir():
                 raise PipelineError(f"{flag} {path}: {parent} is a file, not a folder")
             break
-    if not is_url(store):
-        here, inside = path.resolve(), Path(store).resolve()
+    local = str(store).removeprefix("file://") if str(store).startswith("file://") else store
+    if not is_url(local):
+        here, inside = path.resolve(), Path(local).resolve()
         if here == inside or inside in here.parents:
             raise PipelineError(f"{flag} {path} is inside the store {store}; write it elsewhere")
 
@@ -606,6 +608,7 @@ def _stats(args: argparse.Namespace) -> int:
     # refuses what is not a readable store (store.readable_attrs)
     ds = open_dataset(args.store, storage_options=options)
     if args.plots is not None:
+        args.plots = Path(os.path.expanduser(args.plots))
         _check_output_path("--plots", args.plots, args.store, folder=True)
     if args.write and stat_names(ds):
         print(

@@ -59,10 +59,13 @@ def mass_threshold_mask(maps: np.ndarray, t: float = 0.6) -> np.ndarray:
     flat = maps.reshape(*maps.shape[:-2], -1)
     total = flat.sum(-1, keepdims=True)
     q = flat / np.where(total > 0, total, 1.0)
+    if t >= 1.0:  # all the mass: every patch that has some
+        return ((q > 0) & (total > 0)).reshape(maps.shape)
     ordered = -np.sort(-q, axis=-1)
     before = np.cumsum(ordered, axis=-1) - ordered
-    # >= 1: nothing comes before the largest
-    count = (before < t - MASS_TOLERANCE).sum(-1, keepdims=True)
+    # the tolerance never reaches t itself: a tiny t still takes the largest patch
+    reached = before < t - min(MASS_TOLERANCE, t / 2)
+    count = np.maximum(reached.sum(-1, keepdims=True), 1)
     cutoff = np.take_along_axis(ordered, count - 1, axis=-1)
     mask = (q >= cutoff) & (q > 0)
     return mask.reshape(maps.shape)
