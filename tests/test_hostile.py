@@ -155,6 +155,23 @@ def test_two_stores_never_share_a_png_dir(tmp_path, data, capsys):
     assert run(first) == 0 and run(first, "--overwrite") == 0  # its own store: fine
 
 
+def test_two_runs_that_both_found_a_png_dir_unclaimed_cannot_both_claim_it(tmp_path):
+    # Both passed the up-front check, then each wrote its marker (the last won) and their
+    # PNGs mixed under one folder: the claim is exclusive now.
+    from vit_attn.outputs import OutputError, check_png_owner, claim_png_dir, png_dir_owner
+
+    png = tmp_path / "png"
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    check_png_owner(png, a)
+    check_png_owner(png, b)  # neither sees the other yet
+    claim_png_dir(png, a)
+    with pytest.raises(OutputError, match="holds the PNGs of another store"):
+        claim_png_dir(png, b)
+    assert png_dir_owner(png) == str(a.resolve()) or png_dir_owner(png).endswith("a.zarr")
+    claim_png_dir(png, a)  # the owner's resume
+    assert sorted(p.name for p in png.iterdir()) == [".vit-attn-store"]  # no temporary left
+
+
 def test_a_resume_removes_the_unfinished_pngs_a_killed_run_left(tmp_path, data):
     # A run killed while writing a PNG leaves its temporary file (".NAME.PID.THREAD.tmp");
     # resumes kept them, and every kill added more.

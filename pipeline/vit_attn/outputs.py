@@ -220,14 +220,28 @@ def check_png_owner(png_dir: Path | str, store: Path | str) -> None:
 
 
 def claim_png_dir(png_dir: Path | str, store: Path | str) -> None:
-    """Record in png_dir which store its PNGs belong to (once; see check_png_owner)."""
-    if png_dir_owner(png_dir) is not None:
-        return
+    """Record in png_dir which store its PNGs belong to (once; see check_png_owner).
+
+    The record is created exclusively (a hard link of a complete temporary file, which fails
+    if the name exists): of two runs that both found png_dir unclaimed, one wins and the
+    other is refused here, before either writes a PNG.
+    """
     folder = Path(png_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{OWNER_FILE}.{os.getpid()}.tmp"
     tmp.write_text(store_identity(store) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / OWNER_FILE)
+    try:
+        os.link(tmp, folder / OWNER_FILE)
+    except FileExistsError:
+        pass  # claimed already: by this store (a resume), or by another (refused below)
+    except OSError:  # a file system without hard links: an exclusive create instead
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(folder / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(store_identity(store) + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+    check_png_owner(png_dir, store)
 
 
 # `write_png`'s temporary name: ".<name>.<pid>.<thread>.tmp" beside the PNG it becomes.
