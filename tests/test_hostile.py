@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import yaml
 import zarr
 
 from vit_attn.cli import main as cli_main
+from vit_attn.errors import StoreError
 
 from . import imagefactory
 from .helpers import logged, save_config
@@ -170,6 +172,38 @@ def test_two_runs_that_both_found_a_png_dir_unclaimed_cannot_both_claim_it(tmp_p
     assert png_dir_owner(png) == str(a.resolve()) or png_dir_owner(png).endswith("a.zarr")
     claim_png_dir(png, a)  # the owner's resume
     assert sorted(p.name for p in png.iterdir()) == [".vit-attn-store"]  # no temporary left
+
+
+def test_an_empty_lock_file_never_blocks_a_store_for_good(tmp_path, data, capsys):
+    # A disk that filled while the lock was written left a 0-byte lock: every later run said
+    # "other runs keep taking it", forever, and the store could not be resumed.
+    from vit_attn.lock import FileLock, lock_path
+
+    config = write_config(tmp_path, data)
+    store = tmp_path / "out" / "run.zarr"
+    lock = lock_path(store)
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")
+    capsys.readouterr()
+    assert run(config) == 2  # just written (as a live run's would be): not taken
+    assert "cannot be read); if no run uses the store, delete it" in one_error_line(capsys)
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    assert run(config) == 0 and (status_of(store) == 1).all()
+    assert not lock.exists()
+    # Writing the lock fails (a full disk: os.write raises ENOSPC): no empty lock file is
+    # left behind, and the error names the lock.
+    probe = FileLock(tmp_path / "x.lock", "r")
+    real_write = os.write
+
+    def full_disk(fd, data):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "write", full_disk)
+        with pytest.raises(StoreError, match=r"cannot write the lock file .*x\.lock: No space"):
+            probe.acquire()
+    assert os.write is real_write and not (tmp_path / "x.lock").exists()
 
 
 def test_a_resume_removes_the_unfinished_pngs_a_killed_run_left(tmp_path, data):

@@ -53,6 +53,10 @@ class Lock(Protocol):
         ...
 
 
+# A lock file that cannot be read (empty, cut short) and is older than this is stale.
+UNREADABLE_STALE_AFTER = 10.0
+
+
 def lock_path(store: str | os.PathLike[str]) -> Path:
     """`<store>.lock` beside the store (the store's real path: a symlink shares its lock)."""
     real = Path(os.path.realpath(store))
@@ -92,18 +96,30 @@ class FileLock:
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; raise StoreLockedError if a live run has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(5):
             if self._create():
                 self._start_heartbeat()
                 return
             holder = read_holder(self.path)
-            if holder is None:  # released (or taken away) between our two looks: try again
+            if holder is None:
+                age = _age(self.path)
+                if age is None:  # released (or taken away) between our two looks: try again
+                    continue
+                if age > UNREADABLE_STALE_AFTER:
+                    # empty or cut short (a disk that filled, a kill while it was written): a
+                    # live run writes its lock whole within milliseconds of creating it
+                    self._take_over({})
+                    continue
+                time.sleep(0.2)  # being written right now
                 continue
             why = self._stale_reason(holder)
             if why is None:
                 raise StoreLockedError(_refusal(self.path, holder))
             self._take_over(holder)
-        raise StoreLockedError(f"{self.path}: could not take the lock (other runs keep taking it)")
+        raise StoreLockedError(
+            f"{self.path}: could not take the lock (other runs keep taking it, or it cannot "
+            "be read); if no run uses the store, delete it"
+        )
 
     def release(self) -> None:
         self._stop.set()
@@ -155,10 +171,17 @@ class FileLock:
             "stale_after": self.stale_after,
         }
         try:
-            os.write(fd, json.dumps(info).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                os.write(fd, json.dumps(info).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk: leave no empty lock behind to block later runs
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            raise StoreError(
+                f"cannot write the lock file {self.path}: {exc.strerror or exc}"
+            ) from None
         return True
 
     def _stale_reason(self, holder: dict[str, Any]) -> str | None:
