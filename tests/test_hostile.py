@@ -864,6 +864,29 @@ def test_stats_written_into_a_store_do_not_block_redoing_a_changed_image(
     assert "cls_entropy" in open_dataset(store).data_vars
 
 
+def test_stats_write_takes_the_stores_lock(tmp_path, data, capsys):
+    # Run while a resume ran, it rewrote the root metadata with the old run id: the resume
+    # stopped with "now belongs to run ..." and left statistics of the old attention.
+    from vit_attn.lock import lock_for
+
+    config = write_config(tmp_path, data, attention={"layers": [0], "full": True})
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    running = lock_for(store, "a-resume-in-progress", 120)
+    running.acquire()
+    try:
+        capsys.readouterr()
+        assert cli_main(["stats", str(store), "--write"]) == 2
+        line = one_error_line(capsys)
+        assert "is in use by run a-resume-in-progress" in line, line
+        assert "cls_entropy" not in zarr.open_group(str(store), mode="r")
+    finally:
+        running.release()
+    assert cli_main(["stats", str(store), "--write"]) == 0
+    assert "cls_entropy" in zarr.open_group(str(store), mode="r")
+    assert not (store.parent / "run.zarr.lock").exists()
+
+
 def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     assert run(config) == 0

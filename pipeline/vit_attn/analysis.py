@@ -151,7 +151,22 @@ def compute_stats_from_attention(
     )
     if not write:
         return result
-    _write_stats(store, ds, result, storage_options)
+    import uuid
+
+    from .lock import lock_for
+
+    # A run resuming this store meanwhile would have its run id overwritten by the root
+    # metadata rewritten here (and its statistics go stale): hold the store's lock, as a run does.
+    stale = float(
+        ((ds.attrs.get("config") or {}).get("output") or {}).get("lock_stale_seconds", 120)
+    )
+    lock = lock_for(store, f"stats-{uuid.uuid4().hex}", stale, storage_options)
+    lock.acquire()
+    try:
+        with_lock = open_dataset(store, storage_options=storage_options)  # as it is now
+        _write_stats(store, with_lock, result, storage_options)
+    finally:
+        lock.release()
     return open_dataset(store, storage_options=storage_options)[list(names)]
 
 
