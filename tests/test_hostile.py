@@ -9,6 +9,7 @@ tests take a second or two once the modules are imported.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from vit_attn.cli import main as cli_main
 from vit_attn.errors import StoreError
 
 from . import imagefactory
-from .helpers import logged, save_config
+from .helpers import assert_stores_equal, logged, save_config
 
 TINY = {"name": "vit_tiny_patch16_224", "img_size": 32, "kwargs": {"depth": 1, "patch_size": 8}}
 
@@ -887,6 +888,62 @@ def test_stats_write_takes_the_stores_lock(tmp_path, data, capsys):
     assert not (store.parent / "run.zarr.lock").exists()
 
 
+@pytest.mark.parametrize("kind", ["shards", "parquet"])
+def test_a_rewritten_shard_or_parquet_file_is_not_mixed_into_a_resume(tmp_path, data, capsys, kind):
+    # The same member names with other pixels: a resume kept the old images' maps and did
+    # the rest from the new file, with no word; --redo-changed did nothing.
+    from .packing import folder_files, write_parquet, write_shards
+
+    names = folder_files(data)
+
+    def pack(folder: Path) -> str:
+        if kind == "shards":
+            write_shards(folder, names, tmp_path / "packed", per_shard=3)
+            return str(tmp_path / "packed" / "train-{000000..000001}.tar")
+        write_parquet(folder, names, tmp_path / "packed" / "all.parquet", row_group_size=2)
+        return str(tmp_path / "packed" / "all.parquet")
+
+    source = pack(data)
+    config = write_config(tmp_path, source)
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    before = zarr.open_group(str(store), mode="r")["cls_attention"][:]
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    for name in names:
+        _replace_image(other / name, seed=7)
+    time.sleep(0.01)  # a later mtime even on coarse clocks
+    pack(other)  # the same names, other pictures
+    capsys.readouterr()
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "6 input images changed" in line and "the shard or Parquet file holding them" in line
+    assert "--redo-changed" in line
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["cls_attention"][:], before)
+    assert run(config, "--redo-changed") == 0
+    fresh = write_config(tmp_path / "fresh", source)
+    assert run(fresh) == 0
+    assert_stores_equal(store, tmp_path / "fresh" / "out" / "run.zarr")
+
+
+def test_a_shard_store_made_before_shard_identities_still_resumes(tmp_path, data, capsys):
+    from .packing import folder_files, write_shards
+
+    write_shards(data, folder_files(data), tmp_path / "packed", per_shard=3)
+    config = write_config(tmp_path, str(tmp_path / "packed" / "train-{000000..000001}.tar"))
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    g = zarr.open_group(str(store), mode="r+")
+    g["status"][3:] = 0  # half done, by an older vit-attn that kept no shard identity
+    for name in ("image_bytes", "image_mtime_ns"):
+        shutil.rmtree(store / name)
+    zarr.consolidate_metadata(str(store))
+    capsys.readouterr()
+    assert run(config) == 0
+    assert (status_of(store) == 1).all()
+    assert "image_bytes" not in zarr.open_group(str(store), mode="r")
+
+
 def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     assert run(config) == 0
@@ -1053,7 +1110,6 @@ def test_disk_full_is_one_line_and_the_store_stays_resumable(tmp_path, tmpfs, ca
     assert (status_of(store) == 1).all()
     reference = write_config(tmp_path / "ref", tmp_path / "data", **FULL_DISK)
     assert run(reference) == 0
-    from .helpers import assert_stores_equal
 
     assert_stores_equal(store, tmp_path / "ref" / "out" / "run.zarr")
 

@@ -8,11 +8,13 @@ redo exactly those images. Functions work on (root, listed paths); another sourc
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +73,48 @@ def identify(
     pairs = np.array([stat(f) for f in files], dtype=np.int64).reshape(len(files), 2)
     hashes = [digest(f) for f in files] if verify == "hash" else None
     return Identities(pairs[:, 0].copy(), pairs[:, 1].copy(), hashes)
+
+
+def fs_stat(fs: Any, path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a file through fsspec; MISSING where the file system does not say.
+
+    Local files give `mtime` (seconds), S3 `LastModified`, GCS `updated`, Azure
+    `last_modified`: whichever is there."""
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return MISSING, MISSING
+    size = info.get("size")
+    when = next(
+        (info[k] for k in ("mtime", "LastModified", "last_modified", "updated") if k in info),
+        None,
+    )
+    return (int(size) if isinstance(size, int | float) else MISSING), _ns(when)
+
+
+def _ns(when: Any) -> int:
+    if isinstance(when, int | float):
+        return int(round(float(when) * 1e9))
+    if isinstance(when, str):
+        try:
+            when = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+        except ValueError:
+            return MISSING
+    if isinstance(when, datetime.datetime):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return int(round(when.timestamp() * 1e9))
+    return MISSING
+
+
+def container_identities(fs: Any, files: Sequence[str], owners: Sequence[int]) -> Identities:
+    """Per image, the identity of the file holding it (a WebDataset shard, a Parquet file):
+    `owners[i]` is the index in `files` of image i's file. A rewritten shard changes the
+    identity of every image in it, so a resume refuses it (or redoes them) as it would a
+    changed image file."""
+    stats = [fs_stat(fs, f) for f in files]
+    pairs = np.array([stats[o] for o in owners], dtype=np.int64).reshape(len(owners), 2)
+    return Identities(pairs[:, 0].copy(), pairs[:, 1].copy())
 
 
 def changed_images(old: Identities, new: Identities) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataSourceError, ImageDecodeError
+from .identity import container_identities
 from .numbers import INT64_MAX, INT64_MIN
 from .remote import access_error, url_fs
 from .sources import ImageList
@@ -101,7 +102,11 @@ def list_parquet(
         "id_column": id_column,
         "label_key": label_key,
     }
-    return ImageList(file_url(fs, root), tuple(paths), reader, tuple(locators), identity)
+    files_held = [posixpath.join(root, r) for r in rels]
+    held = container_identities(fs, files_held, [loc[0] for loc in locators])
+    return ImageList(
+        file_url(fs, root), tuple(paths), reader, tuple(locators), identity, identities=held
+    )
 
 
 def _scan(

@@ -51,6 +51,7 @@ from .store import (
     create_store,
     drop_arrays,
     is_store,
+    missing_arrays,
     open_store_for_resume,
     pending_batches,
     read_status,
@@ -241,7 +242,13 @@ def prepare(
             "shards or Parquet, whose images a resume identifies by the listing only: remove "
             "data.verify (or list local files)"
         )
-    ids = identify(images.root, images.paths, data.verify) if images.reader is None else None
+    # Local image files by their own size and mtime (or hash); shard and Parquet images by
+    # their file's (a rewritten shard redoes or refuses all its images); URL images: none.
+    ids = (
+        identify(images.root, images.paths, data.verify)
+        if images.reader is None
+        else images.identities
+    )
     # Exported before the store is touched: a failed export leaves nothing half-made.
     loaded = resolve_model(cfg)
     outputs = loaded.outputs
@@ -272,6 +279,12 @@ def prepare(
         check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
     existing = is_store(store_path, store_options)
     resumed = existing and not overwrite
+    if resumed and ids is not None and images.reader is not None:
+        # A shard or Parquet store made before their files' identity was recorded resumes
+        # as it was made: without it.
+        if missing_arrays(store_path, ["image_bytes", "image_mtime_ns"], store_options):
+            ids = None
+            spec = dataclasses.replace(spec, identity="none")
     if existing and overwrite:
         _say_what_overwrite_discards(store_path, store_options, fingerprint)
     changed: list[int] = []
@@ -455,9 +468,10 @@ def _changed_inputs(
     if changed and not redo:
         shown = "; ".join(describe_change(images.paths[i], i, old, ids) for i in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        held = " (the shard or Parquet file holding them changed)" if images.reader else ""
         raise StoreError(
-            f"{path}: {len(changed)} input images changed since the store recorded them "
-            f"({shown}{more}); rerun with --redo-changed to redo exactly these images, "
+            f"{path}: {len(changed)} input images changed since the store recorded them"
+            f"{held} ({shown}{more}); rerun with --redo-changed to redo exactly these images, "
             "or --overwrite to start over"
         )
     if changed:

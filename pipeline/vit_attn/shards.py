@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataSourceError, ImageDecodeError
+from .identity import container_identities
 from .numbers import INT64_MAX, INT64_MIN, parse_int
 from .remote import access_error, url_fs
 from .sources import IMAGE_EXTENSIONS, ImageList
@@ -108,7 +109,9 @@ def list_shards(
     root_url = file_url(fs, root)
     reader = ShardReader(tuple(urls), dict(storage_options or {}), label_key is not None)
     identity = {"kind": "webdataset", "label_key": label_key}
-    return ImageList(root_url, tuple(paths), reader, tuple(locators), identity)
+    files = [posixpath.join(root, r) for r in rels]
+    held = container_identities(fs, files, [loc[0] for loc in locators])
+    return ImageList(root_url, tuple(paths), reader, tuple(locators), identity, identities=held)
 
 
 def _refuse_repeated_members(paths: list[str]) -> None:
