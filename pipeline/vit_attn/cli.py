@@ -34,6 +34,14 @@ class Terminated(KeyboardInterrupt):
 TEARDOWN_LOGGERS = ("distributed", "tornado", "dask_jobqueue")
 
 
+class _NoLibraryTracebacks(logging.Filter):
+    """Without -v, Dask's own tracebacks (a client reconnecting to a scheduler that died) are
+    not shown: the run's error line says what happened and what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.name.split(".")[0] in TEARDOWN_LOGGERS)
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     """Ctrl-C and SIGTERM: quiet the cluster's teardown, then unwind like KeyboardInterrupt."""
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
@@ -237,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
+        for handler in logging.root.handlers:
+            if not any(isinstance(f, _NoLibraryTracebacks) for f in handler.filters):
+                handler.addFilter(_NoLibraryTracebacks())
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
         os.environ["VIT_ATTN_WORKER_TRACEBACKS"] = "1"
     previous: dict[int, Any] = {}

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -178,6 +178,9 @@ def run_on_dask(
     while futures:
         try:
             done, _ = dask_wait(list(futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except (OSError, CancelledError) as exc:  # CommClosedError, FuturesCancelledError
+            _raise_if_scheduler_lost(client, exc)
+            raise
         except TimeoutError:
             workers = len(client.scheduler_info().get("workers", {}))
             raise StallError(
@@ -187,6 +190,8 @@ def run_on_dask(
             ) from None
         for future in done:
             task = futures.pop(future)
+            if future.status == "cancelled":  # the scheduler went away: not the batch's fault
+                _raise_if_scheduler_lost(client, None)
             summary = None if future.status != "finished" else future.result()
             if summary is not None and summary.fatal:
                 client.cancel(list(futures))
@@ -200,6 +205,21 @@ def run_on_dask(
             if nxt is not None:
                 futures[submit(nxt)] = nxt
     return failed
+
+
+class SchedulerLostError(PipelineError):
+    """The client lost its scheduler mid-run (it died, or the network between them)."""
+
+
+def _raise_if_scheduler_lost(client: Any, exc: BaseException | None) -> None:
+    """A closed comm or a future the scheduler cancelled (this client cancels none before it
+    stops): the scheduler is gone or unreachable, which no retry of a batch fixes."""
+    where = getattr(getattr(client, "scheduler", None), "address", None) or "the scheduler"
+    cause = f"{type(exc).__name__}: {first_line(exc)}" if exc is not None else "a batch cancelled"
+    raise SchedulerLostError(
+        f"lost the connection to the Dask scheduler at {where} ({cause}); finished batches "
+        "are kept: restart the scheduler (or pick another cluster.kind) and rerun to resume"
+    ) from None
 
 
 class FatalBatchError(PipelineError):
