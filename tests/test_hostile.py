@@ -944,6 +944,34 @@ def test_a_shard_store_made_before_shard_identities_still_resumes(tmp_path, data
     assert "image_bytes" not in zarr.open_group(str(store), mode="r")
 
 
+def test_retry_failed_redoes_images_that_failed_for_a_passing_reason(tmp_path, data, caplog):
+    # An image unreadable while the run read it (moved away, a network share's hiccup)
+    # failed; once it read fine again under the same size and mtime, nothing could redo it
+    # short of --overwrite (the whole dataset). Here: zeros of the same size and mtime.
+    config = write_config(tmp_path, data)
+    victim = data / "img_42x32.png"
+    good, stat = victim.read_bytes(), victim.stat()
+    victim.write_bytes(bytes(len(good)))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert run(config) == 0  # failed images are results
+    store = tmp_path / "out" / "run.zarr"
+    assert (status_of(store) == 2).sum() == 1
+    victim.write_bytes(good)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert run(config) == 0 and (status_of(store) == 2).sum() == 1  # a plain rerun: as it was
+    caplog.clear()
+    assert run(config, "--retry-failed") == 0
+    assert logged(caplog, "retrying 1 failed images")
+    assert (status_of(store) == 1).all()
+    assert zarr.open_group(str(store), mode="r")["error"][:].tolist() == [""] * 6
+    fresh = write_config(tmp_path / "fresh", data)
+    assert run(fresh) == 0
+    assert_stores_equal(store, tmp_path / "fresh" / "out" / "run.zarr")
+    caplog.clear()
+    assert run(config, "--retry-failed") == 0
+    assert logged(caplog, "no failed images to retry")
+
+
 def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     assert run(config) == 0

@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on resume, redo exactly the images whose files changed (size, mtime, or hash)",
     )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="on resume, try the failed images again (a file that was briefly unreadable)",
+    )
 
     exp = sub.add_parser(
         "export", help="export (or find in the cache) the ONNX graph; prints its path"
@@ -353,7 +358,13 @@ def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> i
     from .sources import IMAGE_EXTENSIONS
     from .store import consolidate, store_counts
 
-    prepared = prepare(cfg, overwrite=args.overwrite, run_id=run_id, redo_changed=args.redo_changed)
+    prepared = prepare(
+        cfg,
+        overwrite=args.overwrite,
+        run_id=run_id,
+        redo_changed=args.redo_changed,
+        retry_failed=args.retry_failed,
+    )
     plan, tasks = prepared.plan, prepared.tasks
     todo = sum(len(t.paths) for t in tasks)
     verb = "resuming" if prepared.resumed else "writing"

@@ -44,6 +44,7 @@ from .stats import STAT_NAMES, STAT_UNITS
 from .store import (
     FORMAT_VERSION,
     READER_ARRAYS,
+    STATUS_FAILED,
     StoreSpec,
     array,
     check_arrays_present,
@@ -216,14 +217,18 @@ def versions() -> dict[str, str]:
 
 
 def prepare(
-    cfg: Config, overwrite: bool = False, run_id: str | None = None, redo_changed: bool = False
+    cfg: Config,
+    overwrite: bool = False,
+    run_id: str | None = None,
+    redo_changed: bool = False,
+    retry_failed: bool = False,
 ) -> PreparedRun:
     """List images, learn the model (cached facts, or build and export it), create or reopen
     the store, list pending batches.
 
     `run_id` (a fresh one by default) is written into the store: every batch write checks it.
     A resume whose input files changed is refused naming them, or with `redo_changed` redoes
-    exactly the changed images.
+    exactly the changed images; `retry_failed` makes the failed images pending again.
     """
     run_id = run_id or uuid.uuid4().hex
     data = cfg.data
@@ -302,6 +307,8 @@ def prepare(
         group.attrs["run_id"] = run_id  # from now on, writers of an earlier run are refused
         if changed and ids is not None:
             _mark_for_redo(group, changed, ids)
+        if retry_failed:
+            _mark_failed_for_retry(group)
     else:
         attrs = {
             "model": loaded.description,
@@ -477,6 +484,19 @@ def _changed_inputs(
     if changed:
         log.warning("redoing %d changed images", len(changed))
     return changed
+
+
+def _mark_failed_for_retry(group: Any) -> None:
+    """`--retry-failed`: the failed images are pending again (a file that was briefly
+    unreadable, a network share that hiccupped); they fail again with their reason if the
+    cause is still there."""
+    idx = np.flatnonzero(np.asarray(group["status"][:]) == STATUS_FAILED)
+    if not idx.size:
+        log.warning("--retry-failed: no failed images to retry")
+        return
+    group["status"].set_orthogonal_selection((idx,), np.zeros(idx.size, dtype=np.int8))
+    group["error"].set_orthogonal_selection((idx,), np.asarray([""] * idx.size, dtype=object))
+    log.warning("retrying %d failed images", idx.size)
 
 
 def _mark_for_redo(group: Any, changed: list[int], ids: Identities) -> None:
