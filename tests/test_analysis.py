@@ -530,4 +530,4 @@ def test_demo_last_layer_masks_lie_on_the_objects(demo_run):
 def test_stats_are_part_of_the_fingerprint(sharpened_run, capsys):
     config = sharpened_run / "run.yaml"
     assert cli_main(["run", str(config), "--no-progress", "--set", "attention.stats=false"]) == 2
-    assert "outputs.stats" in capsys.readouterr().err
+    assert "attention.stats" in capsys.readouterr().err

@@ -1031,7 +1031,7 @@ def test_another_folder_with_the_same_names_is_another_run(tmp_path, data, capsy
     config = write_config(tmp_path, other)
     assert run(config) == 2
     line = one_error_line(capsys)
-    assert "images.root" in line and str(other) in line, line
+    assert "data.source (its folder)" in line and str(other) in line, line
     assert zarr.open_group(str(tmp_path / "out" / "run.zarr"), mode="r").attrs["image_root"] == str(
         data
     )

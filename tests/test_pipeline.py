@@ -293,7 +293,7 @@ def test_rerun_of_a_finished_store_does_nothing(local_run, tmp_path):
         (lambda c: c["data"].update(source="/no/such/folder"), r"/no/such/folder"),
         (
             lambda c: c["attention"].update(layers=[0]),
-            r"holds a different run \(outputs\.layers: \[0, 2\] -> \[0\]",
+            r"holds a different run \(attention\.layers: \[0, 2\] -> \[0\]",
         ),
         (
             lambda c: c["model"].update(name="resnet18", checkpoint=None, img_size=None, kwargs={}),

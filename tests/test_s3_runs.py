@@ -335,7 +335,7 @@ def test_s3_store_refusals_and_overwrite(s3_store, bucket, tmp_path, checkpoint,
     )
     assert proc.returncode == 2
     assert re.fullmatch(
-        r"vit-attn: error: s3://runs/stores/folder\.zarr holds a different run \(outputs\.layers.*\n",
+        r"vit-attn: error: s3://runs/stores/folder\.zarr holds a different run \(attention\.layers.*\n",
         proc.stderr,
     ), proc.stderr
     np.testing.assert_array_equal(arrays(s3_store)["status"], before)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from .config import ClusterConfig
 from .errors import ConfigError, PipelineError, first_line
@@ -178,16 +178,15 @@ def run_on_dask(
     while futures:
         try:
             done, _ = dask_wait(list(futures), timeout=timeout, return_when="FIRST_COMPLETED")
-        except (OSError, CancelledError) as exc:  # CommClosedError, FuturesCancelledError
-            _raise_if_scheduler_lost(client, exc)
-            raise
-        except TimeoutError:
+        except TimeoutError:  # (an OSError: before the clause below)
             workers = len(client.scheduler_info().get("workers", {}))
             raise StallError(
                 f"no batch finished for {stall_minutes:g} minutes ({len(futures)} in flight, "
                 f"{workers} workers connected); are the workers alive and able to reach the "
                 "store? Finished batches are kept: rerun to resume (cluster.stall_minutes)"
             ) from None
+        except (OSError, CancelledError) as exc:  # CommClosedError, FuturesCancelledError
+            _raise_if_scheduler_lost(client, exc)
         for future in done:
             task = futures.pop(future)
             if future.status == "cancelled":  # the scheduler went away: not the batch's fault
@@ -211,7 +210,7 @@ class SchedulerLostError(PipelineError):
     """The client lost its scheduler mid-run (it died, or the network between them)."""
 
 
-def _raise_if_scheduler_lost(client: Any, exc: BaseException | None) -> None:
+def _raise_if_scheduler_lost(client: Any, exc: BaseException | None) -> NoReturn:
     """A closed comm or a future the scheduler cancelled (this client cancels none before it
     stops): the scheduler is gone or unreachable, which no retry of a batch fixes."""
     where = getattr(getattr(client, "scheduler", None), "address", None) or "the scheduler"

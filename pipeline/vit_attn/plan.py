@@ -509,6 +509,29 @@ def _mark_for_redo(group: Any, changed: list[int], ids: Identities) -> None:
             group[name].set_orthogonal_selection((idx,), np.asarray(values)[idx])
 
 
+# Fingerprint entries under the config key a user would change (the rest read as they are).
+_CONFIG_KEYS = {
+    "images.verify": "data.verify",
+    "images.root": "data.source (its folder)",
+    "outputs.layers": "attention.layers",
+    "outputs.topk": "attention.topk",
+    "outputs.attention": "attention.full",
+    "outputs.rollout": "attention.rollout",
+    "outputs.stats": "attention.stats",
+    "outputs.overlays": "output.overlays",
+    "outputs.overlay_alpha": "output.overlay_alpha",
+    "outputs.colormap": "output.colormap",
+    "outputs.attention_dtype": "output.attention_dtype",
+    "model.weights_digest": "the model's weights (model.checkpoint, model.seed)",
+}
+
+
+def _as_config_key(change: str) -> str:
+    """'images.verify: "stat" -> "hash"' as 'data.verify: "stat" -> "hash"'."""
+    key, sep, rest = change.partition(": ")
+    return f"{_CONFIG_KEYS.get(key, key)}{sep}{rest}"
+
+
 def _check_same_run(
     path: Path | str,
     fingerprint: str,
@@ -522,7 +545,9 @@ def _check_same_run(
     attrs = dict(group.attrs)
     if attrs.get("fingerprint") == fingerprint:
         return
-    changes = config_differences(attrs.get("fingerprint_inputs", {}), inputs)
+    changes = [
+        _as_config_key(c) for c in config_differences(attrs.get("fingerprint_inputs", {}), inputs)
+    ]
     listed = ("images.count", "images.sha256")
     only_listing = bool(changes) and all(c.startswith(listed) for c in changes)
     if paths is not None and any(c.startswith(listed) for c in changes):
