@@ -972,6 +972,18 @@ def test_retry_failed_redoes_images_that_failed_for_a_passing_reason(tmp_path, d
     assert logged(caplog, "no failed images to retry")
 
 
+def test_a_template_left_by_a_killed_creation_is_removed_by_the_next_run(tmp_path, data):
+    # SIGKILL while the store's template was built left `.run.zarr.tmp-XXXXXXXX/` for good.
+    stale = tmp_path / "out" / ".run.zarr.tmp-0123abcd"
+    (stale / "cls_attention").mkdir(parents=True)
+    (stale / "zarr.json").write_text("{}")
+    other = tmp_path / "out" / ".run.zarr.tmp-not-ours"  # not a template name: kept
+    other.mkdir()
+    assert run(write_config(tmp_path, data)) == 0
+    assert not stale.exists() and other.exists()
+    assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
+
+
 def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     assert run(config) == 0

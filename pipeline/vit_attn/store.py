@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import operator
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -36,6 +38,8 @@ from vit_attn.numbers import parse_int
 from vit_attn.rawshard import raw_shard_writer
 from vit_attn.remote import is_url, zarr_store
 from vit_attn.roles import MAP_ARRAYS
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -537,6 +541,7 @@ def _create(
     initial: Mapping[str, np.ndarray],
 ) -> zarr.Group:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_templates(path)
     # An existing empty folder (possibly a mount point, which cannot be replaced by a rename)
     # is filled in place: the template is built inside it and moved up, zarr.json last.
     in_place = not replace and path.is_dir()
@@ -564,6 +569,22 @@ def _create(
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     return zarr.open_group(str(path), mode="r+")
+
+
+def _remove_stale_templates(path: Path) -> None:
+    """Templates a creation killed before its rename left (`.NAME.tmp-XXXXXXXX` beside the
+    store, or inside an empty folder filled in place). Runs create stores under the store's
+    lock, so any such folder is a dead run's."""
+    name = re.compile(rf"\.{re.escape(path.name)}\.tmp-[0-9a-f]{{8}}")
+    for folder in (path.parent, path):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if name.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                log.info("removed %s, a store template a stopped run left", entry.path)
 
 
 def populate(group: zarr.Group, spec: StoreSpec, image_paths: Sequence[str]) -> None:
