@@ -1082,7 +1082,7 @@ def test_a_missing_scheduler_fails_in_bounded_time(tmp_path, data, capsys, where
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_run_without_progress_stops_with_one_line(tmp_path, data, capsys):
+def test_a_run_without_progress_stops_with_one_line(tmp_path, data, capsys, caplog):
     """A scheduler with no worker at all: nothing finishes; the watchdog says so."""
     import time
 
@@ -1110,10 +1110,14 @@ def test_a_run_without_progress_stops_with_one_line(tmp_path, data, capsys):
             cluster={"kind": "address", "scheduler_file": str(sched_file), "stall_minutes": 0.05},
         )
         start = time.monotonic()
+        caplog.clear()
         assert run(config) == 2
         assert time.monotonic() - start < 120
         line = one_error_line(capsys)
         assert "no batch finished for 0.05 minutes" in line and "0 workers" in line, line
+        # It waited without a word until then; with no worker at all it says so at once.
+        said = logged(caplog, "no worker is connected to the scheduler")
+        assert len(said) == 1 and "cluster.stall_minutes" in said[0], said
         assert (status_of(tmp_path / "out" / "run.zarr") == 0).all()
     finally:
         proc.terminate()

@@ -175,11 +175,29 @@ def run_on_dask(
         futures[submit(task)] = task
         if len(futures) >= max_in_flight:
             break
+    last_done = time.monotonic()
+    said_no_workers = False
     while futures:
+        waited = time.monotonic() - last_done
+        poll = WORKER_CHECK_SECONDS
+        if timeout is not None:  # a short stall limit is looked at twice before it ends
+            poll = min(poll, timeout / 2, timeout - waited)
         try:
-            done, _ = dask_wait(list(futures), timeout=timeout, return_when="FIRST_COMPLETED")
+            done, _ = dask_wait(
+                list(futures), timeout=max(poll, 0.01), return_when="FIRST_COMPLETED"
+            )
         except TimeoutError:  # (an OSError: before the clause below)
             workers = len(client.scheduler_info().get("workers", {}))
+            if timeout is None or time.monotonic() - last_done < timeout:
+                if workers == 0 and not said_no_workers:  # it would wait silently till the stall
+                    log.warning(
+                        "no worker is connected to the scheduler at %s; the run waits for one "
+                        "(up to cluster.stall_minutes: %g)",
+                        getattr(client.scheduler, "address", "?"),
+                        stall_minutes,
+                    )
+                    said_no_workers = True
+                continue
             raise StallError(
                 f"no batch finished for {stall_minutes:g} minutes ({len(futures)} in flight, "
                 f"{workers} workers connected); are the workers alive and able to reach the "
@@ -187,6 +205,8 @@ def run_on_dask(
             ) from None
         except (OSError, CancelledError) as exc:  # CommClosedError, FuturesCancelledError
             _raise_if_scheduler_lost(client, exc)
+        last_done = time.monotonic()
+        said_no_workers = False
         for future in done:
             task = futures.pop(future)
             if future.status == "cancelled":  # the scheduler went away: not the batch's fault
@@ -204,6 +224,10 @@ def run_on_dask(
             if nxt is not None:
                 futures[submit(nxt)] = nxt
     return failed
+
+
+# How often a run that waits on its batches looks whether any worker is connected at all.
+WORKER_CHECK_SECONDS = 10.0
 
 
 class SchedulerLostError(PipelineError):
