@@ -920,7 +920,12 @@ def test_a_rewritten_shard_or_parquet_file_is_not_mixed_into_a_resume(tmp_path, 
     assert "6 input images changed" in line and "the shard or Parquet file holding them" in line
     assert "--redo-changed" in line
     np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["cls_attention"][:], before)
+    # show drew the old maps over the new picture: refused like a changed image file
+    assert cli_main(["show", str(store), "--image", "0", "-o", str(tmp_path / "x.png")]) == 2
+    line = one_error_line(capsys)
+    assert "the file holding it changed since the run" in line and "--redo-changed" in line
     assert run(config, "--redo-changed") == 0
+    assert cli_main(["show", str(store), "--image", "0", "-o", str(tmp_path / "x.png")]) == 0
     fresh = write_config(tmp_path / "fresh", source)
     assert run(fresh) == 0
     assert_stores_equal(store, tmp_path / "fresh" / "out" / "run.zarr")

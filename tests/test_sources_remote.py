@@ -532,3 +532,32 @@ def test_runs_group_consecutive_equal_keys_only():
     # a key met again later is a new run: a batch may leave a shard and come back to it
     got = list(runs([0, 0, 1, 0, (2, 1), (2, 1), ("placeholder", 6)]))
     assert got == [range(0, 2), range(2, 3), range(3, 4), range(4, 6), range(6, 7)]
+
+
+def test_object_store_files_rewritten_within_a_second_are_told_apart():
+    # S3's LastModified has whole seconds: a shard rewritten in the same second at the same
+    # size looked unchanged. The ETag's digest fills the sub-second part.
+    import datetime
+
+    from vit_attn.identity import MISSING, fs_stat
+
+    when = datetime.datetime(2026, 12, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+    class Store:
+        def __init__(self, info):
+            self._info = info
+
+        def info(self, path):
+            if self._info is None:
+                raise FileNotFoundError(path)
+            return self._info
+
+    a = fs_stat(Store({"size": 1000, "LastModified": when, "ETag": '"aaa"'}), "x")
+    b = fs_stat(Store({"size": 1000, "LastModified": when, "ETag": '"bbb"'}), "x")
+    assert a[0] == b[0] == 1000 and a != b
+    assert a[1] // 10**9 == b[1] // 10**9 == int(when.timestamp())  # the second is kept
+    again = fs_stat(Store({"size": 1000, "LastModified": when, "ETag": '"aaa"'}), "x")
+    assert again == a
+    local = fs_stat(Store({"size": 5, "mtime": 1700000000.25}), "x")
+    assert local[0] == 5 and abs(local[1] - 1700000000250000000) < 1000  # kept (float seconds)
+    assert fs_stat(Store(None), "x") == (MISSING, MISSING)

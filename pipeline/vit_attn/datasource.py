@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError, ImageDecodeError, PipelineError, first_line
+import numpy as np
+
+from .errors import ConfigError, ImageDecodeError, PipelineError, SourceChangedError, first_line
+from .identity import MISSING, Identities, describe_change, fs_stat
 from .remote import is_url, unmasked
 from .sources import ImageList, list_images
 
@@ -91,7 +94,9 @@ def listing_changes(old: Sequence[str], new: Sequence[str], show: int = 3) -> st
     return f"the source changed: {len(added)} {noun} added{some(added)}, {len(removed)} removed{some(removed)}"
 
 
-def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
+def read_listed_image(
+    attrs: Mapping[str, Any], rel: str, expected: tuple[int, int] | None = None
+) -> bytes | None:
     """The bytes of one image of a store, found again from the store's attributes (for
     ``vit-attn show`` and the viewer): None for local files (read by path).
 
@@ -99,8 +104,12 @@ def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
     ids), or one object, with the run's `data.storage_options` as the store recorded them
     (an endpoint, a region); the secrets it masked come from the environment.
 
+    `expected`: the (size, mtime_ns) the store recorded for the shard or Parquet file
+    holding the image; a file that is not that one any more is SourceChangedError.
+
     Raises:
         ImageDecodeError: the image cannot be read from its source, with the reason.
+        SourceChangedError: its shard or Parquet file changed since the run.
     """
     root = str(attrs.get("image_root", ""))
     source = attrs.get("fingerprint_inputs", {}).get("source") or {}
@@ -113,7 +122,7 @@ def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
                 return None
             items = _file_reader(root, options).read([rel]).items
         elif kind == "webdataset":
-            items = _one_shard_member(root, rel, options)
+            items = _one_shard_member(root, rel, options, expected)
         else:
             from .parquet import list_parquet
 
@@ -121,7 +130,13 @@ def read_listed_image(attrs: Mapping[str, Any], rel: str) -> bytes | None:
                 str(config["source"]), options, source.get("image_column"), source.get("id_column")
             )
             locators = listed.locators or ()
-            items = listed.reader.read([rel], [locators[listed.paths.index(rel)]]).items
+            index = listed.paths.index(rel)
+            if expected is not None and listed.identities is not None:
+                ids = listed.identities
+                _same_file(rel, expected, (int(ids.size[index]), int(ids.mtime_ns[index])))
+            items = listed.reader.read([rel], [locators[index]]).items
+    except SourceChangedError:
+        raise
     except (PipelineError, ValueError, KeyError, OSError) as exc:
         raise ImageDecodeError(
             f"cannot read it from its source {root}: {first_line(exc)}"
@@ -138,7 +153,23 @@ def _file_reader(root: str, options: dict[str, Any]) -> Any:
     return FileReader(root, options)
 
 
-def _one_shard_member(root: str, rel: str, options: dict[str, Any]) -> list[Any]:
+def _same_file(rel: str, expected: tuple[int, int], now: tuple[int, int]) -> None:
+    """Refuse an image whose shard or Parquet file is not the one the run read."""
+    if MISSING in expected or MISSING in now or expected == now:
+        return
+    old = Identities(np.array([expected[0]]), np.array([expected[1]]))
+    new = Identities(np.array([now[0]]), np.array([now[1]]))
+    raise SourceChangedError(
+        f"{rel}: the file holding it changed since the run "
+        f"({describe_change('its shard or Parquet file', 0, old, new).split(': ', 1)[1]}): "
+        "the stored attention belongs to the old one; rerun `vit-attn run CONFIG "
+        "--redo-changed` to recompute it"
+    )
+
+
+def _one_shard_member(
+    root: str, rel: str, options: dict[str, Any], expected: tuple[int, int] | None = None
+) -> list[Any]:
     from .remote import url_fs
     from .shards import ShardReader, _scan
 
@@ -147,6 +178,8 @@ def _one_shard_member(root: str, rel: str, options: dict[str, Any]) -> list[Any]
         return []
     url = (root.rstrip("/") + "/" if root else "") + shard_rel + ".tar"
     fs, path = url_fs(url, options)
+    if expected is not None:
+        _same_file(rel, expected, fs_stat(fs, path))
     scanned = _scan(fs, path, url, 0, None)
     for name, loc in scanned.images:
         if name == member:

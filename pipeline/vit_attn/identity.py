@@ -12,7 +12,9 @@ import datetime
 import hashlib
 import os
 import time
+import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +81,10 @@ def fs_stat(fs: Any, path: str) -> tuple[int, int]:
     """(size, mtime_ns) of a file through fsspec; MISSING where the file system does not say.
 
     Local files give `mtime` (seconds), S3 `LastModified`, GCS `updated`, Azure
-    `last_modified`: whichever is there."""
+    `last_modified`: whichever is there. Object stores keep whole seconds, so a file
+    rewritten within a second at the same size would look unchanged: where the store gives
+    an ETag (or a generation, a version id), a digest of it fills the sub-second part of the
+    mtime, below what `describe_change` shows."""
     try:
         info = fs.info(path)
     except (OSError, ValueError):
@@ -89,7 +94,14 @@ def fs_stat(fs: Any, path: str) -> tuple[int, int]:
         (info[k] for k in ("mtime", "LastModified", "last_modified", "updated") if k in info),
         None,
     )
-    return (int(size) if isinstance(size, int | float) else MISSING), _ns(when)
+    ns = _ns(when)
+    tag = next(
+        (info[k] for k in ("ETag", "etag", "generation", "VersionId", "version_id") if info.get(k)),
+        None,
+    )
+    if tag is not None and ns != MISSING and ns % 1_000_000_000 == 0:
+        ns += zlib.crc32(str(tag).encode()) % 1_000_000_000
+    return (int(size) if isinstance(size, int | float) else MISSING), ns
 
 
 def _ns(when: Any) -> int:
@@ -107,12 +119,19 @@ def _ns(when: Any) -> int:
     return MISSING
 
 
-def container_identities(fs: Any, files: Sequence[str], owners: Sequence[int]) -> Identities:
+def fs_stats(fs: Any, files: Sequence[str]) -> list[tuple[int, int]]:
+    """`fs_stat` of many files at once (one request each on object storage, concurrent)."""
+    if len(files) <= 1:
+        return [fs_stat(fs, f) for f in files]
+    with ThreadPoolExecutor(min(16, len(files))) as pool:
+        return list(pool.map(lambda f: fs_stat(fs, f), files))
+
+
+def container_identities(stats: Sequence[tuple[int, int]], owners: Sequence[int]) -> Identities:
     """Per image, the identity of the file holding it (a WebDataset shard, a Parquet file):
-    `owners[i]` is the index in `files` of image i's file. A rewritten shard changes the
-    identity of every image in it, so a resume refuses it (or redoes them) as it would a
-    changed image file."""
-    stats = [fs_stat(fs, f) for f in files]
+    `owners[i]` is the index in `stats` (taken with `fs_stats` before the files were read) of
+    image i's file. A rewritten shard changes the identity of every image in it, so a resume
+    refuses it (or redoes them) as it would a changed image file."""
     pairs = np.array([stats[o] for o in owners], dtype=np.int64).reshape(len(owners), 2)
     return Identities(pairs[:, 0].copy(), pairs[:, 1].copy())
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataSourceError, ImageDecodeError
-from .identity import container_identities
+from .identity import container_identities, fs_stats
 from .numbers import INT64_MAX, INT64_MIN
 from .remote import access_error, url_fs
 from .sources import ImageList
@@ -64,6 +64,7 @@ def list_parquet(
     """
     column = image_column or DEFAULT_IMAGE_COLUMN
     fs, root, rels = expand_files(source, storage_options)
+    stats = fs_stats(fs, [posixpath.join(root, r) for r in rels])  # before reading them
     urls = [file_url(fs, posixpath.join(root, r)) for r in rels]
 
     def scan(i: int) -> _File:
@@ -102,8 +103,7 @@ def list_parquet(
         "id_column": id_column,
         "label_key": label_key,
     }
-    files_held = [posixpath.join(root, r) for r in rels]
-    held = container_identities(fs, files_held, [loc[0] for loc in locators])
+    held = container_identities(stats, [loc[0] for loc in locators])
     return ImageList(
         file_url(fs, root), tuple(paths), reader, tuple(locators), identity, identities=held
     )

@@ -48,13 +48,21 @@ def model_input_image(group: Any, index: int) -> np.ndarray:
         _check_unchanged(group, index, rel, str(path))
     try:
         if remote:  # on object storage, in a shard or a Parquet file: found through the source
-            path = read_listed_image(attrs, rel)
+            path = read_listed_image(attrs, rel, _recorded(group, index))
         if path is None:
             raise ImageDecodeError("its source holds it no longer")
         return load_image(path, prep)
     except ImageDecodeError as exc:
         log.warning("image %d: %s; its maps are drawn on grey", index, exc)
         return np.full((*prep.input_size, 3), 128, np.uint8)
+
+
+def _recorded(group: Any, index: int) -> tuple[int, int] | None:
+    """The (size, mtime_ns) the run recorded for image `index` (for shard and Parquet images:
+    their file's), or None where the store keeps none."""
+    if "image_bytes" not in group or "image_mtime_ns" not in group:
+        return None
+    return int(group["image_bytes"][index]), int(group["image_mtime_ns"][index])
 
 
 def _check_unchanged(group: Any, index: int, rel: str, path: str) -> None:

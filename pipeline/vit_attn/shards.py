@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataSourceError, ImageDecodeError
-from .identity import container_identities
+from .identity import container_identities, fs_stats
 from .numbers import INT64_MAX, INT64_MIN, parse_int
 from .remote import access_error, url_fs
 from .sources import IMAGE_EXTENSIONS, ImageList
@@ -74,6 +74,9 @@ def list_shards(
             cannot be reached (endpoint, credentials).
     """
     fs, root, rels = expand_files(source, storage_options)
+    # Before reading them: a shard rewritten meanwhile is recorded as the new one, not as
+    # the old one's identity over the new one's members.
+    stats = fs_stats(fs, [posixpath.join(root, r) for r in rels])
     urls = [file_url(fs, posixpath.join(root, r)) for r in rels]
 
     def scan(i: int) -> _Shard:
@@ -109,8 +112,7 @@ def list_shards(
     root_url = file_url(fs, root)
     reader = ShardReader(tuple(urls), dict(storage_options or {}), label_key is not None)
     identity = {"kind": "webdataset", "label_key": label_key}
-    files = [posixpath.join(root, r) for r in rels]
-    held = container_identities(fs, files, [loc[0] for loc in locators])
+    held = container_identities(stats, [loc[0] for loc in locators])
     return ImageList(root_url, tuple(paths), reader, tuple(locators), identity, identities=held)
 
 
