@@ -158,6 +158,23 @@ def test_two_stores_never_share_a_png_dir(tmp_path, data, capsys):
     assert run(first) == 0 and run(first, "--overwrite") == 0  # its own store: fine
 
 
+def test_another_users_lock_it_cannot_read_is_never_taken_over(tmp_path, monkeypatch):
+    # An unreadable lock was treated as an empty one and taken over after 10 s, while its
+    # run (another user's, umask 077) was alive. (Root reads every file: os.access stands in.)
+    from vit_attn import lock as lock_mod
+    from vit_attn.lock import FileLock, StoreLockedError
+
+    path = tmp_path / "run.zarr.lock"
+    path.write_text("{}")  # content this user would not see
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    monkeypatch.setattr(lock_mod, "read_holder", lambda p: None)
+    monkeypatch.setattr(lock_mod.os, "access", lambda p, mode: False)
+    with pytest.raises(StoreLockedError, match="held by another user .* cannot be read here"):
+        FileLock(path, "mine").acquire()
+    assert path.read_text() == "{}"
+
+
 def test_two_runs_that_both_found_a_png_dir_unclaimed_cannot_both_claim_it(tmp_path):
     # Both passed the up-front check, then each wrote its marker (the last won) and their
     # PNGs mixed under one folder: the claim is exclusive now.
@@ -187,8 +204,11 @@ def test_an_empty_lock_file_never_blocks_a_store_for_good(tmp_path, data, capsys
     lock.write_bytes(b"")
     capsys.readouterr()
     assert run(config) == 2  # just written (as a live run's would be): not taken
-    assert "cannot be read); if no run uses the store, delete it" in one_error_line(capsys)
-    old = time.time() - 60
+    assert "not stale yet); if no run uses the store, delete it" in one_error_line(capsys)
+    old = time.time() - 119  # younger than output.lock_stale_seconds (120): still not taken
+    os.utime(lock, (old, old))
+    assert run(config) == 2
+    old = time.time() - 3600
     os.utime(lock, (old, old))
     assert run(config) == 0 and (status_of(store) == 1).all()
     assert not lock.exists()
@@ -982,10 +1002,16 @@ def test_a_template_left_by_a_killed_creation_is_removed_by_the_next_run(tmp_pat
     stale = tmp_path / "out" / ".run.zarr.tmp-0123abcd"
     (stale / "cls_attention").mkdir(parents=True)
     (stale / "zarr.json").write_text("{}")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    # Being built right now by another process (through the API, without the lock): kept.
+    fresh = tmp_path / "out" / ".run.zarr.tmp-4567cdef"
+    fresh.mkdir()
     other = tmp_path / "out" / ".run.zarr.tmp-not-ours"  # not a template name: kept
     other.mkdir()
+    os.utime(other, (old, old))
     assert run(write_config(tmp_path, data)) == 0
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and fresh.exists() and other.exists()
     assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
 
 

@@ -53,7 +53,8 @@ class Lock(Protocol):
         ...
 
 
-# A lock file that cannot be read (empty, cut short) and is older than this is stale.
+# A lock file whose content cannot be read (empty, cut short) is stale once it is older than
+# this and than the lock's own stale_after (a live run's heartbeat keeps its mtime fresher).
 UNREADABLE_STALE_AFTER = 10.0
 
 
@@ -105,20 +106,25 @@ class FileLock:
                 age = _age(self.path)
                 if age is None:  # released (or taken away) between our two looks: try again
                     continue
-                if age > UNREADABLE_STALE_AFTER:
-                    # empty or cut short (a disk that filled, a kill while it was written): a
-                    # live run writes its lock whole within milliseconds of creating it
+                if not os.access(self.path, os.R_OK):  # another user's: alive as far as we know
+                    raise StoreLockedError(
+                        f"{self.path} is held by another user (uid {_owner(self.path)}) and "
+                        "cannot be read here; wait for that run, or ask its owner"
+                    )
+                if age > max(UNREADABLE_STALE_AFTER, self.stale_after):
+                    # empty or cut short (a disk that filled, a kill while it was written),
+                    # and older than any live run's heartbeat
                     self._take_over({})
                     continue
-                time.sleep(0.2)  # being written right now
+                time.sleep(0.2)  # being written right now, or a dead run's: not yet stale
                 continue
             why = self._stale_reason(holder)
             if why is None:
                 raise StoreLockedError(_refusal(self.path, holder))
             self._take_over(holder)
         raise StoreLockedError(
-            f"{self.path}: could not take the lock (other runs keep taking it, or it cannot "
-            "be read); if no run uses the store, delete it"
+            f"{self.path}: could not take the lock (other runs keep taking it, or its content "
+            "cannot be read and it is not stale yet); if no run uses the store, delete it"
         )
 
     def release(self) -> None:
@@ -358,6 +364,13 @@ def _refusal(path: Path, holder: dict[str, Any]) -> str:
         f"{float(holder.get('stale_after', DEFAULT_STALE_AFTER)):.0f} s without heartbeat, "
         f"or delete {path} once you are sure it is not running"
     )
+
+
+def _owner(path: Path) -> str:
+    try:
+        return str(path.stat().st_uid)
+    except OSError:
+        return "?"
 
 
 def _age(path: Path) -> float | None:

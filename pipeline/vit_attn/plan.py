@@ -57,6 +57,7 @@ from .store import (
     pending_batches,
     read_status,
     readable_attrs,
+    remove_stale_templates,
     store_counts,
     stored_batch_size,
 )
@@ -282,6 +283,8 @@ def prepare(
     if cfg.output.png_dir:
         check_png_owner(cfg.output.png_dir, store_path)
         check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
+    # (under the store's lock, which the caller holds)
+    remove_stale_templates(store_path, cfg.output.lock_stale_seconds)
     existing = is_store(store_path, store_options)
     resumed = existing and not overwrite
     if resumed and ids is not None and images.reader is not None:

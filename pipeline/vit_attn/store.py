@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -541,7 +542,6 @@ def _create(
     initial: Mapping[str, np.ndarray],
 ) -> zarr.Group:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_templates(path)
     # An existing empty folder (possibly a mount point, which cannot be replaced by a rename)
     # is filled in place: the template is built inside it and moved up, zarr.json last.
     in_place = not replace and path.is_dir()
@@ -571,18 +571,31 @@ def _create(
     return zarr.open_group(str(path), mode="r+")
 
 
-def _remove_stale_templates(path: Path) -> None:
+def remove_stale_templates(path: PathLike, older_than: float) -> None:
     """Templates a creation killed before its rename left (`.NAME.tmp-XXXXXXXX` beside the
-    store, or inside an empty folder filled in place). Runs create stores under the store's
-    lock, so any such folder is a dead run's."""
+    store, or inside an empty folder filled in place), untouched for `older_than` seconds.
+
+    For runs, which call it holding the store's lock with the lock's `stale_after`: a
+    template that old belongs to a run whose lock would have been taken over anyway.
+    """
+    if is_url(path):
+        return
+    path = Path(path)
     name = re.compile(rf"\.{re.escape(path.name)}\.tmp-[0-9a-f]{{8}}")
+    now = time.time()
     for folder in (path.parent, path):
         try:
             entries = list(os.scandir(folder))
         except OSError:
             continue
         for entry in entries:
-            if name.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            if not (name.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+                continue
+            try:
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if age > older_than:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 log.info("removed %s, a store template a stopped run left", entry.path)
 
