@@ -62,3 +62,35 @@ def test_start_line_names_the_choice_and_the_reason(tmp_path, export_cache, caps
     err = capsys.readouterr().err
     assert "cluster auto: in-process (3 batches: a cluster's start-up" in err, err
     assert "5 ok, 0 failed" in err
+
+
+def test_library_tracebacks_are_cut_to_their_message_without_verbose():
+    import io
+    import logging
+
+    from vit_attn.errors import hide_library_tracebacks
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    hide_library_tracebacks(handler)
+    hide_library_tracebacks(handler)  # once only
+    assert len(handler.filters) == 1
+    logger = logging.getLogger("distributed.client.test")
+    mine = logging.getLogger("vit_attn.test")
+    for log in (logger, mine):
+        log.addHandler(handler)
+        log.propagate = False
+    try:
+        try:
+            raise ConnectionRefusedError("scheduler gone")
+        except ConnectionRefusedError:
+            logger.exception("reconnecting failed")
+            logger.exception("")  # nothing but a traceback: dropped
+            mine.exception("ours keeps its traceback")
+    finally:
+        for log in (logger, mine):
+            log.removeHandler(handler)
+            log.propagate = True
+    text = out.getvalue()
+    assert "reconnecting failed" in text and "ours keeps its traceback" in text
+    assert text.count("Traceback") == 1  # ours only

@@ -17,7 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, PipelineError, StoreError, describe_os_error
+from .errors import (
+    LIBRARY_LOGGERS,
+    ConfigError,
+    PipelineError,
+    StoreError,
+    describe_os_error,
+    hide_library_tracebacks,
+)
 from .remote import is_url, location
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
@@ -31,15 +38,7 @@ class Terminated(KeyboardInterrupt):
 # Dask's and tornado's loggers, silenced the moment a signal arrives: while the cluster is torn
 # down they report cancelled keys and, from distributed's own `sync` (a known race when the
 # interrupt lands before its future exists), a NameError traceback. None of it is the user's news.
-TEARDOWN_LOGGERS = ("distributed", "tornado", "dask_jobqueue")
-
-
-class _NoLibraryTracebacks(logging.Filter):
-    """Without -v, Dask's own tracebacks (a client reconnecting to a scheduler that died) are
-    not shown: the run's error line says what happened and what to do."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.name.split(".")[0] in TEARDOWN_LOGGERS)
+TEARDOWN_LOGGERS = LIBRARY_LOGGERS
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -250,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
-        for handler in logging.root.handlers:
-            if not any(isinstance(f, _NoLibraryTracebacks) for f in handler.filters):
-                handler.addFilter(_NoLibraryTracebacks())
+        hide_library_tracebacks(*logging.root.handlers)
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
         os.environ["VIT_ATTN_WORKER_TRACEBACKS"] = "1"
     previous: dict[int, Any] = {}

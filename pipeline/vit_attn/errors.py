@@ -6,6 +6,7 @@ Each subclass also derives from the builtin that fits, so callers can catch eith
 from __future__ import annotations
 
 import errno
+import logging
 import re
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -95,3 +96,27 @@ def unrecoverable(exc: BaseException, where: str = "") -> str | None:
         line = describe_os_error(exc)
         return line if exc.filename is not None or not where else f"{where}: {line}"
     return None
+
+
+# Loggers of the libraries a run drives (Dask's scheduler and client, their event loop).
+LIBRARY_LOGGERS = ("distributed", "tornado", "dask_jobqueue")
+
+
+class LibraryTracebackFilter(logging.Filter):
+    """Without -v, the libraries' own tracebacks (a client reconnecting to a scheduler that
+    died) are not printed: the run's error line says what happened and what to do. Their
+    message stays, where there is one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.split(".")[0] in LIBRARY_LOGGERS:
+            record.exc_info = None
+            record.exc_text = None
+            return bool(str(record.getMessage()).strip())
+        return True
+
+
+def hide_library_tracebacks(*handlers: logging.Handler) -> None:
+    """Attach one LibraryTracebackFilter to each handler (once)."""
+    for handler in handlers:
+        if not any(isinstance(f, LibraryTracebackFilter) for f in handler.filters):
+            handler.addFilter(LibraryTracebackFilter())

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from .config import ClusterConfig
-from .errors import ConfigError, PipelineError, first_line
+from .errors import (
+    LIBRARY_LOGGERS,
+    ConfigError,
+    PipelineError,
+    first_line,
+    hide_library_tracebacks,
+)
 from .task import BatchSummary, BatchTask, RunPlan, run_batch
 
 log = logging.getLogger(__name__)
@@ -325,6 +331,11 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
         for name in ("distributed", "dask_jobqueue"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # distributed may print through handlers of its own (not the root's, which the CLI
+        # quiets): their tracebacks go too
+        hide_library_tracebacks(
+            *(h for name in LIBRARY_LOGGERS for h in logging.getLogger(name).handlers)
+        )
 
     env = {**WORKER_ENV, **cluster.worker_env}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
