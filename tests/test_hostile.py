@@ -190,6 +190,10 @@ def test_two_runs_that_both_found_a_png_dir_unclaimed_cannot_both_claim_it(tmp_p
     assert png_dir_owner(png) == str(a.resolve()) or png_dir_owner(png).endswith("a.zarr")
     claim_png_dir(png, a)  # the owner's resume
     assert sorted(p.name for p in png.iterdir()) == [".vit-attn-store"]  # no temporary left
+    # A marker left empty (a kill between create and write) is not "unclaimed".
+    (png / ".vit-attn-store").write_text("")
+    with pytest.raises(OutputError, match="owner record .* is empty"):
+        check_png_owner(png, b)
 
 
 def test_an_empty_lock_file_never_blocks_a_store_for_good(tmp_path, data, capsys):
@@ -1013,6 +1017,18 @@ def test_a_template_left_by_a_killed_creation_is_removed_by_the_next_run(tmp_pat
     assert run(write_config(tmp_path, data)) == 0
     assert not stale.exists() and fresh.exists() and other.exists()
     assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
+
+
+def test_a_refused_resume_names_the_config_keys_that_differ(tmp_path, data, capsys):
+    # It named fingerprint entries ("model.grid", "model.weights_digest ... (model.checkpoint,
+    # model.seed)") for a change of model.img_size alone.
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    capsys.readouterr()
+    assert run(config, "--set", "model.img_size=48") == 2
+    line = one_error_line(capsys)
+    assert "the patch grid (model.img_size, model.kwargs)" in line, line
+    assert "model.checkpoint" not in line and "model.grid" not in line, line
 
 
 def test_a_changed_image_under_the_same_name_is_not_silently_kept(tmp_path, data, capsys):

@@ -197,10 +197,11 @@ def run_on_dask(
             if timeout is None or time.monotonic() - last_done < timeout:
                 if workers == 0 and not said_no_workers:  # it would wait silently till the stall
                     log.warning(
-                        "no worker is connected to the scheduler at %s; the run waits for one "
-                        "(up to cluster.stall_minutes: %g)",
+                        "no worker is connected to the scheduler at %s; the run waits for one (%s)",
                         getattr(client.scheduler, "address", "?"),
-                        stall_minutes,
+                        f"up to cluster.stall_minutes: {stall_minutes:g}"
+                        if timeout is not None
+                        else "for ever: cluster.stall_minutes is 0",
                     )
                     said_no_workers = True
                 continue
@@ -213,7 +214,8 @@ def run_on_dask(
             _raise_if_scheduler_lost(client, exc)
         last_done = time.monotonic()
         said_no_workers = False
-        for future in done:
+        # finished batches first: a cancelled one ends the loop, and theirs are written
+        for future in sorted(done, key=lambda f: f.status == "cancelled"):
             task = futures.pop(future)
             if future.status == "cancelled":  # the scheduler went away: not the batch's fault
                 _raise_if_scheduler_lost(client, None)

@@ -11,7 +11,10 @@ import contextlib
 import errno
 import os
 import re
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -199,12 +202,20 @@ def store_identity(store: Path | str) -> str:
 def png_dir_owner(png_dir: Path | str) -> str | None:
     """The store a png_dir's PNGs belong to (its OWNER_FILE), or None when unclaimed."""
     marker = Path(png_dir) / OWNER_FILE
-    try:
-        return marker.read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OutputError(f"output.png_dir {png_dir}: cannot read {marker}: {exc}") from None
+    for _ in range(10):
+        try:
+            text = marker.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OutputError(f"output.png_dir {png_dir}: cannot read {marker}: {exc}") from None
+        if text:
+            return text
+        time.sleep(0.1)  # created and not yet written (the claim without hard links)
+    raise OutputError(
+        f"output.png_dir {png_dir}: its owner record {marker} is empty (a run stopped while "
+        "claiming the folder?); delete it if no other store writes PNGs there"
+    )
 
 
 def check_png_owner(png_dir: Path | str, store: Path | str) -> None:
@@ -228,7 +239,7 @@ def claim_png_dir(png_dir: Path | str, store: Path | str) -> None:
     """
     folder = Path(png_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{OWNER_FILE}.{os.getpid()}.tmp"
+    tmp = folder / f"{OWNER_FILE}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.write_text(store_identity(store) + "\n", encoding="utf-8")
     try:
         os.link(tmp, folder / OWNER_FILE)

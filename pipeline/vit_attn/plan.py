@@ -285,6 +285,8 @@ def prepare(
         check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
     # (under the store's lock, which the caller holds)
     remove_stale_templates(store_path, cfg.output.lock_stale_seconds)
+    if cfg.output.png_dir:  # before the store is made or changed: a loser changes nothing
+        claim_png_dir(cfg.output.png_dir, store_path)
     existing = is_store(store_path, store_options)
     resumed = existing and not overwrite
     if resumed and ids is not None and images.reader is not None:
@@ -336,7 +338,6 @@ def prepare(
             initial=ids.arrays() if ids is not None else None,
         )
     if cfg.output.png_dir:
-        claim_png_dir(cfg.output.png_dir, store_path)
         if resumed:
             left = remove_temp_pngs(cfg.output.png_dir)
             if left:
@@ -525,14 +526,28 @@ _CONFIG_KEYS = {
     "outputs.overlay_alpha": "output.overlay_alpha",
     "outputs.colormap": "output.colormap",
     "outputs.attention_dtype": "output.attention_dtype",
-    "model.weights_digest": "the model's weights (model.checkpoint, model.seed)",
+    "model.weights_digest": "the model's weights",
+    "model.grid": "the patch grid (model.img_size, model.kwargs)",
+    "model.input_size": "the input size (model.img_size)",
+    "source.image_column": "data.image_column",
+    "source.id_column": "data.id_column",
+    "source.label_key": "data.label_key",
+}
+# Prefixes whose entries are derived from several config keys.
+_CONFIG_PREFIXES = {
+    "preprocess.": "preprocessing (model.img_size, the model's pretrained config) ",
 }
 
 
 def _as_config_key(change: str) -> str:
     """'images.verify: "stat" -> "hash"' as 'data.verify: "stat" -> "hash"'."""
     key, sep, rest = change.partition(": ")
-    return f"{_CONFIG_KEYS.get(key, key)}{sep}{rest}"
+    if key in _CONFIG_KEYS:
+        return f"{_CONFIG_KEYS[key]}{sep}{rest}"
+    for prefix, words in _CONFIG_PREFIXES.items():
+        if key.startswith(prefix):
+            return f"{words}{key.removeprefix(prefix)}{sep}{rest}"
+    return f"{key}{sep}{rest}"
 
 
 def _check_same_run(
