@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # distributed's dashboard moving to another port is not the run's news (4 lines)
+        warnings.filterwarnings(
+            "ignore", message=r"Port \d+ is already in use", category=UserWarning
+        )
         hide_library_tracebacks(*logging.root.handlers)
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
         os.environ["VIT_ATTN_WORKER_TRACEBACKS"] = "1"
