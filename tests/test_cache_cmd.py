@@ -108,9 +108,19 @@ def test_cli_lists_and_prunes_in_one_line_each(cache, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("would remove 7 files")
     for bad in ("-1", "nan", "inf"):
         assert cli_main(["cache", "--dir", str(cache), "--prune", "--older-than", bad]) == 2
-        assert "--older-than must be a number of days >= 0" in capsys.readouterr().err
+        assert "--older-than must be a finite number of days >= 0" in capsys.readouterr().err
     assert cli_main(["cache", "--dir", str(cache / "nothing-here")]) == 0
     assert capsys.readouterr().out.strip().startswith("0 files")
+    # Options that do nothing without --prune, and an empty --dir (the current folder, which
+    # --prune would have swept), are refused.
+    for args, words in [
+        (["--older-than", "3"], "go with --prune"),
+        (["--dry-run"], "go with --prune"),
+    ]:
+        assert cli_main(["cache", "--dir", str(cache), *args]) == 2
+        assert words in capsys.readouterr().err
+    assert cli_main(["cache", "--dir", "", "--prune"]) == 2
+    assert "--dir is empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # an export

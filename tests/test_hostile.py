@@ -465,6 +465,8 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys, case):
         ("attention.layers=null", r"attention\.layers: expected a list of block indices or 'all'"),
         ("model.kwargs.img_size=64", r"model: img_size is given twice.*keep model\.img_size"),
         ("model.checkpoint=.", r"checkpoint .* is a folder; give the weights file in it"),
+        ("inference.threads=100000", r"inference\.threads: .*less than or equal to 1024"),
+        ("a..b=1", r"--set 'a\.\.b=1': the key has an empty part"),
         ("model.img_size=71", r"71.* not a multiple of the patch size \[8, 8\].*64 or 72"),
         ("model.img_size=5", r"5.* not a multiple of the patch size \[8, 8\].*; use 8$"),
         ("model.kwargs={depth: 1, patch_size: 0}", r"model\.kwargs.*ZeroDivisionError"),
@@ -482,6 +484,8 @@ def test_config_file_mistakes_are_one_line(tmp_path, capsys, case):
         "layers-null",
         "img-size-twice",
         "checkpoint-folder",
+        "threads-huge",
+        "set-empty-part",
         "img-71",
         "img-5",
         "patch-0",
@@ -537,6 +541,16 @@ def test_an_error_line_stays_readable_whatever_value_it_echoes(tmp_path, data, c
     line = one_error_line(capsys)
     assert "is not a timm model" in line and len(line) < 2100 and "more characters" in line
     assert line.endswith("see timm.list_models('vit_*')"), line[-200:]
+
+
+def test_verbose_goes_after_the_command_too():
+    # `vit-attn run -v CONFIG` said "unrecognized arguments: -v".
+    from vit_attn.cli import _parser
+
+    assert _parser().parse_args(["run", "-v", "x.yaml"]).verbose is True
+    assert _parser().parse_args(["-v", "run", "x.yaml"]).verbose is True
+    assert _parser().parse_args(["run", "x.yaml"]).verbose is False
+    assert _parser().parse_args(["inspect", "s.zarr", "--verbose"]).verbose is True
 
 
 def test_inspect_refuses_a_negative_error_count(tmp_path, data, capsys):

@@ -197,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cache.add_argument(
         "--dir",
-        type=Path,
+        type=str,
         default=None,
         help="the cache folder (default: $VIT_ATTN_CACHE, else ~/.cache/vit-attn)",
     )
@@ -207,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--older-than",
         type=float,
-        default=30.0,
+        default=None,
         metavar="DAYS",
         help="age of last use beyond which --prune removes (default 30; what was used in "
         "the last hour always stays)",
@@ -215,6 +215,11 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--dry-run", action="store_true", help="with --prune: list what would go, remove nothing"
     )
+
+    for parser in sub.choices.values():  # `vit-attn run -v CONFIG` as well as `vit-attn -v run`
+        parser.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as vit-attn -v"
+        )
     sub.add_parser(
         "demo",
         add_help=False,
@@ -308,9 +313,17 @@ def _cache(args: argparse.Namespace) -> int:
     from .cachedir import cache_root
     from .cacheprune import DAY, prune, scan
 
-    root = cache_root(args.dir)
-    if not args.older_than >= 0 or args.older_than == float("inf"):  # also NaN
-        raise ConfigError(f"--older-than must be a number of days >= 0, got {args.older_than}")
+    if args.dir is not None and not str(args.dir).strip():
+        raise ConfigError("--dir is empty; give the cache folder (or leave --dir out)")
+    if not args.prune and (args.older_than is not None or args.dry_run):
+        raise ConfigError("--older-than and --dry-run go with --prune (vit-attn cache --prune ...)")
+    if args.older_than is None:
+        args.older_than = 30.0
+    if not 0 <= args.older_than < float("inf"):  # also NaN
+        raise ConfigError(
+            f"--older-than must be a finite number of days >= 0, got {args.older_than}"
+        )
+    root = cache_root(None if args.dir is None else Path(os.path.expanduser(args.dir)))
     if root.exists() and not root.is_dir():
         raise ConfigError(
             f"the export cache {root} is a file, not a folder; check --dir or VIT_ATTN_CACHE"

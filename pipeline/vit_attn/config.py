@@ -30,6 +30,8 @@ _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
 # A config has a few hundred values; YAML aliases can expand a small file to billions.
 MAX_CONFIG_VALUES = 100_000
 MAX_CONFIG_CHARS = 256 * 1024
+# inference.threads beyond this is a typo: 100000 hung a run spawning threads for minutes.
+MAX_THREADS = 1024
 # A Dask scheduler address: scheme://host:port, or host:port (tcp is implied).
 _ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://\S+|[^\s:/]+:\d+|\[[0-9a-fA-F:]+\]:\d+)$")
 
@@ -215,7 +217,10 @@ class InferenceConfig(_Section):
     precision: Literal["fp32", "mixed"] = "fp32"
     batch_size: int = Field(32, ge=1, le=4096)
     threads: int = Field(
-        0, ge=0, description="threads per inference session; 0 = the worker's share of cores"
+        0,
+        ge=0,
+        le=MAX_THREADS,
+        description="threads per inference session; 0 = the worker's share of cores",
     )
     allow_cpu_fallback: bool = False
     tensorrt: bool = False
@@ -337,6 +342,8 @@ class Config(_Section):
 def parse_override(item: str, flag: str = "--set") -> tuple[list[str], Any]:
     """`a.b=value` with the value read as YAML (so `[1, 2]`, `true`, `3` keep their types)."""
     key, sep, raw = item.partition("=")
+    if sep and key.strip() and any(not part.strip() for part in key.strip().split(".")):
+        raise ConfigError(f"{flag} {item!r}: the key has an empty part; write it as a.b.c")
     if not sep or not key.strip():
         example = "inference.batch_size=64" if flag == "--set" else "endpoint_url=http://host:9000"
         raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} {example}")
