@@ -94,3 +94,28 @@ def test_library_tracebacks_are_cut_to_their_message_without_verbose():
     text = out.getvalue()
     assert "reconnecting failed" in text and "ours keeps its traceback" in text
     assert text.count("Traceback") == 1  # ours only
+
+
+def test_slurm_that_cannot_be_reached_is_one_line_before_any_job(tmp_path, monkeypatch):
+    # Without SLURM (or its configuration) the run printed dask-jobqueue's submission
+    # tracebacks, then waited up to cluster.stall_minutes for workers that never came.
+    import pytest
+
+    from vit_attn.errors import ConfigError
+    from vit_attn.slurm import check_slurm_reachable
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(ConfigError, match="sbatch is not on PATH"):
+        check_slurm_reachable()
+    for tool, text in [
+        ("sbatch", "exit 0"),
+        ("squeue", 'echo "squeue: fatal: Could not establish a configuration source" >&2; exit 1'),
+    ]:
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / tool).chmod(0o755)
+    with pytest.raises(ConfigError, match=r"SLURM cannot be reached here \(squeue: squeue: fatal"):
+        check_slurm_reachable()
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")  # a controller that answers
+    check_slurm_reachable()

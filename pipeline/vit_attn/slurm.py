@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
+import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -79,6 +82,46 @@ def _slurm_cluster_class() -> Any:
     return SLURMCluster
 
 
+def check_slurm_reachable(timeout: float = 30.0) -> None:
+    """Before any job is submitted: sbatch exists and the SLURM controller answers (`squeue`).
+
+    Without this, a machine with no SLURM (or no configuration for it) printed dask-jobqueue's
+    submission tracebacks and then waited for workers that could never come.
+    """
+    for tool in ("sbatch", "squeue"):
+        if shutil.which(tool) is None:
+            raise ConfigError(
+                f"cluster.kind is slurm but {tool} is not on PATH; run on a SLURM login node "
+                "(or pick another cluster.kind)"
+            )
+    try:
+        done = subprocess.run(
+            ["squeue", "--noheader", "--user", str(os.getuid())],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(
+            f"cluster.kind is slurm but the SLURM controller did not answer squeue within "
+            f"{timeout:g} s; check the cluster's state (or pick another cluster.kind)"
+        ) from None
+    said = (done.stderr or done.stdout).strip().splitlines()
+    unreachable = (
+        "unable to contact",
+        "could not establish",
+        "unable to process",
+        "cannot open",
+        "no such file",
+    )
+    if done.returncode != 0 and any(w in " ".join(said).lower() for w in unreachable):
+        raise ConfigError(
+            f"cluster.kind is slurm but SLURM cannot be reached here (squeue: "
+            f"{said[-1] if said else 'exit ' + str(done.returncode)}); run on a SLURM login "
+            "node (or pick another cluster.kind)"
+        )
+
+
 def job_script(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -> str:
     """The batch script every worker job would run; submits nothing (for review and tests)."""
     with _slurm_cluster_class()(
@@ -91,7 +134,9 @@ def job_script(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -> 
 def slurm_cluster(cluster: ClusterConfig, env: Mapping[str, str] | None = None) -> Iterator[Any]:
     """Start SLURM jobs for workers (scaled or adaptive) and cancel them on exit."""
     s = cluster.slurm
-    with _slurm_cluster_class()(**slurm_kwargs(cluster, env)) as sc:
+    cls = _slurm_cluster_class()
+    check_slurm_reachable()
+    with cls(**slurm_kwargs(cluster, env)) as sc:
         if s.adapt:
             sc.adapt(minimum_jobs=s.minimum_jobs, maximum_jobs=s.jobs)
         elif s.worker_lifetime:
