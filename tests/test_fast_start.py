@@ -120,6 +120,30 @@ def test_second_run_imports_no_torch_and_writes_the_same_store(tmp_path, images)
 
 
 @pytest.mark.slow
+def test_a_copied_cache_uses_its_own_graphs(tmp_path, images):
+    # Records named the graph by its absolute path: a copied cache read the graph from the old
+    # folder, `vit-attn cache` saw its own copy as unused, and --prune deleted it.
+    import shutil
+
+    from vit_attn.cacheprune import scan
+
+    first, copy = tmp_path / "cache", tmp_path / "copied"
+    ckpt = save_checkpoint(tmp_path / "w.safetensors", 16.0)
+    run_cli("run", str(config_file(tmp_path, images, ckpt, first, "a")), cwd=tmp_path)
+    shutil.copytree(first, copy)
+    cfg = parse_config(yaml.safe_load(config_file(tmp_path, images, ckpt, copy, "b").read_text()))
+    facts = resolve(cfg)
+    assert facts.cached and Path(facts.onnx_path).parent == copy / "onnx"
+    graphs = {e.path.name: e for e in scan(copy) if e.kind == "graph"}
+    records = [e for e in scan(copy) if e.kind == "record"]
+    assert records[0].graph == (copy / "onnx" / Path(facts.onnx_path).name).resolve()
+    shutil.rmtree(first)  # the copy stands alone
+    again = run_cli("run", str(config_file(tmp_path, images, ckpt, copy, "b")), cwd=tmp_path)
+    assert again["heavy"] == [], again  # a cache hit, not a rebuild
+    assert list(graphs)
+
+
+@pytest.mark.slow
 def test_a_deleted_graph_or_a_corrupt_record_is_rebuilt(tmp_path, images):
     cache = tmp_path / "cache"
     ckpt = save_checkpoint(tmp_path / "w.safetensors", 16.0)

@@ -125,4 +125,5 @@ def _named_graph(record: Path) -> Path | None:
     except (OSError, ValueError):
         return None
     name = data.get("onnx_path") if isinstance(data, dict) else None
-    return Path(name).resolve() if isinstance(name, str) else None
+    # beside the record, as graphcache.resolve reads it (a copied cache names the old folder)
+    return (record.parent / Path(name).name).resolve() if isinstance(name, str) else None

@@ -331,6 +331,10 @@ def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
         need_graph = cfg.inference.backend == "onnxruntime"
     path = record_path(cfg, cache_key(cfg))
     facts = read_facts(path)
+    if facts is not None and facts.onnx_path is not None:
+        # The graph beside its record, wherever the record says it was made: a cache copied
+        # or moved elsewhere uses (and keeps in use) its own graphs, not the old folder's.
+        facts = dataclasses.replace(facts, onnx_path=str(path.parent / Path(facts.onnx_path).name))
     memo_root = cache_root(cfg.inference.cache_dir)
     if facts is not None and (not need_graph or _graph_intact(facts, memo_root)):
         log.info("model record cache hit: %s", path)
