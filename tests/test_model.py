@@ -184,6 +184,29 @@ def test_cuda_requested_without_cuda_is_refused_or_falls_back(export_cache):
     assert any("allow_cpu_fallback" in str(w.message) for w in caught)
     out = runner.run(np.zeros((1, 3, 224, 224), np.float32))
     assert out["cls_attention"].shape == (1, 1, 3, 14, 14)
+    # TensorRT asked on the CPU: said, not silently dropped
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        OrtRunner(path, RuntimeOptions(device="cpu", tensorrt=True))
+    assert any("TensorRT runs on CUDA devices only" in str(w.message) for w in caught)
+
+
+def test_the_torch_backend_falls_back_to_the_cpu_as_onnxruntime_does():
+    # allow_cpu_fallback was ignored by the torch backend: the run stopped.
+    from vit_attn.export import AttentionGraph
+    from vit_attn.runtime import TorchRunner
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    loaded = load_model(small(seed=11))
+    graph = AttentionGraph(loaded, OutputSpec(layers=(1,)))
+    with pytest.raises(BackendError, match="torch sees no CUDA device"):
+        TorchRunner(graph, RuntimeOptions(device="cuda"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = TorchRunner(graph, RuntimeOptions(device="cuda", allow_cpu_fallback=True))
+    assert runner.device.type == "cpu"
+    assert any("allow_cpu_fallback" in str(w.message) for w in caught)
 
 
 def test_bad_batch_is_refused(export_cache):

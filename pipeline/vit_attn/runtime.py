@@ -144,14 +144,20 @@ class OrtRunner:
 
     def _check_device(self) -> None:
         # onnxruntime falls back silently: TensorRT to CUDA, CUDA to the CPU.
+        if self.options.tensorrt and self.options.device != "cuda":
+            warnings.warn(
+                "inference.tensorrt is true but inference.device is cpu: TensorRT runs on CUDA "
+                "devices only; running on the CPU without it",
+                stacklevel=2,
+            )
         if (
             self.options.tensorrt
             and self.options.device == "cuda"
             and "TensorrtExecutionProvider" not in self.providers
         ):
             warnings.warn(
-                "inference.tensorrt is true but onnxruntime's TensorRT execution provider did not load "
-                "(TensorRT libraries not found?); running on the CUDA execution provider",
+                "inference.tensorrt is true but onnxruntime's TensorRT execution provider did not "
+                "load (TensorRT libraries not found?); trying the CUDA execution provider",
                 stacklevel=2,
             )
         if self.options.device != "cuda" or "CUDAExecutionProvider" in self.providers:
@@ -287,16 +293,18 @@ class TorchRunner:
         import torch
 
         self.torch = torch
-        self.device = (
-            torch.device("cuda", options.device_id)
-            if options.device == "cuda"
-            else torch.device("cpu")
-        )
-        if options.device == "cuda" and not torch.cuda.is_available():
-            raise BackendError(
-                "inference.device is cuda but torch sees no CUDA device; set inference.device: cpu"
+        cuda = options.device == "cuda"
+        if cuda and not torch.cuda.is_available():
+            msg = "inference.device is cuda but torch sees no CUDA device"
+            if not options.allow_cpu_fallback:
+                raise BackendError(msg + "; set inference.device: cpu")
+            warnings.warn(  # as the onnxruntime backend does
+                msg + "; running on the CPU because inference.allow_cpu_fallback is true",
+                stacklevel=2,
             )
-        if options.device == "cpu" and options.threads:
+            cuda = False
+        self.device = torch.device("cuda", options.device_id) if cuda else torch.device("cpu")
+        if not cuda and options.threads:
             torch.set_num_threads(options.threads)
         self.graph = graph.to(self.device).eval()
         self.output_names = list(graph.output_names)
