@@ -247,3 +247,24 @@ def test_store_predictions_are_the_timm_model_predictions(demo):
     with torch.no_grad():
         reference = model(torch.stack([tf(im) for im in images])).argmax(1).numpy()
     assert (ds["topk_index"].values[:, 0] == reference).all()
+
+
+def test_demo_option_mistakes_are_one_line_before_any_image(tmp_path, capsys):
+    # --out naming a file and --seed -3 were tracebacks; --n -1 "generated -1 images"; a
+    # missing --config was found after every image was drawn.
+    from vit_attn.demo import main as demo_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = tmp_path / "out"
+    for args, words in [
+        (["--out", str(afile)], "is a file; give a folder"),
+        (["--out", str(out), "--seed", "-3"], "--seed -3: give a seed"),
+        (["--out", str(out), "--n", "-1"], "--n -1: give the number of images"),
+        (["--out", str(out), "--n", "0"], "--n 0"),
+        (["--out", str(out), "--config", str(tmp_path / "nope.yaml")], "is not a file"),
+    ]:
+        assert demo_main(args) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (args, err)
+        assert not out.exists(), args  # nothing drawn

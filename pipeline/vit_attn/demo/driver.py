@@ -37,12 +37,14 @@ def add_photos(folder: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vit-attn demo", description=__doc__)
-    p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument(
+        "--config", type=Path, default=CONFIG, help="the run's config (default: the bundled one)"
+    )
     p.add_argument(
         "--out", type=Path, default=Path("demo_out"), help="output folder (default: ./demo_out)"
     )
-    p.add_argument("--n", type=int, default=48, help="generated images")
-    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--n", type=int, default=48, help="generated images (default 48)")
+    p.add_argument("--seed", type=int, default=2026, help="their random seed (default 2026)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo output first")
     p.add_argument(
         "--set",
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         help="extra config overrides for `vit-attn run` (repeatable)",
     )
     args = p.parse_args(argv)
+    problem = _refusal(args)
+    if problem:  # before any image is drawn
+        print(f"vit-attn: error: {problem}", file=sys.stderr)
+        return 2
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     generate(args.out / "shapes", args.n, seed=args.seed)
@@ -82,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return rc
+
+
+def _refusal(args: argparse.Namespace) -> str | None:
+    if args.n < 1:
+        return f"--n {args.n}: give the number of images to draw (at least 1)"
+    if not 0 <= args.seed < 2**32:
+        return f"--seed {args.seed}: give a seed in 0..{2**32 - 1}"
+    if args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} is a file; give a folder"
+    if not args.config.is_file():
+        return f"--config {args.config} is not a file; give the run's YAML config"
+    return None
 
 
 def command_name() -> str:
