@@ -41,6 +41,19 @@ class Terminated(KeyboardInterrupt):
 TEARDOWN_LOGGERS = LIBRARY_LOGGERS
 
 
+def _warning_as_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Without -v, a warning is a `vit-attn: ...` line like the others, not a source path and
+    the line of code that raised it."""
+    logging.getLogger("vit_attn").warning("%s", message)
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     """Ctrl-C and SIGTERM: quiet the cluster's teardown, then unwind like KeyboardInterrupt."""
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
@@ -259,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             "ignore", message=r"Port \d+ is already in use", category=UserWarning
         )
         hide_library_tracebacks(*logging.root.handlers)
+        warnings.showwarning = _warning_as_line
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
         os.environ["VIT_ATTN_WORKER_TRACEBACKS"] = "1"
     previous: dict[int, Any] = {}

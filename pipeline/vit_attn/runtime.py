@@ -81,7 +81,13 @@ class OrtRunner:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        # onnxruntime's own log lines (coloured, before our one-line error, e.g. a CUDA provider
+        # that does not load) only with -v; every failure is raised and said once anyway.
+        verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO or bool(
+            os.environ.get("VIT_ATTN_WORKER_TRACEBACKS")
+        )
+        ort.set_default_logger_severity(3 if verbose else 4)
+        so.log_severity_level = 3 if verbose else 4
         pattern = options.memory_pattern
         so.enable_mem_pattern = options.device != "cpu" if pattern is None else pattern
         providers = self._providers(ort)
