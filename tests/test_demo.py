@@ -268,3 +268,17 @@ def test_demo_option_mistakes_are_one_line_before_any_image(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (args, err)
         assert not out.exists(), args  # nothing drawn
+
+
+def test_verbose_demo_is_the_demo_and_warnings_are_put_back(tmp_path, capsys):
+    # `vit-attn -v demo` fell through to `show` (AttributeError); the CLI's one-line warning
+    # handler stayed installed after it returned (a notebook's later warnings too).
+    import warnings
+
+    from vit_attn.cli import main as cli_main
+
+    before = warnings.showwarning
+    assert cli_main(["-v", "demo", "--out", str(tmp_path / "o"), "--n", "0"]) == 2
+    assert "--n 0" in capsys.readouterr().err
+    assert cli_main(["cache", "--dir", str(tmp_path / "none")]) == 0
+    assert warnings.showwarning is before

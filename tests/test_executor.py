@@ -115,7 +115,9 @@ def test_slurm_that_cannot_be_reached_is_one_line_before_any_job(tmp_path, monke
     ]:
         (bin_dir / tool).write_text(f"#!/bin/sh\n{text}\n")
         (bin_dir / tool).chmod(0o755)
-    with pytest.raises(ConfigError, match=r"SLURM cannot be reached here \(squeue: squeue: fatal"):
+    with pytest.raises(
+        ConfigError, match=r"SLURM cannot be reached here \(squeue: fatal: Could not"
+    ):
         check_slurm_reachable()
     (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")  # a controller that answers
     check_slurm_reachable()

@@ -26,6 +26,7 @@ from .errors import (
     hide_library_tracebacks,
 )
 from .remote import is_url, location
+from .worker_signals import TRACEBACKS_ENV
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143  # 128 + signal number, as a shell says
@@ -256,15 +257,18 @@ def _bounded(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"]:  # the demo driver owns its own options
-        from .demo import main as demo_main
+    verbose_first = argv[:1] in (["-v"], ["--verbose"])
+    if argv[int(verbose_first) : int(verbose_first) + 1] == ["demo"]:
+        from .demo import main as demo_main  # the demo driver owns its own options
 
-        return demo_main(argv[1:])
+        return demo_main((["-v"] if verbose_first else []) + argv[int(verbose_first) + 1 :])
     args = _parser().parse_args(argv)
     logging.basicConfig(  # warnings read like the other lines; -v says where they come from
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "vit-attn: %(message)s",
     )
+    shown_as = warnings.showwarning  # put back when this command ends (a notebook goes on)
+    tracebacks_env = os.environ.get(TRACEBACKS_ENV)
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
         # distributed's dashboard moving to another port is not the run's news (4 lines)
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         hide_library_tracebacks(*logging.root.handlers)
         warnings.showwarning = _warning_as_line
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
-        os.environ["VIT_ATTN_WORKER_TRACEBACKS"] = "1"
+        os.environ[TRACEBACKS_ENV] = "1"
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         # a handler someone else chose (SIGINT ignored in a background job) stays theirs
@@ -321,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        warnings.showwarning = shown_as
+        if tracebacks_env is None:
+            os.environ.pop(TRACEBACKS_ENV, None)
+        else:
+            os.environ[TRACEBACKS_ENV] = tracebacks_env
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -357,7 +357,7 @@ def parse_override(item: str, flag: str = "--set") -> tuple[list[str], Any]:
         raise ConfigError(f"{flag} {item!r}: {exc}") from None
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return [part.strip() for part in key.strip().split(".")], value
 
 
 def apply_overrides(

@@ -83,8 +83,9 @@ class OrtRunner:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # onnxruntime's own log lines (coloured, before our one-line error, e.g. a CUDA provider
         # that does not load) only with -v; every failure is raised and said once anyway.
-        verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO or bool(
-            os.environ.get("VIT_ATTN_WORKER_TRACEBACKS")
+        verbose = (
+            logging.getLogger().getEffectiveLevel() <= logging.INFO
+            or os.environ.get("VIT_ATTN_WORKER_TRACEBACKS") == "1"
         )
         ort.set_default_logger_severity(3 if verbose else 4)
         so.log_severity_level = 3 if verbose else 4
@@ -171,7 +172,8 @@ class OrtRunner:
         msg = (
             "inference.device is cuda but onnxruntime's CUDA execution provider did not load "
             f"(session providers: {self.providers}); onnxruntime-gpu needs matching CUDA and cuDNN "
-            "libraries (pip install 'onnxruntime-gpu[cuda,cudnn]'), or set inference.device: cpu"
+            "libraries (pip install 'onnxruntime-gpu[cuda,cudnn]'; `vit-attn -v` shows which "
+            "library onnxruntime could not load), or set inference.device: cpu"
         )
         if not self.options.allow_cpu_fallback:
             raise BackendError(msg)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import warnings
 from typing import Any
 
 TRACEBACKS_ENV = "VIT_ATTN_WORKER_TRACEBACKS"
@@ -36,3 +38,16 @@ def dask_setup(worker: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get(TRACEBACKS_ENV) != "1":
         logging.getLogger("distributed.worker").addFilter(QuietTaskFailures())
+        warnings.showwarning = _warning_as_line  # as in the client: no source lines
+
+
+def _warning_as_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one `vit-attn: ...` line on the worker's stderr."""
+    print(f"vit-attn: {message}", file=sys.stderr)

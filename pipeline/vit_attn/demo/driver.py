@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=48, help="generated images (default 48)")
     p.add_argument("--seed", type=int, default=2026, help="their random seed (default 2026)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo output first")
+    p.add_argument("-v", "--verbose", action="store_true", help="as vit-attn -v")
     p.add_argument(
         "--set",
         action="append",
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         f"output.png_dir={out / 'png'}",
         *args.set,
     ]
-    cmd = ["run", str(args.config), *(x for o in overrides for x in ("--set", o))]
+    cmd = ["-v"] * args.verbose + ["run", str(args.config)]
+    cmd += [x for o in overrides for x in ("--set", o)]
     if not sys.stderr.isatty():
         cmd.append("--no-progress")
     rc = cli_main(cmd)
@@ -97,7 +99,7 @@ def _refusal(args: argparse.Namespace) -> str | None:
         return f"--seed {args.seed}: give a seed in 0..{2**32 - 1}"
     if args.out.exists() and not args.out.is_dir():
         return f"--out {args.out} is a file; give a folder"
-    if not args.config.is_file():
+    if str(args.config) != "-" and not args.config.is_file():
         return f"--config {args.config} is not a file; give the run's YAML config"
     return None
 
