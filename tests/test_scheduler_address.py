@@ -91,6 +91,21 @@ def dask_processes(tmp_path: Path, *worker_args: str) -> Iterator[tuple[str, lis
             stop_process_group(p)
 
 
+def address_run(config: Path, address: str, *extra: str) -> list[str]:
+    """`vit-attn run CONFIG` on the scheduler at `address`."""
+    return [
+        str(VENV_BIN / "vit-attn"),
+        "run",
+        str(config),
+        "--no-progress",
+        "--set",
+        "cluster.kind=address",
+        "--set",
+        f"cluster.address={address}",
+        *extra,
+    ]
+
+
 @pytest.fixture()
 def scheduler_address(tmp_path):
     with dask_processes(tmp_path) as (address, _):
@@ -104,16 +119,7 @@ def test_run_on_a_scheduler_address_gives_the_in_process_store(
     config = write_config(tmp_path, small_dataset, small_checkpoint, export_cache)
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [
-            str(VENV_BIN / "vit-attn"),
-            "run",
-            str(config),
-            "--no-progress",
-            "--set",
-            "cluster.kind=address",
-            "--set",
-            f"cluster.address={scheduler_address}",
-        ],
+        address_run(config, scheduler_address),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -153,18 +159,7 @@ def test_a_scheduler_that_dies_mid_run_is_one_line_and_the_store_resumes(
     config = write_config(tmp_path, small_dataset, small_checkpoint, export_cache)
     with dask_processes(tmp_path, "--preload", str(preload)) as (address, procs):
         run = subprocess.Popen(
-            [
-                str(VENV_BIN / "vit-attn"),
-                "run",
-                str(config),
-                "--no-progress",
-                "--set",
-                "cluster.kind=address",
-                "--set",
-                f"cluster.address={address}",
-                "--set",
-                "inference.batch_size=2",
-            ],
+            address_run(config, address, "--set", "inference.batch_size=2"),
             cwd=tmp_path,
             stderr=subprocess.PIPE,
             text=True,

@@ -26,7 +26,7 @@ from .errors import (
     hide_library_tracebacks,
 )
 from .remote import is_url, location
-from .worker_signals import TRACEBACKS_ENV
+from .worker_signals import TRACEBACKS_ENV, warning_as_line
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143  # 128 + signal number, as a shell says
@@ -40,19 +40,6 @@ class Terminated(KeyboardInterrupt):
 # down they report cancelled keys and, from distributed's own `sync` (a known race when the
 # interrupt lands before its future exists), a NameError traceback. None of it is the user's news.
 TEARDOWN_LOGGERS = LIBRARY_LOGGERS
-
-
-def _warning_as_line(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: Any = None,
-    line: str | None = None,
-) -> None:
-    """Without -v, a warning is a `vit-attn: ...` line like the others, not a source path and
-    the line of code that raised it."""
-    logging.getLogger("vit_attn").warning("%s", message)
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -276,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "ignore", message=r"Port \d+ is already in use", category=UserWarning
         )
         hide_library_tracebacks(*logging.root.handlers)
-        warnings.showwarning = _warning_as_line
+        warnings.showwarning = warning_as_line
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
         os.environ[TRACEBACKS_ENV] = "1"
     previous: dict[int, Any] = {}

@@ -38,10 +38,10 @@ def dask_setup(worker: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get(TRACEBACKS_ENV) != "1":
         logging.getLogger("distributed.worker").addFilter(QuietTaskFailures())
-        warnings.showwarning = _warning_as_line  # as in the client: no source lines
+        warnings.showwarning = warning_as_line  # as in the client: no source lines
 
 
-def _warning_as_line(
+def warning_as_line(
     message: Warning | str,
     category: type[Warning],
     filename: str,
@@ -49,5 +49,6 @@ def _warning_as_line(
     file: Any = None,
     line: str | None = None,
 ) -> None:
-    """A warning as one `vit-attn: ...` line on the worker's stderr."""
+    """Without -v, a warning is one `vit-attn: ...` line like the others (client and
+    workers), not a source path and the line of code that raised it."""
     print(f"vit-attn: {message}", file=sys.stderr)
