@@ -13,10 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from .errors import ConfigError, ImageDecodeError, PipelineError, SourceChangedError, first_line
-from .identity import MISSING, Identities, describe_change, fs_stat
+from .identity import fs_stat, pair_change
 from .remote import is_url, unmasked
 from .sources import ImageList, list_images
 
@@ -155,13 +153,11 @@ def _file_reader(root: str, options: dict[str, Any]) -> Any:
 
 def _same_file(rel: str, expected: tuple[int, int], now: tuple[int, int]) -> None:
     """Refuse an image whose shard or Parquet file is not the one the run read."""
-    if MISSING in expected or MISSING in now or expected == now:
+    change = pair_change(expected, now)
+    if change is None:
         return
-    old = Identities(np.array([expected[0]]), np.array([expected[1]]))
-    new = Identities(np.array([now[0]]), np.array([now[1]]))
     raise SourceChangedError(
-        f"{rel}: the file holding it changed since the run "
-        f"({describe_change('its shard or Parquet file', 0, old, new).split(': ', 1)[1]}): "
+        f"{rel}: the file holding it changed since the run ({change}): "
         "the stored attention belongs to the old one; rerun `vit-attn run CONFIG "
         "--redo-changed` to recompute it"
     )

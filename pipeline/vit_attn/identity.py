@@ -146,11 +146,26 @@ def changed_images(old: Identities, new: Identities) -> np.ndarray:
 
 def describe_change(path: str, i: int, old: Identities, new: Identities) -> str:
     """One image's change in words: `cat.png: 1,204 -> 1,377 bytes, modified 2026-...`."""
+    return f"{path}: {_change_words(i, old, new)}"
+
+
+def pair_change(recorded: tuple[int, int], now: tuple[int, int]) -> str | None:
+    """How one file's (size, mtime_ns) changed since it was recorded, in `describe_change`'s
+    words; None when it did not, or when either side is unknown (MISSING: gone, or not
+    reported by the storage)."""
+    if MISSING in recorded or MISSING in now or recorded == now:
+        return None
+    old = Identities(np.array([recorded[0]]), np.array([recorded[1]]))
+    new = Identities(np.array([now[0]]), np.array([now[1]]))
+    return _change_words(0, old, new)
+
+
+def _change_words(i: int, old: Identities, new: Identities) -> str:
     parts = []
     if new.size[i] == MISSING:
-        return f"{path}: removed"
+        return "removed"
     if old.size[i] == MISSING:
-        return f"{path}: appeared"
+        return "appeared"
     if old.size[i] != new.size[i]:
         parts.append(f"{old.size[i]:,} -> {new.size[i]:,} bytes")
     if old.mtime_ns[i] != new.mtime_ns[i]:
@@ -158,4 +173,4 @@ def describe_change(path: str, i: int, old: Identities, new: Identities) -> str:
         parts.append(f"modified {when}")
     if old.sha256 is not None and new.sha256 is not None and old.sha256[i] != new.sha256[i]:
         parts.append("content differs")
-    return f"{path}: {', '.join(parts) or 'changed'}"
+    return ", ".join(parts) or "changed"

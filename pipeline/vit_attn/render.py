@@ -13,7 +13,7 @@ import numpy as np
 from .datasource import read_listed_image
 from .decode import Preprocess, load_image
 from .errors import ImageDecodeError, PipelineError, SourceChangedError
-from .identity import MISSING, Identities, describe_change, local_stat
+from .identity import local_stat, pair_change
 from .maps import HEAD_FUSIONS, fuse_heads, mass_threshold_mask
 from .numbers import parse_int
 from .overlay import blend, head_grid
@@ -67,16 +67,13 @@ def _recorded(group: Any, index: int) -> tuple[int, int] | None:
 
 def _check_unchanged(group: Any, index: int, rel: str, path: str) -> None:
     """Raise SourceChangedError when the file at `path` is not the one the run recorded."""
-    if "image_bytes" not in group or "image_mtime_ns" not in group:
-        return  # stores without identity (`data.verify` off or not recorded)
-    size, mtime = int(group["image_bytes"][index]), int(group["image_mtime_ns"][index])
-    now = local_stat(path)
-    if now[0] == MISSING or size == MISSING or now == (size, mtime):
-        return  # gone (drawn on grey, as documented) or unchanged
-    old = Identities(np.array([size]), np.array([mtime]))
-    new = Identities(np.array([now[0]]), np.array([now[1]]))
+    recorded = _recorded(group, index)  # None: a store without identity
+    # None: unchanged, or gone (drawn on grey, as documented)
+    change = None if recorded is None else pair_change(recorded, local_stat(path))
+    if change is None:
+        return
     raise SourceChangedError(
-        f"image {index} ({describe_change(rel, 0, old, new)}) changed since the run: its "
+        f"image {index} ({rel}: {change}) changed since the run: its "
         "stored attention belongs to the old file; rerun `vit-attn run CONFIG --redo-changed` "
         "to recompute it"
     )
