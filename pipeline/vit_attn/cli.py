@@ -623,6 +623,8 @@ def _show(args: argparse.Namespace) -> int:
 def _check_output_path(flag: str, path: Path, store: Path | str, folder: bool) -> None:
     """Before any work: a picture or plot folder that cannot be made, or that would land in
     the store (its files would sit among the store's arrays), is refused in one line."""
+    from .outputs import resolved_inside  # the rule png_dir is checked by
+
     if folder and path.exists() and not path.is_dir():
         raise PipelineError(f"{flag} {path} is a file; give a folder")
     if not folder and path.is_dir():
@@ -633,10 +635,8 @@ def _check_output_path(flag: str, path: Path, store: Path | str, folder: bool) -
                 raise PipelineError(f"{flag} {path}: {parent} is a file, not a folder")
             break
     local = str(store).removeprefix("file://") if str(store).startswith("file://") else store
-    if not is_url(local):
-        here, inside = path.resolve(), Path(local).resolve()
-        if here == inside or inside in here.parents:
-            raise PipelineError(f"{flag} {path} is inside the store {store}; write it elsewhere")
+    if not is_url(local) and resolved_inside(path, local):
+        raise PipelineError(f"{flag} {path} is inside the store {store}; write it elsewhere")
 
 
 def _stats(args: argparse.Namespace) -> int:
