@@ -211,14 +211,14 @@ def run_on_dask(
                 "store? Finished batches are kept: rerun to resume (cluster.stall_minutes)"
             ) from None
         except (OSError, CancelledError) as exc:  # CommClosedError, FuturesCancelledError
-            _raise_if_scheduler_lost(client, exc)
+            _raise_scheduler_lost(client, exc)
         last_done = time.monotonic()
         said_no_workers = False
         # finished batches first: a cancelled one ends the loop, and theirs are written
         for future in sorted(done, key=lambda f: f.status == "cancelled"):
             task = futures.pop(future)
             if future.status == "cancelled":  # the scheduler went away: not the batch's fault
-                _raise_if_scheduler_lost(client, None)
+                _raise_scheduler_lost(client, None)
             summary = None if future.status != "finished" else future.result()
             if summary is not None and summary.fatal:
                 client.cancel(list(futures))
@@ -242,7 +242,7 @@ class SchedulerLostError(PipelineError):
     """The client lost its scheduler mid-run (it died, or the network between them)."""
 
 
-def _raise_if_scheduler_lost(client: Any, exc: BaseException | None) -> NoReturn:
+def _raise_scheduler_lost(client: Any, exc: BaseException | None) -> NoReturn:
     """A closed comm or a future the scheduler cancelled (this client cancels none before it
     stops): the scheduler is gone or unreachable, which no retry of a batch fixes."""
     where = getattr(getattr(client, "scheduler", None), "address", None) or "the scheduler"
