@@ -106,3 +106,27 @@ def test_write_png_marks_the_file_and_refuses_bad_input_before_any_file(tmp_path
     with pytest.raises(ValueError):
         write_png(pixels.astype(np.float64), tmp_path / "out" / "b.png", tmp_path / "out", "b")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+
+
+def test_is_ours_reads_the_marker_without_decoding_the_pixels(tmp_path) -> None:
+    # A rerun checks every PNG it may replace; decoding each one cost ~2 ms per PNG of
+    # start-up. The marker precedes the pixels: a file cut inside its image data is still
+    # recognised (and so replaced), which it could not be if the pixels were read.
+    target = tmp_path / "a.png"
+    write_png(np.full((64, 64, 3), 7, np.uint8), target, tmp_path, "a.jpg")
+    data = target.read_bytes()
+    idat = data.index(b"IDAT")
+    target.write_bytes(data[: idat + 8])
+    with pytest.raises(OSError):
+        Image.open(target).load()
+    assert is_ours(target)
+    # A PNG whose text follows its pixels (another writer) is still read to the end.
+    other = tmp_path / "b.png"
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_MARKER, "b.jpg")
+    Image.new("RGB", (4, 4)).save(other, pnginfo=info)
+    assert is_ours(other)
+    Image.new("RGB", (4, 4)).save(tmp_path / "c.png")
+    assert not is_ours(tmp_path / "c.png")

@@ -109,12 +109,18 @@ def check_replaceable(target: Path) -> None:
 
 
 def is_ours(path: Path) -> bool:
-    """Whether `path` is a PNG written by this tool (its tEXt chunk carries the marker)."""
+    """Whether `path` is a PNG written by this tool (its tEXt chunk carries the marker).
+
+    The marker sits before the pixels, so opening the file finds it in `info` without
+    decoding; only a PNG without it there pays for a full read (text after the pixels).
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.format == "PNG" and PNG_MARKER in getattr(im, "text", im.info)
+            if im.format != "PNG":
+                return False
+            return PNG_MARKER in im.info or PNG_MARKER in getattr(im, "text", {})
     except Exception:  # unreadable or not an image: certainly not ours
         return False
 
