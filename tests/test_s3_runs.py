@@ -395,6 +395,61 @@ def test_a_source_that_changed_is_refused_on_resume(
     ), proc.stderr
 
 
+@pytest.mark.parametrize("listing", ["folder", "list-file"])
+def test_an_s3_image_rewritten_between_runs_is_not_mixed_into_a_resume(
+    dataset, bucket, tmp_path, checkpoint, export_cache, capsys, listing
+):
+    # The same key with other pixels: a resume kept the old maps beside new images with no
+    # word, `show` drew the old maps over the new picture, and --redo-changed had nothing
+    # to redo, since images listed one by one on object storage had no recorded identity.
+    fs = s3fs_client()
+    prefix = f"{bucket}/rewritten-{listing}"
+    fs.put(str(dataset / "a"), prefix, recursive=True)
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.find(prefix))
+    source = f"s3://{prefix}"
+    if listing == "list-file":
+        fs.pipe(f"{prefix}/list.txt", "\n".join(names).encode())
+        source += "/list.txt"
+    layers = {"attention": {"layers": [1]}, "output": {"overlays": "none"}}
+    url = f"s3://{bucket}/stores/rewritten-{listing}.zarr"
+    path = config(tmp_path, source, url, checkpoint, export_cache, **layers)
+    assert run(path) == 0
+    before = arrays(url)
+    zarr.open_group(url, mode="r+")["status"][8:] = 0  # stopped half way
+    victim = names[2]
+    other = dataset / "a" / names[3]
+    fs.pipe(f"{prefix}/{victim}", other.read_bytes())
+    capsys.readouterr()
+    assert run(path) == 2
+    line = capsys.readouterr().err.strip()
+    assert "1 input images changed since the store recorded them" in line, line
+    assert victim in line and "--redo-changed" in line and "shard" not in line, line
+    assert (arrays(url)["status"][:8] == 1).all()
+    out = tmp_path / "shown.png"
+    assert cli_main(["show", url, "--image", "2", "-o", str(out)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert f"{victim}: it changed since the run" in line and "--redo-changed" in line, line
+    assert cli_main(["show", url, "--image", "3", "-o", str(out)]) == 0
+    assert run(path, "--redo-changed") == 0
+    assert cli_main(["show", url, "--image", "2", "-o", str(out)]) == 0
+    after = arrays(url)
+    assert (after["status"] == 1).all()
+    # image 2 is now image 3's picture; the others are as before
+    np.testing.assert_array_equal(after["cls_attention"][2], before["cls_attention"][3])
+    keep = np.arange(len(names)) != 2
+    np.testing.assert_array_equal(after["cls_attention"][keep], before["cls_attention"][keep])
+    # A store made before object identities were recorded resumes as it was made: without.
+    group = zarr.open_group(url, mode="r+")
+    group["status"][5:] = 0
+    for name in ("image_bytes", "image_mtime_ns"):
+        fs.rm(f"{bucket}/stores/rewritten-{listing}.zarr/{name}", recursive=True)
+    zarr.consolidate_metadata(url)
+    fs.invalidate_cache()
+    assert run(path) == 0
+    assert (arrays(url)["status"] == 1).all()
+    assert "image_bytes" not in zarr.open_group(url, mode="r")
+
+
 @pytest.mark.parametrize("trouble", ["unreachable-endpoint", "no-credentials"])
 def test_access_problems_end_before_any_work(bucket, tmp_path, checkpoint, export_cache, trouble):
     env = dict(os.environ, AWS_MAX_ATTEMPTS="1")

@@ -392,6 +392,53 @@ def test_s3_folder_glob_and_list_files_list_like_local_ones(bucket, folder):
         open_source(f"s3://{bucket}/images/list.csv")
 
 
+@pytest.mark.parametrize("folder_listing_from", [2, 10**6])
+def test_s3_listings_identify_each_object_as_its_own_info_does(
+    bucket, folder, monkeypatch, http_root, tmp_path, folder_listing_from
+):
+    # A resume compares the listing's identities; `show` compares one object's `info()`:
+    # they must agree, or show refuses an unchanged image (or passes a changed one).
+    from vit_attn import sources_remote
+    from vit_attn.identity import MISSING, fs_stat
+
+    monkeypatch.setattr(sources_remote, "_LIST_FOLDER_FROM", folder_listing_from)
+    fs = s3fs_client()
+
+    def info_of(root: str, paths) -> list[tuple[int, int]]:
+        fs.invalidate_cache()
+        return [fs_stat(fs, f"{root}/{p}") for p in paths]
+
+    def ids(images) -> list[tuple[int, int]]:
+        got = images.identities
+        return list(zip(got.size.tolist(), got.mtime_ns.tolist(), strict=True))
+
+    listed = open_source(f"s3://{bucket}/images")
+    assert ids(listed) == info_of(f"{bucket}/images", listed.paths)
+    assert MISSING not in np.asarray(ids(listed))
+    globbed = open_source(f"s3://{bucket}/images/a/*.png")
+    assert ids(globbed) == info_of(f"{bucket}/images/a", globbed.paths)
+    names = folder_files(folder)
+    fs.pipe(f"{bucket}/images/ids.txt", "\n".join([*names, "missing.png"]).encode())
+    from_file = open_source(f"s3://{bucket}/images/ids.txt")
+    assert ids(from_file)[:-1] == info_of(f"{bucket}/images", names)
+    assert ids(from_file)[-1] == (MISSING, MISSING)  # fails as "file not found" when read
+    # A rewrite of one object changes its identity only, even within the same second and
+    # at the same size.
+    first = names[0]
+    body = (folder / first).read_bytes()
+    fs.pipe(f"{bucket}/images/{first}", body[:-1] + bytes([body[-1] ^ 1]))
+    again = open_source(f"s3://{bucket}/images/ids.txt")
+    fs.pipe(f"{bucket}/images/{first}", body)
+    assert ids(again)[1:] == ids(from_file)[1:] and ids(again)[0] != ids(from_file)[0]
+    assert ids(again)[0][0] == ids(from_file)[0][0]  # same size: the ETag tells them apart
+    # HTTP(S) images have no listing: no identity, and no request spent looking for one.
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "one.jpg").write_bytes((folder / "b/photo.jpg").read_bytes())
+    (tmp_path / "pics" / "list.txt").write_text(f"one.jpg\ns3://{bucket}/images/{first}\n")
+    mixed = open_source(f"{http_root}/pics/list.txt")
+    assert ids(mixed) == [(MISSING, MISSING), *info_of(f"{bucket}/images", [first])]
+
+
 def test_s3_shards_and_parquet_read_like_local_ones(bucket, folder, tmp_path):
     names = folder_files(folder)
     shards = write_shards(folder, names, tmp_path / "s", per_shard=5)
@@ -536,28 +583,21 @@ def test_runs_group_consecutive_equal_keys_only():
 
 def test_object_store_files_rewritten_within_a_second_are_told_apart():
     # S3's LastModified has whole seconds: a shard rewritten in the same second at the same
-    # size looked unchanged. The ETag's digest fills the sub-second part.
+    # size looked unchanged. The ETag's digest fills the sub-second part; a listing that
+    # says milliseconds where a HEAD says seconds gives the same identity.
     import datetime
 
-    from vit_attn.identity import MISSING, fs_stat
+    from vit_attn.identity import MISSING, fs_stat, info_stat
 
     when = datetime.datetime(2026, 12, 1, 12, 0, 0, tzinfo=datetime.UTC)
-
-    class Store:
-        def __init__(self, info):
-            self._info = info
-
-        def info(self, path):
-            if self._info is None:
-                raise FileNotFoundError(path)
-            return self._info
-
-    a = fs_stat(Store({"size": 1000, "LastModified": when, "ETag": '"aaa"'}), "x")
-    b = fs_stat(Store({"size": 1000, "LastModified": when, "ETag": '"bbb"'}), "x")
+    a = info_stat({"size": 1000, "LastModified": when, "ETag": '"aaa"'})
+    b = info_stat({"size": 1000, "LastModified": when, "ETag": '"bbb"'})
     assert a[0] == b[0] == 1000 and a != b
     assert a[1] // 10**9 == b[1] // 10**9 == int(when.timestamp())  # the second is kept
-    again = fs_stat(Store({"size": 1000, "LastModified": when, "ETag": '"aaa"'}), "x")
-    assert again == a
-    local = fs_stat(Store({"size": 5, "mtime": 1700000000.25}), "x")
+    assert info_stat({"size": 1000, "LastModified": when, "ETag": '"aaa"'}) == a
+    listed = when + datetime.timedelta(milliseconds=250)
+    assert info_stat({"Size": 1000, "size": 1000, "LastModified": listed, "ETag": '"aaa"'}) == a
+    local = info_stat({"size": 5, "mtime": 1700000000.25})
     assert local[0] == 5 and abs(local[1] - 1700000000250000000) < 1000  # kept (float seconds)
-    assert fs_stat(Store(None), "x") == (MISSING, MISSING)
+    assert info_stat({"name": "x"}) == (MISSING, MISSING)
+    assert fs_stat(LocalFileSystem(), "/no/such/file") == (MISSING, MISSING)

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError, ImageDecodeError, PipelineError, SourceChangedError, first_line
-from .identity import fs_stat, pair_change
-from .remote import is_url, unmasked
+from .identity import MISSING, fs_stat, pair_change
+from .remote import is_url, join, unmasked, url_fs
 from .sources import ImageList, list_images
 
 __all__ = ["listing_changes", "open_source", "source_kind"]
@@ -102,12 +102,12 @@ def read_listed_image(
     ids), or one object, with the run's `data.storage_options` as the store recorded them
     (an endpoint, a region); the secrets it masked come from the environment.
 
-    `expected`: the (size, mtime_ns) the store recorded for the shard or Parquet file
-    holding the image; a file that is not that one any more is SourceChangedError.
+    `expected`: the (size, mtime_ns) the store recorded for the object, or the shard or
+    Parquet file, holding the image; one that is not that any more is SourceChangedError.
 
     Raises:
         ImageDecodeError: the image cannot be read from its source, with the reason.
-        SourceChangedError: its shard or Parquet file changed since the run.
+        SourceChangedError: its object, shard or Parquet file changed since the run.
     """
     root = str(attrs.get("image_root", ""))
     source = attrs.get("fingerprint_inputs", {}).get("source") or {}
@@ -118,6 +118,11 @@ def read_listed_image(
         if kind is None:
             if not is_url(root) and not is_url(rel):
                 return None
+            if expected is not None and MISSING not in expected:  # HTTP: none recorded
+                url = join(root, rel)
+                same = url.split("://", 1)[0] == root.split("://", 1)[0]
+                fs, path = url_fs(url, options if same else {})
+                _same_file(rel, expected, fs_stat(fs, path), "it")
             items = _file_reader(root, options).read([rel]).items
         elif kind == "webdataset":
             items = _one_shard_member(root, rel, options, expected)
@@ -151,13 +156,15 @@ def _file_reader(root: str, options: dict[str, Any]) -> Any:
     return FileReader(root, options)
 
 
-def _same_file(rel: str, expected: tuple[int, int], now: tuple[int, int]) -> None:
-    """Refuse an image whose shard or Parquet file is not the one the run read."""
+def _same_file(
+    rel: str, expected: tuple[int, int], now: tuple[int, int], what: str = "the file holding it"
+) -> None:
+    """Refuse an image whose object, shard or Parquet file is not the one the run read."""
     change = pair_change(expected, now)
     if change is None:
         return
     raise SourceChangedError(
-        f"{rel}: the file holding it changed since the run ({change}): "
+        f"{rel}: {what} changed since the run ({change}): "
         "the stored attention belongs to the old one; rerun `vit-attn run CONFIG "
         "--redo-changed` to recompute it"
     )

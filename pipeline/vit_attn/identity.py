@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -80,15 +80,27 @@ def identify(
 def fs_stat(fs: Any, path: str) -> tuple[int, int]:
     """(size, mtime_ns) of a file through fsspec; MISSING where the file system does not say.
 
-    Local files give `mtime` (seconds), S3 `LastModified`, GCS `updated`, Azure
-    `last_modified`: whichever is there. Object stores keep whole seconds, so a file
-    rewritten within a second at the same size would look unchanged: where the store gives
-    an ETag (or a generation, a version id), a digest of it fills the sub-second part of the
-    mtime, below what `describe_change` shows."""
+    Asks the storage, not the file system's listing cache: a long-lived process (the viewer,
+    a notebook) may have listed the folder before the file was rewritten."""
     try:
+        fs.invalidate_cache(path)
         info = fs.info(path)
-    except (OSError, ValueError):
+    except Exception:  # gone, or no access (botocore's errors are no OSError): the read says
         return MISSING, MISSING
+    return info_stat(info)
+
+
+def info_stat(info: Mapping[str, Any]) -> tuple[int, int]:
+    """(size, mtime_ns) from one fsspec info entry, as `info()` or a detailed listing
+    (`find`/`glob`/`ls` with ``detail=True``) gives it: the two must agree, since a run
+    records a listing's and `show` checks one file's `info()`.
+
+    Local files give `mtime` (seconds), S3 `LastModified`, GCS `updated`, Azure
+    `last_modified`: whichever is there. Object stores keep whole seconds (and a listing may
+    say milliseconds where a HEAD says seconds), so a file rewritten within a second at the
+    same size would look unchanged: where the store gives an ETag (or a generation, a version
+    id), the time is cut to whole seconds and a digest of the tag fills the sub-second part,
+    below what `describe_change` shows."""
     size = info.get("size")
     when = next(
         (info[k] for k in ("mtime", "LastModified", "last_modified", "updated") if k in info),
@@ -99,8 +111,8 @@ def fs_stat(fs: Any, path: str) -> tuple[int, int]:
         (info[k] for k in ("ETag", "etag", "generation", "VersionId", "version_id") if info.get(k)),
         None,
     )
-    if tag is not None and ns != MISSING and ns % 1_000_000_000 == 0:
-        ns += zlib.crc32(str(tag).encode()) % 1_000_000_000
+    if tag is not None and ns != MISSING:
+        ns = ns - ns % 1_000_000_000 + zlib.crc32(str(tag).encode()) % 1_000_000_000
     return (int(size) if isinstance(size, int | float) else MISSING), ns
 
 

@@ -240,16 +240,17 @@ def prepare(
     images = open_source(
         data.source, data.storage_options, data.image_column, data.id_column, data.label_key
     )
-    # Size and mtime (or content hash) of local image files; shard and Parquet sources are
-    # identified through the fingerprint's `source` entry instead.
+    # A content hash only for local image files: elsewhere it would mean reading every
+    # image at each start.
     if data.verify == "hash" and images.reader is not None:
         raise ConfigError(
             f"data.verify: hash checks local image files; {data.source} is read through a URL, "
             "shards or Parquet, whose images a resume identifies by the listing only: remove "
             "data.verify (or list local files)"
         )
-    # Local image files by their own size and mtime (or hash); shard and Parquet images by
-    # their file's (a rewritten shard redoes or refuses all its images); URL images: none.
+    # Local image files by their own size and mtime (or hash); images behind a URL by the
+    # listing's size and time (none for HTTP); shard and Parquet images by their file's (a
+    # rewritten shard redoes or refuses all its images).
     ids = (
         identify(images.root, images.paths, data.verify)
         if images.reader is None
@@ -274,7 +275,7 @@ def prepare(
     spec = store_spec(cfg, loaded, outputs, len(images.paths))
     if data.label_key is not None:
         spec = dataclasses.replace(spec, labels=True)
-    if ids is None:  # no per-file identity arrays for shard, Parquet and URL sources
+    if ids is None:  # a source that gives no identity
         spec = dataclasses.replace(spec, identity="none")
     inputs = fingerprint_inputs(cfg, loaded, outputs, prep.to_dict(), images)
     fingerprint = digest(inputs)
@@ -290,7 +291,7 @@ def prepare(
     existing = is_store(store_path, store_options)
     resumed = existing and not overwrite
     if resumed and ids is not None and images.reader is not None:
-        # A shard or Parquet store made before their files' identity was recorded resumes
+        # A URL, shard or Parquet store made before their files' identity was recorded resumes
         # as it was made: without it.
         if missing_arrays(store_path, ["image_bytes", "image_mtime_ns"], store_options):
             ids = None
@@ -479,7 +480,8 @@ def _changed_inputs(
     if changed and not redo:
         shown = "; ".join(describe_change(images.paths[i], i, old, ids) for i in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        held = " (the shard or Parquet file holding them changed)" if images.reader else ""
+        # shards and Parquet (a fingerprint `source` entry) identify an image by its file
+        held = " (the shard or Parquet file holding them changed)" if images.identity else ""
         raise StoreError(
             f"{path}: {len(changed)} input images changed since the store recorded them"
             f"{held} ({shown}{more}); rerun with --redo-changed to redo exactly these images, "

@@ -49,8 +49,9 @@ class ImageList:
     # file already listed by a shorter path (a loop, or a link to a folder listed anyway).
     repeated: int = 0
     repeated_examples: tuple[str, ...] = ()
-    # Shards and Parquet: per image, the size and mtime of the file holding it
-    # (identity.container_identities), so a resume notices a rewritten shard.
+    # Sources behind a URL: per image, the size and mtime of its object as listed, or, for
+    # shards and Parquet, of the file holding it (identity.container_identities), so a
+    # resume notices a rewritten object or shard. Local files are identified by the planner.
     identities: Any = None
 
     def __len__(self) -> int:
