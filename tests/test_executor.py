@@ -96,6 +96,50 @@ def test_library_tracebacks_are_cut_to_their_message_without_verbose():
     assert text.count("Traceback") == 1  # ours only
 
 
+def test_a_lost_worker_is_said_in_our_words_without_verbose():
+    # A LocalCluster worker killed mid-run printed distributed's task keys, stimulus id and
+    # nanny status. The texts are distributed's (scheduler.py, nanny.py), as it logs them.
+    import io
+    import logging
+
+    from vit_attn.errors import hide_library_tracebacks
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("vit-attn: %(message)s"))
+    hide_library_tracebacks(handler)
+    scheduler = logging.getLogger("distributed.scheduler")
+    nanny = logging.getLogger("distributed.nanny")
+    for log in (scheduler, nanny):
+        log.addHandler(handler)
+    try:
+        keys = {"vit-attn-batch-368-139812358010512", "vit-attn-batch-12-139812358010512"}
+        scheduler.warning(
+            f"Removing worker {'tcp://127.0.0.1:41281'!r} caused the cluster to lose "
+            "already computed task(s), which will be recomputed elsewhere: "
+            f"{keys} (stimulus_id='handle-worker-cleanup-1796172432.61494')"
+        )
+        nanny.warning("Restarting worker (status=%s)", "Status.running")
+        scheduler.error(
+            "Couldn't gather keys: %s", {"vit-attn-batch-280-139890751240528": "memory"}
+        )
+        logging.getLogger("distributed.client").addHandler(handler)
+        logging.getLogger("distributed.client").warning(
+            "Couldn't gather %s keys, rescheduling %s", 1, ("vit-attn-batch-280-13989075",)
+        )
+        logging.getLogger("distributed.client").removeHandler(handler)
+        scheduler.warning("Removing worker 'tcp://x:1' caused the cluster to lose scattered")
+    finally:
+        for log in (scheduler, nanny):
+            log.removeHandler(handler)
+    assert out.getvalue().splitlines() == [
+        "vit-attn: a worker process (tcp://127.0.0.1:41281) died; 2 batches it had finished "
+        "but not yet handed over will be done again by the others (the store is not affected)",
+        "vit-attn: starting a worker in place of the one that died",
+        "vit-attn: Removing worker 'tcp://x:1' caused the cluster to lose scattered",
+    ]
+
+
 def test_slurm_that_cannot_be_reached_is_one_line_before_any_job(tmp_path, monkeypatch):
     # Without SLURM (or its configuration) the run printed dask-jobqueue's submission
     # tracebacks, then waited up to cluster.stall_minutes for workers that never came.

@@ -102,16 +102,42 @@ def unrecoverable(exc: BaseException, where: str = "") -> str | None:
 LIBRARY_LOGGERS = ("distributed", "tornado", "dask_jobqueue")
 
 
+# distributed's words for a worker process that died mid-run (the nanny starts another),
+# and ours: the task keys, stimulus ids and nanny status mean nothing to a user.
+_LOST_WORKER = re.compile(
+    r"Removing worker '([^']*)' caused the cluster to lose already computed task\(s\), "
+    r"which will be recomputed elsewhere: (\{.*\}|set\(\))"
+)
+_RESTARTING = "Restarting worker (status="
+# The client's retries of results a lost worker held: done without a word (the loss is said).
+_SILENT = ("Couldn't gather keys: ", "Couldn't gather ")
+
+
 class LibraryTracebackFilter(logging.Filter):
     """Without -v, the libraries' own tracebacks (a client reconnecting to a scheduler that
     died) are not printed: the run's error line says what happened and what to do. Their
-    message stays, where there is one."""
+    message stays, where there is one; a worker lost mid-run is said in our words."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.name.split(".")[0] in LIBRARY_LOGGERS:
+        if record.name.split(".")[0] not in LIBRARY_LOGGERS:
+            return True
+        if record.exc_info:
             record.exc_info = None
             record.exc_text = None
             return bool(str(record.getMessage()).strip())
+        text = str(record.getMessage())
+        if lost := _LOST_WORKER.match(text):
+            count = lost.group(2).count("vit-attn-batch-")
+            batches = f"{count} batch{'es' if count != 1 else ''}" if count else "work"
+            record.msg = (
+                "a worker process (%s) died; %s it had finished but not yet handed over "
+                "will be done again by the others (the store is not affected)"
+            )
+            record.args = (lost.group(1), batches)
+        elif text.startswith(_RESTARTING):
+            record.msg, record.args = "starting a worker in place of the one that died", ()
+        elif text.startswith(_SILENT) and "vit-attn-batch-" in text:
+            return False
         return True
 
 
