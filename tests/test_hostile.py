@@ -752,6 +752,39 @@ def test_a_lock_without_heartbeat_from_another_host_is_taken_over(tmp_path, data
     assert (status_of(store) == 1).all()
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"stale_after": "soon"},
+        {"stale_after": None},
+        {"stale_after": float("nan")},
+        {"pid": "1", "host": "THIS"},
+        {"pid": True, "host": "THIS"},
+    ],
+)
+def test_a_lock_record_with_odd_values_is_a_refusal_not_a_traceback(tmp_path, data, capsys, record):
+    # A lock written by hand or by another tool: float("soon") raised a ValueError out of
+    # the refusal; a pid given as a string counted as a dead process and the lock was taken.
+    import json
+    import socket
+
+    store = tmp_path / "out" / "run.zarr"
+    lock = Path(str(store) + ".lock")
+    lock.parent.mkdir(parents=True)
+    fields = {"run_id": "r0", "host": "elsewhere", "pid": 5, "user": "u", **record}
+    if fields["host"] == "THIS":
+        fields["host"] = socket.gethostname()
+    lock.write_text(json.dumps(fields))
+    config = write_config(tmp_path, data, output={"lock_stale_seconds": 60})
+    capsys.readouterr()
+    assert run(config) == 2  # fresh: may be a live run's
+    line = one_error_line(capsys)
+    assert "is in use by run r0" in line and "taken over after 60 s" in line, line
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert run(config) == 0 and (status_of(store) == 1).all()
+
+
 def test_a_stalled_writer_never_writes_into_the_store_that_replaced_its_own(tmp_path, data):
     """Run 1 plans and stalls; run 2 replaces the store (--overwrite); run 1 wakes up."""
     from vit_attn.config import load_config

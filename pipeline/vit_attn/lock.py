@@ -21,6 +21,7 @@ import contextlib
 import errno
 import getpass
 import json
+import math
 import os
 import socket
 import threading
@@ -120,7 +121,7 @@ class FileLock:
                 continue
             why = self._stale_reason(holder)
             if why is None:
-                raise StoreLockedError(_refusal(self.path, holder))
+                raise StoreLockedError(_refusal(self.path, holder, self.stale_after))
             self._take_over(holder)
         raise StoreLockedError(
             f"{self.path}: could not take the lock (other runs keep taking it, or its content "
@@ -275,8 +276,8 @@ class ObjectLease:
         """Take the lease, taking over a stale one; raise StoreLockedError if a live run has it."""
         holder = self._read()
         if holder is not None and holder.get("run_id") != self.run_id:
-            age = time.time() - float(holder.get("heartbeat", 0))
-            fresh = age <= float(holder.get("stale_after", self.stale_after))
+            age = time.time() - _number(holder, "heartbeat", 0.0)
+            fresh = age <= _number(holder, "stale_after", self.stale_after)
             if fresh and not _process_gone(holder):
                 raise StoreLockedError(self._refusal(holder, age))
         self._write()
@@ -339,7 +340,7 @@ class ObjectLease:
             f"{self._store} is in use by run {holder.get('run_id')} of {holder.get('user')} on "
             f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}, "
             f"last heartbeat {age:.0f} s ago); wait for it to finish. A dead run's lease is "
-            f"taken over after {float(holder.get('stale_after', self.stale_after)):.0f} s "
+            f"taken over after {_number(holder, 'stale_after', self.stale_after):.0f} s "
             f"without heartbeat, or delete {self.url} once you are sure it is not running"
         )
 
@@ -353,7 +354,8 @@ def read_holder(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _refusal(path: Path, holder: dict[str, Any]) -> str:
+def _refusal(path: Path, holder: dict[str, Any], stale_after: float) -> str:
+    """`stale_after`: this run's, which decides when it takes the lock over."""
     age = _age(path)
     beat = f", last heartbeat {age:.0f} s ago" if age is not None else ""
     store = path.with_name(path.name.removesuffix(".lock"))
@@ -361,9 +363,18 @@ def _refusal(path: Path, holder: dict[str, Any]) -> str:
         f"{store} is in use by run {holder.get('run_id')} of {holder.get('user')} on "
         f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}{beat}); "
         f"wait for it to finish. A dead run's lock is taken over after "
-        f"{float(holder.get('stale_after', DEFAULT_STALE_AFTER)):.0f} s without heartbeat, "
+        f"{stale_after:.0f} s without heartbeat, "
         f"or delete {path} once you are sure it is not running"
     )
+
+
+def _number(holder: Mapping[str, Any], key: str, default: float) -> float:
+    """A number the holder's record gives, or `default` where it gives none that is one (a
+    record written by hand or by another tool is a refusal's words, not a traceback)."""
+    value = holder.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return default
+    return float(value)
 
 
 def _owner(path: Path) -> str:
@@ -386,12 +397,13 @@ def _process_gone(holder: Mapping[str, Any]) -> bool:
     A run killed with SIGKILL leaves its lock or lease behind with a fresh heartbeat; on the
     same host the missing pid says it is dead, so a rerun need not wait `stale_after`.
     """
-    return holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
+    pid = holder.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False  # no pid we can ask about: its heartbeat decides
+    return holder.get("host") == socket.gethostname() and not _pid_alive(pid)
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
