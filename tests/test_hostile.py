@@ -248,6 +248,39 @@ def test_a_resume_removes_the_unfinished_pngs_a_killed_run_left(tmp_path, data):
     assert sorted(png.rglob("*.png")) == written
 
 
+def test_png_dir_never_mixes_pngs_of_two_runs(tmp_path, data, caplog):
+    # --overwrite after images were removed left their PNGs from the old run beside the new
+    # ones (and with another layer, the folder mixed layer 11 and layer 0); a changed image
+    # whose redo failed kept the PNG of its old picture.
+    png = tmp_path / "png"
+    config = write_config(tmp_path, data, output={"png_dir": str(png), "png_heads": True})
+    assert run(config) == 0
+    names = sorted(p.name for p in data.iterdir())
+    assert len(list(png.rglob("*.png"))) == 2 * len(names)
+    mine = png / "notes.png"  # not written by vit-attn: never removed
+    mine.write_bytes(b"not a vit-attn png")
+    for name in names[:3]:
+        (data / name).unlink()
+    again = write_config(
+        tmp_path,
+        data,
+        output={"png_dir": str(png), "png_heads": True},
+        attention={"layers": [0]},
+    )
+    assert run(again, "--overwrite") == 0
+    assert logged(caplog, "removed 12 PNGs of an earlier run")
+    left = sorted(p.relative_to(png).as_posix() for p in png.rglob("*.png") if p != mine)
+    assert left == sorted(f"{n}{s}" for n in names[3:] for s in (".png", ".heads.png"))
+    assert mine.read_bytes() == b"not a vit-attn png"
+    # A changed image that now fails: its old picture's PNGs go with the redo.
+    victim = data / names[3]
+    victim.write_bytes(b"no longer an image")
+    assert run(again, "--redo-changed") == 0
+    assert status_of(tmp_path / "out" / "run.zarr").tolist() == [2, 1, 1]
+    assert not any(p.name.startswith(names[3]) for p in png.rglob("*.png"))
+    assert (png / f"{names[4]}.png").is_file()
+
+
 @pytest.mark.parametrize("where", ["a file", "the store", "inside the store", "around the store"])
 def test_png_dir_must_be_a_folder_of_its_own(tmp_path, data, capsys, where):
     store = tmp_path / "out" / "run.zarr"

@@ -279,6 +279,38 @@ def remove_temp_pngs(png_dir: Path | str) -> int:
     return removed
 
 
+def remove_our_pngs(png_dir: Path | str) -> int:
+    """Delete every PNG vit-attn wrote under `png_dir` (and unfinished ones), leaving other
+    files. Called when a store is made anew for this png_dir (a first run, `--overwrite`):
+    PNGs of the run it replaced would otherwise stay beside the new ones (images since
+    removed, images the new run fails, another layer). Under the store's lock and the
+    png_dir claim. Symlinked folders are not followed. Returns how many were removed."""
+    removed = remove_temp_pngs(png_dir)
+    for dirpath, _dirnames, filenames in os.walk(png_dir):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.endswith(".png") and not path.is_symlink() and is_ours(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
+def remove_pngs_of(png_dir: Path | str, image_root: str, paths: Iterable[str], heads: bool) -> int:
+    """Delete the PNGs (ours only) of images about to be redone: if the redo fails, no PNG of
+    the old picture stays for them. Returns how many were removed."""
+    suffixes = SUFFIXES if heads else SUFFIXES[:1]
+    removed = 0
+    for image in paths:
+        for suffix in suffixes:
+            target = png_path(png_dir, image_root, image, suffix)
+            if target.is_file() and not target.is_symlink() and is_ours(target):
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+                    removed += 1
+    return removed
+
+
 def batches_missing_pngs(
     status: np.ndarray,
     batch_size: int,

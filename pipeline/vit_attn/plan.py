@@ -34,6 +34,8 @@ from .outputs import (
     check_png_owner,
     check_png_targets,
     claim_png_dir,
+    remove_our_pngs,
+    remove_pngs_of,
     remove_temp_pngs,
 )
 from .remote import is_url, location, redact, zarr_store
@@ -339,10 +341,24 @@ def prepare(
             initial=ids.arrays() if ids is not None else None,
         )
     if cfg.output.png_dir:
+        png_dir = cfg.output.png_dir
         if resumed:
-            left = remove_temp_pngs(cfg.output.png_dir)
+            left = remove_temp_pngs(png_dir)
             if left:
                 log.info("removed %d unfinished PNG files a stopped run left", left)
+            redone = [images.paths[i] for i in changed]
+            gone = remove_pngs_of(png_dir, str(images.root), redone, cfg.output.png_heads)
+            if gone:
+                log.info("removed %d PNGs of the changed images before redoing them", gone)
+        else:  # a new store: no PNG of whatever this png_dir held before may stay
+            gone = remove_our_pngs(png_dir)
+            if gone:
+                log.warning(
+                    "output.png_dir %s: removed %d PNGs of an earlier run, so that it holds "
+                    "this store's only",
+                    png_dir,
+                    gone,
+                )
     pending = pending_batches(group, spec)
     if resumed and cfg.output.png_dir:
         redo = batches_missing_pngs(
