@@ -8,6 +8,7 @@ tests take a second or two once the modules are imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -1276,6 +1277,17 @@ def test_disk_full_is_one_line_and_the_store_stays_resumable(tmp_path, tmpfs, ca
     line = one_error_line(capsys)
     assert "No space left on device" in line and str(store) in line, line
     assert (status_of(store) != 1).sum() > 0
+    # Still full at the resume, whose first write is the root's new run id: it said only
+    # "No space left on device", with no word of where.
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    os.truncate(filler, filler.stat().st_size - 4096)  # one page: room for the lock only
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert f"{store}: cannot update the store (" in line and "No space left" in line, line
+    filler.unlink()
     sp.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
     assert run(config) == 0  # resumes: the same store, nothing to redo by hand
     assert (status_of(store) == 1).all()

@@ -6,12 +6,14 @@ plan is cheap to test and the executors stay thin.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ from . import __version__
 from .config import ClusterConfig, Config
 from .datasource import listing_changes, open_source
 from .decode import Preprocess
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, describe_os_error
 from .executor import choose_executor
 from .graphcache import ModelFacts, model_source, package_version
 from .graphcache import resolve as resolve_model
@@ -312,11 +314,12 @@ def prepare(
     onnx_path = loaded.onnx_path if cfg.inference.backend == "onnxruntime" else None
     if resumed:
         group = open_store_for_resume(store_path, fingerprint, storage_options=store_options)
-        group.attrs["run_id"] = run_id  # from now on, writers of an earlier run are refused
-        if changed and ids is not None:
-            _mark_for_redo(group, changed, ids)
-        if retry_failed:
-            _mark_failed_for_retry(group)
+        with _naming(store_path):
+            group.attrs["run_id"] = run_id  # from now on, writers of an earlier run are refused
+            if changed and ids is not None:
+                _mark_for_redo(group, changed, ids)
+            if retry_failed:
+                _mark_failed_for_retry(group)
     else:
         attrs = {
             "model": loaded.description,
@@ -371,7 +374,8 @@ def prepare(
         )
         pending = sorted(set(pending) | set(redo))
     if resumed and pending:
-        _drop_stats_written_later(group, spec, store_path, store_options)
+        with _naming(store_path):
+            _drop_stats_written_later(group, spec, store_path, store_options)
     cluster, cluster_reason = choose_executor(cfg.cluster, len(pending))
     plan = RunPlan(
         infer_batch=infer_batch,
@@ -479,6 +483,23 @@ def _drop_stats_written_later(
         store_path,
         ", ".join(added),
     )
+
+
+@contextlib.contextmanager
+def _naming(store_path: Path | str) -> Iterator[None]:
+    """Name the store in an OS error zarr raised without a file name (a full disk while a
+    resume rewrites the root: "No space left on device", and no word of where)."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise StoreError(
+            f"{store_path}: cannot update the store ({describe_os_error(exc)}); nothing done "
+            "so far is lost: free the space (or fix the permissions) and run again"
+        ) from None
 
 
 def _changed_inputs(
