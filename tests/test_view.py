@@ -849,6 +849,17 @@ def test_a_damaged_store_file_is_one_line_and_costs_only_its_images(demo_store, 
     assert (tiles[victim] != good[victim]).any()
 
 
+def test_a_missing_image_path_file_is_a_damaged_store_not_a_changed_input(demo_store, tmp_path):
+    # Its fill value "" named the image folder itself, "changed since the run" (a folder's
+    # size), and advised --redo-changed.
+    store = copy_of_demo(demo_store, tmp_path)
+    for f in (p for p in (store / "image_path" / "c").rglob("*") if p.is_file()):
+        f.unlink()
+    rc, err = show(store, "--image", "1", "-o", str(tmp_path / "x.png"))
+    assert rc == 2 and "cannot read image_path of image 1: its store file is missing" in err, err
+    assert "changed since the run" not in err
+
+
 def test_a_missing_store_file_is_not_read_as_zeros(demo_store, tmp_path):
     # zarr reads an absent chunk as its fill value: zeros that look like a flat map.
     store = copy_of_demo(demo_store, tmp_path)

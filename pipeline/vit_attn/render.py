@@ -40,7 +40,9 @@ def model_input_image(group: Any, index: int) -> np.ndarray:
     """
     attrs = group.attrs
     prep = Preprocess.from_dict(attrs["preprocess"])
-    rel = str(group["image_path"][index])
+    # written with the store's template: a missing chunk reads "", which named the image
+    # folder itself as a changed input
+    rel = str(read_rows(group["image_path"], index, "image_path", index, written=True))
     root = str(attrs["image_root"])
     path: Path | bytes | None = Path(rel) if Path(rel).is_absolute() else Path(root) / rel
     remote = is_url(root) or "source" in attrs.get("fingerprint_inputs", {})
