@@ -277,8 +277,9 @@ def test_verbose_demo_is_the_demo_and_warnings_are_put_back(tmp_path, capsys):
 
     from vit_attn.cli import main as cli_main
 
-    before = warnings.showwarning
+    before, filters = warnings.showwarning, list(warnings.filters)
     assert cli_main(["-v", "demo", "--out", str(tmp_path / "o"), "--n", "0"]) == 2
     assert "--n 0" in capsys.readouterr().err
     assert cli_main(["cache", "--dir", str(tmp_path / "none")]) == 0
     assert warnings.showwarning is before
+    assert warnings.filters == filters  # without -v it hides Pillow's and FutureWarnings

@@ -1314,6 +1314,21 @@ def test_disk_full_on_a_local_cluster_is_not_retried(tmp_path, tmpfs, capsys):
     assert len(err) < 2000, err
 
 
+@pytest.mark.parametrize("cluster", ["none", "local"])
+def test_pillow_warnings_that_name_no_file_are_not_printed(tmp_path, data, cluster):
+    # A file Pillow half-recognises printed "vit-attn: Corrupt EXIF data. Expecting to read
+    # 2 bytes but only got 0." naming no file; the image fails with its reason anyway.
+    (data / "junk.tif").write_bytes(b"II*\x00" + b"\xff" * 20)
+    config = write_config(tmp_path, data, cluster={"kind": cluster, "n_workers": 1})
+    cmd = [str(Path(sys.executable).parent / "vit-attn"), "run", str(config), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "EXIF" not in proc.stderr and "6 ok, 1 failed" in proc.stderr, proc.stderr
+    again = [*cmd[:1], "-v", *cmd[1:], "--overwrite"]
+    verbose = subprocess.run(again, capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 0 and "Corrupt EXIF data" in verbose.stderr, verbose.stderr[-2000:]
+
+
 # --------------------------------------------------------------------- 8. signals, checkpoints
 
 

@@ -26,7 +26,7 @@ from .errors import (
     hide_library_tracebacks,
 )
 from .remote import is_url, location
-from .worker_signals import TRACEBACKS_ENV, warning_as_line
+from .worker_signals import TRACEBACKS_ENV, ignore_unnamed_image_warnings, warning_as_line
 
 EXIT_OK, EXIT_FAILED_BATCHES, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGPIPE, EXIT_SIGTERM = 130, 141, 143  # 128 + signal number, as a shell says
@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "vit-attn: %(message)s",
     )
-    shown_as = warnings.showwarning  # put back when this command ends (a notebook goes on)
+    # The warning filters and handler are put back when this command ends (a notebook goes on)
+    kept_warnings = warnings.catch_warnings()
+    kept_warnings.__enter__()
     tracebacks_env = os.environ.get(TRACEBACKS_ENV)
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         hide_library_tracebacks(*logging.root.handlers)
         warnings.showwarning = warning_as_line
+        ignore_unnamed_image_warnings()
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
         os.environ[TRACEBACKS_ENV] = "1"
     previous: dict[int, Any] = {}
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        warnings.showwarning = shown_as
+        kept_warnings.__exit__(None, None, None)
         if tracebacks_env is None:
             os.environ.pop(TRACEBACKS_ENV, None)
         else:

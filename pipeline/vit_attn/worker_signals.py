@@ -39,6 +39,14 @@ def dask_setup(worker: Any) -> None:
     if os.environ.get(TRACEBACKS_ENV) != "1":
         logging.getLogger("distributed.worker").addFilter(QuietTaskFailures())
         warnings.showwarning = warning_as_line  # as in the client: no source lines
+        ignore_unnamed_image_warnings()
+
+
+def ignore_unnamed_image_warnings() -> None:
+    """Without -v, Pillow's warnings are not shown: they never name the file ("Corrupt EXIF
+    data. Expecting to read 2 bytes ..."), so a user cannot act on them; an image Pillow
+    cannot decode fails alone with its reason in the store."""
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 
 def warning_as_line(
