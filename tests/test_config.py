@@ -106,6 +106,12 @@ def test_conflicts_and_bad_yaml(tmp_path):
         parse_config({**BASE, "model": {"name": "x", "pretrained": True, "checkpoint": "w.pth"}})
     with pytest.raises(ConfigError, match="cluster.address"):
         parse_config({**BASE, "cluster": {"kind": "address"}})
+    # The torch backend's mixed precision is CUDA autocast: on the CPU it ran fp32 unsaid.
+    with pytest.raises(ConfigError, match="precision 'mixed' with backend 'torch' needs device"):
+        parse_config({**BASE, "inference": {"backend": "torch", "precision": "mixed"}})
+    parse_config(
+        {**BASE, "inference": {"backend": "torch", "precision": "mixed", "device": "cuda"}}
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):

@@ -226,6 +226,18 @@ class InferenceConfig(_Section):
     tensorrt: bool = False
     cache_dir: Path | None = None
 
+    @model_validator(mode="after")
+    def _mixed_torch_on_cuda_only(self) -> InferenceConfig:
+        # The torch backend's mixed precision is CUDA autocast; on the CPU it ran fp32 while
+        # the store said "mixed".
+        if self.backend == "torch" and self.precision == "mixed" and self.device == "cpu":
+            raise ValueError(
+                "precision 'mixed' with backend 'torch' needs device 'cuda' (CUDA autocast); "
+                "on the CPU use backend 'onnxruntime' (its mixed graph runs there) or "
+                "precision 'fp32'"
+            )
+        return self
+
 
 class OutputConfig(_Section):
     store: Path | str  # a URL (s3://bucket/run.zarr) stays a string: see _store_location

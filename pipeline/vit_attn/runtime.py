@@ -306,6 +306,11 @@ class TorchRunner:
             msg = "inference.device is cuda but torch sees no CUDA device"
             if not options.allow_cpu_fallback:
                 raise BackendError(msg + "; set inference.device: cpu")
+            if precision == "mixed":  # CUDA autocast: on the CPU it would run fp32, unsaid
+                raise BackendError(
+                    msg + "; precision 'mixed' with the torch backend needs CUDA, so it cannot "
+                    "fall back to the CPU: use backend 'onnxruntime' or precision 'fp32'"
+                )
             warnings.warn(  # as the onnxruntime backend does
                 msg + "; running on the CPU because inference.allow_cpu_fallback is true",
                 stacklevel=2,
