@@ -193,6 +193,12 @@ REFUSED = {
         {"depth": 2},
         r"\(XCiT\) is not supported: .* across feature channels",
     ),
+    # its refusal said "attention has shape [8, 5, 5], not [heads=4, ...]"
+    "differential_attention": (
+        "vit_dwee_patch16_reg1_gap_256",
+        {"depth": 2},
+        r"\(differential attention\) is not supported: .* subtracts one softmax from another",
+    ),
 }
 
 

@@ -128,7 +128,14 @@ def _refuse_unsupported_families(model: nn.Module, name: str) -> None:
             "(timm's CaiT models have 2)"
         )
     blocks = getattr(model, "blocks", None) or ()
-    if any(type(getattr(b, "attn", None)).__name__ == "XCA" for b in blocks):
+    kinds = {type(getattr(b, "attn", None)).__name__ for b in blocks}
+    if "DiffAttention" in kinds:
+        raise ModelError(
+            f"model {name!r} (differential attention) is not supported: each head subtracts "
+            "one softmax from another, so what it computes is not a probability map over the "
+            "tokens; use a ViT, DeiT, EVA or BEiT model"
+        )
+    if "XCA" in kinds:
         raise ModelError(
             f"model {name!r} (XCiT) is not supported: its cross-covariance attention is a "
             "softmax across feature channels, not across tokens, so it has no attention maps "
