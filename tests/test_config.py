@@ -112,6 +112,10 @@ def test_conflicts_and_bad_yaml(tmp_path):
     parse_config(
         {**BASE, "inference": {"backend": "torch", "precision": "mixed", "device": "cuda"}}
     )
+    # a lock heartbeat of inf/6 s crashed its thread (OverflowError), leaving the lock to go stale
+    for huge in (float("inf"), 1e300):
+        with pytest.raises(ConfigError, match="lock_stale_seconds: Input should be less"):
+            parse_config({**BASE, "output": {**BASE["output"], "lock_stale_seconds": huge}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):

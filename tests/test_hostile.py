@@ -819,6 +819,18 @@ def test_a_lock_record_with_odd_values_is_a_refusal_not_a_traceback(tmp_path, da
     assert run(config) == 0 and (status_of(store) == 1).all()
 
 
+def test_a_lock_of_a_pid_beyond_any_process_on_this_host_is_taken_over(tmp_path, data):
+    # os.kill(10**30, 0) raised OverflowError out of the lock: a traceback, exit 1.
+    import json
+    import socket
+
+    store = tmp_path / "out" / "run.zarr"
+    lock = Path(str(store) + ".lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"run_id": "r0", "host": socket.gethostname(), "pid": 10**30}))
+    assert run(write_config(tmp_path, data)) == 0 and (status_of(store) == 1).all()
+
+
 def test_a_stalled_writer_never_writes_into_the_store_that_replaced_its_own(tmp_path, data):
     """Run 1 plans and stalls; run 2 replaces the store (--overwrite); run 1 wakes up."""
     from vit_attn.config import load_config

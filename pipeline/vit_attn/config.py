@@ -253,7 +253,10 @@ class OutputConfig(_Section):
     attention_dtype: Literal["float16", "float32"] = "float16"
     overwrite: bool = False
     lock_stale_seconds: float = Field(
-        120.0, ge=1.0, description="a store lock without heartbeat for this long is taken over"
+        120.0,
+        ge=1.0,
+        le=7 * 24 * 3600.0,
+        description="a store lock without heartbeat for this long is taken over (at most a week)",
     )
 
     @field_validator("store", mode="before")

@@ -35,6 +35,9 @@ from .errors import StoreError
 from .remote import access_error, is_url, url_fs
 
 DEFAULT_STALE_AFTER = 120.0  # seconds without a heartbeat after which a lock may be taken over
+# A heartbeat at least this often, whatever stale_after is (a very long one must not stretch
+# the wait past what a thread can sleep).
+HEARTBEAT_MAX_SECONDS = 60.0
 
 
 class StoreLockedError(StoreError):
@@ -219,7 +222,7 @@ class FileLock:
         self._thread.start()
 
     def _beat(self) -> None:
-        interval = max(0.05, self.stale_after / 6)
+        interval = min(HEARTBEAT_MAX_SECONDS, max(0.05, self.stale_after / 6))
         while not self._stop.wait(interval):
             holder = read_holder(self.path)
             if holder is None or holder.get("run_id") != self.run_id:
@@ -323,7 +326,7 @@ class ObjectLease:
             raise StoreError(access_error(self._store, e, "cannot write the store")) from None
 
     def _beat(self) -> None:
-        interval = max(0.05, self.stale_after / 6)
+        interval = min(HEARTBEAT_MAX_SECONDS, max(0.05, self.stale_after / 6))
         while not self._stop.wait(interval):
             try:
                 holder = self._read()
@@ -406,7 +409,7 @@ def _process_gone(holder: Mapping[str, Any]) -> bool:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # beyond any pid: no such process
         return False
     except PermissionError:
         return True
