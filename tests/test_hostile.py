@@ -1341,6 +1341,30 @@ def test_pillow_warnings_that_name_no_file_are_not_printed(tmp_path, data, clust
     assert verbose.returncode == 0 and "Corrupt EXIF data" in verbose.stderr, verbose.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["show", "s.zarr", "--image", "0", "--layer", "x", "-o", "a.png"],
+            "show: argument --layer: invalid int value: 'x' (see vit-attn show --help)",
+        ),
+        (
+            ["show", "s.zarr", "--image", "0"],
+            "show: the following arguments are required: -o/--output",
+        ),
+        (["demo", "--n", "x"], "demo: argument --n: invalid int value: 'x'"),
+        (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_a_usage_mistake_is_one_line(tmp_path, argv, line):
+    # argparse printed up to 8 lines of usage, then "vit-attn show: error: ...".
+    cmd = [str(Path(sys.executable).parent / "vit-attn"), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("vit-attn: error: ") and line in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 # --------------------------------------------------------------------- 8. signals, checkpoints
 
 

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .argparsing import OneLineParser
 from .errors import (
     LIBRARY_LOGGERS,
     ConfigError,
@@ -55,9 +56,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 def _parser() -> argparse.ArgumentParser:
     from .render import NORMALIZE_MODES
 
-    p = argparse.ArgumentParser(
-        prog="vit-attn", description="ViT attention maps over whole image datasets."
-    )
+    p = OneLineParser(prog="vit-attn", description="ViT attention maps over whole image datasets.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -96,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # Readers of a store on object storage take its fsspec options as `output.storage_options`
     # would give them (the environment's AWS settings need none).
-    remote = argparse.ArgumentParser(add_help=False)
+    remote = OneLineParser(add_help=False)  # parents share the class
     remote.add_argument(
         "--storage-option",
         dest="storage_options",

@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..argparsing import OneLineParser
 from ..cli import main as cli_main
 from .shapes import generate
 
@@ -36,7 +37,7 @@ def add_photos(folder: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vit-attn demo", description=__doc__)
+    p = OneLineParser(prog="vit-attn demo", description=__doc__)
     p.add_argument(
         "--config", type=Path, default=CONFIG, help="the run's config (default: the bundled one)"
     )
