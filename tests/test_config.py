@@ -116,6 +116,18 @@ def test_conflicts_and_bad_yaml(tmp_path):
     for huge in (float("inf"), 1e300):
         with pytest.raises(ConfigError, match="lock_stale_seconds: Input should be less"):
             parse_config({**BASE, "output": {**BASE["output"], "lock_stale_seconds": huge}})
+    # "" became the config's own folder: a cache written beside it, a folder as checkpoint
+    for section, key in (
+        ("inference", "cache_dir"),
+        ("model", "checkpoint"),
+        ("output", "png_dir"),
+        ("output", "store"),
+        ("data", "source"),
+    ):
+        values = {k: dict(v) for k, v in BASE.items()}
+        values.setdefault(section, {})[key] = " "
+        with pytest.raises(ConfigError, match=rf"{section}(: |\.){key}: is empty; give a"):
+            parse_config(values)
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):

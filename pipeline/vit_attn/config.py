@@ -113,6 +113,10 @@ def _takes_int_not_bool(annotation: Any) -> bool:
     return int in found and bool not in found
 
 
+def _takes_path(annotation: Any) -> bool:
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
 def _not_an_int(value: Any) -> bool:
     """A boolean or a float where integers go (a list: any of its items)."""
     if isinstance(value, list | tuple):
@@ -140,6 +144,9 @@ class _Section(BaseModel):
                 if name in data and _takes_int_not_bool(info.annotation) and _not_an_int(value):
                     got = "a boolean" if _has_bool_item(value) else "a number with a point"
                     raise ValueError(f"{name}: expected integers, got {got} ({_short(value)})")
+                if _takes_path(info.annotation) and isinstance(value, str) and not value.strip():
+                    # Path("") is "." : the config's own folder, silently
+                    raise ValueError(f"{name}: is empty; give a path, or leave the key out")
         return data
 
 
@@ -186,6 +193,8 @@ class DataConfig(_Section):
     @field_validator("source")
     @classmethod
     def _not_half_a_url(cls, v: str) -> str:
+        if not v.strip():  # resolved against the config's folder, it would list that folder
+            raise ValueError("is empty; give a folder, a glob, a list file or a URL")
         _refuse_half_url(v)
         return v
 
