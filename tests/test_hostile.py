@@ -1354,6 +1354,7 @@ def test_pillow_warnings_that_name_no_file_are_not_printed(tmp_path, data, clust
         ),
         (["demo", "--n", "x"], "demo: argument --n: invalid int value: 'x'"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+        (["view", "s.zarr", "--host", ""], "view --host is empty; give an address"),
     ],
 )
 def test_a_usage_mistake_is_one_line(tmp_path, argv, line):

@@ -291,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "view":
             from .view import serve
 
+            if not args.host.strip():  # binds every interface, and says "http://:PORT/"
+                raise ConfigError(
+                    "view --host is empty; give an address: 127.0.0.1 (this machine only, the "
+                    "default) or 0.0.0.0 (every interface)"
+                )
+
             serve(args.store, host=args.host, port=args.port)
             return EXIT_OK
         return _show(args)
