@@ -1389,9 +1389,15 @@ def test_a_pickled_checkpoint_refusal_says_why(tmp_path, data, capsys):
     assert "arbitrary code execution" in one_error_line(capsys)
 
 
-def _start_run(config: Path, cwd: Path) -> subprocess.Popen:
+def _start_run(config: Path, cwd: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "vit-attn"), "run", str(config), "--no-progress"],
+        [
+            str(Path(sys.executable).parent / "vit-attn"),
+            "run",
+            str(config),
+            "--no-progress",
+            *extra,
+        ],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1450,6 +1456,13 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     assert "terminated; finished batches are kept, rerun the same command to resume" in err, err
     assert "Traceback" not in err
     assert (status_of(store) == 0).any()
+    # Stopped with --overwrite: "rerun the same command" would discard what it finished.
+    shutil.rmtree(store)  # so that "started" means this run's store
+    proc = _start_run(config, tmp_path, "--overwrite")
+    _signal_when_started(proc, store, signal.SIGTERM, group=False)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "finished batches are kept, rerun without --overwrite to resume" in err, err
     assert run(config) == 0 and (status_of(store) == 1).all()
 
 

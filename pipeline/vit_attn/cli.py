@@ -312,10 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(
-            f"vit-attn: {what}; finished batches are kept, rerun the same command to resume",
-            file=sys.stderr,
+        overwriting = getattr(args, "overwriting", None)
+        how = (
+            "rerun the same command to resume"
+            if overwriting is None
+            else "rerun without --overwrite to resume (with it they are discarded)"
+            if overwriting == "--overwrite"
+            else "rerun with --set output.overwrite=false to resume (with overwrite they are "
+            "discarded)"
         )
+        print(f"vit-attn: {what}; finished batches are kept, {how}", file=sys.stderr)
         return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
     finally:
         for signum, handler in previous.items():
@@ -373,6 +379,10 @@ def _run(args: argparse.Namespace) -> int:
     from .lock import lock_for
 
     cfg = load_config(args.config, args.overrides)
+    # what an interruption's "rerun to resume" must tell to leave out
+    args.overwriting = (
+        "--overwrite" if args.overwrite else "output.overwrite" if cfg.output.overwrite else None
+    )
     run_id = uuid.uuid4().hex
     lock = lock_for(
         cfg.output.store, run_id, cfg.output.lock_stale_seconds, cfg.output.storage_options
