@@ -97,8 +97,15 @@ def test_overrides_keep_yaml_types(tmp_path):
     assert cfg.model.img_size_pair == (96, 128)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(write(tmp_path, BASE), ["attention.full"])
-    with pytest.raises(ConfigError, match=r"attention\.nope: unknown key"):
+    with pytest.raises(ConfigError, match=r"attention\.nope: unknown key \(from --set 'atten"):
         load_config(write(tmp_path, BASE), ["attention.nope=1"])
+    # a mistake set by an override names it; one in the file does not
+    bad = {**BASE, "inference": {"threads": -1}}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, bad), ["inference.batch_size=0"])
+    text = str(caught.value)
+    assert "inference.batch_size: Input should be greater than or equal to 1 (got 0) (from " in text
+    assert text.endswith("inference.threads: Input should be greater than or equal to 0 (got -1)")
 
 
 def test_conflicts_and_bad_yaml(tmp_path):

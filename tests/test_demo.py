@@ -263,6 +263,9 @@ def test_demo_option_mistakes_are_one_line_before_any_image(tmp_path, capsys):
         (["--out", str(out), "--n", "-1"], "--n -1: give the number of images"),
         (["--out", str(out), "--n", "0"], "--n 0"),
         (["--out", str(out), "--config", str(tmp_path / "nope.yaml")], "is not a file"),
+        # --set mistakes were found after every image was drawn, naming the bundled config
+        (["--out", str(out), "--set", "model.nme=x"], "unknown key (from --set 'model.nme=x')"),
+        (["--out", str(out), "--set", "a..b=1"], "empty part"),
     ]:
         assert demo_main(args) == 2
         err = capsys.readouterr().err

@@ -13,7 +13,7 @@ import re
 import reprlib
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -428,14 +428,15 @@ def _quote_hint(err: Any) -> str:
     return ""
 
 
-def _format_errors(exc: ValidationError, origin: str) -> str:
-    parts = []
+def _format_errors(exc: ValidationError, origin: str, overrides: Sequence[str] = ()) -> str:
+    parts: list[str] = []
     seen: set[str] = set()
     for err in exc.errors():
         loc = ".".join(_user_loc(err["loc"]))
         if loc in seen:  # one line per key: a union reports each of its members
             continue
         seen.add(loc)
+        start = len(parts)
         kind = err["type"]
         if kind == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
@@ -448,6 +449,16 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
                 f" (got {_short(err['input'])})" if kind != "value_error" and "input" in err else ""
             )
             parts.append(f"{loc}: {msg}{got}{_quote_hint(err)}")
+        setter = next(
+            (
+                o
+                for o in overrides
+                if loc == (k := o.partition("=")[0].strip()) or loc.startswith(k + ".")
+            ),
+            None,
+        )
+        if setter is not None and len(parts) > start:
+            parts[-1] += f" (from --set {_short(setter)})"
     return (
         f"{origin}: "
         + "; ".join(parts[:5])
@@ -491,15 +502,21 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return cfg.model_copy(update=updates)
 
 
-def parse_config(data: Any, origin: str = "<config>", base: Path | None = None) -> Config:
-    """Validate a config mapping; `base` is the folder relative paths refer to."""
+def parse_config(
+    data: Any,
+    origin: str = "<config>",
+    base: Path | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Validate a config mapping; `base` is the folder relative paths refer to; `overrides`
+    (``KEY=VALUE``, already applied) are named in the errors of the keys they set."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping with sections model, data, output, ...")
     _check_size(data, origin)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin)) from None
+        raise ConfigError(_format_errors(exc, origin, overrides)) from None
     return _resolve_paths(cfg, base or Path.cwd())
 
 
@@ -556,4 +573,4 @@ def _load_config_text(
         )
     _check_size(data, path)
     data = apply_overrides(data, overrides or [])
-    return parse_config(data, origin=path, base=base)
+    return parse_config(data, origin=path, base=base, overrides=overrides or ())

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from ..argparsing import OneLineParser
 from ..cli import main as cli_main
+from ..config import load_config
+from ..errors import ConfigError
 from .shapes import generate
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -60,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     if problem:  # before any image is drawn
         print(f"vit-attn: error: {problem}", file=sys.stderr)
         return 2
+    out = args.out.resolve()
+    overrides = [
+        f"data.source={out / 'shapes' / 'images'}",
+        f"output.store={out / 'demo.zarr'}",
+        f"output.png_dir={out / 'png'}",
+        *args.set,
+    ]
+    if str(args.config) != "-":  # a --set mistake is said before any image is drawn
+        try:
+            load_config(args.config, overrides)
+        except ConfigError as exc:
+            print(f"vit-attn: error: {exc}", file=sys.stderr)
+            return 2
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     generate(args.out / "shapes", args.n, seed=args.seed)
@@ -68,13 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         f"demo: {args.n} generated images (masks in {args.out / 'shapes' / 'masks'}), {photos} photographs",
         file=sys.stderr,
     )
-    out = args.out.resolve()
-    overrides = [
-        f"data.source={out / 'shapes' / 'images'}",
-        f"output.store={out / 'demo.zarr'}",
-        f"output.png_dir={out / 'png'}",
-        *args.set,
-    ]
     cmd = ["-v"] * args.verbose + ["run", str(args.config)]
     cmd += [x for o in overrides for x in ("--set", o)]
     if not sys.stderr.isatty():
