@@ -99,6 +99,13 @@ def test_a_checkpoint_mismatch_names_the_keys(tmp_path):
     message = str(err.value)
     assert "1 missing (head.bias)" in message and "1 unexpected (extra.weight)" in message
     assert "norm.weight (7,) vs (192,)" in message and "\n" not in message
+    # One that timm's resampling filter trips over said only "tuple index out of range".
+    save_file({"pos_embed": torch.zeros(3)}, str(path))
+    with pytest.raises(CheckpointError) as err:
+        load_model(ModelSource("vit_tiny_patch16_224", checkpoint=path, kwargs=TINY))
+    message = str(err.value)
+    assert "does not fit this model: " in message and "missing (" in message, message
+    assert "pos_embed (3,) vs (1, " in message and "tuple index" not in message, message
 
 
 def test_pickled_code_in_a_checkpoint_is_not_run(tmp_path):

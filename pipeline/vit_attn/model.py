@@ -253,8 +253,12 @@ def _apply_checkpoint(model: nn.Module, path: Path) -> None:
         try:
             state = filter_fn(state, model)
         except Exception as exc:
+            # timm's filter fails on what it cannot resample ("tuple index out of range" for
+            # a 1-d pos_embed): the keys and shapes that differ say more, where some do
+            why = _state_mismatch(model, state) or first_line(exc)
             raise CheckpointError(
-                f"checkpoint {path} does not fit this model: {first_line(exc)}"
+                f"checkpoint {path} does not fit this model: {why} "
+                "(check model.name and model.kwargs)"
             ) from None
     _check_dtypes(model, state, path)
     mismatch = _state_mismatch(model, state)
