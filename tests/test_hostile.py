@@ -1366,6 +1366,30 @@ def test_a_usage_mistake_is_one_line(tmp_path, argv, line):
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
+def test_hugging_face_download_retries_are_not_printed_without_verbose(
+    tmp_path, data, caplog, monkeypatch
+):
+    # Offline, pretrained weights printed 44 lines of huggingface_hub's retries (each twice)
+    # over ~46 s before the one line saying what to do. The retries are logged here as
+    # huggingface_hub logs them; the download itself needs a network this test does not have.
+    import logging
+
+    from vit_attn import plan
+    from vit_attn.errors import ModelError
+
+    def offline(cfg):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ModelError("pretrained weights for 'x' could not be loaded; offline?")
+
+    monkeypatch.setattr(plan, "resolve_model", offline)
+    config = write_config(tmp_path, data)
+    assert run(config) == 2
+    assert not logged(caplog, "Retrying in")
+    assert logging.getLogger("huggingface_hub").level == logging.NOTSET  # put back
+    assert cli_main(["-v", "run", str(config), "--no-progress"]) == 2
+    assert logged(caplog, "Retrying in")
+
+
 # --------------------------------------------------------------------- 8. signals, checkpoints
 
 

@@ -266,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         hide_library_tracebacks(*logging.root.handlers)
         warnings.showwarning = warning_as_line
         ignore_unnamed_image_warnings()
+        # Hugging Face's download retries (offline: 40 lines, each twice, before our one line
+        # that says the weights could not be loaded and what to do)
+        hub_logger = logging.getLogger("huggingface_hub")
+        hub_level = hub_logger.level
+        hub_logger.setLevel(logging.ERROR)
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
         os.environ[TRACEBACKS_ENV] = "1"
     previous: dict[int, Any] = {}
@@ -327,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         kept_warnings.__exit__(None, None, None)
+        if not args.verbose:
+            hub_logger.setLevel(hub_level)
         if tracebacks_env is None:
             os.environ.pop(TRACEBACKS_ENV, None)
         else:
