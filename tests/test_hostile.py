@@ -1383,9 +1383,10 @@ def test_hugging_face_download_retries_are_not_printed_without_verbose(
 
     monkeypatch.setattr(plan, "resolve_model", offline)
     config = write_config(tmp_path, data)
+    before = logging.getLogger("huggingface_hub").level
     assert run(config) == 2
     assert not logged(caplog, "Retrying in")
-    assert logging.getLogger("huggingface_hub").level == logging.NOTSET  # put back
+    assert logging.getLogger("huggingface_hub").level == before  # put back
     assert cli_main(["-v", "run", str(config), "--no-progress"]) == 2
     assert logged(caplog, "Retrying in")
 
