@@ -921,6 +921,27 @@ def test_a_store_missing_an_array_is_damaged_not_complete(tmp_path, data, capsys
     assert run(config, "--overwrite") == 0 and (store / array / "zarr.json").is_file()
 
 
+def test_a_resume_redoes_batches_whose_store_files_are_gone(tmp_path, data, caplog):
+    # A data file deleted (or lost with a disk) under a finished batch read as zeros with
+    # status 1: `run` said "done: 6 ok" and left it, and xarray readers got the zeros.
+    overlays = {"output": {"overlays": "heads"}, "attention": {"layers": [0], "full": True}}
+    config = write_config(tmp_path, data, **overlays)
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    gone = sorted(p for p in (store / "cls_attention" / "c").rglob("*") if p.is_file())[0]
+    gone.unlink()  # the first batch's
+    heads = sorted(p for p in (store / "overlay_heads" / "c").rglob("*") if p.is_file())[-1]
+    heads.unlink()  # the last batch's
+    assert run(config) == 0
+    assert logged(caplog, "2 finished batches have store files missing")
+    assert gone.is_file() and heads.is_file()
+    fresh = write_config(tmp_path / "fresh", data, **overlays)
+    assert run(fresh) == 0
+    assert_stores_equal(store, tmp_path / "fresh" / "out" / "run.zarr")
+    caplog.clear()
+    assert run(config) == 0 and not logged(caplog, "store files missing")  # whole again
+
+
 def test_a_resume_may_infer_in_smaller_batches(tmp_path, data, capsys):
     # Out of GPU memory half way: the store's batches are its chunks, but a smaller
     # inference.batch_size must resume it, not demand --overwrite of the finished work.

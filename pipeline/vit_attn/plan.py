@@ -51,6 +51,7 @@ from .store import (
     STATUS_FAILED,
     StoreSpec,
     array,
+    batches_missing_files,
     check_arrays_present,
     config_differences,
     create_store,
@@ -363,6 +364,16 @@ def prepare(
                     gone,
                 )
     pending = pending_batches(group, spec)
+    if resumed:
+        lost = batches_missing_files(group, spec, read_status(store_path, store_options))
+        if lost:
+            log.warning(
+                "%s: %d finished batches have store files missing (deleted, or lost with a "
+                "disk): doing them again",
+                store_path,
+                len(lost),
+            )
+            pending = sorted(set(pending) | set(lost))
     if resumed and cfg.output.png_dir:
         redo = batches_missing_pngs(
             read_status(store_path, store_options),

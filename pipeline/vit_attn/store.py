@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -1009,6 +1010,62 @@ def read_rows(
             f"cannot read {name} of image {image}: {first_line(exc)}; the store file holding it "
             "is damaged (restore it, or rebuild the store with `vit-attn run CONFIG --overwrite`)"
         ) from None
+
+
+def batches_missing_files(group: zarr.Group, spec: StoreSpec, status: np.ndarray) -> list[int]:
+    """Batches that were written (an image at status 1 or 2) but whose file is gone from one
+    of their data arrays: deleted by hand, or lost with a disk. zarr would read its fill value
+    there, zeros that look like results; a resume redoes these batches instead.
+
+    Every batch write stores each data array's file, fill values included
+    (`write_empty_chunks`), so an absent one is damage. One listing per array; arrays whose
+    storage cannot be listed are not checked."""
+    n, size = spec.n_images, spec.batch_size
+    written = np.zeros(spec.n_batches * size, dtype=bool)
+    written[:n] = np.asarray(status)[:n] != STATUS_PENDING
+    done = np.flatnonzero(written.reshape(spec.n_batches, size).any(axis=1))
+    missing: set[int] = set()
+    if not done.size:
+        return []
+    for layout in spec.layout():
+        if not layout.per_batch or layout.name not in group:
+            continue
+        arr: Any = group[layout.name]
+        keys = _stored_keys(arr)
+        if keys is None:
+            continue
+        try:
+            outer = tuple(int(c) for c in arr.metadata.chunk_grid.chunk_shape)
+        except (AttributeError, TypeError):
+            continue
+        rest = [range(math.ceil(d / c)) for d, c in zip(arr.shape[1:], outer[1:], strict=True)]
+        for b in done.tolist():
+            if b in missing:
+                continue
+            stop = min((b + 1) * size, n)
+            for c0 in range(b * size // outer[0], (stop - 1) // outer[0] + 1):
+                coords = ((c0, *others) for others in itertools.product(*rest))
+                if any(arr.metadata.encode_chunk_key(c) not in keys for c in coords):
+                    missing.add(b)
+                    break
+    return sorted(missing)
+
+
+def _stored_keys(arr: Any) -> set[str] | None:
+    """The chunk keys stored for `arr` (relative to the array), asked of the storage itself
+    (consolidated metadata still lists what was deleted); None where it cannot be listed."""
+    from zarr.core.sync import sync
+
+    store, path = arr.store_path.store, arr.store_path.path
+    prefix = f"{path}/" if path else ""
+
+    async def collect() -> set[str]:
+        return {key[len(prefix) :] async for key in store.list_prefix(prefix)}
+
+    try:
+        return sync(collect())
+    except Exception:  # noqa: BLE001 - a store that cannot list: cannot tell, so do not redo
+        return None
 
 
 def rows_without_chunk(arr: Any, images: Sequence[int]) -> set[int]:
