@@ -376,18 +376,14 @@ async function renderImage(i, params, seq) {
   fillMapControls(sel);
   const filter = pick(params, FILTER_KEYS);
   $("back").href = "#/grid?" + filter;
-  // Everything the view shows is asked for at once; a failed image's pictures answer 404.
+  // The input, the facts and the neighbours are asked for at once; the maps once the facts
+  // say the image has them (a failed or pending image's maps would answer 404: broken
+  // pictures and console errors).
   const q = selQuery(sel, true);
   const qNoMask = selQuery(sel, false);
   const infoP = getJSON(`/api/info/${i}`).catch((e) => ({ error: e.message }));
   const nbP = getJSON(`/api/neighbours/${i}?${filter}`).catch(() => null);
   const inputLoad = loadImage($("p-input"), `/api/input/${i}.png`);
-  const pictures = Promise.all([
-    loadImage($("p-overlay"), `/api/overlay/${i}.png?${q}`),
-    loadImage($("p-map"), `/api/map/${i}.png?${qNoMask}`),
-    getJSON(`/api/map/${i}.json?${q}`),
-  ]);
-  pictures.catch(() => {});
   const [info, nb] = await Promise.all([infoP, nbP]);
   if (seq !== renderSeq) return;
   const title = info.error ? info.error : `#${info.i} ${info.path} · ${info.status}` +
@@ -399,6 +395,10 @@ async function renderImage(i, params, seq) {
     $("img-next").disabled = nb.next === null;
     $("img-prev").onclick = () => { location.hash = imageHash(nb.prev, params); };
     $("img-next").onclick = () => { location.hash = imageHash(nb.next, params); };
+  } else {  // no such image: nothing of the previous one's place stays
+    $("img-position").textContent = "";
+    $("img-prev").disabled = true;
+    $("img-next").disabled = true;
   }
   const err = $("img-error");
   if (info.status !== "ok") {
@@ -413,6 +413,11 @@ async function renderImage(i, params, seq) {
     return;
   }
   err.hidden = true;
+  const pictures = Promise.all([
+    loadImage($("p-overlay"), `/api/overlay/${i}.png?${q}`),
+    loadImage($("p-map"), `/api/map/${i}.png?${qNoMask}`),
+    getJSON(`/api/map/${i}.json?${q}`),
+  ]);
   let values;
   try {
     [, [, , values]] = await Promise.all([inputLoad, pictures]);
