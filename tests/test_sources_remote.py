@@ -597,6 +597,10 @@ def test_object_store_files_rewritten_within_a_second_are_told_apart():
     assert info_stat({"size": 1000, "LastModified": when, "ETag": '"aaa"'}) == a
     listed = when + datetime.timedelta(milliseconds=250)
     assert info_stat({"Size": 1000, "size": 1000, "LastModified": listed, "ETag": '"aaa"'}) == a
+    # a store with sub-second times (GCS's `updated`) keeps them, as identities recorded
+    # before recorded them
+    gcs = info_stat({"size": 9, "updated": "2026-12-01T12:00:00.250Z", "generation": "17"})
+    assert gcs[0] == 9 and abs(gcs[1] - (int(when.timestamp()) * 10**9 + 250_000_000)) < 1000
     local = info_stat({"size": 5, "mtime": 1700000000.25})
     assert local[0] == 5 and abs(local[1] - 1700000000250000000) < 1000  # kept (float seconds)
     assert info_stat({"name": "x"}) == (MISSING, MISSING)

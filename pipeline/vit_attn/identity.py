@@ -96,23 +96,24 @@ def info_stat(info: Mapping[str, Any]) -> tuple[int, int]:
     records a listing's and `show` checks one file's `info()`.
 
     Local files give `mtime` (seconds), S3 `LastModified`, GCS `updated`, Azure
-    `last_modified`: whichever is there. Object stores keep whole seconds (and a listing may
-    say milliseconds where a HEAD says seconds), so a file rewritten within a second at the
-    same size would look unchanged: where the store gives an ETag (or a generation, a version
-    id), the time is cut to whole seconds and a digest of the tag fills the sub-second part,
+    `last_modified`: whichever is there. Object stores keep whole seconds (S3's listing may
+    say milliseconds where its HEAD says seconds: cut to the second), so a file rewritten
+    within a second at the same size would look unchanged: where the store gives an ETag (or
+    a generation, a version id), a digest of it fills a whole-second time's sub-second part,
     below what `describe_change` shows."""
     size = info.get("size")
-    when = next(
-        (info[k] for k in ("mtime", "LastModified", "last_modified", "updated") if k in info),
-        None,
-    )
-    ns = _ns(when)
+    key = next((k for k in ("mtime", "LastModified", "last_modified", "updated") if k in info), "")
+    ns = _ns(info.get(key))
     tag = next(
         (info[k] for k in ("ETag", "etag", "generation", "VersionId", "version_id") if info.get(k)),
         None,
     )
-    if tag is not None and ns != MISSING:
-        ns = ns - ns % 1_000_000_000 + zlib.crc32(str(tag).encode()) % 1_000_000_000
+    # S3's LastModified: whole seconds from a HEAD, possibly milliseconds from a listing.
+    # Elsewhere a sub-second time is kept as it is (identities recorded before stay valid).
+    if key == "LastModified" and ns != MISSING:
+        ns -= ns % 1_000_000_000
+    if tag is not None and ns != MISSING and ns % 1_000_000_000 == 0:
+        ns += zlib.crc32(str(tag).encode()) % 1_000_000_000
     return (int(size) if isinstance(size, int | float) else MISSING), ns
 
 
