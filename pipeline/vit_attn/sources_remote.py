@@ -27,9 +27,11 @@ __all__ = ["FileReader", "ReadBatch", "expand_files", "list_remote"]
 _GLOB_CHARS = frozenset("*?[")
 # Errors of a listing call that mean "the service or the credentials", never "no such file".
 _FATAL = (PermissionError, ConnectionError, TimeoutError)
-# A list file's images in one folder: from this many on, one listing of the folder tells
-# their sizes and times (a request per 1,000 objects on S3) instead of a request per image.
-_LIST_FOLDER_FROM = 16
+# A list file's images in one folder: from this many on, a listing of the folder tells their
+# sizes and times instead of a request per image. A listing costs a request per 1,000 objects
+# of the folder (sequential), whatever the list names: below 1,000 names, one concurrent
+# request each is never much slower, and a subset of a huge folder stays cheap.
+_LIST_FOLDER_FROM = 1000
 # Protocols whose files have no listing and often no size or time: no identity recorded.
 _UNIDENTIFIED = frozenset({"http", "https"})
 
