@@ -268,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         ignore_unnamed_image_warnings()
         # Hugging Face's download retries (offline: 40 lines, each twice, before our one line
         # that says the weights could not be loaded and what to do)
+        # (its import sets its own level from HF_HUB_VERBOSITY; imported already: the level)
         hub_logger = logging.getLogger("huggingface_hub")
-        hub_level = hub_logger.level
+        hub_level, hub_env = hub_logger.level, os.environ.get("HF_HUB_VERBOSITY")
         hub_logger.setLevel(logging.ERROR)
+        if hub_env is None:
+            os.environ["HF_HUB_VERBOSITY"] = "error"
     else:  # LocalCluster workers keep distributed's own task tracebacks (worker_signals)
         os.environ[TRACEBACKS_ENV] = "1"
     previous: dict[int, Any] = {}
@@ -317,14 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        overwriting = getattr(args, "overwriting", None)
+        overwriting = getattr(args, "overwriting", [])
+        steps = [
+            *(["without --overwrite"] if "--overwrite" in overwriting else []),
+            *(["with --set output.overwrite=false"] if "output.overwrite" in overwriting else []),
+        ]
         how = (
-            "rerun the same command to resume"
-            if overwriting is None
-            else "rerun without --overwrite to resume (with it they are discarded)"
-            if overwriting == "--overwrite"
-            else "rerun with --set output.overwrite=false to resume (with overwrite they are "
-            "discarded)"
+            f"rerun {' and '.join(steps)} to resume (overwriting would discard them)"
+            if steps
+            else "rerun the same command to resume"
         )
         print(f"vit-attn: {what}; finished batches are kept, {how}", file=sys.stderr)
         return EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
@@ -334,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         kept_warnings.__exit__(None, None, None)
         if not args.verbose:
             hub_logger.setLevel(hub_level)
+            if hub_env is None:
+                os.environ.pop("HF_HUB_VERBOSITY", None)
         if tracebacks_env is None:
             os.environ.pop(TRACEBACKS_ENV, None)
         else:
@@ -387,9 +393,10 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     # what an interruption's "rerun to resume" must tell to leave out
-    args.overwriting = (
-        "--overwrite" if args.overwrite else "output.overwrite" if cfg.output.overwrite else None
-    )
+    args.overwriting = [
+        *(["--overwrite"] if args.overwrite else []),
+        *(["output.overwrite"] if cfg.output.overwrite else []),
+    ]
     run_id = uuid.uuid4().hex
     lock = lock_for(
         cfg.output.store, run_id, cfg.output.lock_stale_seconds, cfg.output.storage_options

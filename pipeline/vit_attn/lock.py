@@ -375,9 +375,13 @@ def _number(holder: Mapping[str, Any], key: str, default: float) -> float:
     """A number the holder's record gives, or `default` where it gives none that is one (a
     record written by hand or by another tool is a refusal's words, not a traceback)."""
     value = holder.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return default
-    return float(value)
+    try:
+        number = float(value)  # an int of 400 digits: OverflowError
+    except OverflowError:
+        return default
+    return number if math.isfinite(number) else default
 
 
 def _owner(path: Path) -> str:
