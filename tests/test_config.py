@@ -105,6 +105,8 @@ def test_overrides_keep_yaml_types(tmp_path):
         load_config(write(tmp_path, bad), ["inference.batch_size=0"])
     text = str(caught.value)
     assert "inference.batch_size: Input should be greater than or equal to 1 (got 0) (from " in text
+    with pytest.raises(ConfigError, match=r"\(from --set 'inference.batch_size=0'\)"):
+        load_config(write(tmp_path, BASE), ["inference.batch_size=4", "inference.batch_size=0"])
     assert text.endswith("inference.threads: Input should be greater than or equal to 0 (got -1)")
 
 

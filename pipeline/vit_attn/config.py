@@ -449,10 +449,10 @@ def _format_errors(exc: ValidationError, origin: str, overrides: Sequence[str] =
                 f" (got {_short(err['input'])})" if kind != "value_error" and "input" in err else ""
             )
             parts.append(f"{loc}: {msg}{got}{_quote_hint(err)}")
-        setter = next(
+        setter = next(  # the last override of the key is the one that applies
             (
                 o
-                for o in overrides
+                for o in reversed(overrides)
                 if loc == (k := o.partition("=")[0].strip()) or loc.startswith(k + ".")
             ),
             None,
