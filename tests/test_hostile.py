@@ -282,6 +282,28 @@ def test_png_dir_never_mixes_pngs_of_two_runs(tmp_path, data, caplog):
     assert (png / f"{names[4]}.png").is_file()
 
 
+def test_a_new_store_leaves_other_stores_pngs_and_its_own_inputs_under_png_dir(tmp_path, data):
+    # Clearing png_dir for a new store walked the whole tree: it deleted the PNGs of a store
+    # whose png_dir lies inside this one's, and input images that are overlays of an earlier
+    # run kept under png_dir (the run then failed them all).
+    png = tmp_path / "png"
+    a = write_config(tmp_path / "a", data, output={"png_dir": str(png)})
+    b = write_config(tmp_path / "b", data, output={"png_dir": str(png / "layer_b")})
+    assert run(a) == 0 and run(b) == 0
+    theirs = files_under(png / "layer_b")
+    assert run(a, "--overwrite") == 0
+    assert files_under(png / "layer_b") == theirs
+    # earlier overlays under png_dir, analysed as images by a new store writing into png_dir
+    earlier = sorted((png / "layer_b").glob("*.png"))
+    c = write_config(tmp_path / "c", png / "layer_b", output={"png_dir": str(png)})
+    shutil.rmtree(tmp_path / "a" / "out")  # png_dir is a's: it must be free for c
+    (png / ".vit-attn-store").unlink()
+    (png / "layer_b" / ".vit-attn-store").unlink()  # only their being inputs protects them
+    assert run(c) == 0
+    assert (status_of(tmp_path / "c" / "out" / "run.zarr") == 1).all()
+    assert all(p.is_file() for p in earlier)
+
+
 @pytest.mark.parametrize("where", ["a file", "the store", "inside the store", "around the store"])
 def test_png_dir_must_be_a_folder_of_its_own(tmp_path, data, capsys, where):
     store = tmp_path / "out" / "run.zarr"

@@ -279,17 +279,30 @@ def remove_temp_pngs(png_dir: Path | str) -> int:
     return removed
 
 
-def remove_our_pngs(png_dir: Path | str) -> int:
-    """Delete every PNG vit-attn wrote under `png_dir` (and unfinished ones), leaving other
-    files. Called when a store is made anew for this png_dir (a first run, `--overwrite`):
-    PNGs of the run it replaced would otherwise stay beside the new ones (images since
-    removed, images the new run fails, another layer). Under the store's lock and the
-    png_dir claim. Symlinked folders are not followed. Returns how many were removed."""
+def remove_our_pngs(png_dir: Path | str, inputs: Iterable[str | os.PathLike[str]] = ()) -> int:
+    """Delete every PNG vit-attn wrote under `png_dir` for its store (and unfinished ones),
+    leaving other files. Called when a store is made anew for this png_dir (a first run,
+    `--overwrite`): PNGs of the run it replaced would otherwise stay beside the new ones
+    (images since removed, images the new run fails, another layer). Under the store's lock
+    and the png_dir claim.
+
+    Never touched: a folder inside that holds its own owner file (another store's png_dir),
+    symlinked folders, and `inputs` (the run's own images, or folders of them: earlier
+    overlays being analysed may lie under png_dir). Returns how many were removed."""
     removed = remove_temp_pngs(png_dir)
-    for dirpath, _dirnames, filenames in os.walk(png_dir):
+    keep = {os.path.realpath(p) for p in inputs}
+    for dirpath, dirnames, filenames in os.walk(png_dir):
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if not (Path(dirpath) / d / OWNER_FILE).exists()
+            and os.path.realpath(os.path.join(dirpath, d)) not in keep
+        ]
         for name in filenames:
             path = Path(dirpath) / name
-            if name.endswith(".png") and not path.is_symlink() and is_ours(path):
+            if not name.endswith(".png") or path.is_symlink() or os.path.realpath(path) in keep:
+                continue
+            if is_ours(path):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed += 1

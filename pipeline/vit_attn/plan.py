@@ -36,6 +36,7 @@ from .outputs import (
     check_png_owner,
     check_png_targets,
     claim_png_dir,
+    listed_folder,
     remove_our_pngs,
     remove_pngs_of,
     remove_temp_pngs,
@@ -355,7 +356,7 @@ def prepare(
             if gone:
                 log.info("removed %d PNGs of the changed images before redoing them", gone)
         else:  # a new store: no PNG of whatever this png_dir held before may stay
-            gone = remove_our_pngs(png_dir)
+            gone = remove_our_pngs(png_dir, _local_inputs(cfg.data.source, images, png_dir))
             if gone:
                 log.warning(
                     "output.png_dir %s: removed %d PNGs of an earlier run, so that it holds "
@@ -494,6 +495,19 @@ def _drop_stats_written_later(
         store_path,
         ", ".join(added),
     )
+
+
+def _local_inputs(source: str, images: ImageList, png_dir: Path) -> list[str]:
+    """What of the run's own input lies under png_dir, for `remove_our_pngs` to leave: the
+    scanned folder, or the listed files (a list file's entries may lie anywhere)."""
+    if images.reader is not None or is_url(source):
+        return []
+    folder = listed_folder(source)
+    if folder is not None:
+        return [str(folder)]
+    base = os.path.realpath(png_dir)
+    files = (os.path.realpath(images.absolute(i)) for i in range(len(images)))
+    return [f for f in files if f.startswith(base + os.sep)]
 
 
 @contextlib.contextmanager
