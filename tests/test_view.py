@@ -697,6 +697,24 @@ def rerun_config(store: Path, export_cache: Path) -> Path:
     return path
 
 
+def test_a_store_replaced_under_the_viewer_is_noticed_at_the_next_request(
+    demo_store, tmp_path, export_cache
+):
+    # For up to STATUS_RECHECK_SECONDS after `run --overwrite` replaced the store, the viewer
+    # answered from the old layout: old layers in meta, "ok" images that were pending, zero
+    # statistics. A local store's root is now looked at on every request.
+    store = copy_of_demo(demo_store, tmp_path)
+    data = StoreData(store)
+    assert data.counts()["ok"] > 0
+    config = rerun_config(store, export_cache)
+    args = ["run", str(config), "--no-progress", "--overwrite", "--set", "attention.layers=[0]"]
+    assert cli_main(args) == 0
+    data._next_status_check = float("inf")  # the periodic check has not come round yet
+    with pytest.raises(ViewError, match="was replaced since the viewer opened it") as err:
+        data.counts()
+    assert err.value.status == 409
+
+
 def test_the_viewer_forgets_what_a_resume_redid(tmp_path, export_cache):
     # After `run --redo-changed` under a running viewer, the overlay was the new map over the
     # old decoded input, thumbnails and the statistics summary stayed those of the old

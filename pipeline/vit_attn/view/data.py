@@ -10,6 +10,7 @@ The store is opened read-only; nothing here writes.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +25,7 @@ import zarr
 from ..errors import PipelineError, StoreError
 from ..maps import HEAD_FUSIONS, fuse_heads
 from ..numbers import parse_int
+from ..remote import is_url
 from ..stats import STAT_NAMES, STAT_UNITS, max_distance, patch_distances
 from ..store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, read_rows, readable_attrs
 
@@ -119,6 +121,7 @@ class StoreData:
         self._load(open_group(store))
         self._next_status_check = time.monotonic() + STATUS_RECHECK_SECONDS
         self._replaced: str | None = None  # why the store on disk is no longer this one
+        self._root_seen = self._root_signature()
 
     def _load(self, group: zarr.Group) -> None:
         """The layout, from the store's metadata: at start, and again when a resume or
@@ -268,7 +271,11 @@ class StoreData:
         object storage is not re-read on every request."""
         if self._replaced:
             raise ViewError(self._replaced, 409)
+        root = self._root_signature()
         with self._lock:
+            if root != self._root_seen:  # replaced (--overwrite) or rewritten (a resume): now
+                self._root_seen = root
+                self._next_status_check = 0.0
             if time.monotonic() < self._next_status_check:
                 return
             self._next_status_check = math.inf  # this thread re-reads; others use the cache
@@ -290,6 +297,19 @@ class StoreData:
             if fresh is not None and cached is not None and not np.array_equal(fresh, cached):
                 self._forget()
                 self._columns["status"] = fresh
+
+    def _root_signature(self) -> tuple[int, int, int] | None:
+        """The local root `zarr.json`'s inode, mtime and size: a store replaced by
+        `run --overwrite`, or a root rewritten by a resume, is noticed at the next request
+        rather than at the next status check (up to STATUS_RECHECK_SECONDS of answers from
+        the old layout). None on object storage (a request per answer would cost too much)."""
+        if is_url(self.path):
+            return None
+        try:
+            st = os.stat(os.path.join(self.path, "zarr.json"))
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _forget(self) -> None:
         """Drop everything read from the store (caller holds the lock)."""
