@@ -282,17 +282,26 @@ def test_png_dir_never_mixes_pngs_of_two_runs(tmp_path, data, caplog):
     assert (png / f"{names[4]}.png").is_file()
 
 
-def test_a_new_store_leaves_other_stores_pngs_and_its_own_inputs_under_png_dir(tmp_path, data):
+def test_a_new_store_leaves_other_stores_pngs_and_its_own_inputs_under_png_dir(
+    tmp_path, data, capsys
+):
     # Clearing png_dir for a new store walked the whole tree: it deleted the PNGs of a store
     # whose png_dir lies inside this one's, and input images that are overlays of an earlier
     # run kept under png_dir (the run then failed them all).
     png = tmp_path / "png"
     a = write_config(tmp_path / "a", data, output={"png_dir": str(png)})
     b = write_config(tmp_path / "b", data, output={"png_dir": str(png / "layer_b")})
-    assert run(a) == 0 and run(b) == 0
+    assert run(b) == 0 and run(a) == 0  # b's folder was there first
     theirs = files_under(png / "layer_b")
     assert run(a, "--overwrite") == 0
     assert files_under(png / "layer_b") == theirs
+    # A png_dir inside another store's is refused from now on.
+    d = write_config(tmp_path / "d", data, output={"png_dir": str(png / "layer_d")})
+    capsys.readouterr()
+    assert run(d) == 2
+    line = one_error_line(capsys)
+    assert f"lies inside {png}, the png_dir of another store" in line, line
+    assert not (png / "layer_d").exists()
     # earlier overlays under png_dir, analysed as images by a new store writing into png_dir
     earlier = sorted((png / "layer_b").glob("*.png"))
     c = write_config(tmp_path / "c", png / "layer_b", output={"png_dir": str(png)})

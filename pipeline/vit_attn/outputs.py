@@ -228,12 +228,22 @@ def check_png_owner(png_dir: Path | str, store: Path | str) -> None:
     """Refuse a png_dir that holds another store's PNGs: the two runs would replace each
     other's pictures under the same names, and each would call them its own on resume."""
     owner = png_dir_owner(png_dir)
-    if owner is not None and owner != store_identity(store):
+    mine = store_identity(store)
+    if owner is not None and owner != mine:
         raise OutputError(
             f"output.png_dir {png_dir} holds the PNGs of another store, {owner}; give each "
             f"store its own png_dir (or delete {Path(png_dir) / OWNER_FILE} if that store "
             "is gone or moved here)"
         )
+    # Inside another store's png_dir, the two would write under one tree: that store's
+    # names could land here, and a new store there clears its tree of vit-attn's PNGs.
+    for parent in Path(os.path.realpath(png_dir)).parents:
+        other = png_dir_owner(parent) if (parent / OWNER_FILE).is_file() else None
+        if other is not None and other != mine:
+            raise OutputError(
+                f"output.png_dir {png_dir} lies inside {parent}, the png_dir of another "
+                f"store, {other}; give each store a folder of its own, side by side"
+            )
 
 
 def claim_png_dir(png_dir: Path | str, store: Path | str) -> None:
