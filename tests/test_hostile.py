@@ -233,19 +233,21 @@ def test_an_empty_lock_file_never_blocks_a_store_for_good(tmp_path, data, capsys
 
 
 def test_a_resume_removes_the_unfinished_pngs_a_killed_run_left(tmp_path, data):
-    # A run killed while writing a PNG leaves its temporary file (".NAME.PID.THREAD.tmp");
-    # resumes kept them, and every kill added more.
+    # A run killed while writing a PNG leaves its temporary file
+    # (".NAME.PID.THREAD.vit-attn.tmp"); resumes kept them, and every kill added more.
     png = tmp_path / "png"
     config = write_config(tmp_path, data, output={"png_dir": str(png)})
     assert run(config) == 0
     written = sorted(png.rglob("*.png"))
     assert written
-    left = written[0].with_name(f".{written[0].name}.4242.139860534867648.tmp")
+    left = written[0].with_name(f".{written[0].name}.4242.139860534867648.vit-attn.tmp")
     left.write_bytes(written[0].read_bytes()[:100])
     mine = png / ".notes.tmp"  # not a name the run writes: not the run's to remove
     mine.write_text("keep")
+    draft = png / ".draft.png.1.2.tmp"  # an editor's temporary file, by chance alike
+    draft.write_text("keep")
     assert run(config) == 0
-    assert not left.exists() and mine.read_text() == "keep"
+    assert not left.exists() and mine.read_text() == "keep" and draft.read_text() == "keep"
     assert sorted(png.rglob("*.png")) == written
 
 
@@ -339,12 +341,135 @@ def test_a_file_the_tool_did_not_write_is_never_replaced(tmp_path, data, capsys)
     config = write_config(tmp_path, data, output={"png_dir": str(png)})
     assert run(config) == 2
     line = one_error_line(capsys)
-    assert f"{name}.png" in line and "not written by vit-attn" in line
+    assert f"{name}.png" in line and "is not a PNG vit-attn wrote there" in line
     assert (png / f"{name}.png").read_bytes() == b"precious"
     # PNGs the tool wrote itself are replaced on a rerun: move the user's file away first.
     (png / f"{name}.png").unlink()
     assert run(config) == 0
     assert run(config, "--overwrite") == 0
+
+
+def test_copies_and_edits_of_the_tools_pngs_are_the_users(tmp_path, data, capsys, caplog):
+    # A new store (or --overwrite) deleted every PNG under png_dir that carried the marker:
+    # a user's copy of an overlay kept for a paper, a renamed one, and one edited and saved
+    # with its text kept (that one a redo also replaced without a word).
+    from PIL import Image, PngImagePlugin
+
+    png = tmp_path / "png"
+    config = write_config(tmp_path, data, output={"png_dir": str(png)})
+    assert run(config) == 0
+    names = sorted(p.name for p in data.iterdir())
+    (png / "Documents" / "thesis").mkdir(parents=True)
+    kept = {
+        png / "Documents" / "thesis" / "fig3_attention.png": png / f"{names[0]}.png",
+        png / f"{names[1]}_copy.png": png / f"{names[1]}.png",
+    }
+    for copy, original in kept.items():
+        shutil.copyfile(original, copy)
+    edited = png / f"{names[2]}.png"
+    with Image.open(edited) as im:
+        info = PngImagePlugin.PngInfo()
+        for key, value in im.text.items():
+            info.add_text(key, value)
+        picture = im.convert("RGB")
+    picture.putpixel((0, 0), (255, 0, 0))
+    picture.save(edited, pnginfo=info)
+    mine = {p: p.read_bytes() for p in [*kept, edited]}
+    capsys.readouterr()
+    assert run(config, "--overwrite") == 2  # the edited picture would be replaced: refused
+    line = one_error_line(capsys)
+    assert str(edited) in line and "changed" in line, line
+    assert {p: p.read_bytes() for p in mine} == mine
+    edited.rename(tmp_path / "edited.png")
+    assert run(config, "--overwrite") == 0
+    assert logged(caplog, "removed 5 PNGs of an earlier run")
+    assert all(p.read_bytes() == b for p, b in mine.items() if p != edited)
+    assert sorted(p.name for p in png.glob("*.png") if p not in kept) == sorted(
+        f"{n}.png" for n in names
+    )
+
+
+def test_pngs_never_go_into_a_folder_another_store_claimed(tmp_path, data, capsys):
+    # A store whose png_dir lies inside this one's, made first: this run's PNGs for the
+    # images of that sub-folder replaced that store's, which then called them its own.
+    imagefactory.write_rgb_set(data / "b", [(44, 33), (45, 34)])
+    png = tmp_path / "png"
+    b = write_config(tmp_path / "b", data / "b", output={"png_dir": str(png / "b")})
+    assert run(b) == 0
+    theirs = files_under(png / "b")
+    a = write_config(tmp_path / "a", data, output={"png_dir": str(png)})
+    capsys.readouterr()
+    assert run(a) == 2
+    line = one_error_line(capsys)
+    assert f"would go in {png / 'b'}, the png_dir of another store" in line, line
+    assert files_under(png / "b") == theirs
+    assert not (tmp_path / "a" / "out" / "run.zarr").exists()
+
+
+def test_a_resume_leaves_the_unfinished_pngs_of_a_store_inside_png_dir(tmp_path, data):
+    # Its temporary files belong to a run that may be writing them right now.
+    png = tmp_path / "png"
+    b = write_config(tmp_path / "b", data, output={"png_dir": str(png / "layer_b")})
+    a = write_config(tmp_path / "a", data, output={"png_dir": str(png)})
+    assert run(b) == 0 and run(a) == 0
+    name = sorted(p.name for p in data.iterdir())[0]
+    theirs = png / "layer_b" / f".{name}.png.999.111.vit-attn.tmp"
+    ours = png / f".{name}.png.999.111.vit-attn.tmp"
+    for tmp in (theirs, ours):
+        tmp.write_bytes(b"half a png")
+    assert run(a) == 0
+    assert theirs.exists() and not ours.exists()
+
+
+def test_a_full_disk_under_png_dir_names_the_png_not_the_store(tmp_path, data, tmpfs, capsys):
+    disk = tmpfs("pngdisk", "256k")
+    png = disk / "png"
+    png.mkdir()
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    os.truncate(filler, filler.stat().st_size - 4096)  # a page: the owner record only
+    config = write_config(tmp_path, data, output={"png_dir": str(png), "png_heads": True})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and str(png) in line, line
+    assert "run.zarr" not in line, line
+    filler.unlink()
+    assert run(config) == 0  # nothing lost: the same store resumes
+    assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
+
+
+def test_a_read_only_png_dir(tmp_path, data, tmpfs, capsys):
+    # A finished store reruns against its read-only png_dir (the claim rewrote its record
+    # each time); a new store there is one line that names png_dir, not a temporary file.
+    import subprocess as sp
+
+    disk = tmpfs("rodisk", "1m")
+    png = disk / "png"
+    config = write_config(tmp_path, data, output={"png_dir": str(png)})
+    assert run(config) == 0
+    sp.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert run(config) == 0
+    other = write_config(
+        tmp_path / "o",
+        data,
+        output={"png_dir": str(disk / "other"), "store": str(tmp_path / "o.zarr")},
+    )
+    capsys.readouterr()
+    assert run(other) == 2
+    line = one_error_line(capsys)
+    assert f"output.png_dir {disk / 'other'} cannot be written (" in line, line
+    assert "Read-only file system" in line and ".tmp" not in line, line
+
+
+def test_a_png_dir_below_a_file_is_one_line(tmp_path, data, capsys):
+    (tmp_path / "afile").write_text("a file")
+    config = write_config(tmp_path, data, output={"png_dir": str(tmp_path / "afile" / "png")})
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in line, line
+    assert not (tmp_path / "out" / "run.zarr").exists()
 
 
 def test_a_symlink_inside_png_dir_does_not_lead_outside(tmp_path, capsys):

@@ -3,7 +3,10 @@ refused before a file exists."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import shutil
 import zlib
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from PIL import Image
 
 from vit_attn import pngencode
-from vit_attn.outputs import PNG_MARKER, is_ours, write_png
+from vit_attn.outputs import PNG_DIGEST, PNG_MARKER, PNG_PLACE, is_ours, write_png
 from vit_attn.pngencode import encode_png
 
 DEFAULT_DEFLATE = pngencode.DEFLATE  # before any fixture changes it
@@ -99,19 +102,61 @@ def test_isal_is_the_default_where_installed(deflate: str) -> None:
 
 
 def test_write_png_marks_the_file_and_refuses_bad_input_before_any_file(tmp_path) -> None:
-    target = tmp_path / "out" / "a.png"
+    out = tmp_path / "out"
+    target = out / "sub" / "a.png"
     pixels = np.full((8, 8, 3), 200, np.uint8)
-    write_png(pixels, target, tmp_path / "out", "a.jpg")
-    assert is_ours(target) and Image.open(target).text == {PNG_MARKER: "a.jpg"}
+    write_png(pixels, target, out, "a.jpg")
+    text = Image.open(target).text
+    assert is_ours(target, out) and text[PNG_MARKER] == "a.jpg"
+    assert text[PNG_PLACE] == os.path.join("sub", "a.png")
+    idat = target.read_bytes()
+    start = idat.index(b"IDAT") + 4
+    length = int.from_bytes(idat[start - 8 : start - 4], "big")
+    assert text[PNG_DIGEST] == hashlib.sha256(idat[start : start + length]).hexdigest()
     with pytest.raises(ValueError):
-        write_png(pixels.astype(np.float64), tmp_path / "out" / "b.png", tmp_path / "out", "b")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+        write_png(pixels.astype(np.float64), out / "b.png", out, "b")
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.png"]
 
 
-def test_is_ours_reads_the_marker_without_decoding_the_pixels(tmp_path) -> None:
-    # A rerun checks every PNG it may replace; decoding each one cost ~2 ms per PNG of
-    # start-up. The marker precedes the pixels: a file cut inside its image data is still
-    # recognised (and so replaced), which it could not be if the pixels were read.
+def test_is_ours_only_for_the_tools_png_at_its_place_and_unchanged(tmp_path) -> None:
+    # Deletion and replacement trust this: a user's copy of an overlay elsewhere in png_dir,
+    # a renamed one, or one edited and saved with its text kept, is the user's file.
+    from PIL import PngImagePlugin
+
+    target = tmp_path / "a.png"
+    write_png(np.full((64, 64, 3), 7, np.uint8), target, tmp_path, "a.jpg")
+    assert is_ours(target, tmp_path)
+    assert not is_ours(target, tmp_path / "elsewhere")  # recorded place a.png, here ../a.png
+    (tmp_path / "copies").mkdir()
+    for copy in (tmp_path / "copies" / "a.png", tmp_path / "a_copy.png"):
+        shutil.copyfile(target, copy)
+        assert not is_ours(copy, tmp_path)
+    with Image.open(target) as im:  # edited, saved with every text chunk kept
+        info = PngImagePlugin.PngInfo()
+        for key, value in im.text.items():
+            info.add_text(key, value)
+        edited = im.convert("RGB")
+    edited.putpixel((0, 0), (255, 0, 0))
+    edited.save(tmp_path / "b.png", pnginfo=info)
+    os.replace(tmp_path / "b.png", target)
+    assert PNG_DIGEST in Image.open(target).text and not is_ours(target, tmp_path)
+    # Only the marker (an earlier version, another writer): not enough.
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_MARKER, "b.jpg")
+    Image.new("RGB", (4, 4)).save(tmp_path / "c.png", pnginfo=info)
+    assert not is_ours(tmp_path / "c.png", tmp_path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "d.png")
+    assert not is_ours(tmp_path / "d.png", tmp_path)
+    (tmp_path / "e.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\xff" * 40)
+    assert not is_ours(tmp_path / "e.png", tmp_path)
+    assert not is_ours(tmp_path / "missing.png", tmp_path)
+
+
+def test_is_ours_reads_no_further_than_the_pixels_and_takes_a_cut_file_at_its_place(
+    tmp_path,
+) -> None:
+    # A file cut inside its pixel data (the disk lost the end of a write) holds no picture:
+    # it is ours where its record says it lies, so a resume replaces it.
     target = tmp_path / "a.png"
     write_png(np.full((64, 64, 3), 7, np.uint8), target, tmp_path, "a.jpg")
     data = target.read_bytes()
@@ -119,14 +164,7 @@ def test_is_ours_reads_the_marker_without_decoding_the_pixels(tmp_path) -> None:
     target.write_bytes(data[: idat + 8])
     with pytest.raises(OSError):
         Image.open(target).load()
-    assert is_ours(target)
-    # A PNG whose text follows its pixels (another writer) is still read to the end.
-    other = tmp_path / "b.png"
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_MARKER, "b.jpg")
-    Image.new("RGB", (4, 4)).save(other, pnginfo=info)
-    assert is_ours(other)
-    Image.new("RGB", (4, 4)).save(tmp_path / "c.png")
-    assert not is_ours(tmp_path / "c.png")
+    assert is_ours(target, tmp_path)
+    moved = tmp_path / "moved.png"
+    os.replace(target, moved)
+    assert not is_ours(moved, tmp_path)

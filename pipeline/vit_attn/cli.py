@@ -655,17 +655,15 @@ def _show(args: argparse.Namespace) -> int:
 def _check_output_path(flag: str, path: Path, store: Path | str, folder: bool) -> None:
     """Before any work: a picture or plot folder that cannot be made, or that would land in
     the store (its files would sit among the store's arrays), is refused in one line."""
-    from .outputs import resolved_inside  # the rule png_dir is checked by
+    from .outputs import file_in_the_way, resolved_inside  # the rules png_dir is checked by
 
     if folder and path.exists() and not path.is_dir():
         raise PipelineError(f"{flag} {path} is a file; give a folder")
     if not folder and path.is_dir():
         raise PipelineError(f"{flag} {path} is a folder; give a file name ending in .png")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise PipelineError(f"{flag} {path}: {parent} is a file, not a folder")
-            break
+    blocked = file_in_the_way(path)
+    if blocked is not None:
+        raise PipelineError(f"{flag} {path}: {blocked} is a file, not a folder")
     local = str(store).removeprefix("file://") if str(store).startswith("file://") else store
     if not is_url(local) and resolved_inside(path, local):
         raise PipelineError(f"{flag} {path} is inside the store {store}; write it elsewhere")

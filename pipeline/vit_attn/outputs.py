@@ -2,7 +2,10 @@
 
 A list file may name `../x.jpg`, `/abs/y.jpg` or a path with many `..`: the PNG of every image
 still lies inside `output.png_dir`, two images never share a PNG, and a file the tool did not
-write (no vit-attn marker in its PNG text chunks) is never replaced.
+write is never replaced or removed. A PNG is the tool's when its text chunks record the
+image, the PNG's own path under png_dir and the digest of its pixel data, and all three
+still hold (`is_ours`): a copy kept elsewhere in png_dir, a renamed one, or one edited and
+saved with its text kept is the user's.
 """
 
 from __future__ import annotations
@@ -15,18 +18,20 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .errors import PipelineError
-from .pngencode import encode_png
+from .errors import PipelineError, describe_os_error
+from .pngencode import encode_png, read_png_record
 
 # Images listed outside the source root (absolute, or climbing out with `..`) are mirrored
 # under this folder of png_dir by their absolute path.
 OUTSIDE_ROOT = "_outside_root"
-PNG_MARKER = "vit-attn"  # tEXt key of every PNG this tool writes
+PNG_MARKER = "vit-attn"  # tEXt key of every PNG this tool writes: the image it shows
+PNG_PLACE = "vit-attn-path"  # the PNG's path relative to png_dir when written
+PNG_DIGEST = "vit-attn-sha256"  # the sha256 of its pixel data (IDAT)
 SUFFIXES = (".png", ".heads.png")
 OWNER_FILE = ".vit-attn-store"  # in png_dir: the store whose PNGs these are
 _GLOB_CHARS = frozenset("*?[")
@@ -71,18 +76,28 @@ def resolved_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]
 
 
 def check_png_targets(
-    png_dir: str | os.PathLike[str], image_root: str, paths: Iterable[str], heads: bool
+    png_dir: str | os.PathLike[str],
+    image_root: str,
+    paths: Iterable[str],
+    heads: bool,
+    store: Path | str | None = None,
 ) -> None:
-    """Refuse, before anything is written, a run where two images share a PNG or a PNG would
-    replace a file that vit-attn did not write."""
+    """Refuse, before anything is written, a run where two images share a PNG, a PNG would
+    replace a file that vit-attn did not write, or land in a folder below png_dir that
+    another store claimed as its png_dir (`store`: this run's)."""
     seen: dict[Path, str] = {}
     folders: dict[Path, bool] = {}
+    base = Path(os.path.normpath(os.path.abspath(png_dir)))
+    mine = None if store is None else store_identity(store)
+    claimed: dict[Path, str | None] = {}
     suffixes = SUFFIXES if heads else SUFFIXES[:1]
     for image in paths:
         for suffix in suffixes:
             target = png_path(png_dir, image_root, image, suffix)
             if target.parent not in folders:
                 folders[target.parent] = resolved_inside(target.parent, png_dir)
+                if mine is not None:
+                    _check_no_other_claim(target.parent, base, mine, claimed, image)
             if not folders[target.parent]:
                 raise OutputError(
                     f"PNG for {image!r}: {target.parent} leads outside output.png_dir {png_dir} "
@@ -94,35 +109,59 @@ def check_png_targets(
                     f"images {other!r} and {image!r} would both write {target}; "
                     "rename one, or list them from one root"
                 )
-            check_replaceable(target)
+            check_replaceable(target, png_dir)
 
 
-def check_replaceable(target: Path) -> None:
-    """Raise unless `target` is absent or a PNG that carries vit-attn's marker."""
+def _check_no_other_claim(
+    folder: Path, base: Path, mine: str, claimed: dict[Path, str | None], image: str
+) -> None:
+    """Refuse `folder` (below png_dir `base`) when it or a folder between lies in another
+    store's png_dir: that store's PNGs would be replaced and called its own."""
+    at = folder
+    while at != base and base in at.parents:
+        if at not in claimed:
+            claimed[at] = png_dir_owner(at) if (at / OWNER_FILE).is_file() else None
+        owner = claimed[at]
+        if owner is not None and owner != mine:
+            raise OutputError(
+                f"PNG for {image!r} would go in {at}, the png_dir of another store, {owner}; "
+                "give each store a folder of its own, side by side"
+            )
+        at = at.parent
+
+
+def check_replaceable(target: Path, png_dir: str | os.PathLike[str]) -> None:
+    """Raise unless `target` is absent or a PNG vit-attn wrote there, unchanged (`is_ours`)."""
     if not os.path.lexists(target):
         return
-    if target.is_symlink() or not target.is_file() or not is_ours(target):
+    if target.is_symlink() or not target.is_file() or not is_ours(target, png_dir):
         raise OutputError(
-            f"{target} exists and was not written by vit-attn; refusing to replace it "
-            "(move it away, or choose another output.png_dir)"
+            f"{target} exists and is not a PNG vit-attn wrote there (or it was changed "
+            "since); refusing to replace it (move it away, or choose another output.png_dir)"
         )
 
 
-def is_ours(path: Path) -> bool:
-    """Whether `path` is a PNG written by this tool (its tEXt chunk carries the marker).
+def is_ours(path: Path, png_dir: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a PNG this tool wrote at this place in `png_dir`, unchanged since.
 
-    The marker sits before the pixels, so opening the file finds it in `info` without
-    decoding; only a PNG without it there pays for a full read (text after the pixels).
+    Its text records the image, the PNG's path under png_dir and the sha256 of its pixel
+    data: a copy elsewhere, a renamed file, or one edited and saved with the text kept is
+    the user's, never replaced nor removed. A file cut short inside its pixel data (a crash
+    before the disk had it all) is ours when its place matches: it holds no picture. The
+    pixel data is hashed as read, not decoded.
     """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.format != "PNG":
-                return False
-            return PNG_MARKER in im.info or PNG_MARKER in getattr(im, "text", {})
-    except Exception:  # unreadable or not an image: certainly not ours
+    record = read_png_record(path, PNG_DIGEST)
+    if record is None or PNG_MARKER not in record.text:
         return False
+    if record.text.get(PNG_PLACE) != _place(path, png_dir):
+        return False
+    return record.digest_matches or record.truncated
+
+
+def _place(path: str | os.PathLike[str], png_dir: str | os.PathLike[str]) -> str:
+    """`path` relative to png_dir, as a PNG records its place."""
+    base = os.path.normpath(os.path.abspath(png_dir))
+    return os.path.relpath(os.path.normpath(os.path.abspath(path)), base)
 
 
 def write_png(
@@ -133,19 +172,27 @@ def write_png(
     The folder is resolved (a symlink inside png_dir must not lead out of it) and an existing
     file is replaced only when it is ours.
     """
-    data = encode_png(array_u8, {PNG_MARKER: image})  # before any file exists: bad input fails
+    # Encoded before any file exists: bad input fails first.
+    text = {PNG_MARKER: image, PNG_PLACE: _place(target, png_dir)}
+    data = encode_png(array_u8, text, digest_key=PNG_DIGEST)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not resolved_inside(target.parent, png_dir):
         raise OutputError(
             f"PNG for {image!r}: {target.parent} leads outside output.png_dir {png_dir} "
             "(a symbolic link?); refusing to write there"
         )
-    check_replaceable(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    check_replaceable(target, png_dir)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{_TEMP_END}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if exc.filename is None:  # a full disk names no file: this PNG is where it happened
+            raise OSError(exc.errno, exc.strerror, str(target)) from None
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -179,6 +226,9 @@ def check_output_locations(source: str, store: Path | str, png_dir: Path | None)
 
     if png_dir is not None and os.path.exists(png_dir) and not os.path.isdir(png_dir):
         raise OutputError(f"output.png_dir {png_dir} is a file; give a folder for the PNGs")
+    blocked = None if png_dir is None else file_in_the_way(png_dir)
+    if blocked is not None:
+        raise OutputError(f"output.png_dir {png_dir}: {blocked} is a file, not a folder")
     if png_dir is not None and not is_url(store):
         a, b = os.path.realpath(png_dir), os.path.realpath(store)
         if _inside(a, b) or _inside(b, a):
@@ -196,6 +246,15 @@ def check_output_locations(source: str, store: Path | str, png_dir: Path | None)
                 f"{key} {path} lies inside the data folder {folder} that data.source lists; "
                 "put outputs outside it"
             )
+
+
+def file_in_the_way(path: str | os.PathLike[str]) -> Path | None:
+    """The nearest existing parent of `path` when it is not a folder (so `path` cannot be
+    made), else None."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def store_identity(store: Path | str) -> str:
@@ -254,33 +313,77 @@ def claim_png_dir(png_dir: Path | str, store: Path | str) -> None:
     other is refused here, before either writes a PNG.
     """
     folder = Path(png_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{OWNER_FILE}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(store_identity(store) + "\n", encoding="utf-8")
+    if (folder / OWNER_FILE).is_file():  # claimed already: by this store (a resume) or not
+        check_png_owner(png_dir, store)
+        return
     try:
-        os.link(tmp, folder / OWNER_FILE)
-    except FileExistsError:
-        pass  # claimed already: by this store (a resume), or by another (refused below)
-    except OSError:  # a file system without hard links: an exclusive create instead
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(folder / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(store_identity(store) + "\n")
-    finally:
-        tmp.unlink(missing_ok=True)
+        _claim(folder, store_identity(store))
+    except OSError as exc:
+        raise OutputError(
+            f"output.png_dir {png_dir} cannot be written ({describe_os_error(exc)}); fix its "
+            "permissions or free space, or choose another output.png_dir"
+        ) from None
     check_png_owner(png_dir, store)
 
 
-# `write_png`'s temporary name: ".<name>.<pid>.<thread>.tmp" beside the PNG it becomes.
-_TEMP_PNG = re.compile(r"\..+\.png\.\d+\.\d+\.tmp")
+def _claim(folder: Path, identity: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{OWNER_FILE}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.write_text(identity + "\n", encoding="utf-8")
+        try:
+            os.link(tmp, folder / OWNER_FILE)
+        except FileExistsError:
+            pass  # claimed meanwhile: by this store, or by another (refused by the caller)
+        except OSError:  # a file system without hard links: an exclusive create instead
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(folder / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(identity + "\n")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
-def remove_temp_pngs(png_dir: Path | str) -> int:
+# `write_png`'s temporary name: ".<name>.<pid>.<thread>.vit-attn.tmp" beside the PNG it
+# becomes: a name no other program picks by chance.
+_TEMP_END = ".vit-attn.tmp"
+_TEMP_PNG = re.compile(r"\..+\.png\.\d+\.\d+" + re.escape(_TEMP_END))
+
+
+def _own_tree(
+    png_dir: Path | str, inputs: Iterable[str | os.PathLike[str]]
+) -> Iterator[tuple[str, list[str]]]:
+    """(folder, names of PNGs and PNG temporary files) of png_dir's tree that this store's
+    PNGs may occupy: without a folder inside that holds its own owner file (another store's
+    png_dir, whose run may be writing), symlinked folders (not followed), and `inputs` (the
+    run's images, or folders of them)."""
+    keep = {os.path.realpath(p) for p in inputs}
+    for dirpath, dirnames, filenames in os.walk(png_dir):
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if not (Path(dirpath) / d / OWNER_FILE).exists()
+            and os.path.realpath(os.path.join(dirpath, d)) not in keep
+        ]
+        yield (
+            dirpath,
+            [
+                f
+                for f in filenames
+                if (f.endswith(".png") or f.endswith(_TEMP_END))
+                and (not keep or os.path.realpath(os.path.join(dirpath, f)) not in keep)
+            ],
+        )
+
+
+def remove_temp_pngs(png_dir: Path | str, inputs: Iterable[str | os.PathLike[str]] = ()) -> int:
     """Delete the temporary files of PNGs a killed run was writing (it never renamed them).
     Called when a run resumes, under the store's lock: no other run writes into this png_dir
-    (one store per png_dir). Returns how many were removed."""
+    (one store per png_dir), and a folder claimed by another store is not entered.
+    Returns how many were removed."""
     removed = 0
-    for dirpath, _dirnames, filenames in os.walk(png_dir):
+    for dirpath, filenames in _own_tree(png_dir, inputs):
         for name in filenames:
             if _TEMP_PNG.fullmatch(name):
                 with contextlib.suppress(FileNotFoundError):
@@ -297,22 +400,16 @@ def remove_our_pngs(png_dir: Path | str, inputs: Iterable[str | os.PathLike[str]
     and the png_dir claim.
 
     Never touched: a folder inside that holds its own owner file (another store's png_dir),
-    symlinked folders, and `inputs` (the run's own images, or folders of them: earlier
-    overlays being analysed may lie under png_dir). Returns how many were removed."""
-    removed = remove_temp_pngs(png_dir)
-    keep = {os.path.realpath(p) for p in inputs}
-    for dirpath, dirnames, filenames in os.walk(png_dir):
-        dirnames[:] = [
-            d
-            for d in dirnames
-            if not (Path(dirpath) / d / OWNER_FILE).exists()
-            and os.path.realpath(os.path.join(dirpath, d)) not in keep
-        ]
+    symlinked folders, `inputs` (the run's own images, or folders of them: earlier
+    overlays being analysed may lie under png_dir), and any PNG that is not the tool's at
+    its place, unchanged (`is_ours`). Returns how many were removed."""
+    removed = remove_temp_pngs(png_dir, inputs)
+    for dirpath, filenames in _own_tree(png_dir, inputs):
         for name in filenames:
             path = Path(dirpath) / name
-            if not name.endswith(".png") or path.is_symlink() or os.path.realpath(path) in keep:
+            if not name.endswith(".png") or path.is_symlink():
                 continue
-            if is_ours(path):
+            if is_ours(path, png_dir):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed += 1
@@ -327,7 +424,7 @@ def remove_pngs_of(png_dir: Path | str, image_root: str, paths: Iterable[str], h
     for image in paths:
         for suffix in suffixes:
             target = png_path(png_dir, image_root, image, suffix)
-            if target.is_file() and not target.is_symlink() and is_ours(target):
+            if target.is_file() and not target.is_symlink() and is_ours(target, png_dir):
                 with contextlib.suppress(FileNotFoundError):
                     target.unlink()
                     removed += 1

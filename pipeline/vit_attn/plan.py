@@ -289,7 +289,13 @@ def prepare(
     check_output_locations(cfg.data.source, store_path, cfg.output.png_dir)
     if cfg.output.png_dir:
         check_png_owner(cfg.output.png_dir, store_path)
-        check_png_targets(cfg.output.png_dir, str(images.root), images.paths, cfg.output.png_heads)
+        check_png_targets(
+            cfg.output.png_dir,
+            str(images.root),
+            images.paths,
+            cfg.output.png_heads,
+            store=store_path,
+        )
     # (under the store's lock, which the caller holds)
     remove_stale_templates(store_path, cfg.output.lock_stale_seconds)
     if cfg.output.png_dir:  # before the store is made or changed: a loser changes nothing
@@ -347,8 +353,9 @@ def prepare(
         )
     if cfg.output.png_dir:
         png_dir = cfg.output.png_dir
+        inputs_there = _local_inputs(cfg.data.source, images, png_dir)
         if resumed:
-            left = remove_temp_pngs(png_dir)
+            left = remove_temp_pngs(png_dir, inputs_there)
             if left:
                 log.info("removed %d unfinished PNG files a stopped run left", left)
             redone = [images.paths[i] for i in changed]
@@ -356,7 +363,7 @@ def prepare(
             if gone:
                 log.info("removed %d PNGs of the changed images before redoing them", gone)
         else:  # a new store: no PNG of whatever this png_dir held before may stay
-            gone = remove_our_pngs(png_dir, _local_inputs(cfg.data.source, images, png_dir))
+            gone = remove_our_pngs(png_dir, inputs_there)
             if gone:
                 log.warning(
                     "output.png_dir %s: removed %d PNGs of an earlier run, so that it holds "

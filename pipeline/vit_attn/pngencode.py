@@ -15,9 +15,12 @@ one IDAT, IEND); any PNG reader opens it, and the tests read it back with Pillow
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,8 +61,13 @@ def _deflate(data: memoryview) -> bytes:
     return deflate.compress(data) + deflate.flush()
 
 
-def encode_png(pixels: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
-    """One 8-bit PNG of a uint8 `[H, W]`, `[H, W, 3]` or `[H, W, 4]` array, with text chunks."""
+def encode_png(
+    pixels: np.ndarray, text: Mapping[str, str] | None = None, digest_key: str | None = None
+) -> bytes:
+    """One 8-bit PNG of a uint8 `[H, W]`, `[H, W, 3]` or `[H, W, 4]` array, with text chunks.
+
+    With `digest_key`, one more text chunk holds the sha256 of the pixel data (the IDAT
+    stream), so that `read_png_record` can tell the pixels are still the ones written."""
     a = np.asarray(pixels)
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or a.size == 0:
         raise ValueError(
@@ -78,5 +86,90 @@ def encode_png(pixels: np.ndarray, text: Mapping[str, str] | None = None) -> byt
     header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPE[channels], 0, 0, 0)
     parts = [SIGNATURE, _chunk(b"IHDR", header)]
     parts += [_text_chunk(k, v) for k, v in (text or {}).items()]
+    if digest_key is not None:
+        parts.append(_text_chunk(digest_key, hashlib.sha256(idat).hexdigest()))
     parts += [_chunk(b"IDAT", idat), _chunk(b"IEND", b"")]
     return b"".join(parts)
+
+
+# A text chunk larger than this is not one of ours: reading stops there.
+_MAX_TEXT_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class PngRecord:
+    """What `read_png_record` finds: the text chunks before the pixels, and whether the
+    pixel data is whole and has the digest its `digest_key` chunk records."""
+
+    text: dict[str, str]
+    digest_matches: bool
+    truncated: bool
+
+
+def read_png_record(path: str | os.PathLike[str], digest_key: str) -> PngRecord | None:
+    """The text chunks a PNG carries before its pixel data, and the check of that data
+    against the digest recorded under `digest_key` (hashed as read, never decoded).
+
+    None when the file is not a PNG or cannot be read. A PNG without `digest_key` before its
+    pixels is read no further than its first IDAT chunk."""
+    text: dict[str, str] = {}
+    digest = hashlib.sha256()
+    seen_pixels = False
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(SIGNATURE)) != SIGNATURE:
+                return None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    break  # no IEND: cut short
+                length, kind = struct.unpack(">I", head[:4])[0], head[4:]
+                if kind == b"IDAT":
+                    if digest_key not in text:
+                        return PngRecord(text, False, False)
+                    seen_pixels = True
+                    left = length
+                    while left:
+                        block = f.read(min(left, 1 << 20))
+                        if not block:
+                            return PngRecord(text, False, True)
+                        digest.update(block)
+                        left -= len(block)
+                    f.seek(4, os.SEEK_CUR)  # the CRC
+                    continue
+                if kind == b"IEND":
+                    break
+                if kind in (b"tEXt", b"iTXt") and not seen_pixels:
+                    if length > _MAX_TEXT_CHUNK:
+                        return PngRecord(text, False, False)
+                    data = f.read(length)
+                    if len(data) < length:
+                        return PngRecord(text, False, True)
+                    key, value = _parse_text(kind, data)
+                    if key is not None:
+                        text[key] = value
+                    f.seek(4, os.SEEK_CUR)
+                    continue
+                f.seek(length + 4, os.SEEK_CUR)
+    except OSError:
+        return None
+    if not seen_pixels:
+        return PngRecord(text, False, digest_key in text)
+    return PngRecord(text, text.get(digest_key) == digest.hexdigest(), False)
+
+
+def _parse_text(kind: bytes, data: bytes) -> tuple[str | None, str]:
+    """A tEXt or uncompressed iTXt chunk's key and value; (None, "") for anything else."""
+    key, sep, rest = data.partition(b"\0")
+    if not sep:
+        return None, ""
+    try:
+        if kind == b"tEXt":
+            return key.decode("latin-1"), rest.decode("latin-1")
+        if rest[:1] != b"\0":  # compressed international text: never ours
+            return None, ""
+        _lang, _, rest = rest[2:].partition(b"\0")
+        _translated, _, value = rest.partition(b"\0")
+        return key.decode("latin-1"), value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, ""
