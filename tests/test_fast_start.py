@@ -351,3 +351,66 @@ def test_checkpoint_digest_is_remembered_but_never_outlives_a_change_of_the_file
     for r in (memo / "digests").glob("*.json"):
         r.write_text("{not json")
     assert file_sha256(ckpt, memo) == hashlib.sha256(b"c" * 4096).hexdigest()
+
+
+def test_a_graph_copied_over_another_without_its_record_is_never_used(tmp_path, images):
+    # With its record gone, the run exported... into a name where a file already was: it
+    # took that file (here another checkpoint's graph, the same size) as its own, recorded
+    # its digest, and every later run labelled the other weights' maps with these.
+    cache = tmp_path / "cache"
+    cfgs = []
+    for name, factor in (("a", 16.0), ("b", 1.0)):
+        ckpt = save_checkpoint(tmp_path / f"{name}.safetensors", factor)
+        config = config_file(tmp_path, images, ckpt, cache, name)
+        cfgs.append(parse_config(yaml.safe_load(config.read_text()), base=tmp_path))
+    a, b = (Path(resolve(c).onnx_path) for c in cfgs)
+    good = a.read_bytes()
+    assert a != b and a.stat().st_size == b.stat().st_size and good != b.read_bytes()
+    record_path(cfgs[0], cache_key(cfgs[0])).unlink()
+    a.write_bytes(b.read_bytes())
+    again = resolve(cfgs[0])
+    assert Path(again.onnx_path) == a and a.read_bytes() == good
+
+
+def test_the_graphs_name_changes_with_the_code_and_the_libraries_that_build_it(
+    monkeypatch, tmp_path
+):
+    # The record's key had the code digest and the onnx version; the graph's own name did
+    # not, so a changed exporter (or onnx, which converts the mixed graph) found the old file.
+    import vit_attn.export as export_module
+    from vit_attn.graphcache import GRAPH_MODULES
+    from vit_attn.model import load_model
+    from vit_attn.specs import ModelSource, OutputSpec
+
+    loaded = load_model(
+        ModelSource(MODEL["name"], img_size=tuple(MODEL["img_size"]), kwargs=MODEL["kwargs"])
+    )
+    spec = OutputSpec(layers=(0,))
+    before = export_module.export_fingerprint(loaded, spec, "fp32")
+    monkeypatch.setattr(export_module, "code_digest", lambda: "edited")
+    assert export_module.export_fingerprint(loaded, spec, "fp32") != before
+    monkeypatch.undo()
+    versions = {"onnx": "0.0", "onnxscript": "0.0"}
+    monkeypatch.setattr(export_module, "package_version", lambda name: versions.get(name, "x"))
+    assert export_module.export_fingerprint(loaded, spec, "fp32") != before
+    # What a record holds besides the graph comes from these too.
+    assert {"decode.py", "plan.py", "graphcache.py", "export.py"} <= set(GRAPH_MODULES)
+
+
+def test_a_digest_is_remembered_only_once_the_file_is_older_than_its_timestamps_tick():
+    import os
+
+    from vit_attn.graphcache import _remember_after
+
+    def stat(mtime_ns: int, ctime_ns: int) -> os.stat_result:
+        seconds = (0, mtime_ns / 1e9, ctime_ns / 1e9)
+        return os.stat_result(
+            (0o100644, 1, 1, 1, 0, 0, 10, *seconds, *seconds, 0, mtime_ns, ctime_ns)
+        )
+
+    fine = 1_700_000_000_123_456_789
+    whole = 1_700_000_000_000_000_000
+    assert _remember_after(stat(fine, fine)) < 1.0
+    # Whole seconds (ext4 with 128-byte inodes, some network file systems): a file rewritten
+    # within the same second keeps its stat identity, so wait past it.
+    assert _remember_after(stat(whole, whole)) > 1.0

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import __version__
 from .cachedir import cache_root
 from .errors import ExportError, ModelError, PipelineError, first_line
 from .filemode import as_if_opened
+from .graphcache import code_digest, package_version
 from .graphinput import UINT8_NHWC, GraphInput
 from .layout import class_attention_refusal
 from .model import LoadedModel, attention_modules
@@ -449,6 +451,10 @@ def export_fingerprint(
         "capture": capture,
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "onnx": package_version("onnx"),  # the mixed graph's conversion (onnxscript too)
+        "onnxscript": package_version("onnxscript"),
+        "vit_attn": __version__,
+        "code": code_digest(),  # the modules that build the graph, as the record's key has it
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -462,8 +468,12 @@ def export_onnx(
     graph_input: GraphInput | None = None,
     attention: str = PLAIN,
     capture: str = ROWS,
+    reuse: bool = True,
 ) -> Path:
     """Return the path of the ONNX graph for this model/spec/precision, exporting it if not cached.
+
+    `reuse=False` exports even when a file has the graph's name, and replaces it: the run's
+    model record (`vit_attn.graphcache`) asks so when no record vouches for the file.
 
     `graph_input`: what the graph takes (`vit_attn.graphinput`); default the model's own
     float32 NCHW input, the pipeline passes uint8 NHWC pixels. `attention`: the kernel of the
@@ -482,7 +492,7 @@ def export_onnx(
         "" if capture == ROWS else f"-{capture}"
     )
     path = cache_dir / "onnx" / f"{loaded.source.name}-{precision}{tag}-{digest[:20]}.onnx"
-    if path.is_file():
+    if reuse and path.is_file():
         log.info("export cache hit: %s", path)
         with contextlib.suppress(OSError):  # last use, for `vit-attn cache --prune`
             os.utime(path)

@@ -38,10 +38,18 @@ from .variant import for_device as attention_for_device
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 3  # 2: a digest of the record and the graph's size; 3: the graph's sha256
+# A digest is remembered only for a file unchanged this long before it was hashed: a write in
+# the same timestamp tick would keep its stat identity. Kernel ticks are a few ms; file
+# systems that store whole seconds (ext4 with small inodes, some network ones) need more.
 _RACY_SECONDS = 0.1
-# The modules whose code decides the exported graph: editing one invalidates every record.
+_RACY_SECONDS_COARSE = 2.5
+# The modules whose code decides the exported graph or the facts beside it (preprocessing,
+# the outputs a config asks): editing one invalidates every record and graph.
 GRAPH_MODULES = (
     "export.py",
+    "graphcache.py",
+    "decode.py",
+    "plan.py",
     "model.py",
     "layout.py",
     "precision.py",
@@ -150,9 +158,7 @@ def file_sha256(path: Path, memo_root: Path | None = None) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    # Kernel timestamps are coarse (a few ms): a file changed within that tick of its last
-    # change could keep its ctime, so a just-written file is not remembered ("racy git").
-    if memo is not None and time.time() - st.st_ctime_ns / 1e9 > _RACY_SECONDS:
+    if memo is not None and time.time() - st.st_ctime_ns / 1e9 > _remember_after(st):
         record = {"path": where, "stat": ident, "sha256": digest}
         try:
             _write_atomically(memo, json.dumps(record))
@@ -161,7 +167,16 @@ def file_sha256(path: Path, memo_root: Path | None = None) -> str:
     return digest
 
 
-def _code_digest() -> str:
+def _remember_after(st: os.stat_result) -> float:
+    """Seconds a file must be unchanged before its digest is remembered: a file changed
+    within the timestamp tick of its last change could keep its ctime ("racy git"), and
+    whole-second stamps make that tick a second."""
+    coarse = st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
+    return _RACY_SECONDS_COARSE if coarse else _RACY_SECONDS
+
+
+def code_digest() -> str:
+    """sha256 of the sources of `GRAPH_MODULES`: part of the record's key and the graph's name."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for name in GRAPH_MODULES:
@@ -193,7 +208,7 @@ def cache_key(cfg: Config) -> str:
         "capture": ROWS,
         "versions": {name: package_version(name) for name in GRAPH_PACKAGES},
         "vit_attn": __version__,
-        "code": _code_digest(),
+        "code": code_digest(),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -369,7 +384,7 @@ def _graph_intact(facts: ModelFacts, memo_root: Path) -> bool:
     except OSError:
         return False
     log.warning("the cached graph %s is damaged (%s); exporting it again", graph, why)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # if it stays, the export replaces it or says why not
         graph.unlink()
     return False
 
@@ -396,6 +411,9 @@ def build(cfg: Config, export: bool) -> ModelFacts:
                 pixels,
                 attention=attention_for_device(cfg.inference.device),
                 capture=ROWS,
+                # No record vouches for a graph found under the name: another graph may have
+                # been copied there. Exporting anew is the one way to be sure of it.
+                reuse=False,
             )
         )
     return ModelFacts(
