@@ -210,3 +210,23 @@ def test_a_config_on_standard_input_or_behind_a_url(tmp_path, monkeypatch):
     assert Path(cfg.data.source) == tmp_path / "images"  # relative to the current folder
     with pytest.raises(ConfigError, match=r"config http://127.0.0.1:9/x.yaml: a config is a local"):
         load_config("http://127.0.0.1:9/x.yaml")  # the URL named as given, not mangled
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"checkpoint_path": "w.pth"}, "checkpoint_path"),
+        ({"pretrained_cfg_overlay": {"file": "w.safetensors"}}, r"pretrained_cfg_overlay\.file"),
+        ({"pretrained_cfg": {"file": "w.safetensors"}}, r"pretrained_cfg\.file"),
+        ({"cache_dir": "hub"}, "cache_dir"),
+    ],
+)
+def test_weights_from_a_file_named_in_kwargs_are_refused(tmp_path, kwargs, key):
+    # Only model.checkpoint is known by its content: a file given through timm's own
+    # arguments, changed, would be served the graph (and the store fingerprint) of the old.
+    model = {**BASE["model"], "kwargs": kwargs}
+    with pytest.raises(ConfigError, match=rf"model\.kwargs\.{key}: .*go in model\.checkpoint"):
+        load_config(write(tmp_path, {**BASE, "model": model}))
+    # The hub's own names stay allowed: they are part of the key as written.
+    model = {**BASE["model"], "kwargs": {"pretrained_cfg_overlay": {"hf_hub_id": "org/x"}}}
+    load_config(write(tmp_path, {**BASE, "model": model}))

@@ -160,7 +160,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_weight_source(self) -> ModelConfig:
-        check_weight_source(self.pretrained, self.checkpoint)
+        check_weight_source(self.pretrained, self.checkpoint, self.kwargs)
         if self.img_size is not None and "img_size" in self.kwargs:
             # model.img_size wins, and the store recorded the other in model.kwargs
             raise ValueError(

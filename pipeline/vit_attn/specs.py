@@ -26,16 +26,36 @@ class ModelSource:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_weight_source(self.pretrained, self.checkpoint)
+        check_weight_source(self.pretrained, self.checkpoint, self.kwargs)
 
 
-def check_weight_source(pretrained: bool, checkpoint: object) -> None:
+# timm arguments that load weights from a local file: its content would not be part of the
+# graph cache's key or the store's fingerprint (only `model.checkpoint` is hashed).
+_FILE_KWARGS = ("checkpoint_path", "cache_dir")
+_CFG_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay")
+
+
+def check_weight_source(
+    pretrained: bool, checkpoint: object, kwargs: Mapping[str, Any] | None = None
+) -> None:
     """Weights come from one place: the hub, a checkpoint, or (neither) a seeded random init.
 
-    The one rule for the config and the API alike.
+    The one rule for the config and the API alike. Weights from a file go through
+    `model.checkpoint`, which is identified by its content; a file named in `model.kwargs`
+    would be identified by nothing, and a changed file would reuse the old graph.
     """
     if pretrained and checkpoint is not None:
         raise ModelError("give either `model.pretrained: true` or `model.checkpoint`, not both")
+    for key, value in (kwargs or {}).items():
+        if key in _FILE_KWARGS or (
+            key in _CFG_KWARGS and isinstance(value, Mapping) and "file" in value
+        ):
+            where = key if key in _FILE_KWARGS else f"{key}.file"
+            raise ModelError(
+                f"model.kwargs.{where}: weights from a file go in model.checkpoint (vit-attn "
+                "knows a checkpoint by its content, so a changed file is never mistaken for "
+                "the old one); remove it from model.kwargs"
+            )
 
 
 def check_layer_selection(layers: object) -> list[int] | None:
