@@ -143,3 +143,35 @@ def test_a_cache_hit_counts_as_use(tmp_path, small_dataset, export_cache):
     assert entries[path.name].last_used > NOW - DAY
     assert entries[Path(facts.onnx_path).name].last_used > NOW - DAY  # used via its record
     assert Path(facts.onnx_path).name not in names(prune(Path(export_cache), 30, dry_run=True))
+
+
+def test_prune_passes_over_what_is_not_a_plain_file_and_goes_on(cache, tmp_path):
+    # A folder named like a graph stopped the prune at "Is a directory", with the digests
+    # already gone and nothing said of what went.
+    odd = cache / "onnx" / "adir.onnx"
+    odd.mkdir()
+    (odd / "inside").write_text("not ours")
+    t = NOW - 90 * DAY
+    os.utime(odd, (t, t))
+    link = cache / "onnx" / "alink.onnx"
+    link.symlink_to(tmp_path / "elsewhere.onnx")
+    gone = prune(cache, 30, now=NOW)
+    assert "vit-fp32-old.onnx" in names(gone) and "0123.json" in names(gone)
+    assert odd.is_dir() and (odd / "inside").is_file() and link.is_symlink()
+    assert not (cache / "onnx" / "vit-fp32-old.onnx").exists()
+
+
+def test_tensorrt_engines_go_in_the_configured_cache(tmp_path, small_dataset, export_cache):
+    # inference.cache_dir holds every cache (cachedir.py); the TensorRT engines went to the
+    # default cache regardless, where `vit-attn cache` of the configured one never saw them.
+    from vit_attn.plan import prepare
+
+    cfg_dict = {
+        "model": MODEL,
+        "data": {"source": str(small_dataset)},
+        "inference": {"cache_dir": str(export_cache)},
+        "output": {"store": str(tmp_path / "run.zarr")},
+        "cluster": {"kind": "none"},
+    }
+    cfg = parse_config(yaml.safe_load(yaml.safe_dump(cfg_dict)), base=tmp_path)
+    assert prepare(cfg).plan.runtime.trt_cache_dir == Path(export_cache) / "trt"

@@ -17,12 +17,16 @@ Standard library only, like `cachedir`.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["CacheEntry", "prune", "scan"]
+
+log = logging.getLogger(__name__)
 
 DAY = 86400.0
 IN_USE_SECONDS = 3600.0  # used this recently: a run may be starting with it; never pruned
@@ -104,19 +108,27 @@ def prune(
         ):
             gone.append(e)
     if not dry_run:
+        kept: list[CacheEntry] = []
         for e in gone:
             try:
                 e.path.unlink()
             except FileNotFoundError:
                 pass  # another prune, or the export replaced it
+            except OSError as exc:  # one entry that cannot go does not stop the others
+                kept.append(e)
+                log.warning("cannot remove %s: %s", e.path, exc.strerror or exc)
+        gone = [e for e in gone if e not in kept]
     return gone
 
 
 def _stat(path: Path) -> os.stat_result | None:
+    """A plain file's stat; None for anything else (a folder named like a graph is not ours
+    to delete) or what cannot be read."""
     try:
-        return path.stat()
+        st = path.lstat()
     except OSError:
         return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def _named_graph(record: Path) -> Path | None:

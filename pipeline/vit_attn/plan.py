@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import __version__
+from .cachedir import cache_root
 from .config import ClusterConfig, Config
 from .datasource import listing_changes, open_source
 from .decode import Preprocess
@@ -412,6 +413,7 @@ def prepare(
             threads=worker_threads(cfg.model_copy(update={"cluster": cluster})),
             allow_cpu_fallback=cfg.inference.allow_cpu_fallback,
             tensorrt=cfg.inference.tensorrt,
+            trt_cache_dir=cache_root(cfg.inference.cache_dir) / "trt",
         ),
         overlay_alpha=cfg.output.overlay_alpha,
         colormap=cfg.output.colormap,
