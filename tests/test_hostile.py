@@ -8,7 +8,6 @@ tests take a second or two once the modules are imported.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -422,20 +421,21 @@ def test_a_resume_leaves_the_unfinished_pngs_of_a_store_inside_png_dir(tmp_path,
 
 
 def test_a_full_disk_under_png_dir_names_the_png_not_the_store(tmp_path, data, tmpfs, capsys):
+    import subprocess as sp
+
     disk = tmpfs("pngdisk", "256k")
     png = disk / "png"
     png.mkdir()
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
-    os.truncate(filler, filler.stat().st_size - 4096)  # a page: the owner record only
+    st = os.statvfs(disk)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    # two pages free: the owner record and its temporary twin, no PNG
+    sp.run(["mount", "-o", f"remount,size={used + 2 * 4096}", str(disk)], check=True)
     config = write_config(tmp_path, data, output={"png_dir": str(png), "png_heads": True})
     assert run(config) == 2
     line = one_error_line(capsys)
     assert "No space left on device" in line and str(png) in line, line
     assert "run.zarr" not in line, line
-    filler.unlink()
+    sp.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
     assert run(config) == 0  # nothing lost: the same store resumes
     assert (status_of(tmp_path / "out" / "run.zarr") == 1).all()
 
@@ -1469,15 +1469,14 @@ def test_disk_full_is_one_line_and_the_store_stays_resumable(tmp_path, tmpfs, ca
     assert (status_of(store) != 1).sum() > 0
     # Still full at the resume, whose first write is the root's new run id: it said only
     # "No space left on device", with no word of where.
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
-    os.truncate(filler, filler.stat().st_size - 4096)  # one page: room for the lock only
+    # One free page: room for the lock only. (Filling the disk with a file and cutting one
+    # page off it failed when the first run had left less than a page.)
+    st = os.statvfs(disk)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    sp.run(["mount", "-o", f"remount,size={used + 4096}", str(disk)], check=True)
     assert run(config) == 2
     line = one_error_line(capsys)
     assert f"{store}: cannot update the store (" in line and "No space left" in line, line
-    filler.unlink()
     sp.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
     assert run(config) == 0  # resumes: the same store, nothing to redo by hand
     assert (status_of(store) == 1).all()
