@@ -8,6 +8,7 @@ tests take a second or two once the modules are imported.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -173,6 +174,34 @@ def test_another_users_lock_it_cannot_read_is_never_taken_over(tmp_path, monkeyp
     with pytest.raises(StoreLockedError, match="held by another user .* cannot be read here"):
         FileLock(path, "mine").acquire()
     assert path.read_text() == "{}"
+
+
+def test_a_short_stale_limit_never_takes_over_a_live_lock_that_beats_slower(tmp_path):
+    # A run with --set output.lock_stale_seconds=5 took over a live run's lock (default 120 s,
+    # a heartbeat every 20 s) 10 s after its last beat; the live run then stopped, saying it
+    # had stalled. The holder's own cadence (its record says it) bounds the limit from below.
+    from vit_attn.lock import FileLock, StoreLockedError
+
+    path = tmp_path / "run.zarr.lock"
+    live = FileLock(path, "live", stale_after=120)
+    live.acquire()
+    try:
+        ten_ago = time.time() - 10
+        os.utime(path, (ten_ago, ten_ago))
+        with pytest.raises(StoreLockedError, match=r"taken over after 60 s without heartbeat"):
+            FileLock(tmp_path / "run.zarr.lock", "hasty", stale_after=5).acquire()
+        assert json.loads(path.read_text())["run_id"] == "live"
+        # Quiet for longer than three of its beats: stale, whatever it asked for itself.
+        live._stop.set()
+        live._thread.join()
+        long_ago = time.time() - 70
+        os.utime(path, (long_ago, long_ago))
+        taker = FileLock(path, "taker", stale_after=5)
+        taker.acquire()
+        assert json.loads(path.read_text())["run_id"] == "taker"
+        taker.release()
+    finally:
+        live._stop.set()
 
 
 def test_two_runs_that_both_found_a_png_dir_unclaimed_cannot_both_claim_it(tmp_path):

@@ -44,8 +44,8 @@ def test_a_stale_lease_is_taken_over_and_its_holder_learns_it_lost(store_url):
     old._stop.set()  # the holder stalls: no more heartbeats
     old._thread.join()
     old._thread = None
-    time.sleep(1.0)  # older than its stale_after
-    new = lock_for(store_url, "fresh", stale_after=60)
+    time.sleep(1.0)  # older than both runs' stale_after
+    new = lock_for(store_url, "fresh", stale_after=0.6)
     new.acquire()
     try:
         assert json.loads(fs.cat(key))["run_id"] == "fresh"

@@ -57,6 +57,19 @@ class Lock(Protocol):
         ...
 
 
+def heartbeat_interval(stale_after: float) -> float:
+    """How often a holder with this `stale_after` beats."""
+    return min(HEARTBEAT_MAX_SECONDS, max(0.05, stale_after / 6))
+
+
+def stale_limit(own: float, holder: Mapping[str, Any]) -> float:
+    """Seconds without heartbeat after which `holder`'s lock may be taken over: this run's
+    `stale_after`, but never less than three of the holder's own heartbeat intervals (a run
+    that asks 5 s must not take over a live run beating every 20 s), which its record says."""
+    theirs = _number(holder, "stale_after", own)
+    return max(own, 3 * heartbeat_interval(max(theirs, 0.0)))
+
+
 # A lock file whose content cannot be read (empty, cut short) is stale once it is older than
 # this and than the lock's own stale_after (a live run's heartbeat keeps its mtime fresher).
 UNREADABLE_STALE_AFTER = 10.0
@@ -124,7 +137,8 @@ class FileLock:
                 continue
             why = self._stale_reason(holder)
             if why is None:
-                raise StoreLockedError(_refusal(self.path, holder, self.stale_after))
+                limit = stale_limit(self.stale_after, holder)
+                raise StoreLockedError(_refusal(self.path, holder, limit))
             self._take_over(holder)
         raise StoreLockedError(
             f"{self.path}: could not take the lock (other runs keep taking it, or its content "
@@ -198,7 +212,7 @@ class FileLock:
         if _process_gone(holder):
             return "its process is gone"
         age = _age(self.path)
-        if age is not None and age > self.stale_after:
+        if age is not None and age > stale_limit(self.stale_after, holder):
             return f"no heartbeat for {age:.0f} s"
         return None
 
@@ -222,7 +236,7 @@ class FileLock:
         self._thread.start()
 
     def _beat(self) -> None:
-        interval = min(HEARTBEAT_MAX_SECONDS, max(0.05, self.stale_after / 6))
+        interval = heartbeat_interval(self.stale_after)
         while not self._stop.wait(interval):
             holder = read_holder(self.path)
             if holder is None or holder.get("run_id") != self.run_id:
@@ -280,7 +294,7 @@ class ObjectLease:
         holder = self._read()
         if holder is not None and holder.get("run_id") != self.run_id:
             age = time.time() - _number(holder, "heartbeat", 0.0)
-            fresh = age <= _number(holder, "stale_after", self.stale_after)
+            fresh = age <= stale_limit(self.stale_after, holder)
             if fresh and not _process_gone(holder):
                 raise StoreLockedError(self._refusal(holder, age))
         self._write()
@@ -326,7 +340,7 @@ class ObjectLease:
             raise StoreError(access_error(self._store, e, "cannot write the store")) from None
 
     def _beat(self) -> None:
-        interval = min(HEARTBEAT_MAX_SECONDS, max(0.05, self.stale_after / 6))
+        interval = heartbeat_interval(self.stale_after)
         while not self._stop.wait(interval):
             try:
                 holder = self._read()
@@ -343,7 +357,7 @@ class ObjectLease:
             f"{self._store} is in use by run {holder.get('run_id')} of {holder.get('user')} on "
             f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}, "
             f"last heartbeat {age:.0f} s ago); wait for it to finish. A dead run's lease is "
-            f"taken over after {_number(holder, 'stale_after', self.stale_after):.0f} s "
+            f"taken over after {stale_limit(self.stale_after, holder):.0f} s "
             f"without heartbeat, or delete {self.url} once you are sure it is not running"
         )
 
@@ -358,7 +372,7 @@ def read_holder(path: Path) -> dict[str, Any] | None:
 
 
 def _refusal(path: Path, holder: dict[str, Any], stale_after: float) -> str:
-    """`stale_after`: this run's, which decides when it takes the lock over."""
+    """`stale_after`: the limit after which this run takes the lock over (`stale_limit`)."""
     age = _age(path)
     beat = f", last heartbeat {age:.0f} s ago" if age is not None else ""
     store = path.with_name(path.name.removesuffix(".lock"))
