@@ -1704,6 +1704,65 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     assert run(config) == 0 and (status_of(store) == 1).all()
 
 
+SLOW_WRITES = """
+import time
+import vit_attn.task as task
+
+_write = task.write_batch
+
+
+def _slow(*args, **kwargs):
+    time.sleep(1.5)
+    return _write(*args, **kwargs)
+
+
+task.write_batch = _slow
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_second_ctrl_c_keeps_the_lock_while_batches_still_write(tmp_path):
+    # The first Ctrl-C waits for the batches in flight; a second one cut that wait short and
+    # the lock was deleted while they went on writing (a new run could take the store).
+    import signal
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_WRITES)  # batches slow to write
+    imagefactory.write_rgb_set(tmp_path / "data", [(40 + i, 30) for i in range(24)])
+    config = write_config(
+        tmp_path,
+        tmp_path / "data",
+        inference={"batch_size": 2},
+        cluster={"kind": "none", "batches_per_worker": 2},
+    )
+    store = tmp_path / "out" / "run.zarr"
+    lock = Path(str(store) + ".lock")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "vit-attn"), "run", str(config), "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    _wait_until_started(proc, store)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    held = []
+    while proc.poll() is None:
+        held.append(lock.exists())
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=60)
+    assert held and all(held), err  # never gone while the process (and its writers) lived
+    assert "still finishing; the store stays locked until this process ends" in err, err
+    assert "Traceback" not in err, err
+    assert run(config) == 0  # this host, the holder gone: taken over at once
+    assert (status_of(store) == 1).all()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ctrl_c_to_the_process_group_prints_no_worker_tracebacks(tmp_path):

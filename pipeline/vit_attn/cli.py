@@ -405,7 +405,19 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return _run_locked(args, cfg, run_id, lock)
     finally:
-        lock.release()
+        from .orchestrate import writers_may_run
+
+        if writers_may_run():
+            # Stopped again while batches were finishing: they still write. The lock (its
+            # heartbeat too) stays until this process ends; a rerun on this host takes it
+            # over then, elsewhere once its heartbeat is stale.
+            print(
+                "vit-attn: batches in flight are still finishing; the store stays locked "
+                "until this process ends",
+                file=sys.stderr,
+            )
+        else:
+            lock.release()
 
 
 def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> int:

@@ -109,6 +109,39 @@ def batch_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
+# Executors (a thread pool, a Dask client and its cluster) whose batches may still be
+# writing: entered and not yet fully closed. A second Ctrl-C that cuts a close short leaves
+# one counted, and the CLI then keeps the store's lock until this process ends.
+_open_executors = 0
+_open_lock = threading.Lock()
+
+
+def writers_may_run() -> bool:
+    """Whether batches this process started may still be writing to a store."""
+    return _open_executors > 0
+
+
+class _Closing:
+    """Enter a context manager; count it open until its exit has run to the end."""
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+
+    def __enter__(self) -> Any:
+        global _open_executors
+        value = self.manager.__enter__()
+        with _open_lock:
+            _open_executors += 1
+        return value
+
+    def __exit__(self, *exc: Any) -> Any:
+        global _open_executors
+        suppress = self.manager.__exit__(*exc)  # a second interrupt here leaves it counted
+        with _open_lock:
+            _open_executors -= 1
+        return suppress
+
+
 def run_in_process(
     plan: RunPlan,
     tasks: list[BatchTask],
@@ -131,7 +164,8 @@ def run_in_process(
             raise FatalBatchError(summary.batch_index, summary.fatal)
         on_done(summary)
 
-    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vit-attn-batch") as pool:
+    threads = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vit-attn-batch")
+    with _Closing(threads) as pool:
         running: dict[Future, BatchTask] = {}
         for task in tasks:
             running[pool.submit(run_batch, plan, task)] = task
@@ -391,7 +425,7 @@ def execute(
         start = time.perf_counter()
         summary.failed_batches = run_in_process(plan, tasks, on_done, cluster.batches_per_worker)
     else:
-        with dask_client(cluster) as client:
+        with _Closing(dask_client(cluster)) as client:
             workers = len(client.scheduler_info().get("workers", {})) or cluster.n_workers
             if cluster.kind == "slurm":  # workers arrive as their jobs start: size for all of them
                 workers = max(workers, cluster.slurm.jobs * cluster.slurm.processes)
