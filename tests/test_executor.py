@@ -32,6 +32,18 @@ def test_many_cores_and_batches_start_a_local_cluster():
     assert choose_executor(given, 1000, cores=32)[0].n_workers == 3
 
 
+@pytest.mark.parametrize("cores", [5, 8, 15])
+def test_cores_for_one_worker_process_stay_in_process(cores):
+    # One worker (cores // 8) is this process's work after a scheduler's 3-5 s start-up.
+    cluster, why = choose_executor(ClusterConfig(), 1000, cores=cores)
+    assert cluster.kind == "none" and "one worker process" in why, why
+
+
+def test_more_workers_than_cores_says_one_thread_each():
+    cluster, why = choose_executor(ClusterConfig(n_workers=32), 1000, cores=16)
+    assert cluster.n_workers == 32 and "32 worker processes x 1 threads" in why, why
+
+
 @pytest.mark.parametrize("kind", ["local", "none"])
 def test_explicit_kinds_are_kept(kind):
     cluster = ClusterConfig(kind=kind, n_workers=2)

@@ -41,5 +41,14 @@ def choose_executor(
         workers = cluster.n_workers
     else:
         workers = max(1, cores // AUTO_CORES_PER_WORKER)
-    why = f"{cores} cores, {n_batches} batches: {workers} worker processes x {cores // workers} threads"
+        if workers < 2:  # one worker process is this process plus a scheduler's start-up
+            why = (
+                f"{cores} cores: one worker process would run as this one does, after a "
+                "scheduler's start-up"
+            )
+            return cluster.model_copy(update={"kind": "none"}), f"in-process ({why})"
+    why = (
+        f"{cores} cores, {n_batches} batches: {workers} worker processes x "
+        f"{max(1, cores // workers)} threads"
+    )
     return cluster.model_copy(update={"kind": "local", "n_workers": workers}), f"local ({why})"
