@@ -230,3 +230,11 @@ def test_weights_from_a_file_named_in_kwargs_are_refused(tmp_path, kwargs, key):
     # The hub's own names stay allowed: they are part of the key as written.
     model = {**BASE["model"], "kwargs": {"pretrained_cfg_overlay": {"hf_hub_id": "org/x"}}}
     load_config(write(tmp_path, {**BASE, "model": model}))
+
+
+@pytest.mark.parametrize("key", ["connect_timeout", "stall_minutes"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_cluster_times_are_finite(tmp_path, key, value):
+    # --set cluster.connect_timeout=.inf reached distributed as "infs": a KeyError traceback.
+    with pytest.raises(ConfigError, match=rf"cluster\.{key}"):
+        load_config(write(tmp_path, {**BASE, "cluster": {key: value}}))

@@ -327,10 +327,16 @@ class ClusterConfig(_Section):
     )
     retries: int = Field(2, ge=0)
     connect_timeout: float = Field(
-        30.0, gt=0, description="seconds to wait for a scheduler file and a scheduler connection"
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds to wait for a scheduler file and a scheduler connection",
     )
     stall_minutes: float = Field(
-        30.0, ge=0, description="stop when no batch finishes for this long (0: never)"
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="on a Dask cluster, stop when no batch finishes for this long (0: never)",
     )
     worker_env: dict[str, str] = Field(
         default_factory=dict, description="environment of local/SLURM worker processes"
