@@ -2034,3 +2034,31 @@ def test_worker_task_tracebacks_are_left_to_the_clients_one_line(monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="distributed.worker"):
         worker_log.error("Compute Failed\nKey: %s", "batch-3")
     assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    "error", [MemoryError(), RuntimeError("can't start new thread")], ids=["memory", "thread"]
+)
+def test_a_memory_limit_is_one_line(tmp_path, data, capsys, monkeypatch, error):
+    # Under `ulimit -v`, the store's or the pool's threads could not start: a traceback.
+    import vit_attn.plan as plan_module
+
+    def starved(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(plan_module, "prepare", starved)
+    assert run(write_config(tmp_path, data)) == 2
+    line = one_error_line(capsys)
+    assert "out of memory" in line and "inference.batch_size" in line, line
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(capsys, monkeypatch):
+    import vit_attn.cli as cli_module
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_parser", interrupted)
+    assert cli_main(["run", "x.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "vit-attn: interrupted before anything was done", err

@@ -24,6 +24,7 @@ from .errors import (
     PipelineError,
     StoreError,
     describe_os_error,
+    first_line,
     hide_library_tracebacks,
 )
 from .remote import is_url, location
@@ -248,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main  # the demo driver owns its own options
 
         return demo_main((["-v"] if verbose_first else []) + argv[int(verbose_first) + 1 :])
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)  # imports zarr and numpy: ~1 s
+    except KeyboardInterrupt:
+        print("vit-attn: interrupted before anything was done", file=sys.stderr)
+        return EXIT_SIGINT
     logging.basicConfig(  # warnings read like the other lines; -v says where they come from
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "vit-attn: %(message)s",
@@ -317,6 +322,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGPIPE
     except OSError as exc:  # disk full, permissions, a read-only mount: the environment's say
         print(f"vit-attn: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MemoryError, RuntimeError) as exc:
+        # A memory limit (ulimit -v, a cgroup) met where a thread or an array is made.
+        if isinstance(exc, RuntimeError) and "can't start new thread" not in str(exc):
+            raise
+        detail = first_line(exc) or "no detail"
+        print(
+            f"vit-attn: error: out of memory ({type(exc).__name__}: {detail}); lower "
+            "inference.batch_size or cluster.n_workers, or raise the memory limit",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
