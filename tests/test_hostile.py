@@ -8,6 +8,7 @@ tests take a second or two once the modules are imported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -2062,3 +2063,41 @@ def test_ctrl_c_while_the_command_starts_is_one_line(capsys, monkeypatch):
     assert cli_main(["run", "x.yaml"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "vit-attn: interrupted before anything was done", err
+
+
+@pytest.mark.parametrize("speaks", [b"", b"SSH-2.0-OpenSSH_9.6\r\n"], ids=["silent", "ssh"])
+def test_an_address_that_is_no_dask_scheduler_is_one_line(tmp_path, data, capsys, speaks):
+    # A listener that accepts and says nothing hung the run past connect_timeout (the
+    # handshake read has no timeout); one that speaks first (an SSH port) gave a 40-line
+    # MemoryError traceback: its banner was read as a frame length.
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                accepted.append(conn)
+                if speaks:
+                    conn.sendall(speaks)
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    config = write_config(
+        tmp_path, data, cluster={"kind": "address", "address": address, "connect_timeout": 1}
+    )
+    try:
+        start = time.monotonic()
+        assert run(config) == 2
+        assert time.monotonic() - start < 30
+        line = one_error_line(capsys)
+        assert address in line and "Dask scheduler" in line and "cluster.address" in line, line
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()

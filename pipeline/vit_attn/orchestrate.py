@@ -270,6 +270,8 @@ def run_on_dask(
 
 # How often a run that waits on its batches looks whether any worker is connected at all.
 WORKER_CHECK_SECONDS = 10.0
+# Beyond cluster.connect_timeout, what making a Client of a reachable scheduler may take.
+CONNECT_MARGIN_SECONDS = 5.0
 
 
 class SchedulerLostError(PipelineError):
@@ -387,11 +389,8 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
             )
             if cluster.scheduler_file:
                 _wait_for_file(Path(cluster.scheduler_file), cluster.connect_timeout)
-            try:
-                client = Client(timeout=f"{cluster.connect_timeout}s", **kwargs)
-            except (OSError, TimeoutError, ValueError, TypeError) as exc:  # ValueError: no URL
-                where = cluster.scheduler_file or cluster.address
-                raise PipelineError(f"cannot reach the Dask scheduler at {where}: {exc}") from None
+            where = str(cluster.scheduler_file or cluster.address)
+            client = _connect(kwargs, cluster.connect_timeout, where)
             with client:
                 yield client
         elif cluster.kind == "slurm":
@@ -401,6 +400,49 @@ def dask_client(cluster: ClusterConfig) -> Iterator[Any]:
                 yield client
         else:
             raise ConfigError(f"cluster.kind {cluster.kind!r} has no Dask client")
+
+
+def _connect(kwargs: dict[str, Any], seconds: float, where: str) -> Any:
+    """A Client of an existing scheduler, within `seconds` (plus a margin) in all.
+
+    distributed's own timeout covers the TCP connection, not the handshake read: a listener
+    that is not a Dask scheduler hung the run (a silent one) or failed with a MemoryError
+    traceback (one that speaks another protocol first, e.g. an SSH banner read as a frame
+    length). The client is made on a thread that is left behind if it never answers.
+    """
+    from distributed import Client
+
+    made: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            made["client"] = Client(timeout=f"{seconds}s", **kwargs)
+        except BaseException as exc:  # handed to the caller's thread below
+            made["error"] = exc
+
+    thread = threading.Thread(target=connect, name="vit-attn-connect", daemon=True)
+    thread.start()
+    thread.join(seconds + CONNECT_MARGIN_SECONDS)
+    if thread.is_alive():
+        raise PipelineError(
+            f"{where} accepted a connection but did not answer as a Dask scheduler within "
+            f"{seconds:g} s; check cluster.address (the scheduler's port, usually 8786)"
+        )
+    error = made.get("error")
+    if isinstance(error, OSError | TimeoutError | ValueError | TypeError):  # ValueError: no URL
+        raise PipelineError(f"cannot reach the Dask scheduler at {where}: {error}") from None
+    if isinstance(error, Exception):
+        why = (  # another protocol's first bytes, read as a frame length
+            "its first bytes are no Dask message"
+            if isinstance(error, MemoryError)
+            else f"{type(error).__name__}: {first_line(error) or 'no detail'}"
+        )
+        raise PipelineError(
+            f"{where} does not answer as a Dask scheduler ({why}); check cluster.address"
+        ) from None
+    if error is not None:
+        raise error
+    return made["client"]
 
 
 def execute(
