@@ -1765,6 +1765,31 @@ def test_a_second_ctrl_c_keeps_the_lock_while_batches_still_write(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_while_the_local_cluster_starts_is_one_line(tmp_path, data):
+    # Raised in the middle of LocalCluster(...), it left a half-made cluster whose close at
+    # exit printed distributed's AssertionError traceback after our line.
+    import signal
+
+    config = write_config(tmp_path, data, cluster={"kind": "local", "n_workers": 2})
+    proc = _start_run(config, tmp_path)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # the start line: the cluster starts right after it
+        lines.append(line)
+        if "cluster local" in line:
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == 143, err
+    assert "terminated; finished batches are kept" in err, err
+    assert "Traceback" not in err and "AssertionError" not in err, err
+    assert run(config) == 0 and (status_of(tmp_path / "out" / "run.zarr") == 1).all()
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ctrl_c_to_the_process_group_prints_no_worker_tracebacks(tmp_path):
     import signal

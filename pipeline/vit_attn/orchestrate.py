@@ -304,29 +304,39 @@ class StallError(PipelineError, TimeoutError):
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
+def _start_up_signals() -> Iterator[list[int]]:
+    """While a LocalCluster starts: SIGINT ignored, so that its worker processes inherit
+    that (Ctrl-C reaches the whole process group; this process alone answers it and closes
+    them), and SIGTERM held until the start is over (raised in the middle of it, it left a
+    half-made cluster whose close at exit printed tracebacks). Yields the held signals."""
+    held: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield held
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_term = signal.getsignal(signal.SIGTERM)
+    if callable(previous_term):
+        signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
     try:
-        yield
+        yield held
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        if callable(previous_term):
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _start_local_cluster(cluster: ClusterConfig) -> Any:
     """A LocalCluster for the run. A worker process killed while it starts (the OOM killer, a
     node's cleanup) fails the start with distributed's "Nanny failed to start worker process";
-    nothing has run yet, so one more start is tried, and a second failure is one line."""
+    nothing has run yet, so one more start is tried, and a second failure is one line. A
+    SIGTERM that came during the start is answered once it is over."""
     from distributed import LocalCluster
 
     for attempt in (1, 2):
-        try:
-            # Worker processes ignore SIGINT (inherited through spawn): Ctrl-C reaches the
-            # whole process group, and this process alone answers it and closes them.
-            with _sigint_ignored():
-                return LocalCluster(
+        started, failure = None, None
+        with _start_up_signals() as held:
+            try:
+                started = LocalCluster(
                     n_workers=cluster.n_workers,
                     threads_per_worker=cluster.batches_per_worker,
                     processes=True,
@@ -334,14 +344,24 @@ def _start_local_cluster(cluster: ClusterConfig) -> Any:
                     silence_logs=logging.ERROR,
                     preload=["vit_attn.worker_signals"],  # restarted workers too
                 )
-        except RuntimeError as exc:
-            if attempt == 2:
-                raise PipelineError(
-                    f"the local Dask cluster could not start its workers, twice "
-                    f"({first_line(exc)}); check free memory and cluster.n_workers, or use "
-                    "cluster.kind: none"
-                ) from None
-            log.warning("a worker died while the local cluster started; starting it again")
+            except RuntimeError as exc:
+                failure = exc
+        if held:
+            if started is not None:
+                with contextlib.suppress(Exception):
+                    started.close()
+            handler = signal.getsignal(held[0])
+            if callable(handler):
+                handler(held[0], None)  # the run's own handler: it raises
+        if started is not None:
+            return started
+        if attempt == 2:
+            raise PipelineError(
+                f"the local Dask cluster could not start its workers, twice "
+                f"({first_line(failure) if failure else 'no detail'}); check free memory and "
+                "cluster.n_workers, or use cluster.kind: none"
+            ) from None
+        log.warning("a worker died while the local cluster started; starting it again")
     raise AssertionError("unreachable")
 
 
