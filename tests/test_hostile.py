@@ -1764,6 +1764,59 @@ def test_a_second_ctrl_c_keeps_the_lock_while_batches_still_write(tmp_path):
     assert (status_of(store) == 1).all()
 
 
+def _report_sigint(queue) -> None:
+    import signal
+
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_spawned_processes_start_with_sigint_ignored_while_this_one_answers_it():
+    # LocalCluster workers must leave Ctrl-C to the client; the client ignored SIGINT
+    # while they started (they inherit that), and so lost a Ctrl-C pressed then.
+    import multiprocessing
+    import multiprocessing.spawn
+    import signal
+
+    from vit_attn.nosigint import spawning_without_sigint
+
+    before = signal.getsignal(signal.SIGINT)
+    executable = multiprocessing.spawn.get_executable()
+    context = multiprocessing.get_context("spawn")
+    with spawning_without_sigint() as launched:
+        assert launched
+        assert signal.getsignal(signal.SIGINT) is before  # untouched here
+        queue = context.Queue()
+        child = context.Process(target=_report_sigint, args=(queue,))
+        child.start()
+        ignored = queue.get(timeout=60)
+        child.join(timeout=60)
+    assert ignored is True
+    assert multiprocessing.spawn.get_executable() == executable  # put back as it was
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_the_local_cluster_starts_stops_the_run(tmp_path, data):
+    import signal
+
+    config = write_config(tmp_path, data, cluster={"kind": "local", "n_workers": 2})
+    proc = _start_run(config, tmp_path)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # the start line: the cluster starts right after it
+        lines.append(line)
+        if "cluster local" in line:
+            break
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: workers too
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == 130, err
+    assert "interrupted; finished batches are kept" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert run(config) == 0 and (status_of(tmp_path / "out" / "run.zarr") == 1).all()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_while_the_local_cluster_starts_is_one_line(tmp_path, data):

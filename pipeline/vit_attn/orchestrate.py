@@ -26,6 +26,7 @@ from .errors import (
     first_line,
     hide_library_tracebacks,
 )
+from .nosigint import spawning_without_sigint
 from .task import BatchSummary, BatchTask, RunPlan, run_batch
 
 log = logging.getLogger(__name__)
@@ -305,31 +306,36 @@ class StallError(PipelineError, TimeoutError):
 
 @contextlib.contextmanager
 def _start_up_signals() -> Iterator[list[int]]:
-    """While a LocalCluster starts: SIGINT ignored, so that its worker processes inherit
-    that (Ctrl-C reaches the whole process group; this process alone answers it and closes
-    them), and SIGTERM held until the start is over (raised in the middle of it, it left a
-    half-made cluster whose close at exit printed tracebacks). Yields the held signals."""
+    """While a LocalCluster starts, Ctrl-C and SIGTERM are held until the start is over
+    (raised in the middle of it, they left a half-made cluster whose close at exit printed
+    tracebacks); the caller answers them then. Its worker processes start with SIGINT
+    ignored (Ctrl-C reaches the whole process group; this process alone answers it and
+    closes them): spawned through `nosigint`'s launcher, or, where that cannot run, by
+    ignoring SIGINT here meanwhile, which loses a Ctrl-C in those seconds. Yields the held
+    signals."""
     held: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield held
         return
-    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    previous_term = signal.getsignal(signal.SIGTERM)
-    if callable(previous_term):
-        signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
-    try:
-        yield held
-    finally:
-        signal.signal(signal.SIGINT, previous_int)
-        if callable(previous_term):
-            signal.signal(signal.SIGTERM, previous_term)
+    with spawning_without_sigint() as launched:
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if not launched:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig, handler in previous.items():
+            if callable(handler) and (launched or sig == signal.SIGTERM):
+                signal.signal(sig, lambda signum, frame: held.append(signum))
+        try:
+            yield held
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _start_local_cluster(cluster: ClusterConfig) -> Any:
     """A LocalCluster for the run. A worker process killed while it starts (the OOM killer, a
     node's cleanup) fails the start with distributed's "Nanny failed to start worker process";
     nothing has run yet, so one more start is tried, and a second failure is one line. A
-    SIGTERM that came during the start is answered once it is over."""
+    Ctrl-C or SIGTERM that came during the start is answered once it is over."""
     from distributed import LocalCluster
 
     for attempt in (1, 2):
