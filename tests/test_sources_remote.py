@@ -605,3 +605,80 @@ def test_object_store_files_rewritten_within_a_second_are_told_apart():
     assert local[0] == 5 and abs(local[1] - 1700000000250000000) < 1000  # kept (float seconds)
     assert info_stat({"name": "x"}) == (MISSING, MISSING)
     assert fs_stat(LocalFileSystem(), "/no/such/file") == (MISSING, MISSING)
+
+
+def test_http_brace_patterns_find_their_shards_on_a_server_without_ranges(
+    folder, tmp_path, http_root
+):
+    # `http://host/s-{000..001}.tar` found no shard (posixpath folded `http://` to `http:/`),
+    # and a server that ignores Range (this one: http.server answers 200 with the whole
+    # file) had every member read from the wrong offset, labels included.
+    names = folder_files(folder)
+    labels = {n: i % 4 for i, n in enumerate(names)}
+    write_shards(folder, names, tmp_path / "s", per_shard=5, labels=labels)
+    images = open_source(f"{http_root}/s/train-{{000000..000002}}.tar", label_key="cls")
+    assert str(images.root).rstrip("/") == f"{http_root}/s"
+    assert list(images.paths) == [f"train-{i // 5:06d}.tar/{n}" for i, n in enumerate(names)]
+    batch = slice(3, 9)  # from the middle of one shard into the next
+    read = images.reader.read(images.paths[batch], images.locators[batch])
+    assert [bytes(b) for b in read.items] == [(folder / n).read_bytes() for n in names[batch]]
+    np.testing.assert_array_equal(read.labels, [labels[n] for n in names[batch]])
+    write_parquet(folder, names, tmp_path / "p" / "part-0.parquet")
+    write_parquet(folder, names[:3], tmp_path / "p" / "part-1.parquet")
+    rows = open_source(f"{http_root}/p/part-{{0..1}}.parquet")
+    assert len(rows.paths) == len(names) + 3
+
+
+def test_unreadable_shards_or_parquet_files_say_why(tmp_path):
+    # "the shards hold no image members" for a gzip'd tar: the reason was dropped.
+    (tmp_path / "a.tar").write_bytes(b"\x1f\x8b" + b"\0" * 600)
+    (tmp_path / "a.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataSourceError, match=r"hold no image members.*a\.tar: .+; check"):
+        open_source(str(tmp_path / "a.tar"))
+    with pytest.raises(DataSourceError, match=r"hold no rows.*a\.parquet: not a readable"):
+        open_source(str(tmp_path / "a.parquet"))
+
+
+def test_an_s3_list_refuses_one_object_listed_twice_and_rows_without_a_path(bucket):
+    # `/x.png` and `x.png` were two images read from one object; a CSV row without a path
+    # vanished (a local list refuses both).
+    fs = s3fs_client()
+    fs.pipe(f"{bucket}/images/twice.txt", b"a/img_30x20.png\n/a/img_30x20.png\n")
+    with pytest.raises(DataSourceError, match=r"line 2 repeats '/a/img_30x20.png'"):
+        open_source(f"s3://{bucket}/images/twice.txt")
+    fs.pipe(f"{bucket}/images/gap.csv", b"path,label\na/img_30x20.png,1\n,2\n")
+    with pytest.raises(DataSourceError, match=r"line 3 has no path in column 1"):
+        open_source(f"s3://{bucket}/images/gap.csv")
+    fs.pipe(f"{bucket}/images/latin.txt", "caf\xe9.png\n".encode("latin-1"))
+    with pytest.raises(DataSourceError, match=r"latin\.txt: the list is not UTF-8 text"):
+        open_source(f"s3://{bucket}/images/latin.txt")
+
+
+def test_a_quote_left_open_in_a_csv_is_one_line(folder, tmp_path):
+    # Everything after it became one image named by several lines, and the run said "done".
+    listing = tmp_path / "list.csv"
+    listing.write_text(f'path\n"{folder}/a/img_30x20.png\n{folder}/b/photo.jpg\n')
+    with pytest.raises(DataSourceError, match=r"spans several lines .*close the quote"):
+        open_source(str(listing))
+
+
+@pytest.mark.parametrize(
+    "root, image, expected",
+    [
+        ("s3://bkt/ds/lists", "../img0.png", "_outside_root/s3/bkt/ds/img0.png"),
+        ("s3://bkt/ds", "a/b.png", "a/b.png"),
+        ("s3://bkt/ds", "/a/b.png", "a/b.png"),
+        ("s3://bkt/ds", "https://h.org/x.png", "_outside_root/https/h.org/x.png"),
+        ("s3://bkt/ds", "s3://bkt/ds/a/c.png", "a/c.png"),
+    ],
+)
+def test_pngs_of_a_url_root_lie_where_the_url_says_from_any_folder(
+    root, image, expected, monkeypatch, tmp_path
+):
+    # A `..` entry of a remote list was mirrored under the local working folder's path: a
+    # resume from another folder redid the images and left a second set of PNGs.
+    from vit_attn.outputs import png_relpath
+
+    for cwd in (tmp_path, Path("/")):
+        monkeypatch.chdir(cwd)
+        assert png_relpath(root, image) == expected + ".png"

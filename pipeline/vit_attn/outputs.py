@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
 import re
 import socket
 import threading
@@ -43,13 +44,38 @@ class OutputError(PipelineError, OSError):
 
 def png_relpath(image_root: str | os.PathLike[str], image_path: str, suffix: str = ".png") -> str:
     """The PNG of one image relative to png_dir: its path under the root, or its absolute path
-    under `_outside_root/` when it lies outside the root. Lexically normalised, never `..`."""
+    under `_outside_root/` when it lies outside the root. Lexically normalised, never `..`.
+    A root on object storage is a URL: an image outside it is mirrored under
+    `_outside_root/<scheme>/<bucket>/<key>`, the same from any working folder."""
+    from .remote import is_url
+
+    if is_url(str(image_root)) or is_url(image_path):
+        return _url_png_relpath(str(image_root), image_path) + suffix
     root = os.path.normpath(os.path.abspath(image_root))
     full = os.path.normpath(os.path.join(root, image_path))
     rel = os.path.relpath(full, root)
     if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
         rel = os.path.join(OUTSIDE_ROOT, full.lstrip(os.sep))
     return rel + suffix
+
+
+def _url_png_relpath(root_url: str, image_path: str) -> str:
+    """`png_relpath` for a URL root (or a listed URL), with URL paths, never the local ones."""
+    from .remote import is_url
+
+    scheme, _, rest = root_url.partition("://")
+    root = posixpath.normpath("/" + rest)
+    if is_url(image_path):
+        other, _, where = image_path.partition("://")
+        full = posixpath.normpath("/" + where)
+        if other != scheme:  # another store entirely: outside the root
+            return posixpath.join(OUTSIDE_ROOT, other, full.lstrip("/"))
+    else:
+        full = posixpath.normpath(posixpath.join(root, image_path.lstrip("/")))
+    rel = posixpath.relpath(full, root)
+    if rel == os.pardir or rel.startswith(os.pardir + "/"):
+        return posixpath.join(OUTSIDE_ROOT, scheme, full.lstrip("/"))
+    return rel
 
 
 def png_path(

@@ -95,7 +95,12 @@ def list_parquet(
             paths.append(f"{rel}/<{kind}>")
             locators.append((i, f.problem))
     if not any(f.rows for f in files):
-        raise DataSourceError(f"{source}: the Parquet files hold no rows; check data.source")
+        why = next((f"{rels[i]}: {f.problem}" for i, f in enumerate(files) if f.problem), None)
+        raise DataSourceError(
+            f"{source}: the Parquet files hold no rows"
+            + (f"; the first that could not be read: {why}" if why else "")
+            + "; check data.source"
+        )
     reader = ParquetReader(tuple(urls), dict(storage_options or {}), column, label_key)
     identity = {
         "kind": "parquet",

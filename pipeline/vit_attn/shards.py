@@ -104,9 +104,11 @@ def list_shards(
             f"{source}: no shard exists ({urls[0]} and the rest); check data.source"
         )
     if not any(s.images for s in shards):
+        why = next((f"{rels[i]}: {s.problem}" for i, s in enumerate(shards) if s.problem), None)
         raise DataSourceError(
-            f"{source}: the shards hold no image members ({', '.join(sorted(_IMAGE_EXTS))}); "
-            "check data.source"
+            f"{source}: the shards hold no image members ({', '.join(sorted(_IMAGE_EXTS))})"
+            + (f"; the first that could not be read: {why}" if why else "")
+            + "; check data.source"
         )
     _refuse_repeated_members(paths)
     root_url = file_url(fs, root)
@@ -256,6 +258,10 @@ class ShardReader:
             for i in spans:
                 items[i] = ImageDecodeError(access_error(url, e, "cannot read shard"))
             return
+        if len(data) > end - first:
+            # A server that ignores range requests sends the whole file (HTTP 200): the
+            # bytes asked for are where they lie in it, not at its start.
+            data = data[first:end]
         have = first + len(data)
         for i in spans:
             _, off, size, loff, lsize = locators[i]

@@ -11,7 +11,7 @@ import csv
 import fnmatch
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -242,8 +242,45 @@ def _list_text(path: Path) -> ImageList:
     """One path a line; blank lines and lines starting with ``#`` are skipped (a file whose
     name starts with ``#`` is listed as ``./#name``)."""
     with _utf8(path) as f:
-        entries = [(no, s) for no, line in enumerate(f, 1) if (s := line.strip()) and s[0] != "#"]
+        entries = text_entries(f)
     return _list_entries(path, entries)
+
+
+def text_entries(lines: Iterable[str]) -> list[tuple[int, str]]:
+    """(line number, path) of a text list: one path a line, blanks and ``#`` lines skipped."""
+    return [(no, s) for no, line in enumerate(lines, 1) if (s := line.strip()) and s[0] != "#"]
+
+
+def csv_entries(
+    source: object, lines: Iterable[str], is_header: Callable[[str], bool]
+) -> list[tuple[int, str]]:
+    """(line number, path) of a CSV list: the column headed ``path``, else the first, whose
+    first row is a header when `is_header` says so of its first cell. A row without a path,
+    or a path spanning lines (an unbalanced quote took in the rows after it), is refused: its
+    images would vanish, or become one image named by several lines, without a word."""
+    reader = csv.reader(lines)
+    rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0][1]]
+    column, body = 0, rows
+    if "path" in header:
+        column, body = header.index("path"), rows[1:]
+    elif is_header(rows[0][1][0].strip()):
+        body = rows[1:]
+    entries = [(no, row[column].strip() if len(row) > column else "") for no, row in body]
+    for no, entry in entries:
+        if not entry:
+            raise DataSourceError(
+                f"{source}: line {no} has no path in column {column + 1}; fill it in or "
+                "remove the row"
+            )
+        if "\n" in entry or "\r" in entry:
+            raise DataSourceError(
+                f"{source}: the path ending on line {no} spans several lines (a quote left "
+                "open?); close the quote"
+            )
+    return entries
 
 
 @contextlib.contextmanager
@@ -263,23 +300,7 @@ def _list_csv(path: Path) -> ImageList:
     no existing file is taken as a header (``filename,label``) rather than a missing image.
     """
     with _utf8(path) as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
-    if not rows:
-        return _list_entries(path, [])
-    header = [c.strip().lower() for c in rows[0][1]]
-    column, body = 0, rows
-    if "path" in header:
-        column, body = header.index("path"), rows[1:]
-    elif _is_header_cell(rows[0][1][0].strip(), path.parent):
-        body = rows[1:]
-    entries = [(no, row[column].strip() if len(row) > column else "") for no, row in body]
-    for no, entry in entries:
-        if not entry:  # a row of other cells only: its image would vanish without a word
-            raise DataSourceError(
-                f"{path}: line {no} has no path in column {column + 1}; fill it in or remove "
-                "the row"
-            )
+        entries = csv_entries(path, f, lambda cell: _is_header_cell(cell, path.parent))
     return _list_entries(path, entries)
 
 

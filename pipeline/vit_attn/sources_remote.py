@@ -7,7 +7,6 @@ and Parquet sources share: brace expansion and globbing of file sets, local or r
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import posixpath
@@ -20,7 +19,7 @@ import numpy as np
 from .errors import DataSourceError, ImageDecodeError
 from .identity import MISSING, Identities, fs_stats, info_stat
 from .remote import access_error, is_url, join, url_fs
-from .sources import IMAGE_EXTENSIONS, ImageList
+from .sources import IMAGE_EXTENSIONS, ImageList, csv_entries, text_entries
 
 __all__ = ["FileReader", "ReadBatch", "expand_files", "list_remote"]
 
@@ -160,38 +159,29 @@ def _list_file(
     storage_options: Mapping[str, Any] | None,
 ) -> ImageList:
     """One path a line (``#`` comments), or a CSV's ``path`` column (else its first)."""
-    text = fs.cat_file(path).decode("utf-8-sig")
+    try:
+        text = fs.cat_file(path).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataSourceError(f"{source}: the list is not UTF-8 text; save it as UTF-8") from None
     if suffix == ".txt":
-        entries = [
-            (no, s)
-            for no, line in enumerate(text.splitlines(), 1)
-            if (s := line.strip()) and s[0] != "#"
-        ]
-    else:
-        reader = csv.reader(io.StringIO(text))
-        rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
-        column, body = 0, rows
-        if rows:
-            header = [c.strip().lower() for c in rows[0][1]]
-            if "path" in header:
-                column, body = header.index("path"), rows[1:]
-            elif not _is_image_name(rows[0][1][0].strip()):
-                body = rows[1:]  # a header such as filename,label
-        entries = [(no, row[column].strip()) for no, row in body if len(row) > column]
-        entries = [(no, s) for no, s in entries if s]
+        entries = text_entries(text.splitlines())
+    else:  # a first cell without an image extension is a header, such as filename,label
+        entries = csv_entries(
+            source, io.StringIO(text, newline=""), lambda c: not _is_image_name(c)
+        )
     if not entries:
         raise DataSourceError(f"{source}: list file names no images; add one path a line")
+    root = posixpath.dirname(path)
+    root_url = fs.unstrip_protocol(root).rstrip("/")
     first: dict[str, int] = {}
     for no, entry in entries:
-        key = posixpath.normpath(entry) if not is_url(entry) else entry
+        key = join(root_url, entry)  # what is read: `/x.png` and `x.png` are one object
         if key in first:
             raise DataSourceError(
                 f"{source}: line {no} repeats {entry!r} (first on line {first[key]}); remove the duplicate"
             )
         first[key] = no
-    root = posixpath.dirname(path)
     rels = [e for _, e in entries]
-    root_url = fs.unstrip_protocol(root).rstrip("/")
     stats = _listed_stats([join(root_url, e) for e in rels], fs, root_url.split("://", 1)[0])
     return _image_list(fs, root, rels, storage_options, stats)
 
@@ -315,8 +305,31 @@ def expand_files(
         if f in seen:
             raise DataSourceError(f"{source}: {f} is listed twice; remove the duplicate")
         seen.add(f)
-    root = posixpath.dirname(files[0]) if len(files) == 1 else posixpath.commonpath(files)
-    return fs, root, [posixpath.relpath(f, root) for f in files]
+    return fs, *_common_root(source, files)
+
+
+def _common_root(source: str, files: list[str]) -> tuple[str, list[str]]:
+    """The files' common folder and each file under it. An HTTP file system keeps whole URLs
+    as its paths: their `scheme://host` is set apart (posixpath would fold its `//`), and
+    files on different hosts have no common folder."""
+    base = ""
+    paths = files
+    if "://" in files[0]:
+        heads = {
+            f.split("://", 1)[0] + "://" + f.split("://", 1)[1].split("/", 1)[0] for f in files
+        }
+        if len(heads) > 1:
+            raise DataSourceError(
+                f"{source}: the files lie on {len(heads)} hosts ({', '.join(sorted(heads)[:2])}"
+                "...); list them in a list file instead"
+            )
+        base = heads.pop()
+        paths = ["/" + f[len(base) :].lstrip("/") for f in files]
+    root = posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(paths)
+    # names under the root by plain prefix: relpath would fold a key's `//` and lose it
+    prefix = root.rstrip("/") + "/"
+    rels = [p[len(prefix) :] if p.startswith(prefix) else posixpath.relpath(p, root) for p in paths]
+    return base + root, rels
 
 
 def file_url(fs: Any, path: str) -> str:
