@@ -682,3 +682,24 @@ def test_pngs_of_a_url_root_lie_where_the_url_says_from_any_folder(
     for cwd in (tmp_path, Path("/")):
         monkeypatch.chdir(cwd)
         assert png_relpath(root, image) == expected + ".png"
+
+
+def test_an_s3_key_with_an_empty_folder_is_passed_over_and_counted(bucket, folder):
+    # `ds//x.png` beside `ds/x.png`: relpath folded both into `x.png`, one object vanished
+    # uncounted; alone, `ds//x.png` was listed as `x.png` and failed "file not found".
+    fs = s3fs_client()
+    body = (folder / folder_files(folder)[0]).read_bytes()
+    for key in ("dbl/x.png", "dbl//x.png", "dbl//y.png"):
+        fs.pipe(f"{bucket}/{key}", body)
+    images = open_source(f"s3://{bucket}/dbl")
+    assert images.paths == ("x.png",)
+    assert images.skipped == 2 and "/x.png" in images.skipped_examples
+
+
+def test_an_http_host_that_cannot_be_reached_is_said_so(http_root):
+    # fsspec's HTTP file system answers "not found" for a refused connection too.
+    port = free_port()
+    with pytest.raises(DataSourceError, match=r"cannot list: host unreachable \(.*\)"):
+        open_source(f"http://127.0.0.1:{port}/pics/list.txt")
+    with pytest.raises(DataSourceError, match=r"no such folder or list file"):
+        open_source(f"{http_root}/nothing/list.txt")

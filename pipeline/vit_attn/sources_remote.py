@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import socket
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -60,6 +62,19 @@ def _listing_error(url: str, exc: BaseException) -> DataSourceError:
     return DataSourceError(access_error(url, exc, "cannot list"))
 
 
+def _unreachable_host(url: str) -> str | None:
+    """Why an HTTP(S) URL's host cannot be connected to, or None (reachable, or no HTTP)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=10):
+            return None
+    except (OSError, ValueError) as exc:  # ValueError: a port out of range
+        return str(exc) or type(exc).__name__
+
+
 def _is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -89,6 +104,12 @@ def list_remote(source: str, storage_options: Mapping[str, Any] | None = None) -
     except DataSourceError:
         raise
     except FileNotFoundError:
+        unreachable = _unreachable_host(source)  # fsspec's HTTP says "not found" for either
+        if unreachable is not None:
+            raise DataSourceError(
+                f"{source}: cannot list: host unreachable ({unreachable}); check the URL and "
+                "the network"
+            ) from None
         raise DataSourceError(f"{source}: no such folder or list file; check data.source") from None
     except Exception as e:  # botocore/aiohttp errors have no common base; name the URL
         raise _listing_error(source, e) from None
@@ -120,8 +141,10 @@ def _list_folder(
     found: dict[str, tuple[int, int]] = {}
     passed_over: list[str] = []  # hidden or not images: counted, as for a local folder
     for name, info in fs.find(root, detail=True).items():
-        rel = posixpath.relpath(name, root)
-        hidden = any(part.startswith(".") for part in rel.split("/"))
+        # By prefix: relpath folds the empty folder of a key such as `ds//x.png` into
+        # `ds/x.png`, another object. Such a key cannot be named under the root: passed over.
+        rel = name[len(root) + 1 :] if name.startswith(root + "/") else name
+        hidden = any(part.startswith(".") or not part for part in rel.split("/"))
         if not hidden and _is_image_name(rel):
             found[rel] = info_stat(info)
         else:
