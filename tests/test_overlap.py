@@ -93,3 +93,23 @@ def test_a_failing_batch_releases_the_gate():
         assert mode == SERIAL
     with pytest.raises(ValueError, match="fixed must be"):
         OverlapGate(fixed="sometimes")
+
+
+def test_a_run_too_short_to_repay_its_probes_runs_one_batch_at_a_time():
+    # An 8-batch run spent 6 batches on probes; where overlapping was the slower mode (PNGs
+    # with full attention) that left the whole run 4.6% under one batch at a time.
+    from vit_attn.overlap import MIN_BATCHES_TO_PROBE
+
+    clock = Clock()
+    gate = OverlapGate(window=3, recheck=4, clock=clock)
+    short = MIN_BATCHES_TO_PROBE - 1
+    gate.expect(short)
+    modes = drive(gate, clock, {SERIAL: 1.0, OVERLAP: 2.0}, short)
+    assert modes == [SERIAL] * short and gate.chosen == SERIAL
+    # The next run in this process is long: it measures, and keeps what pays.
+    gate.expect(100)
+    modes = drive(gate, clock, {SERIAL: 1.0, OVERLAP: 0.5}, 12)
+    assert OVERLAP in modes[:8] and gate.chosen == OVERLAP and modes[-3:] == [OVERLAP] * 3
+    fixed = OverlapGate(fixed=OVERLAP)
+    fixed.expect(1)  # benchmarks that fix a mode keep it
+    assert fixed.mode == OVERLAP

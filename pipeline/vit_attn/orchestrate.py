@@ -27,7 +27,7 @@ from .errors import (
     hide_library_tracebacks,
 )
 from .nosigint import spawning_without_sigint
-from .task import BatchSummary, BatchTask, RunPlan, run_batch
+from .task import BatchSummary, BatchTask, RunPlan, expect_batches, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ def run_in_process(
             raise FatalBatchError(summary.batch_index, summary.fatal)
         on_done(summary)
 
+    expect_batches(len(tasks))
     threads = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vit-attn-batch")
     with _Closing(threads) as pool:
         running: dict[Future, BatchTask] = {}

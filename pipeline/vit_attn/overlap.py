@@ -8,7 +8,10 @@ its cores; inference became 21% slower). Which case a run is in depends on the i
 the model, the outputs and the machine's other load, so the process measures it: it runs a
 few batches one at a time, a few overlapped, keeps the faster mode, and measures again now
 and then. One batch at a time is the starting mode and the choice when the two are within
-`margin`, so overlapping can only be chosen where it was measured to be faster.
+`margin`, so overlapping can only be chosen where it was measured to be faster. The probes
+themselves cost when overlapping is the slower mode (4.6% of an 8-batch run of PNGs with full
+attention, docs/PERFORMANCE.md): a run that is known to be short (`expect`) does not probe
+and runs one batch at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import time
 from collections.abc import Callable, Iterator
 
 SERIAL, OVERLAP = "serial", "overlap"
+# Fewer batches than this in a run: its probes (about 8 batches) would be a large part of it,
+# and the overlapped ones cost where overlapping is slower; one batch at a time throughout.
+MIN_BATCHES_TO_PROBE = 16
 
 
 class OverlapGate:
@@ -56,6 +62,23 @@ class OverlapGate:
         self._skip = 1  # completions to ignore: the first batch builds the session
         self._mark: float | None = None
         self._count = self._images = 0
+
+    def expect(self, batches: int) -> None:
+        """A run of `batches` batches starts in this process: measure anew, or, for a run too
+        short to repay its probes, run it one batch at a time."""
+        if self.fixed is not None:
+            return
+        with self._state:
+            self.mode = SERIAL
+            self.rates = {}
+            self._settled = 0
+            self._skip = 1
+            self._start_window(self.clock())
+            if batches < MIN_BATCHES_TO_PROBE:
+                self.chosen, self._plan = SERIAL, []
+                self._settled = -(10**9)  # no recheck within this run
+            else:
+                self.chosen, self._plan = None, [SERIAL, OVERLAP]
 
     @contextlib.contextmanager
     def batch(self, n_images: int) -> Iterator[str]:

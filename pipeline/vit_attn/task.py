@@ -107,6 +107,12 @@ _infer_lock = threading.Lock()
 _gate = OverlapGate()
 
 
+def expect_batches(batches: int) -> None:
+    """This process is about to run `batches` batches of one run (the in-process executor
+    knows; a Dask worker does not, and measures as its batches come)."""
+    _gate.expect(batches)
+
+
 def get_runner(plan: RunPlan) -> Runner:
     """This process's session for the plan, created on first use and then reused."""
     key = (
