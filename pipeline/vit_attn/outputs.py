@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +146,7 @@ def _check_no_other_claim(
     at = folder
     while at != base and base in at.parents:
         if at not in claimed:
-            claimed[at] = png_dir_owner(at) if (at / OWNER_FILE).is_file() else None
+            claimed[at] = _claimant(at)
         owner = claimed[at]
         if owner is not None and owner != mine:
             raise OutputError(
@@ -213,15 +213,12 @@ def write_png(
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if exc.filename is None:  # a full disk names no file: this PNG is where it happened
+        if isinstance(exc, OSError) and exc.filename is None:
+            # a full disk names no file: this PNG is where it happened
             raise OSError(exc.errno, exc.strerror, str(target)) from None
-        raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise
 
 
@@ -323,12 +320,17 @@ def check_png_owner(png_dir: Path | str, store: Path | str) -> None:
     # Inside another store's png_dir, the two would write under one tree: that store's
     # names could land here, and a new store there clears its tree of vit-attn's PNGs.
     for parent in Path(os.path.realpath(png_dir)).parents:
-        other = png_dir_owner(parent) if (parent / OWNER_FILE).is_file() else None
+        other = _claimant(parent)
         if other is not None and other != mine:
             raise OutputError(
                 f"output.png_dir {png_dir} lies inside {parent}, the png_dir of another "
                 f"store, {other}; give each store a folder of its own, side by side"
             )
+
+
+def _claimant(folder: Path) -> str | None:
+    """The store that claimed `folder` as its png_dir, if any (without creating anything)."""
+    return png_dir_owner(folder) if (folder / OWNER_FILE).is_file() else None
 
 
 def claim_png_dir(png_dir: Path | str, store: Path | str) -> None:
@@ -408,12 +410,24 @@ def remove_temp_pngs(png_dir: Path | str, inputs: Iterable[str | os.PathLike[str
     Called when a run resumes, under the store's lock: no other run writes into this png_dir
     (one store per png_dir), and a folder claimed by another store is not entered.
     Returns how many were removed."""
+    return _remove_in_tree(png_dir, inputs, lambda path: _is_temp_png(path.name))
+
+
+def _is_temp_png(name: str) -> bool:
+    return _TEMP_PNG.fullmatch(name) is not None
+
+
+def _remove_in_tree(
+    png_dir: Path | str, inputs: Iterable[str | os.PathLike[str]], doomed: Callable[[Path], bool]
+) -> int:
+    """Delete the files of `_own_tree` that `doomed` picks, in one walk; returns how many."""
     removed = 0
     for dirpath, filenames in _own_tree(png_dir, inputs):
         for name in filenames:
-            if _TEMP_PNG.fullmatch(name):
+            path = Path(dirpath) / name
+            if doomed(path):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(dirpath, name))
+                    path.unlink()
                     removed += 1
     return removed
 
@@ -429,17 +443,13 @@ def remove_our_pngs(png_dir: Path | str, inputs: Iterable[str | os.PathLike[str]
     symlinked folders, `inputs` (the run's own images, or folders of them: earlier
     overlays being analysed may lie under png_dir), and any PNG that is not the tool's at
     its place, unchanged (`is_ours`). Returns how many were removed."""
-    removed = remove_temp_pngs(png_dir, inputs)
-    for dirpath, filenames in _own_tree(png_dir, inputs):
-        for name in filenames:
-            path = Path(dirpath) / name
-            if not name.endswith(".png") or path.is_symlink():
-                continue
-            if is_ours(path, png_dir):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed += 1
-    return removed
+
+    def doomed(path: Path) -> bool:
+        if _is_temp_png(path.name):
+            return True
+        return path.name.endswith(".png") and not path.is_symlink() and is_ours(path, png_dir)
+
+    return _remove_in_tree(png_dir, inputs, doomed)
 
 
 def remove_pngs_of(png_dir: Path | str, image_root: str, paths: Iterable[str], heads: bool) -> int:

@@ -141,9 +141,8 @@ def _list_folder(
     found: dict[str, tuple[int, int]] = {}
     passed_over: list[str] = []  # hidden or not images: counted, as for a local folder
     for name, info in fs.find(root, detail=True).items():
-        # By prefix: relpath folds the empty folder of a key such as `ds//x.png` into
-        # `ds/x.png`, another object. Such a key cannot be named under the root: passed over.
-        rel = name[len(root) + 1 :] if name.startswith(root + "/") else name
+        # A key such as `ds//x.png` cannot be named under the root: passed over.
+        rel = _under(name, root)
         hidden = any(part.startswith(".") or not part for part in rel.split("/"))
         if not hidden and _is_image_name(rel):
             found[rel] = info_stat(info)
@@ -349,10 +348,14 @@ def _common_root(source: str, files: list[str]) -> tuple[str, list[str]]:
         base = heads.pop()
         paths = ["/" + f[len(base) :].lstrip("/") for f in files]
     root = posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(paths)
-    # names under the root by plain prefix: relpath would fold a key's `//` and lose it
+    return base + root, [_under(p, root) for p in paths]
+
+
+def _under(name: str, root: str) -> str:
+    """`name` relative to `root` by plain prefix: relpath would fold the empty folder of a
+    key such as `ds//x.png` into `ds/x.png`, another object."""
     prefix = root.rstrip("/") + "/"
-    rels = [p[len(prefix) :] if p.startswith(prefix) else posixpath.relpath(p, root) for p in paths]
-    return base + root, rels
+    return name[len(prefix) :] if name.startswith(prefix) else posixpath.relpath(name, root)
 
 
 def file_url(fs: Any, path: str) -> str:
