@@ -703,3 +703,20 @@ def test_an_http_host_that_cannot_be_reached_is_said_so(http_root):
         open_source(f"http://127.0.0.1:{port}/pics/list.txt")
     with pytest.raises(DataSourceError, match=r"no such folder or list file"):
         open_source(f"{http_root}/nothing/list.txt")
+
+
+@pytest.mark.parametrize("pattern", ["dblg/**/*.png", "dblg/*/*.png", "dblg/*.png", "dblg/**"])
+def test_an_s3_glob_never_lists_a_key_with_an_empty_folder_as_another(bucket, folder, pattern):
+    # The glob's paths were made relative with relpath, which folds `dblg//a.png` into
+    # `a.png`: a second entry for one object, or one read as an object that is not there.
+    fs = s3fs_client()
+    body = (folder / folder_files(folder)[0]).read_bytes()
+    for key in ("dblg/a.png", "dblg//a.png", "dblg//b.png", "dblg/sub/c.png"):
+        fs.pipe(f"{bucket}/{key}", body)
+    images = open_source(f"s3://{bucket}/{pattern}")
+    assert all("//" not in p and not p.startswith("/") for p in images.paths)
+    for path in images.paths:  # each entry is an object that is there, read as listed
+        assert fs.cat_file(f"{bucket}/dblg/{path}") == body
+    if pattern == "dblg/**":  # matches the keys it cannot name: counted, as a folder's
+        assert set(images.paths) == {"a.png", "sub/c.png"}
+        assert images.skipped == 2 and "/b.png" in images.skipped_examples

@@ -86,12 +86,15 @@ def list_remote(source: str, storage_options: Mapping[str, Any] | None = None) -
     fs.invalidate_cache()  # a listing sees the storage as it is now, not as this process saw it
     try:
         if any(c in path for c in _GLOB_CHARS):
-            root, infos = _glob(fs, path)
+            root, infos, passed_over = _glob(fs, path)
             if not infos:  # every regular file: the pattern is the user's filter
                 raise DataSourceError(f"{source}: pattern matches no files; check data.source")
             rels = sorted(infos)
             stats = [info_stat(infos[r]) for r in rels]
-            return _image_list(fs, root, rels, storage_options, stats)
+            listed = _image_list(fs, root, rels, storage_options, stats)
+            return replace(
+                listed, skipped=len(passed_over), skipped_examples=tuple(sorted(passed_over)[:3])
+            )
         info = fs.info(path)
         if info.get("type") == "directory":
             return _list_folder(fs, source, path, storage_options)
@@ -159,18 +162,24 @@ def _list_folder(
     )
 
 
-def _glob(fs: Any, pattern: str) -> tuple[str, dict[str, dict[str, Any]]]:
+def _glob(fs: Any, pattern: str) -> tuple[str, dict[str, dict[str, Any]], list[str]]:
     """Every regular file the pattern matches, by its path relative to the pattern's fixed
-    folder, with its listing entry."""
+    folder, with its listing entry; and the keys passed over: one with an empty folder such
+    as `ds//x.png` has no relative path that names it (relpath would name `ds/x.png`)."""
     parts = pattern.split("/")
     fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARS))
     root = "/".join(parts[:fixed])
-    matches = fs.glob(pattern, detail=True)
-    return root, {
-        posixpath.relpath(name, root): info
-        for name, info in matches.items()
-        if info.get("type") == "file"
-    }
+    found: dict[str, dict[str, Any]] = {}
+    passed_over: list[str] = []
+    for name, info in fs.glob(pattern, detail=True).items():
+        if info.get("type") != "file":
+            continue
+        rel = _under(name, root)
+        if rel.startswith("../") or not all(rel.split("/")):
+            passed_over.append(rel)
+        else:
+            found[rel] = info
+    return root, found, passed_over
 
 
 def _list_file(
