@@ -177,3 +177,28 @@ def test_slurm_that_cannot_be_reached_is_one_line_before_any_job(tmp_path, monke
         check_slurm_reachable()
     (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")  # a controller that answers
     check_slurm_reachable()
+
+
+def test_a_worker_that_kept_dying_is_said_in_one_whole_line_naming_every_suspect():
+    # distributed gives KilledWorker to every batch that was on the dying worker, the one
+    # that killed it and the one beside it; its text was cut at "For more information see"
+    # and the last line named whichever batch came first, as if it were the culprit.
+    from types import SimpleNamespace
+
+    from distributed.scheduler import KilledWorker
+
+    from vit_attn.orchestrate import batch_failure, failed_batches_line
+
+    worker = SimpleNamespace(address="tcp://127.0.0.1:40000")
+    failed = {
+        4: batch_failure(KilledWorker("vit-attn-batch-4-1", worker, 3)),
+        3: batch_failure(KilledWorker("vit-attn-batch-3-1", worker, 3)),
+        9: batch_failure(ValueError("x\ny")),
+    }
+    assert failed[4] == failed[3]
+    assert "died 4 times" in failed[4] and "tcp://127.0.0.1:40000" in failed[4]
+    assert failed[4].endswith("?)") and "\n" not in failed[4]
+    assert failed[9] == "ValueError: x"
+    assert failed_batches_line(failed) == f" (batches 3, 4: {failed[4]})"
+    assert failed_batches_line({9: failed[9]}) == " (batch 9: ValueError: x)"
+    assert failed_batches_line({}) == ""

@@ -437,7 +437,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> int:
-    from .orchestrate import execute
+    from .orchestrate import execute, failed_batches_line
     from .plan import prepare
     from .sources import IMAGE_EXTENSIONS
     from .store import consolidate, store_counts
@@ -509,8 +509,7 @@ def _run_locked(args: argparse.Namespace, cfg: Any, run_id: str, lock: Any) -> i
         file=sys.stderr,
     )
     if summary.failed_batches or pending:
-        first = next(iter(summary.failed_batches.items()), None)
-        why = f" (batch {first[0]}: {first[1]})" if first else ""
+        why = failed_batches_line(summary.failed_batches)
         print(
             f"vit-attn: {len(summary.failed_batches)} batches could not be done{why}; "
             f"{pending} images stay pending: rerun the same command to retry them",

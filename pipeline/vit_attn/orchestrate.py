@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,8 +106,30 @@ class Progress:
 
 
 def batch_failure(exc: BaseException) -> str:
-    """How a batch that could not be done is reported, whichever executor ran it."""
+    """How a batch that could not be done is reported, whichever executor ran it.
+
+    distributed's KilledWorker text runs past one line's length; and every batch that was on
+    a dying worker gets it, so it says what happened, not which batch did it."""
+    if type(exc).__name__ == "KilledWorker" and len(exc.args) == 3:
+        task, worker, allowed = exc.args
+        return (
+            f"KilledWorker: the worker running it died {allowed + 1} times "
+            f"(last {getattr(worker, 'address', worker)}), with it or a batch beside it; see "
+            "that worker's log (out of memory? a crash in a native library?)"
+        )
     return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def failed_batches_line(failed: Mapping[int, str]) -> str:
+    """The failed batches for the run's last line: the first reason, with every batch that
+    failed the same way (a dying worker takes the batches beside the one that killed it)."""
+    if not failed:
+        return ""
+    reason = next(iter(failed.values()))
+    kind = reason.split(":", 1)[0]
+    same = sorted(b for b, r in failed.items() if r.split(":", 1)[0] == kind)
+    named = ", ".join(map(str, same[:6])) + (", ..." if len(same) > 6 else "")
+    return f" (batch{'es' if len(same) > 1 else ''} {named}: {reason})"
 
 
 # Executors (a thread pool, a Dask client and its cluster) whose batches may still be
