@@ -59,6 +59,7 @@ class OverlapGate:
             self.mode = self.chosen = fixed
         self._plan: list[str] = [] if fixed else [SERIAL, OVERLAP]  # modes still to measure
         self._settled = 0  # batches finished in the chosen mode since the comparison
+        self._recheck_on = True  # off for a run too short to repay a comparison
         self._skip = 1  # completions to ignore: the first batch builds the session
         self._mark: float | None = None
         self._count = self._images = 0
@@ -74,11 +75,11 @@ class OverlapGate:
             self._settled = 0
             self._skip = 1
             self._start_window(self.clock())
-            if batches < MIN_BATCHES_TO_PROBE:
-                self.chosen, self._plan = SERIAL, []
-                self._settled = -(10**9)  # no recheck within this run
-            else:
+            self._recheck_on = batches >= MIN_BATCHES_TO_PROBE
+            if self._recheck_on:
                 self.chosen, self._plan = None, [SERIAL, OVERLAP]
+            else:
+                self.chosen, self._plan = SERIAL, []
 
     @contextlib.contextmanager
     def batch(self, n_images: int) -> Iterator[str]:
@@ -105,7 +106,7 @@ class OverlapGate:
                 return
             if not self._plan:  # running the chosen mode
                 self._settled += 1
-                if self._settled >= self.recheck:
+                if self._recheck_on and self._settled >= self.recheck:
                     self._plan = [self.mode, OVERLAP if self.mode == SERIAL else SERIAL]
                     self._start_window(now)
                 return
