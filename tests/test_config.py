@@ -108,6 +108,9 @@ def test_overrides_keep_yaml_types(tmp_path):
     with pytest.raises(ConfigError, match=r"\(from --set 'inference.batch_size=0'\)"):
         load_config(write(tmp_path, BASE), ["inference.batch_size=4", "inference.batch_size=0"])
     assert text.endswith("inference.threads: Input should be greater than or equal to 0 (got -1)")
+    # an override under a section that does not exist makes the section: it is named too
+    with pytest.raises(ConfigError, match=r"bogus: unknown key \(from --set 'bogus\.x=1'\)$"):
+        load_config(write(tmp_path, BASE), ["bogus.x=1"])
 
 
 def test_conflicts_and_bad_yaml(tmp_path):

@@ -459,7 +459,9 @@ def _format_errors(exc: ValidationError, origin: str, overrides: Sequence[str] =
             (
                 o
                 for o in reversed(overrides)
-                if loc == (k := o.partition("=")[0].strip()) or loc.startswith(k + ".")
+                if loc == (k := o.partition("=")[0].strip())
+                or loc.startswith(k + ".")
+                or k.startswith(loc + ".")  # `bogus.x=1` makes the unknown section `bogus`
             ),
             None,
         )
