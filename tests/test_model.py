@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -242,3 +245,56 @@ def test_pretrained_weights_offline_is_a_clear_error():
         "ModelError: pretrained weights for 'vit_tiny_patch16_224' could not be loaded"
         in out.stdout
     ), out.stderr
+
+
+def _load_in_child(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    code = (
+        "import torch\n"
+        "from vit_attn.model import ModelSource, load_model\n"
+        "from vit_attn.errors import ModelError\n"
+        "try:\n"
+        "    m = load_model(ModelSource('vit_tiny_patch16_224', pretrained=True)).model\n"
+        "    print('LOADED', float(m.pos_embed.double().sum()))\n"
+        "except ModelError as e:\n    print('ModelError:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_an_unreachable_hub_is_said_without_the_hubs_retries(tmp_path):
+    # huggingface_hub retried each of timm's two files five times (~50 s of silence) before
+    # "cannot find the requested files in the local cache". One connection tells it now.
+    from .s3server import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: refused
+    out = _load_in_child({"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": endpoint})
+    said = out.stdout.strip()
+    assert said.startswith(
+        "ModelError: pretrained weights for 'vit_tiny_patch16_224' are not in the Hugging Face "
+        f"cache and the hub is not reachable ({endpoint} unreachable: "
+    ), (said, out.stderr[-2000:])
+    assert "Retrying in" not in out.stderr, out.stderr[-2000:]
+
+
+def test_weights_in_the_hugging_face_cache_load_when_the_hub_is_unreachable(tmp_path):
+    # The same unreachable hub, with the weights in the cache: they load, the ones written.
+    import timm
+
+    from .s3server import free_port
+
+    torch.manual_seed(3)
+    weights = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
+    repo = tmp_path / "hf" / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(weights, str(repo / "snapshots" / commit / "model.safetensors"))
+    out = _load_in_child(
+        {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    )
+    expected = float(weights["pos_embed"].double().sum())
+    assert out.stdout.split() == ["LOADED", repr(expected)], (out.stdout, out.stderr[-2000:])

@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelError, first_line
 from .graphcache import file_sha256
+from .hub import offline_if_unreachable
 from .layout import TokenLayout
 from .roles import POOLINGS
 from .specs import ModelSource, checkpoint_file
@@ -328,14 +329,24 @@ def _create(source: ModelSource) -> nn.Module:
         raise ModelError(
             f"model.name {source.name!r} is not a timm model; see timm.list_models('vit_*')"
         )
+    offline: str | None = None
     try:
-        return timm.create_model(source.name, pretrained=source.pretrained, **kwargs)
+        if not source.pretrained:
+            return timm.create_model(source.name, pretrained=False, **kwargs)
+        with offline_if_unreachable() as offline:
+            return timm.create_model(source.name, pretrained=True, **kwargs)
     except (TypeError, AssertionError) as exc:  # timm asserts e.g. dim % num_heads == 0
         raise ModelError(
             f"model {source.name!r} rejects the given arguments ({first_line(exc)}); "
             "check model.kwargs"
         ) from None
     except (OSError, RuntimeError, ValueError) as exc:
+        if source.pretrained and offline is not None:
+            raise ModelError(
+                f"pretrained weights for {source.name!r} are not in the Hugging Face cache and "
+                f"the hub is not reachable ({offline}); fetch them on a machine with access "
+                "(HF_HOME names the cache), or use model.checkpoint"
+            ) from None
         if source.pretrained:
             raise ModelError(
                 f"pretrained weights for {source.name!r} could not be loaded ({first_line(exc)}); "
