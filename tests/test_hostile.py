@@ -1129,6 +1129,31 @@ def test_a_resume_redoes_batches_whose_store_files_are_gone(tmp_path, data, capl
     assert run(config) == 0 and not logged(caplog, "store files missing")  # whole again
 
 
+def test_inspect_and_stats_see_finished_images_whose_store_files_are_gone(tmp_path, data, capsys):
+    # inspect said "6 ok" and stats summarised zarr's fill values (zeros) as statistics.
+    config = write_config(tmp_path, data, attention={"layers": [0, -1], "stats": True})
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    assert cli_main(["stats", str(store)]) == 0
+    capsys.readouterr()
+    assert cli_main(["inspect", str(store)]) == 0
+    assert "damaged" not in capsys.readouterr().out
+    stat = "concentration_60"
+    first = sorted(p for p in (store / stat / "c").rglob("*") if p.is_file())[0]
+    first.unlink()
+    assert cli_main(["inspect", str(store)]) == 0
+    out = capsys.readouterr().out
+    rows = zarr.open_array(store / "status", mode="r").chunks[0]
+    shown = ", ".join(map(str, range(min(rows, 4)))) + (", ..." if rows > 4 else "")
+    assert f"{stat} ({rows} images: {shown})" in out and "vit-attn run CONFIG" in out, out
+    assert cli_main(["stats", str(store)]) == 2
+    line = one_error_line(capsys)
+    assert "is damaged: finished images have lost their store files" in line, line
+    assert f"{stat} ({rows} images" in line
+    assert run(config) == 0 and first.is_file()  # the resume redoes the batch
+    assert cli_main(["stats", str(store)]) == 0
+
+
 def test_a_resume_may_infer_in_smaller_batches(tmp_path, data, capsys):
     # Out of GPU memory half way: the store's batches are its chunks, but a smaller
     # inference.batch_size must resume it, not demand --overwrite of the finished work.

@@ -580,7 +580,13 @@ def _human(n: float) -> str:
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .store import STATUS_FAILED, STATUS_OK, STATUS_PENDING
+    from .store import (
+        STATUS_FAILED,
+        STATUS_OK,
+        STATUS_PENDING,
+        describe_missing_files,
+        images_missing_files,
+    )
 
     if args.errors < 0:
         raise ConfigError(f"--errors must be a count >= 0, got {args.errors}")
@@ -614,6 +620,12 @@ def _inspect(args: argparse.Namespace) -> int:
     print(
         f"images     {status.size}: {counts['ok']} ok, {counts['failed']} failed, {counts['pending']} pending"
     )
+    damaged = images_missing_files(group, status)
+    if damaged:
+        print(
+            f"damaged    finished images whose store files are missing (read as fill values): "
+            f"{describe_missing_files(damaged)}; `vit-attn run CONFIG` redoes their batches"
+        )
     failed = np.flatnonzero(status == STATUS_FAILED)
     if failed.size:
         paths, errors = group["image_path"], group["error"]
@@ -696,6 +708,21 @@ def _check_output_path(flag: str, path: Path, store: Path | str, folder: bool) -
         raise PipelineError(f"{flag} {path} is inside the store {store}; write it elsewhere")
 
 
+def _refuse_missing_files(store: str, options: dict[str, Any], names: list[str]) -> None:
+    """StoreError if finished images of these arrays have lost their store files: statistics
+    over zarr's fill values would be wrong numbers with nothing to show it."""
+    from .store import describe_missing_files, images_missing_files
+
+    group = _open_readonly(store, options)
+    found = images_missing_files(group, group["status"][:])
+    found = {name: rows for name, rows in found.items() if name in names}
+    if found:
+        raise StoreError(
+            f"{store} is damaged: finished images have lost their store files "
+            f"({describe_missing_files(found)}); rerun `vit-attn run CONFIG` to redo them"
+        )
+
+
 def _stats(args: argparse.Namespace) -> int:
     from .analysis import (
         compute_stats_from_attention,
@@ -710,6 +737,7 @@ def _stats(args: argparse.Namespace) -> int:
     options = _store_options(args)
     # refuses what is not a readable store (store.readable_attrs)
     ds = open_dataset(args.store, storage_options=options)
+    _refuse_missing_files(args.store, options, [*stat_names(ds), "attention", "status"])
     if args.plots is not None:
         args.plots = Path(os.path.expanduser(args.plots))
         _check_output_path("--plots", args.plots, args.store, folder=True)

@@ -1031,24 +1031,60 @@ def batches_missing_files(group: zarr.Group, spec: StoreSpec, status: np.ndarray
         if not layout.per_batch or layout.name not in group:
             continue
         arr: Any = group[layout.name]
-        keys = _stored_keys(arr)
-        if keys is None:
-            continue
-        try:
-            outer = tuple(int(c) for c in arr.metadata.chunk_grid.chunk_shape)
-        except (AttributeError, TypeError):
-            continue
-        rest = [range(math.ceil(d / c)) for d, c in zip(arr.shape[1:], outer[1:], strict=True)]
-        for b in done.tolist():
-            if b in missing:
-                continue
-            stop = min((b + 1) * size, n)
-            for c0 in range(b * size // outer[0], (stop - 1) // outer[0] + 1):
-                coords = ((c0, *others) for others in itertools.product(*rest))
-                if any(arr.metadata.encode_chunk_key(c) not in keys for c in coords):
-                    missing.add(b)
-                    break
+        rows = np.concatenate([np.arange(int(b) * size, min((int(b) + 1) * size, n)) for b in done])
+        gone = _images_without_files(arr, rows)
+        missing.update((gone // size).tolist())
     return sorted(missing)
+
+
+def images_missing_files(group: zarr.Group, status: np.ndarray) -> dict[str, np.ndarray]:
+    """Per array with an `image` dim first: the written images (status 1 or 2) whose store
+    file is gone, which zarr would read as fill values; empty for an intact store. What
+    `inspect` reports and dataset-wide readers refuse (a resume redoes these batches)."""
+    rows = np.flatnonzero(np.asarray(status) != STATUS_PENDING)
+    found: dict[str, np.ndarray] = {}
+    if not rows.size:
+        return found
+    for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+        dims = getattr(arr.metadata, "dimension_names", None) or ()
+        if dims[:1] == ("image",):
+            gone = _images_without_files(arr, rows)
+            if gone.size:
+                found[name] = gone
+    return found
+
+
+def describe_missing_files(found: Mapping[str, np.ndarray]) -> str:
+    """`images_missing_files`'s result as one phrase: `cls_attention (images 2, 3)`, ..."""
+
+    def images(rows: np.ndarray) -> str:
+        shown = ", ".join(map(str, rows[:4].tolist())) + (", ..." if rows.size > 4 else "")
+        return f"{rows.size} image{'s' if rows.size > 1 else ''}: {shown}"
+
+    return "; ".join(f"{name} ({images(rows)})" for name, rows in found.items())
+
+
+def _images_without_files(arr: Any, rows: np.ndarray) -> np.ndarray:
+    """Those of `rows` (image indices, ascending) in an image-axis chunk of which a stored
+    file is absent (any chunk along the other axes). One listing of the array; nothing
+    where the storage cannot be listed or the layout is unexpected."""
+    keys = _stored_keys(arr)
+    if keys is None:
+        return rows[:0]
+    try:
+        outer = tuple(int(c) for c in arr.metadata.chunk_grid.chunk_shape)
+    except (AttributeError, TypeError):
+        return rows[:0]
+    rest = [range(math.ceil(d / c)) for d, c in zip(arr.shape[1:], outer[1:], strict=True)]
+    gone = [
+        c0
+        for c0 in np.unique(rows // outer[0]).tolist()
+        if any(
+            arr.metadata.encode_chunk_key((c0, *others)) not in keys
+            for others in itertools.product(*rest)
+        )
+    ]
+    return rows[np.isin(rows // outer[0], gone)]
 
 
 def _stored_keys(arr: Any) -> set[str] | None:
