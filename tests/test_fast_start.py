@@ -414,3 +414,54 @@ def test_a_digest_is_remembered_only_once_the_file_is_older_than_its_timestamps_
     # Whole seconds (ext4 with 128-byte inodes, some network file systems): a file rewritten
     # within the same second keeps its stat identity, so wait past it.
     assert _remember_after(stat(whole, whole)) > 1.0
+
+
+def _hub_snapshot(hf_home: Path, weights: Path, commit: str) -> None:
+    """`weights` as timm's hub repo of MODEL in a Hugging Face cache, at `commit` (main)."""
+    repo = hf_home / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "model.safetensors").write_bytes(weights.read_bytes())
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.slow
+def test_pretrained_weights_refreshed_in_the_cache_are_not_run_through_the_old_graph(
+    tmp_path, images, monkeypatch
+):
+    # The record was keyed by the model's name: weights refreshed under the same tag in the
+    # Hugging Face cache kept the graph (and weights digest) of the old ones, silently.
+    from .s3server import free_port
+
+    cache, hf = tmp_path / "cache", tmp_path / "hf"
+    a = save_checkpoint(tmp_path / "a.safetensors", 16.0)
+    b = save_checkpoint(tmp_path / "b.safetensors", 2.0)
+    monkeypatch.setenv("HF_HOME", str(hf))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # unreachable
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def pretrained(store: str) -> dict:
+        path = config_file(tmp_path, images, a, cache, store)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["model"].pop("checkpoint")
+        cfg["model"]["pretrained"] = True
+        path.write_text(yaml.safe_dump(cfg))
+        return run_cli("run", str(path), cwd=tmp_path)
+
+    def maps(store: str) -> np.ndarray:
+        return zarr.open_array(tmp_path / store / "overlay", mode="r")[:]
+
+    _hub_snapshot(hf, a, "1" * 40)
+    assert "torch" in pretrained("p1")["heavy"]
+    assert pretrained("p1b")["heavy"] == []  # unchanged weights: the record serves
+    for name, ckpt in (("ra", a), ("rb", b)):
+        run_cli("run", str(config_file(tmp_path, images, ckpt, cache, name)), cwd=tmp_path)
+    np.testing.assert_array_equal(maps("p1"), maps("ra"))
+    assert not np.array_equal(maps("ra"), maps("rb"))
+
+    _hub_snapshot(hf, b, "2" * 40)  # the cache refreshed: main now names other weights
+    second = pretrained("p2")
+    assert "torch" in second["heavy"] and "changed in the local cache" in second["stderr"]
+    np.testing.assert_array_equal(maps("p2"), maps("rb"))
+    assert pretrained("p3")["heavy"] == []
+    np.testing.assert_array_equal(maps("p3"), maps("rb"))

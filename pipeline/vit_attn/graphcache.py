@@ -37,7 +37,8 @@ from .variant import for_device as attention_for_device
 
 log = logging.getLogger(__name__)
 
-RECORD_VERSION = 3  # 2: a digest of the record and the graph's size; 3: the graph's sha256
+# 2: a digest of the record and the graph's size; 3: the graph's sha256; 4: weights_files
+RECORD_VERSION = 4
 # A digest is remembered only for a file unchanged this long before it was hashed: a write in
 # the same timestamp tick would keep its stat identity. Kernel ticks are a few ms; file
 # systems that store whole seconds (ext4 with small inodes, some network ones) need more.
@@ -82,6 +83,9 @@ class ModelFacts:
         onnx_sha256: the graph file's sha256 when it was recorded: a graph changed in place
             (same size, still parseable, e.g. its weights overwritten) would give wrong maps
             without failing, so it is exported again too.
+        weights_files: for pretrained weights, the cached files they came from as they were
+            when the graph was made (`hub.files_now`): weights refreshed under the same name
+            are built and exported again.
     """
 
     layout: TokenLayout
@@ -93,6 +97,7 @@ class ModelFacts:
     cached: bool = False
     onnx_bytes: int | None = None
     onnx_sha256: str | None = None
+    weights_files: tuple[dict[str, Any], ...] = ()
 
 
 def model_source(cfg: Config) -> ModelSource:
@@ -260,6 +265,7 @@ def _encode(facts: ModelFacts) -> dict[str, Any]:
         "onnx_path": facts.onnx_path,
         "onnx_bytes": facts.onnx_bytes,
         "onnx_sha256": facts.onnx_sha256,
+        "weights_files": list(facts.weights_files),
     }
     data["digest"] = _record_digest(data)
     return data
@@ -289,6 +295,7 @@ def _decode(data: dict[str, Any]) -> ModelFacts:
         cached=True,
         onnx_bytes=data["onnx_bytes"],
         onnx_sha256=data["onnx_sha256"],
+        weights_files=tuple(_tuples(f) for f in data["weights_files"]),
     )
 
 
@@ -351,6 +358,8 @@ def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
         # or moved elsewhere uses (and keeps in use) its own graphs, not the old folder's.
         facts = dataclasses.replace(facts, onnx_path=str(path.parent / Path(facts.onnx_path).name))
     memo_root = cache_root(cfg.inference.cache_dir)
+    if facts is not None and not _weights_unchanged(facts):
+        facts = None
     if facts is not None and (not need_graph or _graph_intact(facts, memo_root)):
         log.info("model record cache hit: %s", path)
         with contextlib.suppress(OSError):  # last use, for `vit-attn cache --prune`
@@ -359,6 +368,23 @@ def resolve(cfg: Config, need_graph: bool | None = None) -> ModelFacts:
     facts = build(cfg, export=need_graph or (facts is not None and facts.onnx_path is not None))
     write_facts(path, facts)
     return facts
+
+
+def _weights_unchanged(facts: ModelFacts) -> bool:
+    """Whether the cached files pretrained weights came from are as when the graph was made
+    (always, for a checkpoint or a seed: the cache key holds those)."""
+    if not facts.weights_files:
+        return True
+    from .hub import files_now
+
+    if files_now(facts.weights_files) == facts.weights_files:
+        return True
+    log.warning(
+        "the pretrained weights of %s changed in the local cache since its graph was made; "
+        "building and exporting it again",
+        facts.description.get("name", "the model"),
+    )
+    return False
 
 
 def _graph_intact(facts: ModelFacts, memo_root: Path) -> bool:
@@ -397,6 +423,14 @@ def build(cfg: Config, export: bool) -> ModelFacts:
     from .plan import output_spec
 
     loaded = load_model(model_source(cfg))
+    weights_files: tuple[dict[str, Any], ...] = ()
+    if cfg.model.pretrained:
+        import torch
+
+        from .hub import files_now, pretrained_files
+
+        found = pretrained_files(getattr(loaded.model, "pretrained_cfg", {}), torch.hub.get_dir())
+        weights_files = files_now(found)
     outputs = output_spec(cfg, loaded)
     prep = preprocess_for_model(loaded.model, loaded.layout.input_size)
     onnx_path = None
@@ -429,4 +463,5 @@ def build(cfg: Config, export: bool) -> ModelFacts:
             if onnx_path is not None
             else None
         ),
+        weights_files=weights_files,
     )
