@@ -122,6 +122,13 @@ def test_rollout_equals_float64_reference(fusion, discard):
     np.testing.assert_allclose(
         got, rollout_reference(atts, prefix, grid, discard, fusion), rtol=1e-12, atol=1e-14
     )
+    # the blocks stacked in one array, as `ds.attention` gives them, are the same sequence
+    stacked = rollout(np.stack(atts), prefix, grid, discard_ratio=discard, head_fusion=fusion)
+    np.testing.assert_array_equal(stacked, got)
+    with pytest.raises(ValueError, match="do not match"):
+        rollout(np.stack(atts), prefix, (3, 3))
+    with pytest.raises(ValueError, match="at least one block"):
+        rollout(np.zeros((0, 3, 4, tokens, tokens)), prefix, grid)
 
 
 def test_rollout_is_per_sample():

@@ -273,6 +273,11 @@ def test_only_get_and_head_and_only_this_host(server):
     # DNS rebinding: a page on another origin that resolves to 127.0.0.1 is refused.
     assert status_of(raw_request(port, "/api/meta", host="evil.example:80")) == 403
     assert status_of(raw_request(port, "/api/meta", host=f"localhost:{port}")) == 200
+    # through an SSH tunnel or an editor's port forwarding: another local port, or none
+    for host in ("127.0.0.1:9000", "localhost", "[::1]:9001", "LOCALHOST:80"):
+        assert status_of(raw_request(port, "/api/meta", host=host)) == 200, host
+    for host in ("evil.example", "127.0.0.1.evil.example:80", "[::1]x:80", "localhost:80x"):
+        assert status_of(raw_request(port, "/api/meta", host=host)) == 403, host
 
 
 def test_bad_parameters_are_one_clear_json_error(server):
@@ -865,6 +870,65 @@ def test_a_damaged_store_file_is_one_line_and_costs_only_its_images(demo_store, 
     assert intact.any() and not intact[victim]
     np.testing.assert_array_equal(tiles[intact], good[intact])
     assert (tiles[victim] != good[victim]).any()
+
+
+def test_finished_images_whose_store_files_are_gone_are_failed_in_lists_and_summaries(
+    demo_store, tmp_path
+):
+    # Their statistics and classes read as zarr's fill values: sorted first with 0.0, in the
+    # summary's mean, counted as class 0, and `info` said ok with top-1 class 0.
+    store = copy_of_demo(demo_store, tmp_path)
+    g = zarr.open_group(str(store), mode="r")
+    status = np.asarray(g["status"][:])
+    entropy = np.asarray(g["cls_entropy"][:], np.float64)[:, -1].mean(-1)
+    top1 = np.asarray(g["topk_index"][:, 0])
+    per = g["cls_entropy"].chunks[0]
+    for name in ("cls_entropy", "topk_index"):  # the first batch's files
+        first = sorted(p for p in (store / name / "c").rglob("*") if p.is_file())[0]
+        first.unlink()
+    lost = np.arange(status.size) < per
+    victim = int(np.flatnonzero(lost & (status == 1))[0])
+    intact = np.flatnonzero(~lost & (status == 1))
+    with serving(store) as srv:
+
+        def answer(path: str) -> dict:
+            code, body, _ = get(srv.url + path)
+            assert code == 200, body
+            return json.loads(body)
+
+        info = answer(f"api/info/{victim}")  # before the status column is read: the page's
+        assert info["status"] == "failed" and "store files are missing" in info["error"]
+        assert "top1" not in info and "topk" not in info
+        page = answer("api/list?limit=500&stat=cls_entropy&slayer=-1&shead=mean&sort=stat")
+        order = intact[np.argsort(entropy[intact], kind="stable")]
+        assert [item["i"] for item in page["items"]] == order.tolist()
+        counts = answer("api/counts")
+        assert counts["ok"] == intact.size
+        assert counts["failed"] == int((status == 2).sum() + (lost & (status == 1)).sum())
+        classes = {int(k): v for k, v in counts["classes"].items()}
+        assert classes == {int(c): int((top1[intact] == c).sum()) for c in set(top1[intact])}
+        summary = answer("api/summary")
+        assert summary["n"] == intact.size
+        item = next(
+            i for i in answer("api/list?status=failed&limit=500")["items"] if i["i"] == victim
+        )
+        assert "cls_entropy" in item["error"] and "vit-attn run CONFIG" in item["error"]
+        stats = answer(f"api/imagestats/{victim}")
+        assert stats["status"] == "failed"
+        code, body, _ = get(f"{srv.url}api/overlay/{victim}.png")
+        assert code == 404 and "store files are missing" in json.loads(body)["error"]
+    # the Python API: they read as failed, with a warning, so summaries leave them out
+    from vit_attn import open_store
+    from vit_attn.analysis import ok_images, summarise
+    from vit_attn.store import StoreDamageWarning
+
+    with pytest.warns(StoreDamageWarning, match=r"cls_entropy \(\d+ images: 0, "):
+        ds = open_store(store)
+    np.testing.assert_array_equal(ok_images(ds), intact)
+    table = summarise(ds, ["cls_entropy"])
+    layer = int(g["layer"][-1])
+    want = np.asarray(g["cls_entropy"][:], np.float64)[intact, -1, :].mean(0)
+    np.testing.assert_allclose(table.loc["cls_entropy"].loc[layer]["mean"].to_numpy(), want)
 
 
 def test_a_missing_image_path_file_is_a_damaged_store_not_a_changed_input(demo_store, tmp_path):

@@ -97,7 +97,8 @@ def rollout(
     product of the earlier blocks. The result is the CLS row over the patch keys.
 
     Args:
-        attentions: every block's softmax ``[B, H, T, T]``, first block first.
+        attentions: every block's softmax ``[B, H, T, T]``, first block first (a list, or
+            one stacked ``[L, B, H, T, T]`` array).
         num_prefix: prefix tokens (CLS first); they are left out of the map.
         grid: (gh, gw) patches, row-major.
         discard_ratio: fraction in [0, 1) of each sample's fused entries (all T*T but the
@@ -107,7 +108,7 @@ def rollout(
     Returns:
         ``[B, gh, gw]`` float64, raw (not rescaled to a maximum of 1).
     """
-    if not attentions:
+    if len(attentions) == 0:  # a stacked [L, B, H, T, T] array is a sequence of blocks too
         raise ValueError("rollout needs the attention of at least one block")
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
@@ -968,7 +968,8 @@ def open_dataset(
     chunks: str | Mapping[str, int] | None = "batch",
     storage_options: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
-    """The store as a lazy xarray.Dataset with named dims and `layer`/`head` coordinates.
+    """The store as a lazy xarray.Dataset with named dims and `layer`/`head` coordinates;
+    finished images whose store files are gone read as failed, with a StoreDamageWarning.
 
     chunks="batch" gives one dask chunk per batch (= one shard): xarray's default would be
     one task per image per array, too many for a large dataset. Other values go to xarray.
@@ -984,7 +985,40 @@ def open_dataset(
         status = zarr.open_array(store, path="status", mode="r")
         dask_chunks = {"image": status.chunks[0]}
     consolidated = is_consolidated(path, storage_options)
-    return xr.open_zarr(store, consolidated=consolidated, zarr_format=3, chunks=dask_chunks)
+    ds = xr.open_zarr(store, consolidated=consolidated, zarr_format=3, chunks=dask_chunks)
+    return _damaged_as_failed(ds, zarr.open_group(store, mode="r"), path)
+
+
+class StoreDamageWarning(UserWarning):
+    """Finished images of an opened store have lost store files (see `open_dataset`)."""
+
+
+def _damaged_as_failed(ds: xr.Dataset, group: zarr.Group, path: PathLike) -> xr.Dataset:
+    """`ds` with finished images whose store files are gone at status 2 (failed), and a
+    warning naming them: their data would read as zarr's fill values, zeros that
+    `ok_images` and `summarise` would take for results. Costs a read of `status` and one
+    listing per array."""
+    import xarray as xr
+
+    if "status" not in group:
+        return ds
+    status = np.asarray(cast(Any, group["status"])[:])
+    found = images_missing_files(group, status)
+    if not found:
+        return ds
+    bad = np.zeros(status.size, dtype=bool)
+    for rows in found.values():
+        bad[rows] = True
+    warnings.warn(
+        StoreDamageWarning(
+            f"{path} is damaged: finished images have lost their store files "
+            f"({describe_missing_files(found)}); they read as status 2 (failed) here, their "
+            "data as fill values; `vit-attn run CONFIG` redoes them"
+        ),
+        stacklevel=3,
+    )
+    shown = np.where(bad, STATUS_FAILED, status).astype(status.dtype)
+    return ds.assign(status=xr.DataArray(shown, dims=ds["status"].dims, attrs=ds["status"].attrs))
 
 
 def read_rows(

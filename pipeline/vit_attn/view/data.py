@@ -5,6 +5,11 @@ page's chunks of `image_path`, `status` and `topk_index` only. Whole-dataset col
 (`status`, top-1 class, one statistic) are read the first time a filter or sort needs them,
 then kept (a few bytes per image). Per-image arrays are read one inner chunk at a time.
 The store is opened read-only; nothing here writes.
+
+A finished image whose store files are gone (deleted, lost with a disk) would read as zarr's
+fill values, zeros that look like statistics and class 0: the viewer shows it as failed, with
+the reason, wherever it knows (the whole status column is read with one listing per array;
+a page before that checks the chunks it shows).
 """
 
 from __future__ import annotations
@@ -27,7 +32,15 @@ from ..maps import HEAD_FUSIONS, fuse_heads
 from ..numbers import parse_int
 from ..remote import is_url
 from ..stats import STAT_NAMES, STAT_UNITS, max_distance, patch_distances
-from ..store import STATUS_FAILED, STATUS_OK, STATUS_PENDING, read_rows, readable_attrs
+from ..store import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_PENDING,
+    images_missing_files,
+    read_rows,
+    readable_attrs,
+    rows_without_chunk,
+)
 
 STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed"}
 STATUS_FILTERS = ("all", "ok", "failed", "pending")
@@ -113,6 +126,7 @@ class StoreData:
         self.path = str(store)
         self._lock = threading.Lock()
         self._columns: dict[str, np.ndarray] = {}
+        self._damage: dict[int, str] = {}  # finished images whose store files are gone: why
         self._orders: OrderedDict[ListQuery, np.ndarray] = OrderedDict()
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         # Bumped whenever what was read may be stale (status or root attributes changed):
@@ -279,11 +293,15 @@ class StoreData:
             if time.monotonic() < self._next_status_check:
                 return
             self._next_status_check = math.inf  # this thread re-reads; others use the cache
-            cached = self._columns.get("status")
+            cached = self._columns.get("status_raw")
         started = time.monotonic()
+        fresh = shown = None
         try:
             attrs = self._check_same_store()  # also when nothing is cached yet: meta is
-            fresh = None if cached is None else np.asarray(self._arrays["status"][:])
+            if cached is not None:
+                fresh = np.asarray(self._arrays["status"][:])
+                if not np.array_equal(fresh, cached):
+                    shown = self._status_as_shown(fresh)
         finally:
             took = time.monotonic() - started
             with self._lock:
@@ -294,9 +312,10 @@ class StoreData:
             self._reload()
             return
         with self._lock:
-            if fresh is not None and cached is not None and not np.array_equal(fresh, cached):
+            if shown is not None and fresh is not None:
                 self._forget()
-                self._columns["status"] = fresh
+                self._columns["status_raw"] = fresh
+                self._columns["status"], self._damage = shown
 
     def _root_signature(self) -> tuple[int, int, int] | None:
         """The local root `zarr.json`'s inode, mtime and size: a store replaced by
@@ -314,6 +333,7 @@ class StoreData:
     def _forget(self) -> None:
         """Drop everything read from the store (caller holds the lock)."""
         self._columns.clear()
+        self._damage = {}
         self._orders.clear()
         self._chunks.clear()
         self.generation += 1
@@ -366,7 +386,31 @@ class StoreData:
             return self._columns[key]
 
     def status(self) -> np.ndarray:
-        return self._column("status", lambda: np.asarray(self._arrays["status"][:]))
+        """Every image's status as shown: a finished image whose store files are gone is
+        failed (`_status_as_shown`)."""
+        self._refresh()
+        with self._lock:
+            if "status" in self._columns:
+                return self._columns["status"]
+            generation = self.generation
+        raw = np.asarray(self._arrays["status"][:])
+        shown, damage = self._status_as_shown(raw)
+        with self._lock:
+            if generation == self.generation:  # else built from what was just dropped
+                self._columns["status_raw"] = raw
+                self._columns["status"], self._damage = shown, damage
+        return shown
+
+    def _status_as_shown(self, raw: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """`raw` with finished images whose store files are gone set to failed, and why."""
+        gone: dict[int, list[str]] = {}
+        for name, rows in images_missing_files(self.group, raw).items():
+            for i in rows.tolist():
+                gone.setdefault(int(i), []).append(name)
+        shown = raw.copy()
+        if gone:
+            shown[list(gone)] = STATUS_FAILED
+        return shown, {i: _damage_reason(names) for i, names in gone.items()}
 
     def top1(self) -> np.ndarray | None:
         if "topk_index" not in self._arrays:
@@ -483,10 +527,12 @@ class StoreData:
         if ids.size == 0:
             return []
         paths = self._pick("image_path", ids)
-        status = self._pick("status", ids)
+        status = self.statuses(ids)
         errors = self._pick("error", ids)
         top = self._pick("topk_index", ids) if "topk_index" in self._arrays else None
         prob = self._pick("topk_prob", ids) if "topk_prob" in self._arrays else None
+        with self._lock:
+            damage = dict(self._damage)
         items = []
         for k, i in enumerate(ids.tolist()):
             item: dict[str, Any] = {
@@ -495,7 +541,7 @@ class StoreData:
                 "status": STATUS_NAMES.get(int(status[k]), str(int(status[k]))),
             }
             if int(status[k]) == STATUS_FAILED:
-                item["error"] = str(errors[k])
+                item["error"] = damage.get(int(i), str(errors[k]))
             if top is not None and int(status[k]) == STATUS_OK:
                 item["top1"] = int(top[k, 0])
                 if prob is not None:
@@ -508,20 +554,28 @@ class StoreData:
         self.check_image(image)
         item = self.describe(np.asarray([image]))[0]
         if item["status"] == "ok" and "topk_index" in self._arrays:
-            item["topk"] = np.asarray(self._arrays["topk_index"][image]).astype(int).tolist()
+            top = read_rows(self._arrays["topk_index"], image, "topk_index", image, written=True)
+            item["topk"] = top.astype(int).tolist()
             if "topk_prob" in self._arrays:
-                probs = np.asarray(self._arrays["topk_prob"][image], np.float64)
-                item["topk_prob"] = probs.tolist()
+                prob = read_rows(self._arrays["topk_prob"], image, "topk_prob", image, written=True)
+                item["topk_prob"] = prob.astype(np.float64).tolist()
         return item
 
     def image_stats(self, image: int) -> dict[str, Any]:
         """Per stored statistic, one image's values [layer][head] (zeros unless status is ok)."""
         self.check_image(image)
+        written = self._raw_status(image) == STATUS_OK  # its chunks must exist
+        shown = self.image_status(image)
+        if written and shown != STATUS_OK:  # finished, but its store files are gone
+            return {"i": image, "status": "failed", "error": self.damage_of(image), "stats": {}}
         return {
             "i": image,
-            "status": STATUS_NAMES.get(self.image_status(image), "?"),
+            "status": STATUS_NAMES.get(shown, "?"),
             "stats": {
-                s: np.asarray(self._arrays[s][image], np.float64).round(6).tolist()
+                s: read_rows(self._arrays[s], image, s, image, written=written)
+                .astype(np.float64)
+                .round(6)
+                .tolist()
                 for s in self.stats
             },
         }
@@ -561,14 +615,42 @@ class StoreData:
             raise ViewError(f"image {image} is out of range: the store holds {self.n_images}", 404)
 
     def statuses(self, ids: np.ndarray) -> np.ndarray:
-        """Status of several images (the chunks that hold them, or the cached column)."""
+        """Status of several images as shown (the cached column; before it is read, the
+        chunks that hold them, with a finished image whose top-k file is gone as failed)."""
         self._refresh()
         with self._lock:
             column = self._columns.get("status")
-        return column[ids] if column is not None else self._pick("status", ids)
+        if column is not None:
+            return column[ids]
+        status = self._pick("status", ids)
+        done = ids[status == STATUS_OK]
+        for name in ("topk_index", "topk_prob"):
+            if name in self._arrays and done.size:
+                gone = rows_without_chunk(self._arrays[name], done.tolist())
+                if gone:
+                    status = np.where(np.isin(ids, list(gone)), STATUS_FAILED, status)
+                    with self._lock:
+                        for i in gone:
+                            self._damage.setdefault(int(i), _damage_reason([name]))
+        return status
 
     def image_status(self, image: int) -> int:
+        """One image's status as shown (see `status`)."""
         self.check_image(image)
+        return int(self.statuses(np.array([image]))[0])
+
+    def damage_of(self, image: int) -> str | None:
+        """Why a finished image is shown as failed when its store files are gone, else None."""
+        with self._lock:
+            return self._damage.get(int(image))
+
+    def _raw_status(self, image: int) -> int:
+        """One image's status as stored: 1 says its chunks were written."""
+        self._refresh()
+        with self._lock:
+            column = self._columns.get("status_raw")
+        if column is not None:
+            return int(column[image])
         return int(np.asarray(self._arrays["status"][image]))
 
     def layer_index(self, layer_index: int) -> int:
@@ -597,7 +679,7 @@ class StoreData:
                 self._chunks.move_to_end(key)
                 return self._chunks[key]
             generation = self.generation
-        written = self.statuses(np.array([image]))[0] == STATUS_OK  # its chunk must exist
+        written = self._raw_status(image) == STATUS_OK  # its chunk must exist
         value = read_rows(self._arrays[name], image, name, image, written=written)
         with self._lock:
             if generation != self.generation:  # the store changed during the read
@@ -670,6 +752,13 @@ class StoreData:
     def overlays(self, ids: np.ndarray) -> np.ndarray:
         """Stored head-mean overlays of several images [n, H, W, 3] (concurrent chunk reads)."""
         return self._pick("overlay", ids)
+
+
+def _damage_reason(arrays: list[str]) -> str:
+    return (
+        f"finished, but its store files are missing ({', '.join(arrays)}): the store is "
+        "damaged; `vit-attn run CONFIG` redoes its batch"
+    )
 
 
 def _dims(arr: zarr.Array) -> tuple[str, ...]:

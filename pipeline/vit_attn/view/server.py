@@ -65,6 +65,17 @@ def load_assets() -> dict[str, bytes]:
     return out
 
 
+def host_name(header: str) -> str:
+    """A Host header's name without its port: `[::1]:9000` -> `[::1]`, `localhost` as is.
+    What DNS rebinding changes is the name; the port is the client's business."""
+    header = header.strip()
+    if header.startswith("["):
+        end = header.find("]")
+        return header[: end + 1] if end > 0 and header[end + 1 :][:1] in ("", ":") else header
+    name, colon, port = header.rpartition(":")
+    return name if colon and port.isdigit() else header
+
+
 class ViewServer(ThreadingHTTPServer):
     """The HTTP server with the store it serves; `url` is what to open in a browser."""
 
@@ -99,8 +110,9 @@ class ViewServer(ThreadingHTTPServer):
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound_port}/"
         self.loopback_only = is_loopback(host)
-        names = {"127.0.0.1", "localhost", "[::1]", shown.lower()}
-        self.allowed_hosts = {f"{h}:{bound_port}" for h in names}
+        # The names a loopback server answers to, on any port: an SSH tunnel or an editor's
+        # port forwarding reaches it on another local port, and port 80 is not written.
+        self.allowed_hosts = {"127.0.0.1", "localhost", "[::1]", shown.lower()}
 
     def summary(self) -> dict[str, Any]:
         """Per (stat, layer, head): mean and percentiles over ok images (`analysis.summarise`);
@@ -242,7 +254,7 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self) -> tuple[int, str, bytes, str]:
         if self.server.loopback_only:
             host = (self.headers.get("Host") or "").lower()
-            if host not in self.server.allowed_hosts:
+            if host_name(host) not in self.server.allowed_hosts:
                 raise ViewError(f"host {host!r} is not this server", 403)
         if len(self.path) > 8192:
             raise ViewError("request line too long", 414)
@@ -316,7 +328,9 @@ class Handler(BaseHTTPRequestHandler):
             return 200, "image/png", pictures.input_png(image), "no-cache"
         status = data.image_status(image)
         if status != 1:
-            reason = "it failed" if status == 2 else "it is not processed yet"
+            reason = (
+                data.damage_of(image) or "it failed" if status == 2 else "it is not processed yet"
+            )
             raise ViewError(f"image {image} has no attention: {reason}", 404)
         sel = parse_selection(params, data)
         if what == "grid":
