@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import timm
 import timm.data
+import zarr
 from PIL import Image
 
 from vit_attn import open_store
@@ -286,3 +287,37 @@ def test_verbose_demo_is_the_demo_and_warnings_are_put_back(tmp_path, capsys):
     assert cli_main(["cache", "--dir", str(tmp_path / "none")]) == 0
     assert warnings.showwarning is before
     assert warnings.filters == filters  # without -v it hides Pillow's and FutureWarnings
+
+
+def test_fresh_deletes_only_what_the_demo_wrote(tmp_path, capsys, export_cache):
+    # `--fresh` was rmtree(--out): `--out ~/thesis --fresh` deleted the thesis.
+    from vit_attn.demo import main as demo_main
+
+    cache = f"inference.cache_dir={export_cache}"
+    mine = tmp_path / "mine"
+    (mine / "thesis").mkdir(parents=True)
+    (mine / "thesis" / "ch1.tex").write_text("ch1")
+    (mine / "results.csv").write_text("data")
+    demo_main(["--out", str(mine), "--fresh", "--n", "1", "--set", "model.name=nosuchmodel"])
+    assert (mine / "thesis" / "ch1.tex").read_text() == "ch1"
+    assert (mine / "results.csv").read_text() == "data"
+    # a file of the user's among the generated ones: nothing is deleted
+    stranger = mine / "shapes" / "images" / "holiday.jpg"
+    stranger.write_text("x")
+    capsys.readouterr()
+    assert demo_main(["--out", str(mine), "--fresh", "--n", "1", "--set", cache]) == 2
+    err = capsys.readouterr().err
+    assert "images/holiday.jpg, which the demo did not write; nothing was deleted" in err, err
+    assert stranger.exists() and (mine / "shapes" / "images" / "img_00000.png").exists()
+    # an earlier demo's own output: fewer images now, none of the old left, the run whole
+    again = tmp_path / "again"
+    assert demo_main(["--out", str(again), "--n", "3", "--set", cache]) == 0
+    (again / "notes.txt").write_text("keep")
+    assert demo_main(["--out", str(again), "--fresh", "--n", "2", "--set", cache]) == 0
+    drawn = sorted(p.name for p in (again / "shapes" / "images").glob("img_*.png"))
+    assert drawn == ["img_00000.png", "img_00001.png"]
+    status = zarr.open_array(again / "demo.zarr" / "status", mode="r")[:]
+    assert (again / "notes.txt").read_text() == "keep" and (status == 1).all()
+    assert status.size == 2 + len(list((again / "shapes" / "images" / "photos").glob("*.png")))
+    pngs = {p.name for p in (again / "png").rglob("*.png")}
+    assert "img_00002.png.png" not in pngs and "img_00001.png.png" in pngs, sorted(pngs)

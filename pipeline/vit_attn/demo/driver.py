@@ -8,6 +8,7 @@ scikit-image's bundled data when it is installed.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -48,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--n", type=int, default=48, help="generated images (default 48)")
     p.add_argument("--seed", type=int, default=2026, help="their random seed (default 2026)")
-    p.add_argument("--fresh", action="store_true", help="delete the previous demo output first")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the previous demo output first (only what the demo wrote: its images, "
+        "then the store and PNGs as `run --overwrite` does)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="as vit-attn -v")
     p.add_argument(
         "--set",
@@ -76,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vit-attn: error: {exc}", file=sys.stderr)
             return 2
     if args.fresh:
-        shutil.rmtree(args.out, ignore_errors=True)
+        problem = clear_generated(args.out / "shapes")
+        if problem:
+            print(f"vit-attn: error: --fresh: {problem}", file=sys.stderr)
+            return 2
     generate(args.out / "shapes", args.n, seed=args.seed)
     photos = add_photos(args.out / "shapes" / "images" / "photos")
     print(
@@ -85,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cmd = ["-v"] * args.verbose + ["run", str(args.config)]
     cmd += [x for o in overrides for x in ("--set", o)]
+    if args.fresh:  # the store and its PNGs go as `run --overwrite` lets them: ours only
+        cmd.append("--overwrite")
     if not sys.stderr.isatty():
         cmd.append("--no-progress")
     rc = cli_main(cmd)
@@ -99,6 +110,31 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return rc
+
+
+_GENERATED = re.compile(r"(images|masks)/img_\d+\.png|labels\.csv")
+_PHOTO_FILES = {f"images/photos/{name}.png" for name in PHOTOS}
+
+
+def clear_generated(shapes: Path) -> str | None:
+    """Delete the images an earlier demo drew under `shapes` (a larger `--n` left more), or
+    say why not: `--out` may be any folder, so a file the demo does not write (or a link)
+    means the folder is not only the demo's, and nothing is deleted."""
+    if not shapes.exists() and not shapes.is_symlink():
+        return None
+    if shapes.is_symlink() or not shapes.is_dir():
+        return f"{shapes} is not a folder the demo made; move it or give another --out"
+    for path in sorted(shapes.rglob("*")):
+        rel = path.relative_to(shapes).as_posix()
+        if path.is_symlink() or (
+            path.is_file() and not (_GENERATED.fullmatch(rel) or rel in _PHOTO_FILES)
+        ):
+            return (
+                f"{shapes} holds {rel}, which the demo did not write; nothing was deleted "
+                "(move it, or give another --out)"
+            )
+    shutil.rmtree(shapes)
+    return None
 
 
 def _refusal(args: argparse.Namespace) -> str | None:
