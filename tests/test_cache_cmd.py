@@ -3,6 +3,7 @@ set with os.utime; one record made by a real export to check that a cache hit co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -29,6 +30,15 @@ def put(path: Path, size: int, days_ago: float, content: bytes | None = None) ->
     return path
 
 
+DIGEST = "0123456789abcdef0123456789abcdef.json"
+ENGINE = "TensorrtExecutionProvider_TRTKernel_graph_main_graph_1234_0_0_sm80.engine"
+
+
+def g(label: str) -> str:
+    """A graph's (and its record's) name as vit-attn writes it, for a test label."""
+    return f"vit-fp32-{hashlib.sha256(label.encode()).hexdigest()[:20]}"
+
+
 def record(cache: Path, name: str, graph: Path | None, days_ago: float) -> Path:
     data = json.dumps({"record": 1, "onnx_path": str(graph) if graph else None}).encode()
     return put(cache / "onnx" / f"{name}.facts.json", 0, days_ago, data)
@@ -38,18 +48,18 @@ def record(cache: Path, name: str, graph: Path | None, days_ago: float) -> Path:
 def cache(tmp_path) -> Path:
     root = tmp_path / "cache"
     onnx = root / "onnx"
-    old_graph = put(onnx / "vit-fp32-old.onnx", 3000, 90)
-    record(root, "vit-fp32-old", old_graph, 90)
+    old_graph = put(onnx / (g("old") + ".onnx"), 3000, 90)
+    record(root, g("old"), old_graph, 90)
     # Exported long ago, but its record was used yesterday: the graph is in use.
-    kept_graph = put(onnx / "vit-fp32-kept.onnx", 2000, 90)
-    record(root, "vit-fp32-kept", kept_graph, 1)
-    put(onnx / "vit-fp32-orphan.onnx", 1000, 60)  # no record names it
-    put(onnx / "vit-fp32-young.onnx", 500, 2)  # no record yet: an export just finished
-    record(root, "torch-only", None, 45)  # torch backend: a record without a graph
-    put(onnx / "tmpab12cd.onnx", 700, 3)  # an export killed three days ago
-    put(onnx / "tmpnow.onnx", 700, 0.01)  # an export writing right now
-    put(root / "digests" / "0123.json", 10, 40)
-    put(root / "trt" / "engine.plan", 4000, 31)
+    kept_graph = put(onnx / (g("kept") + ".onnx"), 2000, 90)
+    record(root, g("kept"), kept_graph, 1)
+    put(onnx / (g("orphan") + ".onnx"), 1000, 60)  # no record names it
+    put(onnx / (g("young") + ".onnx"), 500, 2)  # no record yet: an export just finished
+    record(root, g("torch-only"), None, 45)  # torch backend: a record without a graph
+    put(onnx / "tmpab12cd34.onnx", 700, 3)  # an export killed three days ago
+    put(onnx / "tmpnow_1234.onnx", 700, 0.01)  # an export writing right now
+    put(root / "digests" / DIGEST, 10, 40)
+    put(root / "trt" / ENGINE, 4000, 31)
     return root
 
 
@@ -61,13 +71,13 @@ def test_prune_removes_only_what_is_unused_and_keeps_what_a_record_uses(cache):
     assert len(scan(cache)) == 11
     dry = prune(cache, 30, dry_run=True, now=NOW)
     expected = {
-        "vit-fp32-old.onnx",
-        "vit-fp32-old.facts.json",
-        "vit-fp32-orphan.onnx",
-        "torch-only.facts.json",
-        "tmpab12cd.onnx",
-        "0123.json",
-        "engine.plan",
+        g("old") + ".onnx",
+        g("old") + ".facts.json",
+        g("orphan") + ".onnx",
+        g("torch-only") + ".facts.json",
+        "tmpab12cd34.onnx",
+        DIGEST,
+        ENGINE,
     }
     assert names(dry) == expected
     assert len(scan(cache)) == 11  # a dry run removes nothing
@@ -75,23 +85,23 @@ def test_prune_removes_only_what_is_unused_and_keeps_what_a_record_uses(cache):
     assert names(gone) == expected
     left = names(scan(cache))
     assert left == {
-        "vit-fp32-kept.onnx",
-        "vit-fp32-kept.facts.json",
-        "vit-fp32-young.onnx",
-        "tmpnow.onnx",
+        g("kept") + ".onnx",
+        g("kept") + ".facts.json",
+        g("young") + ".onnx",
+        "tmpnow_1234.onnx",
     }
     # Pruning everything unused for 0 days still leaves an export in progress alone, and a
     # graph used minutes ago: a run that planned with it has workers about to open it.
-    starting = put(cache / "onnx" / "vit-fp32-starting.onnx", 900, 10 / (24 * 60))
+    starting = put(cache / "onnx" / (g("starting") + ".onnx"), 900, 10 / (24 * 60))
     prune(cache, 0, now=NOW)
-    assert names(scan(cache)) == {"tmpnow.onnx", starting.name}
+    assert names(scan(cache)) == {"tmpnow_1234.onnx", starting.name}
 
 
 def test_a_record_goes_with_its_graph(cache, tmp_path):
-    young_record = record(cache, "young-record", cache / "onnx" / "vit-fp32-orphan.onnx", 0)
+    young_record = record(cache, g("young-record"), cache / "onnx" / (g("orphan") + ".onnx"), 0)
     os.utime(young_record, (NOW - 60 * DAY, NOW - 60 * DAY))
     gone = names(prune(cache, 30, now=NOW))
-    assert {"vit-fp32-orphan.onnx", "young-record.facts.json"} <= gone
+    assert {g("orphan") + ".onnx", g("young-record") + ".facts.json"} <= gone
 
 
 def test_cli_lists_and_prunes_in_one_line_each(cache, capsys):
@@ -102,7 +112,7 @@ def test_cli_lists_and_prunes_in_one_line_each(cache, capsys):
     assert any(
         line.startswith("graph") and "last used   90.0 days ago" in line
         for line in out
-        if line.endswith("vit-fp32-old.onnx")
+        if line.endswith(g("old") + ".onnx")
     )
     assert cli_main(["cache", "--dir", str(cache), "--prune", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("would remove 7 files")
@@ -156,9 +166,9 @@ def test_prune_passes_over_what_is_not_a_plain_file_and_goes_on(cache, tmp_path)
     link = cache / "onnx" / "alink.onnx"
     link.symlink_to(tmp_path / "elsewhere.onnx")
     gone = prune(cache, 30, now=NOW)
-    assert "vit-fp32-old.onnx" in names(gone) and "0123.json" in names(gone)
+    assert g("old") + ".onnx" in names(gone) and DIGEST in names(gone)
     assert odd.is_dir() and (odd / "inside").is_file() and link.is_symlink()
-    assert not (cache / "onnx" / "vit-fp32-old.onnx").exists()
+    assert not (cache / "onnx" / (g("old") + ".onnx")).exists()
 
 
 def test_tensorrt_engines_go_in_the_configured_cache(tmp_path, small_dataset, export_cache):
@@ -175,3 +185,26 @@ def test_tensorrt_engines_go_in_the_configured_cache(tmp_path, small_dataset, ex
     }
     cfg = parse_config(yaml.safe_load(yaml.safe_dump(cfg_dict)), base=tmp_path)
     assert prepare(cfg).plan.runtime.trt_cache_dir == Path(export_cache) / "trt"
+
+
+def test_prune_removes_only_files_named_as_vit_attn_names_its_own(cache):
+    # Any *.onnx in onnx/ and any file under digests/ or trt/ was pruned: a cache_dir that
+    # is a project folder lost its own models, engines and notes.
+    t = NOW - 90 * DAY
+    mine = [
+        cache / "onnx" / "resnet50_finetuned.onnx",
+        cache / "onnx" / "vit-fp32-final.onnx",
+        cache / "onnx" / "notes.facts.json",
+        cache / "onnx" / "tmp_backup.json",
+        cache / "digests" / "README.md",
+        cache / "trt" / "prod.engine",
+        cache / "trt" / "fp16" / ENGINE,
+    ]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+        os.utime(path, (t, t))
+    assert not {p.name for p in mine if p.parent.name != "fp16"} & names(scan(cache))
+    gone = prune(cache, 30, now=NOW)
+    assert g("old") + ".onnx" in names(gone) and ENGINE in names(gone)
+    assert all(p.read_text() == "mine" for p in mine)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ __all__ = ["CacheEntry", "prune", "scan"]
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
+# The names vit-attn (and onnxruntime's TensorRT EP, in trt/) give the files it writes: the
+# cache may be any folder (`inference.cache_dir`), and a user's own file there is not ours.
+_GRAPH = re.compile(r".+-(fp32|mixed)(-[a-z]+)*-[0-9a-f]{20}\.onnx")
+_RECORD = re.compile(r".+-(fp32|mixed)-[0-9a-f]{20}\.facts\.json")
+_TEMPORARY = re.compile(r"tmp[a-z0-9_]{8}\.(onnx|json)")  # tempfile.mkstemp's names
+_DIGEST = re.compile(r"[0-9a-f]{32}\.json")
+_TENSORRT = re.compile(r"TensorrtExecutionProvider_.+\.(engine|profile|timing)")
 IN_USE_SECONDS = 3600.0  # used this recently: a run may be starting with it; never pruned
 
 
@@ -48,7 +56,7 @@ def scan(root: Path) -> list[CacheEntry]:
     entries: list[CacheEntry] = []
     onnx = root / "onnx"
     records: list[CacheEntry] = []
-    for path in sorted(onnx.glob("*.facts.json")):
+    for path in sorted(p for p in onnx.glob("*.facts.json") if _RECORD.fullmatch(p.name)):
         st = _stat(path)
         if st is None:
             continue
@@ -58,18 +66,22 @@ def scan(root: Path) -> list[CacheEntry]:
         if r.graph is not None:
             used_by_record[r.graph] = max(used_by_record.get(r.graph, 0.0), r.last_used)
     for path in sorted(onnx.glob("*.onnx")):
+        kind = "temporary" if _TEMPORARY.fullmatch(path.name) else "graph"
         st = _stat(path)
-        if st is None:
+        if st is None or (kind == "graph" and not _GRAPH.fullmatch(path.name)):
             continue
-        kind = "temporary" if path.name.startswith("tmp") else "graph"
         last = max(st.st_mtime, used_by_record.get(path.resolve(), 0.0))
         entries.append(CacheEntry(kind, path, st.st_size, last))
-    for path in sorted(onnx.glob("tmp*.json")):
+    for path in sorted(p for p in onnx.glob("tmp*.json") if _TEMPORARY.fullmatch(p.name)):
         st = _stat(path)
         if st is not None:
             entries.append(CacheEntry("temporary", path, st.st_size, st.st_mtime))
-    for kind, folder in (("digest", root / "digests"), ("tensorrt", root / "trt")):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for kind, folder, name in (
+        ("digest", root / "digests", _DIGEST),
+        ("temporary", root / "digests", _TEMPORARY),
+        ("tensorrt", root / "trt", _TENSORRT),
+    ):
+        for path in sorted(p for p in folder.glob("*") if name.fullmatch(p.name)):
             st = _stat(path)
             if st is not None:
                 entries.append(CacheEntry(kind, path, st.st_size, st.st_mtime))
