@@ -76,6 +76,45 @@ def test_start_line_names_the_choice_and_the_reason(tmp_path, export_cache, caps
     assert "5 ok, 0 failed" in err
 
 
+def test_worker_and_job_counts_beyond_any_machine_are_one_line(tmp_path, export_cache, capsys):
+    # cluster.n_workers: 100000 hung the run building worker processes, past Ctrl-C and
+    # SIGTERM (held while a LocalCluster starts); the other counts had no bound either.
+    from vit_attn.runtime import available_threads
+
+    base = {"model": {"name": "m"}, "data": {"source": "x"}, "output": {"store": "s"}}
+    for section, key, value in [
+        ("cluster", "n_workers", 100_000),
+        ("cluster", "batches_per_worker", 10_000),
+        ("cluster", "retries", 1_000),
+        ("cluster", "max_in_flight", 10**9),
+    ]:
+        with pytest.raises(Exception, match=rf"cluster\.{key}: Input should be less than"):
+            parse_config({**base, section: {key: value}})
+    with pytest.raises(Exception, match=r"cluster\.slurm\.jobs: Input should be less than"):
+        parse_config({**base, "cluster": {"slurm": {"jobs": 10**9}}})
+    imagefactory.write_rgb_set(tmp_path / "images", [(40 + i, 50) for i in range(3)])
+    config = tmp_path / "c.yaml"
+    cores = available_threads()
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "vit_tiny_patch16_224", "img_size": 64, "kwargs": {"depth": 2}},
+                "data": {"source": "images"},
+                "inference": {"batch_size": 2, "cache_dir": str(export_cache)},
+                "output": {"store": "run.zarr", "overlays": "none"},
+                "cluster": {"kind": "local", "n_workers": 4 * cores + 1},
+            }
+        )
+    )
+    assert cli_main(["run", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"vit-attn: error: cluster.n_workers: {4 * cores + 1} worker processes on {cores} cores "
+        f"(each holds its own onnxruntime session); give at most {4 * cores}, or use "
+        "cluster.kind: slurm / address to spread them over machines"
+    ), err
+
+
 def test_library_tracebacks_are_cut_to_their_message_without_verbose():
     import io
     import logging

@@ -32,6 +32,10 @@ MAX_CONFIG_VALUES = 100_000
 MAX_CONFIG_CHARS = 256 * 1024
 # inference.threads beyond this is a typo: 100000 hung a run spawning threads for minutes.
 MAX_THREADS = 1024
+# Counts of processes, jobs and retries beyond these are typos too: cluster.n_workers 100000
+# hung a run building worker processes, past Ctrl-C and SIGTERM (held during the start).
+MAX_WORKERS = 1024
+MAX_JOBS = 100_000
 # A Dask scheduler address: scheme://host:port, or host:port (tcp is implied).
 _ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://\S+|[^\s:/]+:\d+|\[[0-9a-fA-F:]+\]:\d+)$")
 
@@ -292,14 +296,14 @@ class OutputConfig(_Section):
 class SlurmConfig(_Section):
     queue: str | None = None
     account: str | None = None
-    cores: int = Field(4, ge=1)
-    processes: int = Field(1, ge=1)
+    cores: int = Field(4, ge=1, le=MAX_THREADS)
+    processes: int = Field(1, ge=1, le=MAX_WORKERS)
     memory: str = "16GB"
     walltime: str = "01:00:00"
-    gpus: int = Field(0, ge=0)
-    jobs: int = Field(1, ge=1, description="jobs to start; with `adapt`, the maximum")
+    gpus: int = Field(0, ge=0, le=64)
+    jobs: int = Field(1, ge=1, le=MAX_JOBS, description="jobs to start; with `adapt`, the maximum")
     adapt: bool = False
-    minimum_jobs: int = Field(0, ge=0)
+    minimum_jobs: int = Field(0, ge=0, le=MAX_JOBS)
     job_extra_directives: list[str] = Field(default_factory=list)
     job_script_prologue: list[str] = Field(default_factory=list)
     worker_lifetime: str | None = None
@@ -313,19 +317,23 @@ class SlurmConfig(_Section):
 class ClusterConfig(_Section):
     # auto: in-process or a LocalCluster, chosen per run from cores and batches (executor.py)
     kind: Literal["auto", "local", "address", "slurm", "none"] = "auto"
-    n_workers: int = Field(1, ge=1)
+    n_workers: int = Field(1, ge=1, le=MAX_WORKERS)
     address: str | None = None
     scheduler_file: Path | None = None
     batches_per_worker: int = Field(
         2,
         ge=1,
+        le=256,
         description="batches a worker holds at once (Dask threads per worker); inference runs one at a "
         "time per worker, so 2 overlaps decoding, maps and writing of one batch with inference of another",
     )
     max_in_flight: int = Field(
-        0, ge=0, description="batches submitted at once; 0 = batches_per_worker + 1 per worker"
+        0,
+        ge=0,
+        le=MAX_JOBS,
+        description="batches submitted at once; 0 = batches_per_worker + 1 per worker",
     )
-    retries: int = Field(2, ge=0)
+    retries: int = Field(2, ge=0, le=100)
     connect_timeout: float = Field(
         30.0,
         gt=0,

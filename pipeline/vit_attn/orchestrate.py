@@ -361,6 +361,15 @@ def _start_local_cluster(cluster: ClusterConfig) -> Any:
     Ctrl-C or SIGTERM that came during the start is answered once it is over."""
     from distributed import LocalCluster
 
+    from .runtime import available_threads
+
+    cores = available_threads()
+    if cluster.n_workers > 4 * cores:
+        raise ConfigError(
+            f"cluster.n_workers: {cluster.n_workers} worker processes on {cores} cores (each "
+            f"holds its own onnxruntime session); give at most {4 * cores}, or use "
+            "cluster.kind: slurm / address to spread them over machines"
+        )
     for attempt in (1, 2):
         started, failure = None, None
         with _start_up_signals() as held:
