@@ -113,6 +113,17 @@ def test_overrides_keep_yaml_types(tmp_path):
         load_config(write(tmp_path, BASE), ["bogus.x=1"])
 
 
+def test_a_config_that_is_a_device_or_a_pipe_is_said_so(tmp_path):
+    # "/dev/null does not exist": it does, it is not a regular file
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", fifo):
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_config(path)
+
+
 def test_conflicts_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="either"):
         parse_config({**BASE, "model": {"name": "x", "pretrained": True, "checkpoint": "w.pth"}})

@@ -579,6 +579,38 @@ def _bomb(depth: int = 9, width: int = 9) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.parametrize(
+    "how",
+    ["file", "set-value", "set-key", "file-moderate"],
+)
+def test_deeply_nested_yaml_is_one_line(tmp_path, data, capsys, how):
+    # `a: [[[...]]]` 500 deep was a RecursionError traceback from the YAML parser; the same
+    # through --set; a dotted --set key 1,200 deep passed validation, then crashed hashing.
+    cfg = {
+        "model": dict(TINY),
+        "data": {"source": str(data)},
+        "output": {"store": str(tmp_path / "run.zarr")},
+        "cluster": {"kind": "none"},
+    }
+    config = tmp_path / "deep.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args: list[str] = []
+    if how == "file":
+        config.write_text(yaml.safe_dump(cfg) + "x: " + "[" * 600 + "]" * 600 + "\n")
+    elif how == "file-moderate":  # the parser copes; later steps recurse on it
+        config.write_text(
+            yaml.safe_dump(cfg).replace("model:", "x: " + "[" * 60 + "]" * 60 + "\nmodel:")
+        )
+    elif how == "set-value":
+        args = ["--set", "model.kwargs=" + "[" * 600 + "]" * 600]
+    else:
+        args = ["--set", "model.kwargs." + ".".join(["a"] * 1200) + "=1"]
+    assert run(config, *args) == 2
+    line = one_error_line(capsys)
+    assert "nested more than 32 levels" in line and len(line) < 300, line
+    assert not (tmp_path / "run.zarr").exists()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("where", ["data.source", "attention.layers", "model.kwargs"])
 def test_a_yaml_alias_bomb_is_refused_quickly_in_one_short_line(tmp_path, data, capsys, where):

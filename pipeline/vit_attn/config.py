@@ -30,6 +30,7 @@ _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
 # A config has a few hundred values; YAML aliases can expand a small file to billions.
 MAX_CONFIG_VALUES = 100_000
 MAX_CONFIG_CHARS = 256 * 1024
+MAX_CONFIG_DEPTH = 32  # sections, then model.kwargs and the like: a few levels in practice
 # inference.threads beyond this is a typo: 100000 hung a run spawning threads for minutes.
 MAX_THREADS = 1024
 # Counts of processes, jobs and retries beyond these are typos too: cluster.n_workers 100000
@@ -74,27 +75,40 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class NestingError(yaml.YAMLError):
+    """YAML nested deeper than the parser's recursion allows (`[[[[...]]]]`)."""
+
+
 def load_yaml(text: str) -> Any:
     """YAML as `yaml.safe_load` reads it, but a key given twice in a mapping is an error."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise NestingError(f"nested more than {MAX_CONFIG_DEPTH} levels") from None
 
 
 def _check_size(data: Any, origin: str) -> None:
-    """Refuse a config that expands (through YAML aliases) to more values than any real one."""
-    stack, seen = [data], 0
+    """Refuse a config that expands (through YAML aliases) to more values than any real one,
+    or nests deeper (`--set a.a.a...=1` or `[[[...]]]`: later steps recurse on it)."""
+    stack, seen = [(data, 0)], 0
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         seen += 1
         if seen > MAX_CONFIG_VALUES:
             raise ConfigError(
                 f"{origin}: the config expands to more than {MAX_CONFIG_VALUES:,} values "
                 "(nested YAML aliases?); write the values out"
             )
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(
+                f"{origin}: values nested more than {MAX_CONFIG_DEPTH} levels; no config "
+                "needs that many"
+            )
         if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
+            stack.extend((k, depth + 1) for k in node.keys())
+            stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list | tuple):
-            stack.extend(node)
+            stack.extend((v, depth + 1) for v in node)
 
 
 def _refuse_half_url(text: str) -> None:
@@ -391,8 +405,8 @@ def parse_override(item: str, flag: str = "--set") -> tuple[list[str], Any]:
         )
     try:
         value = load_yaml(raw)
-    except DuplicateKeyError as exc:
-        raise ConfigError(f"{flag} {item!r}: {exc}") from None
+    except (DuplicateKeyError, NestingError) as exc:
+        raise ConfigError(f"{flag} {_short(item)}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return [part.strip() for part in key.strip().split(".")], value
@@ -551,6 +565,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; give the YAML file in it")
+    if path.exists() and not path.is_file():
+        raise ConfigError(
+            f"config file {path} is not a regular file (a device or a pipe?); give the YAML file"
+        )
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     return _load_config_text(
@@ -569,7 +587,7 @@ def _load_config_text(
                 f"({MAX_CONFIG_CHARS:,} at most); long lists of images go in a .txt list file"
             )
         data = load_yaml(text)
-    except DuplicateKeyError as exc:
+    except (DuplicateKeyError, NestingError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -589,4 +607,6 @@ def _load_config_text(
         )
     _check_size(data, path)
     data = apply_overrides(data, overrides or [])
+    if overrides:
+        _check_size(data, f"{path} with --set")
     return parse_config(data, origin=path, base=base, overrides=overrides or ())
