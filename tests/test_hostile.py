@@ -1140,6 +1140,33 @@ def test_a_store_missing_an_array_is_damaged_not_complete(tmp_path, data, capsys
     assert run(config, "--overwrite") == 0 and (store / array / "zarr.json").is_file()
 
 
+@pytest.mark.parametrize("array", ["layer", "head"])
+def test_readers_refuse_a_store_whose_coordinates_are_gone(tmp_path, data, capsys, array):
+    # With `layer` deleted, zarr read its fill value: inspect said "layers [0]" and show drew
+    # the last block's map labelled block 0.
+    import shutil
+
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    shutil.rmtree(store / array)
+    capsys.readouterr()
+    for command in (["inspect", str(store)], ["show", str(store), "--image", "0", "-o", "x.png"]):
+        assert cli_main(command) == 2, command
+        line = one_error_line(capsys)
+        assert f"is damaged: its array {array} is missing" in line, line
+    assert run(config) == 2
+    assert f"its array {array} is missing" in one_error_line(capsys)
+
+
+def test_the_root_folder_as_store_is_one_line(tmp_path, data, capsys):
+    config = write_config(tmp_path, data)
+    for root in ("/", "/.."):
+        assert run(config, "--set", f"output.store={root}") == 2
+        line = one_error_line(capsys)
+        assert "the root folder cannot be a store" in line, line
+
+
 def test_a_resume_redoes_batches_whose_store_files_are_gone(tmp_path, data, caplog):
     # A data file deleted (or lost with a disk) under a finished batch read as zeros with
     # status 1: `run` said "done: 6 ok" and left it, and xarray readers got the zeros.

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .remote import access_error, is_url, url_fs
 
 DEFAULT_STALE_AFTER = 120.0  # seconds without a heartbeat after which a lock may be taken over
@@ -78,6 +78,10 @@ UNREADABLE_STALE_AFTER = 10.0
 def lock_path(store: str | os.PathLike[str]) -> Path:
     """`<store>.lock` beside the store (the store's real path: a symlink shares its lock)."""
     real = Path(os.path.realpath(store))
+    if not real.name:  # the file system's root: no folder holds it, nor its lock
+        raise ConfigError(
+            f"output.store {store}: the root folder cannot be a store; give a folder under it"
+        )
     return real.with_name(real.name + ".lock")
 
 

@@ -50,6 +50,7 @@ FORMAT = "vit-attention-store"
 FORMAT_VERSION = 1
 READABLE_FORMAT_VERSIONS = (1,)  # what readers accept (docs/STORE.md, "Versioning")
 READER_ARRAYS = ("status", "image_path")  # what every reader needs before anything else
+COORD_ARRAYS = ("layer", "head")  # what labels every map's block and head
 OVERLAY_MODES = ("none", "mean", "heads")
 COMPRESSIONS = ("default", "none", "zstd", "lz4")
 DEFAULT_COMPRESSION = "zstd"
@@ -486,7 +487,11 @@ def readable_attrs(
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}: open it with the vit-attn "
             "version that wrote it (its `versions` attribute names it), or a newer one"
         )
-    check_arrays_present(path, READER_ARRAYS, storage_options)
+    # The coordinates too, where the consolidated metadata lists them: without their own
+    # metadata zarr reads them as fill values (block 0 for every stored layer), not an error.
+    listed = ((meta or {}).get("consolidated_metadata") or {}).get("metadata") or {}
+    coords = [name for name in COORD_ARRAYS if name in listed]
+    check_arrays_present(path, (*READER_ARRAYS, *coords), storage_options)
     return dict(attrs)
 
 
