@@ -1159,6 +1159,41 @@ def test_readers_refuse_a_store_whose_coordinates_are_gone(tmp_path, data, capsy
     assert f"its array {array} is missing" in one_error_line(capsys)
 
 
+def test_an_unreadable_status_file_is_one_line_for_readers_and_redone_by_a_run(
+    tmp_path, data, capsys, caplog
+):
+    # Garbage in one status chunk: inspect, stats, show and run all ended in a Zstd
+    # traceback, and the run could not get past it.
+    config = write_config(tmp_path, data, attention={"stats": True})
+    fresh = write_config(tmp_path / "fresh", data, attention={"stats": True})
+    assert run(config) == 0 and run(fresh) == 0
+    store = tmp_path / "out" / "run.zarr"
+    chunks = sorted(p for p in (store / "status" / "c").iterdir() if p.is_file())
+    chunks[-1].write_bytes(b"\x8f" * 20)
+    capsys.readouterr()
+    for command in (["inspect", str(store)], ["stats", str(store)]):
+        assert cli_main(command) == 2, command
+        line = one_error_line(capsys)
+        assert f"is damaged: its status file c/{chunks[-1].name} (of 1 unreadable)" in line, line
+    last = zarr.open_array(store / "status", mode="r").shape[0] - 1
+    assert cli_main(["show", str(store), "--image", str(last), "-o", "x.png"]) == 2
+    assert "cannot read status of image" in one_error_line(capsys)
+    assert run(config) == 0
+    assert logged(caplog, "cannot be read; doing it again")
+    fresh_store = tmp_path / "fresh" / "out" / "run.zarr"
+    for name in ("status", "cls_attention", "concentration_60", "topk_index"):
+        np.testing.assert_array_equal(
+            zarr.open_array(store / name, mode="r")[:],
+            zarr.open_array(fresh_store / name, mode="r")[:],
+        )
+    # garbage in a statistics file: stats says the store is damaged, in one line
+    stat = sorted(p for p in (store / "concentration_60" / "c").rglob("*") if p.is_file())[0]
+    stat.write_bytes(b"\x8f" * 64)
+    capsys.readouterr()
+    assert cli_main(["stats", str(store)]) == 2
+    assert "is damaged: a store file cannot be read (" in one_error_line(capsys)
+
+
 def test_the_root_folder_as_store_is_one_line(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     for root in ("/", "/.."):

@@ -586,6 +586,7 @@ def _inspect(args: argparse.Namespace) -> int:
         STATUS_PENDING,
         describe_missing_files,
         images_missing_files,
+        reader_status,
     )
 
     if args.errors < 0:
@@ -594,7 +595,7 @@ def _inspect(args: argparse.Namespace) -> int:
     group = _open_readonly(args.store, options)
     attrs = dict(group.attrs)
     model = attrs.get("model", {})
-    status = group["status"][:]
+    status = reader_status(group["status"], args.store)
     counts = {
         name: int((status == code).sum())
         for code, name in (
@@ -711,10 +712,10 @@ def _check_output_path(flag: str, path: Path, store: Path | str, folder: bool) -
 def _refuse_missing_files(store: str, options: dict[str, Any], names: list[str]) -> None:
     """StoreError if finished images of these arrays have lost their store files: statistics
     over zarr's fill values would be wrong numbers with nothing to show it."""
-    from .store import describe_missing_files, images_missing_files
+    from .store import describe_missing_files, images_missing_files, reader_status
 
     group = _open_readonly(store, options)
-    found = images_missing_files(group, group["status"][:])
+    found = images_missing_files(group, reader_status(group["status"], store))
     found = {name: rows for name, rows in found.items() if name in names}
     if found:
         raise StoreError(
@@ -760,7 +761,15 @@ def _stats(args: argparse.Namespace) -> int:
         )
         stats = compute_stats_from_attention(args.store, write=args.write, storage_options=options)
         ds = ds.assign({name: stats[name] for name in stats.data_vars})
-    table = summarise(ds)
+    try:
+        table = summarise(ds)
+    except (PipelineError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged chunk: codec and checksum errors
+        raise StoreError(
+            f"{args.store} is damaged: a store file cannot be read ({first_line(exc)}); "
+            "`vit-attn inspect` and `vit-attn show` name the images it holds"
+        ) from None
     print(format_table(table))
     if args.plots:  # (checked to be a folder or absent before any work)
         args.plots.mkdir(parents=True, exist_ok=True)

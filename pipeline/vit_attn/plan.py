@@ -65,6 +65,7 @@ from .store import (
     read_status,
     readable_attrs,
     remove_stale_templates,
+    run_status,
     store_counts,
     stored_batch_size,
 )
@@ -567,7 +568,7 @@ def _mark_failed_for_retry(group: Any) -> None:
     """`--retry-failed`: the failed images are pending again (a file that was briefly
     unreadable, a network share that hiccupped); they fail again with their reason if the
     cause is still there."""
-    idx = np.flatnonzero(np.asarray(group["status"][:]) == STATUS_FAILED)
+    idx = np.flatnonzero(run_status(group["status"]) == STATUS_FAILED)
     if not idx.size:
         log.warning("--retry-failed: no failed images to retry")
         return

@@ -114,7 +114,7 @@ def render_image(
     if mask is not None and not 0.0 < mask <= 1.0:
         raise PipelineError(f"--mask {mask}: give a mass fraction in (0, 1], e.g. 0.6")
     i = find_image(group["status"].shape[0], image, lambda: group["image_path"][:])
-    status = int(group["status"][i])
+    status = int(read_rows(group["status"], i, "status", i))
     if status != STATUS_OK:
         reason = f"failed: {group['error'][i]}" if status == STATUS_FAILED else "not processed yet"
         raise PipelineError(f"image {i} ({group['image_path'][i]}) has no attention: {reason}")

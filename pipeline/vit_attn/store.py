@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -720,15 +720,60 @@ def pending_batches(group: zarr.Group, spec: StoreSpec) -> list[int]:
             f"the spec expects ({spec.n_images},) in batches of {spec.batch_size}"
         )
     values = np.ones(spec.n_batches * spec.batch_size, dtype=np.int8)
-    values[: spec.n_images] = status[:]
+    values[: spec.n_images] = run_status(status)
     pending = (values.reshape(spec.n_batches, spec.batch_size) == STATUS_PENDING).any(axis=1)
     return np.flatnonzero(pending).tolist()
 
 
 def read_status(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
-    """The whole `status` array of a store."""
+    """The whole `status` array of a store, as a run resumes it (`run_status`)."""
     store = zarr_store(path, storage_options, read_only=True)
-    return np.asarray(zarr.open_array(store, path="status", mode="r")[:])
+    return run_status(zarr.open_array(store, path="status", mode="r"))
+
+
+def _status_chunks(arr: Any) -> tuple[np.ndarray, list[int]]:
+    """`status` read whole, or chunk by chunk when a file cannot be decoded (garbage, cut
+    short): those chunks' images read as pending. Returns the values and the bad chunks."""
+    try:
+        return np.asarray(arr[:]), []
+    except Exception:  # noqa: BLE001 - codecs and checksums raise unrelated types
+        pass
+    per = int(arr.chunks[0])
+    values = np.zeros(arr.shape, dtype=np.int8)
+    bad: list[int] = []
+    for c in range(math.ceil(arr.shape[0] / per)):
+        try:
+            values[c * per : (c + 1) * per] = arr[c * per : (c + 1) * per]
+        except Exception:  # noqa: BLE001 - as above
+            bad.append(c)
+    return values, bad
+
+
+def run_status(arr: Any) -> np.ndarray:
+    """`status` for a run: an unreadable chunk's images are pending, so the resume redoes
+    their batch (and rewrites the file) instead of failing on it, and says so."""
+    values, bad = _status_chunks(arr)
+    if bad:
+        log.warning(
+            "the status file of %d batch%s (first: %s) cannot be read; doing %s again",
+            len(bad),
+            "es" if len(bad) > 1 else "",
+            arr.metadata.encode_chunk_key((bad[0],)),
+            "them" if len(bad) > 1 else "it",
+        )
+    return values
+
+
+def reader_status(arr: Any, store: PathLike) -> np.ndarray:
+    """`status` for a reader: an unreadable chunk is one StoreError naming its file."""
+    values, bad = _status_chunks(arr)
+    if bad:
+        key = arr.metadata.encode_chunk_key((bad[0],))
+        raise StoreError(
+            f"{store} is damaged: its status file {key} (of {len(bad)} unreadable) cannot be "
+            "decoded; `vit-attn run CONFIG` redoes the batches whose status is lost"
+        )
+    return values
 
 
 def store_counts(
@@ -1007,7 +1052,7 @@ def _damaged_as_failed(ds: xr.Dataset, group: zarr.Group, path: PathLike) -> xr.
 
     if "status" not in group:
         return ds
-    status = np.asarray(cast(Any, group["status"])[:])
+    status = reader_status(group["status"], path)
     found = images_missing_files(group, status)
     if not found:
         return ds

@@ -39,6 +39,7 @@ from ..store import (
     images_missing_files,
     read_rows,
     readable_attrs,
+    reader_status,
     rows_without_chunk,
 )
 
@@ -299,7 +300,7 @@ class StoreData:
         try:
             attrs = self._check_same_store()  # also when nothing is cached yet: meta is
             if cached is not None:
-                fresh = np.asarray(self._arrays["status"][:])
+                fresh = reader_status(self._arrays["status"], self.path)
                 if not np.array_equal(fresh, cached):
                     shown = self._status_as_shown(fresh)
         finally:
@@ -393,7 +394,7 @@ class StoreData:
             if "status" in self._columns:
                 return self._columns["status"]
             generation = self.generation
-        raw = np.asarray(self._arrays["status"][:])
+        raw = reader_status(self._arrays["status"], self.path)
         shown, damage = self._status_as_shown(raw)
         with self._lock:
             if generation == self.generation:  # else built from what was just dropped
@@ -651,7 +652,7 @@ class StoreData:
             column = self._columns.get("status_raw")
         if column is not None:
             return int(column[image])
-        return int(np.asarray(self._arrays["status"][image]))
+        return int(read_rows(self._arrays["status"], image, "status", image))
 
     def layer_index(self, layer_index: int) -> int:
         n = len(self.layers)
