@@ -1194,6 +1194,19 @@ def test_an_unreadable_status_file_is_one_line_for_readers_and_redone_by_a_run(
     assert "is damaged: a store file cannot be read (" in one_error_line(capsys)
 
 
+def test_a_cut_short_array_metadata_file_is_damage_before_the_run_not_after(tmp_path, data, capsys):
+    # The consolidated copy hid it: the resume found "0 batches to do", then ended in a
+    # JSONDecodeError traceback from the closing consolidation.
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    meta = tmp_path / "out" / "run.zarr" / "cls_attention" / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:50])
+    capsys.readouterr()
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert "its array cls_attention is missing (or its zarr.json unreadable)" in line, line
+
+
 def test_the_root_folder_as_store_is_one_line(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     for root in ("/", "/.."):

@@ -449,7 +449,36 @@ def missing_arrays(
     Looks at the files themselves: consolidated metadata would still list a deleted array.
     """
     store = zarr_store(path, storage_options, read_only=True)
-    return [n for n in names if _key_exists(store, f"{n}/zarr.json") is False]
+    return [n for n in names if _metadata_readable(store, f"{n}/zarr.json") is False]
+
+
+def _metadata_readable(store: Any, key: str) -> bool | None:
+    """Whether `key` is there and parses as JSON (a cut-short zarr.json is damage too: the
+    consolidated copy hides it from readers, but a run's closing consolidation fails on it).
+    None where the store cannot say."""
+    if isinstance(store, str | os.PathLike):
+        try:
+            json.loads((Path(store) / key).read_bytes())
+        except (OSError, ValueError):
+            return False
+        return True
+    get = getattr(store, "get", None)
+    if get is None:
+        return _key_exists(store, key)
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    try:
+        found = sync(get(key, prototype=default_buffer_prototype()))
+    except Exception:  # noqa: BLE001 - a store that cannot answer: cannot tell
+        return None
+    if found is None:
+        return False
+    try:
+        json.loads(found.to_bytes())
+    except ValueError:
+        return False
+    return True
 
 
 def check_arrays_present(
@@ -460,7 +489,8 @@ def check_arrays_present(
     if missing:
         raise StoreError(
             f"{path} is damaged: its array{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'} missing; rebuild it "
+            f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'} missing (or "
+            f"{'their' if len(missing) > 1 else 'its'} zarr.json unreadable); rebuild it "
             "with `vit-attn run CONFIG --overwrite` (or restore the missing folders)"
         )
 
