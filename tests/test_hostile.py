@@ -160,6 +160,27 @@ def test_two_stores_never_share_a_png_dir(tmp_path, data, capsys):
     assert run(first) == 0 and run(first, "--overwrite") == 0  # its own store: fine
 
 
+@pytest.mark.parametrize("where", ["store", "inside", "link"])
+def test_png_dir_in_another_store_is_refused(tmp_path, data, capsys, where):
+    # PNGs went into another run's store, with a claim file; that store's --overwrite then
+    # deleted them.
+    other = write_config(tmp_path / "other", data)
+    assert run(other) == 0
+    store = tmp_path / "other" / "out" / "run.zarr"
+    before = files_under(store)
+    png = {"store": store, "inside": store / "pngs", "link": tmp_path / "link"}[where]
+    if where == "link":
+        png.symlink_to(store)
+    config = write_config(
+        tmp_path / "b", data, output={"png_dir": str(png), "store": str(tmp_path / "b.zarr")}
+    )
+    capsys.readouterr()
+    assert run(config) == 2
+    line = one_error_line(capsys)
+    assert f"lies in the store {store}; give the PNGs a folder of their own" in line, line
+    assert files_under(store) == before and not (tmp_path / "b.zarr").exists()
+
+
 def test_another_users_lock_it_cannot_read_is_never_taken_over(tmp_path, monkeypatch):
     # An unreadable lock was treated as an empty one and taken over after 10 s, while its
     # run (another user's, umask 077) was alive. (Root reads every file: os.access stands in.)

@@ -252,6 +252,13 @@ def check_output_locations(source: str, store: Path | str, png_dir: Path | None)
     blocked = None if png_dir is None else file_in_the_way(png_dir)
     if blocked is not None:
         raise OutputError(f"output.png_dir {png_dir}: {blocked} is a file, not a folder")
+    if png_dir is not None:
+        inside = _store_around(png_dir)
+        if inside is not None:
+            raise OutputError(
+                f"output.png_dir {png_dir} lies in the store {inside}; give the PNGs a folder "
+                "of their own (a store's rerun with --overwrite would delete them)"
+            )
     if png_dir is not None and not is_url(store):
         a, b = os.path.realpath(png_dir), os.path.realpath(store)
         if _inside(a, b) or _inside(b, a):
@@ -269,6 +276,17 @@ def check_output_locations(source: str, store: Path | str, png_dir: Path | None)
                 f"{key} {path} lies inside the data folder {folder} that data.source lists; "
                 "put outputs outside it"
             )
+
+
+def _store_around(path: str | os.PathLike[str]) -> Path | None:
+    """The vit-attn store that `path` is, or lies in (links resolved), or None."""
+    from .store import is_store
+
+    real = Path(os.path.realpath(path))
+    for folder in (real, *real.parents):
+        if (folder / "zarr.json").is_file() and is_store(folder):
+            return folder
+    return None
 
 
 def file_in_the_way(path: str | os.PathLike[str]) -> Path | None:
