@@ -113,6 +113,22 @@ def test_overrides_keep_yaml_types(tmp_path):
         load_config(write(tmp_path, BASE), ["bogus.x=1"])
 
 
+def test_the_export_cache_apart_from_the_outputs(tmp_path):
+    # cache_dir == store: the export wrote its graph into the store's folder first, which
+    # was then "not a vit-attention store"; a prune or --overwrite would delete the other's.
+    for cache, out in [
+        ("run.zarr", {"store": "run.zarr"}),
+        ("run.zarr/cache", {"store": "run.zarr"}),
+        (".", {"store": "onnx/run.zarr"}),
+        ("c", {"store": "run.zarr", "png_dir": "c/digests/png"}),
+    ]:
+        cfg = {**BASE, "inference": {"cache_dir": cache}, "output": out}
+        with pytest.raises(ConfigError, match=r"inference\.cache_dir .* overlap"):
+            load_config(write(tmp_path, cfg))
+    fine = {**BASE, "inference": {"cache_dir": "."}, "output": {"store": "run.zarr"}}
+    assert load_config(write(tmp_path, fine)).inference.cache_dir == tmp_path
+
+
 def test_a_config_that_is_a_device_or_a_pipe_is_said_so(tmp_path):
     # "/dev/null does not exist": it does, it is not a regular file
     import os

@@ -298,3 +298,12 @@ def test_weights_in_the_hugging_face_cache_load_when_the_hub_is_unreachable(tmp_
     )
     expected = float(weights["pos_embed"].double().sum())
     assert out.stdout.split() == ["LOADED", repr(expected)], (out.stdout, out.stderr[-2000:])
+
+
+def test_a_negative_class_count_is_a_model_without_classifier():
+    # timm makes an Identity head for num_classes <= 0; the layout kept -5, and planning
+    # failed with "invalid store spec: topk must be None or >= 1, got -5".
+    loaded = load_model(
+        ModelSource("vit_tiny_patch16_224", seed=0, img_size=(32, 32), kwargs={"num_classes": -5})
+    )
+    assert loaded.layout.num_classes == 0

@@ -547,7 +547,32 @@ def parse_config(
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, origin, overrides)) from None
-    return _resolve_paths(cfg, base or Path.cwd())
+    cfg = _resolve_paths(cfg, base or Path.cwd())
+    _check_cache_apart(cfg, origin)
+    return cfg
+
+
+def _check_cache_apart(cfg: Config, origin: str) -> None:
+    """The export cache may not be (or lie in, or hold) the store or png_dir: graphs written
+    there first made the store's folder "not a vit-attention store", and a prune or an
+    --overwrite would delete the other's files."""
+    cache = cfg.inference.cache_dir
+    if cache is None:
+        return
+    here = os.path.realpath(os.path.expanduser(cache))
+    for key, other in (("output.store", cfg.output.store), ("output.png_dir", cfg.output.png_dir)):
+        if other is None or "://" in str(other):
+            continue
+        there = os.path.realpath(other)
+        # the cache's own folders; a store beside them in the same folder is fine
+        owned = [os.path.join(here, sub) for sub in ("onnx", "digests", "trt")]
+        if os.path.commonpath([here, there]) == there or any(
+            os.path.commonpath([own, there]) == own for own in owned
+        ):
+            raise ConfigError(
+                f"{origin}: inference.cache_dir {cache} and {key} {other} overlap; give the "
+                "export cache a folder of its own"
+            )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -94,7 +94,8 @@ def token_layout(model: nn.Module) -> TokenLayout:
         input_size=img_size,
         depth=len(attns),
         num_heads=num_heads,
-        num_classes=int(getattr(model, "num_classes", 0) or 0),
+        # timm makes no classifier (an Identity head) for num_classes <= 0
+        num_classes=max(int(getattr(model, "num_classes", 0) or 0), 0),
         prefix_roles=prefix_roles,
         pooling=pooling,
         pool_latents=pool_latents,
