@@ -1203,11 +1203,34 @@ def _images_without_files(arr: Any, rows: np.ndarray) -> np.ndarray:
 
 def _stored_keys(arr: Any) -> set[str] | None:
     """The chunk keys stored for `arr` (relative to the array), asked of the storage itself
-    (consolidated metadata still lists what was deleted); None where it cannot be listed."""
+    (consolidated metadata still lists what was deleted); None where it cannot be listed.
+
+    An empty file is not stored: zarr never writes one (every chunk is encoded, fill values
+    included), so it is a write cut short or a disk that lost it, and counts as missing."""
     from zarr.core.sync import sync
+    from zarr.storage import FsspecStore, LocalStore
 
     store, path = arr.store_path.store, arr.store_path.path
     prefix = f"{path}/" if path else ""
+    try:
+        if isinstance(store, LocalStore):
+            root = Path(store.root) / path
+            return {
+                p.relative_to(root).as_posix()
+                for p in root.rglob("*")
+                if p.is_file() and p.stat().st_size > 0
+            }
+        if isinstance(store, FsspecStore):
+            base = f"{store.path.rstrip('/')}/{path}".rstrip("/")
+            store.fs.invalidate_cache(base)  # the storage as it is now, not a cached listing
+            found = store.fs.find(base, detail=True)
+            return {
+                name[len(base) + 1 :]
+                for name, info in found.items()
+                if info.get("type", "file") == "file" and (info.get("size") or 0) > 0
+            }
+    except Exception:  # noqa: BLE001 - fall back to the store's own listing
+        pass
 
     async def collect() -> set[str]:
         return {key[len(prefix) :] async for key in store.list_prefix(prefix)}
