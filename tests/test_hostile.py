@@ -1228,6 +1228,23 @@ def test_a_cut_short_array_metadata_file_is_damage_before_the_run_not_after(tmp_
     assert "its array cls_attention is missing (or its zarr.json unreadable)" in line, line
 
 
+def test_a_store_whose_root_metadata_is_cut_short_is_said_so(tmp_path, data, capsys):
+    # It was "not a vit-attention store (no such folder, or not made by vit-attn run)".
+    config = write_config(tmp_path, data)
+    assert run(config) == 0
+    store = tmp_path / "out" / "run.zarr"
+    (store / "zarr.json").write_bytes((store / "zarr.json").read_bytes()[:100])
+    before = files_under(store)
+    capsys.readouterr()
+    assert cli_main(["inspect", str(store)]) == 2
+    assert "looks like a store whose root metadata is damaged" in one_error_line(capsys)
+    for args in ((), ("--overwrite",)):
+        assert run(config, *args) == 2
+        line = one_error_line(capsys)
+        assert "root metadata is damaged" in line and "nothing was changed" in line, line
+    assert files_under(store) == before
+
+
 def test_the_root_folder_as_store_is_one_line(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     for root in ("/", "/.."):

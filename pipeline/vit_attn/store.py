@@ -507,6 +507,12 @@ def readable_attrs(
     meta = _read_root_metadata(path, storage_options)
     attrs = (meta or {}).get("attributes", {})
     if meta is None or attrs.get("format") != FORMAT:
+        damaged = _unreadable_root(path)
+        if damaged:
+            raise StoreError(
+                f"{path} looks like a store whose root metadata is damaged ({damaged}); "
+                "restore its zarr.json from a copy"
+            )
         raise StoreError(
             f"{path} is not a vit-attention store (no such folder, or not made by vit-attn run)"
         )
@@ -669,10 +675,34 @@ def _check_target(path: Path, overwrite: bool) -> bool:
         )
     if path.is_dir() and not any(path.iterdir()):
         return False
+    damaged = _unreadable_root(path)
+    if damaged:
+        raise StoreError(
+            f"{path} looks like a store whose root metadata is damaged ({damaged}); nothing "
+            "was changed: restore zarr.json from a copy, or delete the folder yourself and run "
+            "again"
+        )
     raise StoreError(
         f"{path} exists and is not a {FORMAT}; refusing to overwrite what is not ours: if it "
         "is the remains of a deleted store, delete it yourself; else choose another output.store"
     )
+
+
+def _unreadable_root(path: PathLike) -> str | None:
+    """Why a local folder with a `zarr.json` and a `status` array cannot be read as a store
+    (its root zarr.json cut short or overwritten), else None."""
+    if is_url(path):
+        return None
+    root = Path(path) / "zarr.json"
+    if not root.is_file() or not (Path(path) / "status" / "zarr.json").is_file():
+        return None
+    try:
+        meta = json.loads(root.read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"{root}: {first_line(exc)}"
+    if not isinstance(meta, dict) or meta.get("node_type") != "group":
+        return f"{root} is not a Zarr group's metadata"
+    return None
 
 
 def open_store_for_resume(
