@@ -57,19 +57,23 @@ def test_auto_is_the_default_and_unknown_kinds_are_refused(tmp_path):
         parse_config({**base, "cluster": {"kind": "automatic"}})
 
 
+def tiny_run(folder, export_cache, images: int, **sections) -> object:
+    """A config for a 2-block ViT-Ti at 64 px over `images` small images, in batches of 2."""
+    imagefactory.write_rgb_set(folder / "images", [(40 + i, 50) for i in range(images)])
+    config = folder / "c.yaml"
+    cfg = {
+        "model": {"name": "vit_tiny_patch16_224", "img_size": 64, "kwargs": {"depth": 2}},
+        "data": {"source": "images"},
+        "inference": {"batch_size": 2, "cache_dir": str(export_cache)},
+        "output": {"store": "run.zarr", "overlays": "none"},
+        **sections,
+    }
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
 def test_start_line_names_the_choice_and_the_reason(tmp_path, export_cache, capsys):
-    imagefactory.write_rgb_set(tmp_path / "images", [(40 + i, 50) for i in range(5)])
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name": "vit_tiny_patch16_224", "img_size": 64, "kwargs": {"depth": 2}},
-                "data": {"source": "images"},
-                "inference": {"batch_size": 2, "cache_dir": str(export_cache)},
-                "output": {"store": "run.zarr", "overlays": "none"},
-            }
-        )
-    )
+    config = tiny_run(tmp_path, export_cache, 5)
     assert cli_main(["run", str(config), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "cluster auto: in-process (3 batches: a cluster's start-up" in err, err
@@ -92,20 +96,9 @@ def test_worker_and_job_counts_beyond_any_machine_are_one_line(tmp_path, export_
             parse_config({**base, section: {key: value}})
     with pytest.raises(Exception, match=r"cluster\.slurm\.jobs: Input should be less than"):
         parse_config({**base, "cluster": {"slurm": {"jobs": 10**9}}})
-    imagefactory.write_rgb_set(tmp_path / "images", [(40 + i, 50) for i in range(3)])
-    config = tmp_path / "c.yaml"
     cores = available_threads()
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name": "vit_tiny_patch16_224", "img_size": 64, "kwargs": {"depth": 2}},
-                "data": {"source": "images"},
-                "inference": {"batch_size": 2, "cache_dir": str(export_cache)},
-                "output": {"store": "run.zarr", "overlays": "none"},
-                "cluster": {"kind": "local", "n_workers": 4 * cores + 1},
-            }
-        )
-    )
+    cluster = {"kind": "local", "n_workers": 4 * cores + 1}
+    config = tiny_run(tmp_path, export_cache, 3, cluster=cluster)
     assert cli_main(["run", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
