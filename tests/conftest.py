@@ -20,6 +20,11 @@ def sharpen(model: torch.nn.Module, factor: float) -> None:
     root = factor**0.5
     with torch.no_grad():
         for attn in attention_modules(model):
+            if hasattr(attn, "qk"):  # ConViT's GPSA: q and k in one projection
+                attn.qk.weight *= root
+                if attn.qk.bias is not None:
+                    attn.qk.bias *= root
+                continue
             if not hasattr(attn, "qkv"):  # separate projections (EVA with qkv_fused=False, CaiT)
                 pair = (attn.q_proj, attn.k_proj) if hasattr(attn, "q_proj") else (attn.q, attn.k)
                 for proj in pair:

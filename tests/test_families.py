@@ -89,6 +89,16 @@ FAMILIES: dict[str, tuple] = {
         (CLS,),
         32,
     ),
+    # BatchNorm in the stem: a 0-dim buffer (num_batches_tracked) crashed the weights digest
+    "hybrid_batchnorm": (
+        "vit_small_resnet26d_224",
+        {"depth": 2},
+        (64, 96),
+        ("class",),
+        "class_token",
+        (CLS,),
+        32,
+    ),
     "gap": ("vit_medium_patch16_gap_256", SMALL, (48, 64), (), "average", (RECEIVED,), 16),
     "reg_gap": (
         "vit_base_patch16_reg4_gap_256",
@@ -180,6 +190,7 @@ ROWS_ONLY = {
     "clip",
     "flexivit",
     "hybrid_resnet",
+    "hybrid_batchnorm",
 }
 REFUSED = {
     "cait_without_class_attention": (
@@ -192,6 +203,22 @@ REFUSED = {
         "xcit_nano_12_p16_224",
         {"depth": 2},
         r"\(XCiT\) is not supported: .* across feature channels",
+    ),
+    # refused by accident of a shape check, "not attention over this model's tokens"
+    "sam": (
+        "samvit_base_patch16",
+        {"depth": 2, "embed_dim": 64, "num_heads": 4, "global_attn_indexes": [1]},
+        r"\(SAM's image encoder\) is not supported: .* attend within windows",
+    ),
+    "parallel_blocks": (
+        "vit_small_patch16_18x2_224",
+        {"depth": 2},
+        r"\(parallel blocks\) is not supported: .* compute attention inline",
+    ),
+    "convit_class_token_never_joins": (
+        "convit_tiny",
+        {"depth": 2},
+        r"\(ConViT\) has no block after its class token joins \(local_up_to_layer 10",
     ),
     # its refusal said "attention has shape [8, 5, 5], not [heads=4, ...]"
     "differential_attention": (
@@ -616,3 +643,32 @@ def test_pool_with_two_latent_queries_gets_a_latent_dim():
     assert "cls_attention" not in arrays
     assert arrays[POOL].dims == ("image", "latent", "head", "y", "x")
     assert arrays[POOL].shape == (3, 2, lay.num_heads, *lay.grid)
+
+
+def test_convit_stores_the_blocks_after_its_class_token_joins_and_refuses_the_others(
+    export_cache,
+):
+    # Its gated positional blocks were refused with "not attention over this model's tokens,
+    # so the model is not supported", though the blocks after them are plain attention.
+    kwargs, img_size = {"depth": 4, "local_up_to_layer": 2}, (48, 48)
+    loaded = build("convit_tiny", kwargs, img_size)
+    for layers, rollout in (((1, 3), False), ((2, 3), True)):
+        spec = OutputSpec(layers=layers, logits=False, topk=0, cls_attention=True, rollout=rollout)
+        with pytest.raises(ModelError, match=r"\(ConViT\): blocks 0-1 are gated positional"):
+            export_onnx(loaded, spec, "fp32", export_cache)
+    spec = OutputSpec(layers=(2, 3), logits=False, topk=0, cls_attention=True, attention=True)
+    path = export_onnx(loaded, spec, "fp32", export_cache)
+    x = torch.randn(2, 3, *img_size, generator=torch.Generator().manual_seed(1))
+    out = OrtRunner(path, RuntimeOptions(threads=1)).run(x.numpy())
+    twin = build("convit_tiny", kwargs, img_size).model
+    with torch.no_grad():
+        found = AttentionExtract(
+            twin, names=["blocks.2.attn.softmax", "blocks.3.attn.softmax"], method="fx"
+        )(x)
+    want = np.stack([found[f"blocks.{i}.attn.softmax"].double().numpy() for i in (2, 3)], axis=1)
+    assert want[:, :, :, 0, 1:].max() > 0.2  # sharpened: peaked maps, not near uniform
+    np.testing.assert_allclose(out["attention"], want, atol=2e-6)
+    gh, gw = loaded.layout.grid
+    np.testing.assert_allclose(
+        out["cls_attention"], want[:, :, :, 0, 1:].reshape(2, 2, -1, gh, gw), atol=2e-6
+    )

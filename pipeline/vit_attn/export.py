@@ -394,6 +394,16 @@ def _check_spec_fits_model(loaded: LoadedModel, spec: OutputSpec) -> None:
         raise ModelError(class_attention_refusal(name))
     if spec.pool_attention and lay.pooling != "attention_pool":
         raise ModelError(f"model {name!r} has no attention pool ({lay.pooling} pooling)")
+    local = getattr(loaded.model, "local_up_to_layer", None)
+    if not isinstance(local, int):
+        return
+    if any(i < local for i in spec.layers) or (local > 0 and spec.rollout):
+        raise ModelError(
+            f"model {name!r} (ConViT): blocks 0-{local - 1} are gated positional "
+            "self-attention over the patches alone (the class token joins at block "
+            f"{local}), a mix of two softmaxes, not attention over the model's tokens; store "
+            f"blocks {local} and later (attention.layers), without rollout"
+        )
 
 
 def rollout_torch(
@@ -417,7 +427,9 @@ def weights_digest(model: nn.Module) -> str:
         h.update(name.encode())
         t = tensor.detach().cpu().contiguous()
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape first: a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed
+        # as bytes of another size; the bytes of every other tensor are the same as before
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

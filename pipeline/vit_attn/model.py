@@ -139,9 +139,31 @@ def _refuse_unsupported_families(model: nn.Module, name: str) -> None:
         )
     if "XCA" in kinds:
         raise ModelError(
-            f"model {name!r} (XCiT) is not supported: its cross-covariance attention is a "
-            "softmax across feature channels, not across tokens, so it has no attention maps "
-            "over the image; use a ViT, DeiT, EVA or BEiT model"
+            f"model {name!r} (XCiT) is not supported: its patch blocks' cross-covariance "
+            "attention is a softmax across feature channels, not tokens, and its "
+            "class-attention blocks (the only token softmax) are not captured by vit-attn; "
+            "use a ViT, DeiT, EVA, BEiT or CaiT model"
+        )
+    if type(model).__name__ == "VisionTransformerSAM":
+        raise ModelError(
+            f"model {name!r} (SAM's image encoder) is not supported: most of its blocks "
+            "attend within windows of the patch grid, not over all tokens, so a block's map "
+            "is not one attention over the image; use a ViT, DeiT, EVA or BEiT model"
+        )
+    block_kinds = {type(b).__name__ for b in blocks}
+    if block_kinds & {"ParallelScalingBlock", "ParallelThingsBlock"}:
+        raise ModelError(
+            f"model {name!r} (parallel blocks) is not supported: its blocks compute attention "
+            "inline, with no attention module whose softmax vit-attn can capture; use a ViT "
+            "with sequential blocks"
+        )
+    local = getattr(model, "local_up_to_layer", None)
+    if isinstance(local, int) and local >= len(blocks):
+        raise ModelError(
+            f"model {name!r} (ConViT) has no block after its class token joins "
+            f"(local_up_to_layer {local} >= depth {len(blocks)}): every block is gated "
+            "positional self-attention over the patches alone; build it with more blocks "
+            "than local_up_to_layer"
         )
 
 
