@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
+
+from .remote import unreachable_host
 
 # How long the one connection to the hub may take before it counts as unreachable.
 PROBE_SECONDS = 5.0
@@ -35,12 +36,7 @@ def unreachable(endpoint: str, timeout: float = PROBE_SECONDS) -> str | None:
         parts.hostname
     ):
         return None
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            return None
-    except (OSError, ValueError) as exc:  # ValueError: a port out of range
-        return str(exc) or type(exc).__name__
+    return unreachable_host(endpoint, timeout)
 
 
 @contextlib.contextmanager

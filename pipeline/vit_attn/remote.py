@@ -89,6 +89,23 @@ def url_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[
         ) from None
 
 
+def unreachable_host(url: str, timeout: float = 10.0) -> str | None:
+    """Why an HTTP(S) URL's host cannot be connected to (name lookup or TCP), or None
+    (reachable, or not HTTP). Libraries say "not found" or retry for minutes instead."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except (OSError, ValueError) as exc:  # ValueError: a port out of range
+        return str(exc) or type(exc).__name__
+
+
 def access_error(url: str, exc: BaseException, what: str = "cannot read") -> str:
     """One line for a failed access: what failed, where, and what to check."""
     name = type(exc).__name__

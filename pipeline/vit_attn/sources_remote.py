@@ -10,17 +10,15 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import socket
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from .errors import DataSourceError, ImageDecodeError
 from .identity import MISSING, Identities, fs_stats, info_stat
-from .remote import access_error, is_url, join, url_fs
+from .remote import access_error, is_url, join, unreachable_host, url_fs
 from .sources import IMAGE_EXTENSIONS, ImageList, csv_entries, text_entries
 
 __all__ = ["FileReader", "ReadBatch", "expand_files", "list_remote"]
@@ -62,19 +60,6 @@ def _listing_error(url: str, exc: BaseException) -> DataSourceError:
     return DataSourceError(access_error(url, exc, "cannot list"))
 
 
-def _unreachable_host(url: str) -> str | None:
-    """Why an HTTP(S) URL's host cannot be connected to, or None (reachable, or no HTTP)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname, port), timeout=10):
-            return None
-    except (OSError, ValueError) as exc:  # ValueError: a port out of range
-        return str(exc) or type(exc).__name__
-
-
 def _is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -107,7 +92,7 @@ def list_remote(source: str, storage_options: Mapping[str, Any] | None = None) -
     except DataSourceError:
         raise
     except FileNotFoundError:
-        unreachable = _unreachable_host(source)  # fsspec's HTTP says "not found" for either
+        unreachable = unreachable_host(source)  # fsspec's HTTP says "not found" for either
         if unreachable is not None:
             raise DataSourceError(
                 f"{source}: cannot list: host unreachable ({unreachable}); check the URL and "
