@@ -560,12 +560,12 @@ def _check_cache_apart(cfg: Config, origin: str) -> None:
     if cache is None:
         return
     here = os.path.realpath(os.path.expanduser(cache))
+    # the cache's own folders; a store beside them in the same folder is fine
+    owned = [os.path.join(here, sub) for sub in ("onnx", "digests", "trt")]
     for key, other in (("output.store", cfg.output.store), ("output.png_dir", cfg.output.png_dir)):
         if other is None or "://" in str(other):
             continue
         there = os.path.realpath(other)
-        # the cache's own folders; a store beside them in the same folder is fine
-        owned = [os.path.join(here, sub) for sub in ("onnx", "digests", "trt")]
         if os.path.commonpath([here, there]) == there or any(
             os.path.commonpath([own, there]) == own for own in owned
         ):

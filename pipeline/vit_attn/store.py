@@ -1077,9 +1077,11 @@ def open_dataset(
     path: PathLike,
     chunks: str | Mapping[str, int] | None = "batch",
     storage_options: Mapping[str, Any] | None = None,
+    check_files: bool = True,
 ) -> xr.Dataset:
     """The store as a lazy xarray.Dataset with named dims and `layer`/`head` coordinates;
-    finished images whose store files are gone read as failed, with a StoreDamageWarning.
+    finished images whose store files are gone read as failed, with a StoreDamageWarning
+    (`check_files=False`: for a caller that makes that check itself).
 
     chunks="batch" gives one dask chunk per batch (= one shard): xarray's default would be
     one task per image per array, too many for a large dataset. Other values go to xarray.
@@ -1096,6 +1098,8 @@ def open_dataset(
         dask_chunks = {"image": status.chunks[0]}
     consolidated = is_consolidated(path, storage_options)
     ds = xr.open_zarr(store, consolidated=consolidated, zarr_format=3, chunks=dask_chunks)
+    if not check_files:
+        return ds
     return _damaged_as_failed(ds, zarr.open_group(store, mode="r"), path)
 
 
@@ -1116,9 +1120,6 @@ def _damaged_as_failed(ds: xr.Dataset, group: zarr.Group, path: PathLike) -> xr.
     found = images_missing_files(group, status)
     if not found:
         return ds
-    bad = np.zeros(status.size, dtype=bool)
-    for rows in found.values():
-        bad[rows] = True
     warnings.warn(
         StoreDamageWarning(
             f"{path} is damaged: finished images have lost their store files "
@@ -1127,7 +1128,8 @@ def _damaged_as_failed(ds: xr.Dataset, group: zarr.Group, path: PathLike) -> xr.
         ),
         stacklevel=3,
     )
-    shown = np.where(bad, STATUS_FAILED, status).astype(status.dtype)
+    shown = status.copy()
+    shown[list(arrays_lost_by_image(found))] = STATUS_FAILED
     return ds.assign(status=xr.DataArray(shown, dims=ds["status"].dims, attrs=ds["status"].attrs))
 
 
@@ -1196,6 +1198,15 @@ def images_missing_files(group: zarr.Group, status: np.ndarray) -> dict[str, np.
             if gone.size:
                 found[name] = gone
     return found
+
+
+def arrays_lost_by_image(found: Mapping[str, np.ndarray]) -> dict[int, list[str]]:
+    """`images_missing_files`'s result by image: each damaged image and its arrays."""
+    lost: dict[int, list[str]] = {}
+    for name, rows in found.items():
+        for i in rows.tolist():
+            lost.setdefault(int(i), []).append(name)
+    return lost
 
 
 def describe_missing_files(found: Mapping[str, np.ndarray]) -> str:

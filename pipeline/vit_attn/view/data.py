@@ -36,6 +36,7 @@ from ..store import (
     STATUS_FAILED,
     STATUS_OK,
     STATUS_PENDING,
+    arrays_lost_by_image,
     images_missing_files,
     read_rows,
     readable_attrs,
@@ -404,10 +405,7 @@ class StoreData:
 
     def _status_as_shown(self, raw: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
         """`raw` with finished images whose store files are gone set to failed, and why."""
-        gone: dict[int, list[str]] = {}
-        for name, rows in images_missing_files(self.group, raw).items():
-            for i in rows.tolist():
-                gone.setdefault(int(i), []).append(name)
+        gone = arrays_lost_by_image(images_missing_files(self.group, raw))
         shown = raw.copy()
         if gone:
             shown[list(gone)] = STATUS_FAILED
